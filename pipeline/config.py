@@ -1,0 +1,144 @@
+"""Configuration of each stage: one frozen dataclass per stage, saved as JSON beside its output.
+
+``ExtractConfig`` decides every key, so its fingerprint travels from the
+shards into the run; loading checks it, so a run is never fed keys made a
+different way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PipelineError
+
+HASH_VERSION = "patchhash-v1"  # bump when the key specification in docs/hashing.md changes
+
+COLORS = ("auto", "gray", "rgb")
+SHAPE_SETS = ("rect", "square")
+POSITIONS = ("none", "grid", "both")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How images become keys (see docs/hashing.md)."""
+
+    levels: int = 4  # quantization levels per channel: value v -> floor(v * levels / 256) [4]
+    color: str = "auto"  # 'gray', 'rgb', or 'auto' = taken from the source's first image [auto]
+    max_h: int = 3  # tallest patch, in pixels [3]
+    max_w: int = 3  # widest patch, in pixels [3]
+    shapes: str = "rect"  # 'rect' = every h x w up to the bounds; 'square' = h == w only [rect]
+    position: str = "both"  # 'none' = key ignores location, 'grid' = key includes grid cell, 'both' = one key of each [both]
+    grid: int = 4  # cells per side of the position grid [4]
+    seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
+    resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.levels <= 256:
+            raise PipelineError(f"--levels {self.levels} is out of range; use 2 to 256")
+        if self.color not in COLORS:
+            raise PipelineError(f"--color {self.color!r} is not one of {', '.join(COLORS)}")
+        if self.max_h < 1 or self.max_w < 1:
+            raise PipelineError(f"--max-size {self.max_h}x{self.max_w} must be at least 1x1")
+        if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
+            raise PipelineError("--max-size must be below 65536 on each side")
+        if self.shapes not in SHAPE_SETS:
+            raise PipelineError(f"--shapes {self.shapes!r} is not one of {', '.join(SHAPE_SETS)}")
+        if self.position not in POSITIONS:
+            raise PipelineError(f"--position {self.position!r} is not one of {', '.join(POSITIONS)}")
+        if not 1 <= self.grid <= 255:
+            raise PipelineError(f"--grid {self.grid} is out of range; use 1 to 255")
+        if not 0 <= self.seed < 1 << 32:
+            raise PipelineError(f"--seed {self.seed} is out of range; use 0 to 2**32-1")
+        if self.resize is not None:
+            h, w = self.resize
+            if h < 1 or w < 1:
+                raise PipelineError(f"--resize {h}x{w} must be at least 1x1")
+            object.__setattr__(self, "resize", (int(h), int(w)))
+
+    @property
+    def channels(self) -> int:
+        if self.color == "auto":
+            raise PipelineError("the color mode is still 'auto'; resolve it against a source first")
+        return 1 if self.color == "gray" else 3
+
+    @property
+    def position_modes(self) -> tuple[str, ...]:
+        """The key kinds emitted per patch, in canonical order."""
+        return {"none": ("none",), "grid": ("grid",), "both": ("none", "grid")}[self.position]
+
+    def shape_list(self) -> list[tuple[int, int]]:
+        """Every patch shape (h, w), in canonical order: h ascending, then w ascending."""
+        return [
+            (h, w)
+            for h in range(1, self.max_h + 1)
+            for w in range(1, self.max_w + 1)
+            if self.shapes == "rect" or h == w
+        ]
+
+    def check_image_size(self, height: int, width: int) -> None:
+        if self.max_h > height or self.max_w > width:
+            raise PipelineError(
+                f"--max-size {self.max_h}x{self.max_w} is larger than the {height}x{width} images; "
+                f"use at most {height}x{width}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["resize"] = list(self.resize) if self.resize else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
+        d = dict(d)
+        if d.get("resize") is not None:
+            d["resize"] = tuple(d["resize"])
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """A short stable digest of everything that decides the keys."""
+        if self.color == "auto":
+            raise PipelineError("cannot fingerprint an extract config whose color is still 'auto'")
+        payload = json.dumps({"hash": HASH_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the pattern table and classifier head are trained."""
+
+    rows: int = 1 << 20  # embedding rows; a key uses row key % rows (hashing trick) [1048576]
+    dim: int = 64  # embedding dimension [64]
+    epochs: int = 10  # passes over the training part [10]
+    batch_size: int = 128  # images per step [128]
+    lr: float = 0.01  # SparseAdam learning rate for the table [0.01]
+    head_lr: float = 0.003  # Adam learning rate for the classifier head [0.003]
+    val_fraction: float = 0.1  # share of images held out for validation, chosen by a hash of image_id [0.1]
+    seed: int = 0  # seed for initialisation and shuffling [0]
+    device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda' [auto]
+
+    def __post_init__(self) -> None:
+        if self.rows < 1:
+            raise PipelineError(f"--rows {self.rows} must be at least 1")
+        if self.dim < 1:
+            raise PipelineError(f"--dim {self.dim} must be at least 1")
+        if self.epochs < 1:
+            raise PipelineError(f"--epochs {self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise PipelineError("learning rates must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise PipelineError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        if self.device not in DEVICES:
+            raise PipelineError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**d)

@@ -1,0 +1,250 @@
+"""Patch keys: a 2-D polynomial rolling hash over prefix sums, O(1) work per patch.
+
+The exact specification (constants, order, mixing) is in docs/hashing.md; the
+pure-Python reference :func:`reference_key` below is that specification in
+code, and the tests hold the fast path to it.
+
+For an image of symbols ``s`` (see :mod:`pipeline.pixels`) every pixel gets a
+pseudo-random 64-bit value ``r = fmix64(s + PIXEL_SALT * (seed + 1))``. The
+content hash of the h x w patch at (y, x) is
+
+    c = sum_{i<h, j<w} r[y+i, x+j] * A**i * B**j        (mod 2**64)
+
+One prefix-sum table ``P`` of ``r[i, j] * A**i * B**j`` gives every patch's sum
+with four look-ups; multiplying by ``A**-y * B**-x`` (A and B are odd, so they
+are invertible mod 2**64) removes the dependence on where the patch sits. The
+key is ``fmix64(c ^ fmix64(tag + TAG_SALT * (seed + 1)))`` with
+``tag = h << 32 | w << 16 | (cell + 1)``, where ``cell = -1`` when the key
+ignores position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .config import ExtractConfig
+
+MASK = (1 << 64) - 1
+A = 0x9E3779B97F4A7C15  # row multiplier (odd)
+B = 0xC2B2AE3D27D4EB4F  # column multiplier (odd)
+PIXEL_SALT = 0x165667B19E3779F9
+TAG_SALT = 0x27D4EB2F165667C5
+FMIX_C1 = 0xFF51AFD7ED558CCD
+FMIX_C2 = 0xC4CEB9FE1A85EC53
+A_INV = pow(A, -1, 1 << 64)
+B_INV = pow(B, -1, 1 << 64)
+
+
+# ---------------------------------------------------------------- reference (pure Python)
+
+def fmix64_int(k: int) -> int:
+    """MurmurHash3's 64-bit finalizer on a Python int (a bijection on 64-bit values)."""
+    k &= MASK
+    k ^= k >> 33
+    k = (k * FMIX_C1) & MASK
+    k ^= k >> 33
+    k = (k * FMIX_C2) & MASK
+    k ^= k >> 33
+    return k
+
+
+def tag_of(h: int, w: int, cell: int) -> int:
+    """The shape/position tag: ``h << 32 | w << 16 | (cell + 1)``; ``cell = -1`` means 'no position'."""
+    return (h << 32) | (w << 16) | (cell + 1)
+
+
+def grid_cell(y: int, x: int, h: int, w: int, height: int, width: int, grid: int) -> int:
+    """The grid cell holding the patch's centre: row-major index into a ``grid`` x ``grid`` partition."""
+    cy = ((2 * y + h) * grid) // (2 * height)
+    cx = ((2 * x + w) * grid) // (2 * width)
+    return cy * grid + cx
+
+
+def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int, seed: int = 0) -> int:
+    """The key of one patch, computed directly from its definition (slow; for tests and the spec)."""
+    y, x, h, w, cell = int(y), int(x), int(h), int(w), int(cell)
+    c = 0
+    for i in range(h):
+        for j in range(w):
+            s = int(symbols[y + i, x + j])
+            r = fmix64_int(s + PIXEL_SALT * (seed + 1))
+            c = (c + r * pow(A, i, 1 << 64) * pow(B, j, 1 << 64)) & MASK
+    t = fmix64_int(tag_of(h, w, cell) + TAG_SALT * (seed + 1))
+    return fmix64_int(c ^ t)
+
+
+# ---------------------------------------------------------------- fast path (numpy)
+
+_U = np.uint64
+
+
+def fmix64(a: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer, in place on a uint64 array (wrapping arithmetic); returns ``a``."""
+    tmp = np.empty_like(a)
+    for mult in (FMIX_C1, FMIX_C2):
+        np.right_shift(a, _U(33), out=tmp)
+        a ^= tmp
+        a *= _U(mult)
+    np.right_shift(a, _U(33), out=tmp)
+    a ^= tmp
+    return a
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint64)
+    v = 1
+    for i in range(n):
+        out[i] = v
+        v = (v * base) & MASK
+    return out
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One contiguous run of keys in the canonical order: one shape, one position mode, all locations."""
+
+    h: int
+    w: int
+    mode: str  # 'none' or 'grid'
+    offset: int  # first slot of the block
+    ny: int  # locations down: height - h + 1
+    nx: int  # locations across: width - w + 1
+
+
+class KeyPlan:
+    """Everything needed to hash images of one size under one :class:`ExtractConfig`.
+
+    The keys of an image form a fixed-length vector in canonical order: for each shape
+    of ``config.shape_list()``, for each mode of ``config.position_modes``, every
+    location (y, x) in row-major order. ``slot`` numbers index that vector.
+    """
+
+    def __init__(self, config: ExtractConfig, height: int, width: int):
+        config.check_image_size(height, width)
+        self.config = config
+        self.height = height
+        self.width = width
+        blocks = []
+        offset = 0
+        for h, w in config.shape_list():
+            ny, nx = height - h + 1, width - w + 1
+            for mode in config.position_modes:
+                blocks.append(_Block(h, w, mode, offset, ny, nx))
+                offset += ny * nx
+        self.blocks: list[_Block] = blocks
+        self.keys_per_image = offset
+        self.patches_per_image = offset // len(config.position_modes)
+        seed = config.seed
+        self._pixel_salt = _U((PIXEL_SALT * (seed + 1)) & MASK)
+        self._tag_salt = (TAG_SALT * (seed + 1)) & MASK
+        self._pow_a = _powers(A, height + 1)
+        self._pow_b = _powers(B, width + 1)
+        self._inv_a = _powers(A_INV, height + 1)
+        self._inv_b = _powers(B_INV, width + 1)
+        self._block_index = {(b.h, b.w, b.mode): b for b in blocks}
+
+    # -- hashing
+
+    def _tag_mix(self, block: _Block) -> np.ndarray:
+        """fmix64(tag + salt) for every location of ``block`` (ny x nx)."""
+        if block.mode == "none":
+            cells = np.full((block.ny, block.nx), -1, dtype=np.int64)
+        else:
+            cells = self._cells(block)
+        tags = (np.uint64(block.h) << _U(32)) | (np.uint64(block.w) << _U(16)) | (cells + 1).astype(np.uint64)
+        tags += _U(self._tag_salt)
+        return fmix64(tags)
+
+    def _cells(self, block: _Block) -> np.ndarray:
+        g = self.config.grid
+        ys = np.arange(block.ny)
+        xs = np.arange(block.nx)
+        cy = ((2 * ys + block.h) * g) // (2 * self.height)
+        cx = ((2 * xs + block.w) * g) // (2 * self.width)
+        return cy[:, None] * g + cx[None, :]
+
+    @cached_property
+    def _tag_mixes(self) -> list[np.ndarray]:
+        return [self._tag_mix(b) for b in self.blocks]
+
+    def prefix(self, syms: np.ndarray) -> np.ndarray:
+        """The prefix-sum table P (N x (H+1) x (W+1)) of ``r[i, j] * A**i * B**j``."""
+        r = syms.astype(np.uint64, copy=True)
+        r += self._pixel_salt
+        fmix64(r)
+        r *= self._pow_a[: self.height, None]
+        r *= self._pow_b[None, : self.width]
+        p = np.zeros((r.shape[0], self.height + 1, self.width + 1), dtype=np.uint64)
+        np.cumsum(r, axis=1, out=r)
+        np.cumsum(r, axis=2, out=p[:, 1:, 1:])
+        return p
+
+    def keys(self, syms: np.ndarray) -> np.ndarray:
+        """Keys of every patch of every image: N x H x W symbols -> N x keys_per_image uint64."""
+        if syms.shape[1:] != (self.height, self.width):
+            raise ValueError(f"symbols of shape {syms.shape[1:]} do not match the plan's {self.height}x{self.width}")
+        n = syms.shape[0]
+        p = self.prefix(syms)
+        out = np.empty((n, self.keys_per_image), dtype=np.uint64)
+        mixes = self._tag_mixes
+        i = 0
+        while i < len(self.blocks):
+            b = self.blocks[i]
+            h, w, ny, nx = b.h, b.w, b.ny, b.nx
+            c = p[:, h : h + ny, w : w + nx] - p[:, 0:ny, w : w + nx]
+            c -= p[:, h : h + ny, 0:nx]
+            c += p[:, 0:ny, 0:nx]
+            c *= self._inv_a[:ny, None]
+            c *= self._inv_b[None, :nx]
+            # every position mode of this shape shares the content hash c
+            while i < len(self.blocks) and (self.blocks[i].h, self.blocks[i].w) == (h, w):
+                blk = self.blocks[i]
+                view = out[:, blk.offset : blk.offset + ny * nx].reshape(n, ny, nx)
+                np.bitwise_xor(c, mixes[i], out=view)
+                i += 1
+        fmix64(out)
+        return out
+
+    # -- locations
+
+    @cached_property
+    def slot_table(self) -> dict[str, np.ndarray]:
+        """Per slot: y, x, h, w and cell (-1 for position-free keys), as int32 arrays."""
+        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell")}
+        for b in self.blocks:
+            sl = slice(b.offset, b.offset + b.ny * b.nx)
+            yy, xx = np.meshgrid(np.arange(b.ny), np.arange(b.nx), indexing="ij")
+            cols["y"][sl] = yy.ravel()
+            cols["x"][sl] = xx.ravel()
+            cols["h"][sl] = b.h
+            cols["w"][sl] = b.w
+            cols["cell"][sl] = -1 if b.mode == "none" else self._cells(b).ravel()
+        return cols
+
+    def locate(self, slots: np.ndarray | int) -> dict[str, np.ndarray]:
+        """Location (y, x, h, w, cell) of each slot of the canonical order."""
+        idx = np.asarray(slots, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.keys_per_image):
+            raise IndexError(f"slot out of range 0..{self.keys_per_image - 1}")
+        return {k: v[idx] for k, v in self.slot_table.items()}
+
+    def slot_of(self, mode: str, y: int, x: int, h: int, w: int) -> int:
+        """The slot of the patch (y, x, h, w) in position mode ``mode``."""
+        b = self._block_index[(h, w, mode)]
+        return b.offset + y * b.nx + x
+
+    def sub_slots(self, slot: int) -> np.ndarray:
+        """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode."""
+        t = self.slot_table
+        y, x, h, w = (int(t[k][slot]) for k in ("y", "x", "h", "w"))
+        mode = "none" if t["cell"][slot] < 0 else "grid"
+        out = []
+        for b in self.blocks:
+            if b.mode != mode or b.h > h or b.w > w or (b.h, b.w) == (h, w):
+                continue
+            for dy in range(h - b.h + 1):
+                start = b.offset + (y + dy) * b.nx + x
+                out.extend(range(start, start + w - b.w + 1))
+        return np.asarray(out, dtype=np.int64)

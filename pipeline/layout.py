@@ -1,0 +1,46 @@
+"""File names of every artifact, and the atomic-write helpers that create them.
+
+A shard directory is complete only once ``manifest.json`` exists; a run
+directory only once ``run.json`` exists. Every file is written to
+``name.tmp`` and moved into place with ``os.replace``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# shard directory (pipe extract)
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "part-{index:05d}-of-{total:05d}.parquet"
+
+# run directory (pipe train)
+RUN_MANIFEST = "run.json"
+MODEL = "model.pt"
+METRICS = "metrics.jsonl"
+PATTERNS = "patterns.parquet"
+PATTERN_INDEX = "patterns.faiss"
+
+
+def shard_name(index: int, total: int) -> str:
+    """The file name of shard ``index`` (0-based) out of ``total``."""
+    return SHARD_PATTERN.format(index=index, total=total)
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    tmp = tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

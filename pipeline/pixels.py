@@ -1,0 +1,66 @@
+"""Pixel conventions: channel conversion and quantization into one symbol per pixel.
+
+Conversions match Pillow's, so an image read from a file and the same pixels
+read from an array give the same keys:
+
+* gray -> rgb: the value is repeated in the three channels;
+* rgb -> gray: ``L = (19595 R + 38470 G + 7471 B + 32768) >> 16`` (ITU-R 601-2 luma,
+  Pillow's integer formula);
+* alpha: composited onto black, ``round(c * a / 255)``, then dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import PipelineError
+
+
+def as_nhwc(images: np.ndarray) -> np.ndarray:
+    """Return ``images`` as uint8 N x H x W x C (C in 1, 3, 4); a single image gains N = 1 where unambiguous."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise PipelineError(f"images must be uint8 (0..255), got dtype {a.dtype}; convert with .astype(np.uint8)")
+    if a.ndim == 3:  # N x H x W grayscale
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
+        raise PipelineError(
+            f"images must be N x H x W or N x H x W x C with C in 1, 3, 4; got shape {tuple(np.shape(images))}"
+        )
+    return a
+
+
+def drop_alpha(images: np.ndarray) -> np.ndarray:
+    """Composite RGBA onto black and return RGB (other inputs pass through)."""
+    if images.shape[-1] != 4:
+        return images
+    rgb = images[..., :3].astype(np.uint32)
+    alpha = images[..., 3:4].astype(np.uint32)
+    return ((rgb * alpha + 127) // 255).astype(np.uint8)
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Convert N x H x W x C uint8 images to 1 (gray) or 3 (rgb) channels."""
+    images = drop_alpha(images)
+    c = images.shape[-1]
+    if c == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    x = images.astype(np.uint32)
+    gray = (19595 * x[..., 0] + 38470 * x[..., 1] + 7471 * x[..., 2] + 32768) >> 16
+    return gray.astype(np.uint8)[..., None]
+
+
+def symbols(images: np.ndarray, levels: int) -> np.ndarray:
+    """Quantize N x H x W x C uint8 images into one integer symbol per pixel.
+
+    Each channel value v becomes ``q = (v * levels) >> 8`` in ``[0, levels)``, and the
+    pixel's symbol is ``sum_c q_c * levels**c`` (channel 0 first).
+    """
+    q = (images.astype(np.uint64) * np.uint64(levels)) >> np.uint64(8)
+    out = q[..., 0].copy()
+    scale = np.uint64(1)
+    for c in range(1, q.shape[-1]):
+        scale = scale * np.uint64(levels)
+        out += q[..., c] * scale
+    return out

@@ -1,0 +1,422 @@
+"""Image sources: where images come from, streamed in batches of equal-sized uint8 arrays.
+
+``open_source(spec)`` understands:
+
+* ``digits``: scikit-learn's bundled 8x8 digits; train = first 898, test = last 899;
+* a directory ``ROOT/<class>/<file>`` or ``ROOT/<split>/<class>/<file>``;
+* a ``.tar`` / ``.tar.gz`` / ``.tgz`` of such a directory, read in memory (never unpacked);
+* a CIFAR-10/100 python-batches directory (``data_batch_1`` ... or ``train``/``test``);
+* an ``.npz`` with ``x`` (N x H x W [x C] uint8) and ``y`` (or ``x_<split>``/``y_<split>``).
+
+Images are numbered (``image_id``) in source order: sorted paths for a folder,
+archive order for a tar, stored order for arrays.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import layout
+from .errors import PipelineError
+from .images import BadImage, decode, is_image_name, resize_array
+from .pixels import as_nhwc, to_channels
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Batch:
+    """A batch of images from a source."""
+
+    images: np.ndarray  # N x H x W x C uint8
+    labels: np.ndarray  # int64 class index, -1 when unknown
+    ids: np.ndarray  # int64 position in the source order
+    names: list[str]  # where each image came from (file path or source:split:index)
+
+
+@dataclass
+class _Item:
+    """One image before decoding: a label, a name, and a way to get its pixels."""
+
+    index: int  # position in the source order (the image_id)
+    label: int
+    name: str
+    load: Callable[[], bytes] | None = None  # encoded file bytes
+    array: np.ndarray | None = None  # already decoded H x W x C
+
+
+@dataclass
+class Source:
+    """A readable set of labelled images; iterate with :meth:`batches`."""
+
+    kind: str
+    path: str
+    split: str | None
+    class_names: list[str]
+    count: int
+    _items: Callable[[], Iterator[_Item]] = field(repr=False)
+    skip_bad: bool = False
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "split": self.split, "images": self.count}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def first_channels(self) -> int:
+        """1 if the first image is grayscale, else 3 (used to resolve ``color='auto'``)."""
+        for item in self._items():
+            try:
+                arr = self._decode(item, None, None)
+            except BadImage:
+                continue
+            return 1 if arr.shape[-1] == 1 else 3
+        raise PipelineError(f"{self.path} holds no readable images; check the path and --split")
+
+    def _decode(self, item: _Item, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
+        if item.array is not None:
+            arr = as_nhwc(item.array[None])
+            arr = to_channels(arr, channels or (1 if arr.shape[-1] == 1 else 3))[0]
+            return resize_array(arr, resize) if resize else arr
+        return decode(item.load(), channels, resize)
+
+    def batches(
+        self, batch_size: int, channels: int, resize: tuple[int, int] | None = None, start: int = 0
+    ) -> Iterator[Batch]:
+        """Yield batches of ``batch_size`` images converted to ``channels`` (1 or 3), from ``start`` on.
+
+        Images of a size different from the first raise :class:`PipelineError` naming the file,
+        unless ``resize`` makes them equal. Unreadable files raise, or with ``skip_bad`` are
+        recorded in :attr:`skipped` and left out (later images keep their ids).
+        """
+        size = tuple(resize) if resize else None
+        imgs: list[np.ndarray] = []
+        labels: list[int] = []
+        ids: list[int] = []
+        names: list[str] = []
+        for item in self._items():
+            if item.index < start:
+                continue
+            try:
+                arr = self._decode(item, channels, resize)
+            except BadImage as e:
+                if self.skip_bad:
+                    self.skipped.append(item.name)
+                    continue
+                raise PipelineError(
+                    f"cannot read {item.name}: {e}; fix or remove the file, or pass --skip-bad to skip it"
+                ) from None
+            if size is None:
+                size = arr.shape[:2]
+            elif arr.shape[:2] != size:
+                raise PipelineError(
+                    f"{item.name} is {arr.shape[0]}x{arr.shape[1]} but earlier images are {size[0]}x{size[1]}; "
+                    f"pass --resize {size[0]}x{size[1]} to resize every image"
+                )
+            imgs.append(arr)
+            labels.append(item.label)
+            ids.append(item.index)
+            names.append(item.name)
+            if len(imgs) == batch_size:
+                yield Batch(np.stack(imgs), np.asarray(labels, np.int64), np.asarray(ids, np.int64), names)
+                imgs, labels, ids, names = [], [], [], []
+        if imgs:
+            yield Batch(np.stack(imgs), np.asarray(labels, np.int64), np.asarray(ids, np.int64), names)
+
+
+def _select(labels: np.ndarray, limit: int | None, per_class: int | None) -> np.ndarray:
+    """Boolean mask of the images kept: the first ``per_class`` of each class, then the first ``limit``."""
+    keep = np.ones(len(labels), dtype=bool)
+    if per_class is not None:
+        rank = np.zeros(len(labels), dtype=np.int64)
+        seen: dict[int, int] = {}
+        for i, lab in enumerate(labels.tolist()):
+            rank[i] = seen.get(lab, 0)
+            seen[lab] = rank[i] + 1
+        keep &= rank < per_class
+    if limit is not None:
+        keep &= np.cumsum(keep) <= limit
+    return keep
+
+
+def open_source(
+    spec: str,
+    split: str | None = None,
+    limit: int | None = None,
+    per_class: int | None = None,
+    skip_bad: bool = False,
+) -> Source:
+    """Open ``spec`` (``digits``, a folder, a tar, a CIFAR batches folder or an ``.npz``).
+
+    ``split`` picks ``train`` or ``test`` where the source has them (default ``train``);
+    ``limit`` keeps the first N images, ``per_class`` the first N of each class.
+    """
+    if split is not None and split not in SPLITS:
+        raise PipelineError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise PipelineError(f"--limit {limit} must be at least 1")
+    if per_class is not None and per_class < 1:
+        raise PipelineError(f"--per-class {per_class} must be at least 1")
+    path = Path(spec)
+    if spec == "digits" and not path.exists():
+        kind, split, names, labels, items = _digits(split)
+    elif not path.exists():
+        raise PipelineError(f"source {spec!r} does not exist; give 'digits', an image folder, a .tar(.gz), a CIFAR batches folder or an .npz")
+    elif path.is_dir() and (path / layout.MANIFEST).exists():
+        raise PipelineError(f"{spec} is a shard directory, not an image source; pass the images it was extracted from")
+    elif path.is_dir() and _is_cifar(path):
+        kind, split, names, labels, items = _cifar(path, split)
+    elif path.is_dir():
+        kind, split, names, labels, items = _folder(path, split)
+    elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        kind, split, names, labels, items = _tar(path, split)
+    elif path.suffix == ".npz":
+        kind, split, names, labels, items = _npz(path, split)
+    else:
+        raise PipelineError(f"{spec} is not a source I can read; give 'digits', an image folder, a .tar(.gz), a CIFAR batches folder or an .npz")
+
+    keep = _select(np.asarray(labels, dtype=np.int64), limit, per_class)
+
+    def make() -> Iterator[_Item]:
+        return items(keep)
+
+    count = int(keep.sum())
+    if count == 0:
+        raise PipelineError(f"{spec} holds no images{' in split ' + repr(split) if split else ''}; check the path and --split")
+    return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad)
+
+
+# ------------------------------------------------------------------ digits
+
+def _digits(split: str | None):
+    from sklearn.datasets import load_digits
+
+    split = split or "train"
+    d = load_digits()
+    x = np.rint(d.images * 255 / 16).astype(np.uint8)
+    y = d.target.astype(np.int64)
+    sl = slice(0, 898) if split == "train" else slice(898, None)
+    x, y = x[sl], y[sl]
+
+    def items(keep: np.ndarray) -> Iterator[_Item]:
+        for i in np.flatnonzero(keep):
+            yield _Item(int(i), int(y[i]), f"digits:{split}:{i}", array=x[i])
+
+    return "digits", split, [str(c) for c in range(10)], y, items
+
+
+# ------------------------------------------------------------------ image folders and tars
+
+def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None):
+    """Split-filter relative paths ``[split/]class/file``; returns (split, class names, [(path, class)])."""
+    entries = []
+    for rel in rel_paths:
+        parts = PurePosixPath(rel).parts
+        if any(p.startswith(".") for p in parts):
+            continue
+        if len(parts) < 2:
+            continue  # files at the top level carry no class; ignored (e.g. README)
+        sp = parts[-3] if len(parts) >= 3 and parts[-3] in SPLITS else None
+        entries.append((rel, sp, parts[-2]))
+    present = sorted({sp for _, sp, _ in entries if sp})
+    if split is not None and present and split not in present:
+        raise PipelineError(f"{where} has no {split}/ folder; available: {', '.join(present)}")
+    if split is not None and not present:
+        raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it")
+    chosen = split or ("train" if present else None)
+    if chosen and present:
+        entries = [e for e in entries if e[1] == chosen]
+    classes = sorted({c for _, _, c in entries})
+    index = {c: i for i, c in enumerate(classes)}
+    return chosen, classes, [(rel, index[c]) for rel, _, c in entries]
+
+
+def _check_image_name(rel: str, where: str) -> None:
+    if not is_image_name(rel):
+        raise BadImage(f"not an image file (unknown extension); remove it from {where}")
+
+
+def _folder(root: Path, split: str | None):
+    rels = sorted(
+        str(PurePosixPath(*Path(dp, f).relative_to(root).parts))
+        for dp, _, files in os.walk(root)
+        for f in files
+    )
+    split, classes, entries = _labelled_paths(rels, str(root), split)
+
+    def items(keep: np.ndarray) -> Iterator[_Item]:
+        for i in np.flatnonzero(keep):
+            rel, label = entries[i]
+            full = root / rel
+
+            def load(full=full, rel=rel) -> bytes:
+                _check_image_name(rel, str(root))
+                return full.read_bytes()
+
+            yield _Item(int(i), label, str(full), load=load)
+
+    return "folder", split, classes, [lab for _, lab in entries], items
+
+
+def _safe_member(name: str, archive: Path) -> str:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise PipelineError(f"{archive} holds an unsafe member path {name!r} (absolute or with '..'); refusing to read it")
+    return str(PurePosixPath(*[q for q in p.parts if q != "."]))
+
+
+def _tar_members(archive: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
+    try:
+        with tarfile.open(archive, "r|*") as tf:
+            for m in tf:
+                if m.isfile():
+                    yield _safe_member(m.name, archive), tf, m
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise PipelineError(f"{archive} is truncated or not a tar archive ({e}); download or pack it again") from None
+
+
+def _tar(archive: Path, split: str | None):
+    rels = [name for name, _, _ in _tar_members(archive)]
+    split, classes, entries = _labelled_paths(rels, str(archive), split)
+    position = {name: i for i, (name, _) in enumerate(entries)}
+
+    def items(keep: np.ndarray) -> Iterator[_Item]:
+        left = int(keep.sum())
+        for name, tf, m in _tar_members(archive):
+            if left == 0:
+                return
+            i = position.get(name)
+            if i is None or not keep[i]:
+                continue
+            left -= 1
+            data = tf.extractfile(m).read()
+
+            def load(data=data, name=name) -> bytes:
+                _check_image_name(name, str(archive))
+                return data
+
+            yield _Item(i, entries[i][1], f"{archive}:{name}", load=load)
+
+    return "tar", split, classes, [lab for _, lab in entries], items
+
+
+# ------------------------------------------------------------------ CIFAR python batches
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: CIFAR batches need nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def _load_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        raise PipelineError(f"{path} is not a readable CIFAR batch ({e}); download the python version again") from None
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _is_cifar(path: Path) -> bool:
+    return (path / "batches.meta").exists() or ((path / "meta").exists() and (path / "train").exists())
+
+
+def _cifar(root: Path, split: str | None):
+    split = split or "train"
+    if (root / "batches.meta").exists():  # CIFAR-10
+        meta = _load_batch(root / "batches.meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
+        files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
+        label_key = "labels"
+    else:  # CIFAR-100
+        meta = _load_batch(root / "meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["fine_label_names"]]
+        files = [root / split]
+        label_key = "fine_labels"
+    files = [f for f in files if f.exists()]
+    if not files:
+        raise PipelineError(f"{root} has no {split} batches; check the folder or --split")
+
+    labels = np.concatenate([np.asarray(_load_batch(f)[label_key], dtype=np.int64) for f in files])
+
+    def items(keep: np.ndarray) -> Iterator[_Item]:
+        n = 0
+        for f in files:
+            d = _load_batch(f)
+            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            for i in range(len(x)):
+                if keep[n]:
+                    yield _Item(n, int(labels[n]), f"{root}:{split}:{n}", array=x[i])
+                n += 1
+
+    return "cifar", split, classes, labels, items
+
+
+# ------------------------------------------------------------------ npz
+
+def _npy_rows(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype, Callable[[], Iterator[np.ndarray]]]:
+    """Shape, dtype and a row iterator of one .npy inside a zip, read without loading it whole."""
+    fmt = np.lib.format
+    with zf.open(member) as f:
+        version = fmt.read_magic(f)
+        shape, fortran, dtype = fmt._read_array_header(f, version)  # noqa: SLF001 (numpy's own reader)
+    if fortran:
+        raise PipelineError(f"{member} is stored in Fortran order; save it with np.ascontiguousarray")
+
+    def rows() -> Iterator[np.ndarray]:
+        with zf.open(member) as f:
+            fmt._read_array_header(f, fmt.read_magic(f))  # noqa: SLF001
+            row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+            for _ in range(shape[0]):
+                yield np.frombuffer(f.read(row_bytes), dtype=dtype).reshape(shape[1:])
+
+    return shape, dtype, rows
+
+
+def _npz(path: Path, split: str | None):
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise PipelineError(f"{path} is not a readable .npz ({e}); save it with np.savez") from None
+    names = set(zf.namelist())
+    xk, yk = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
+    if f"{xk}.npy" not in names or f"{yk}.npy" not in names:
+        raise PipelineError(f"{path} has no arrays {xk!r} and {yk!r}; save images as {xk}= and labels as {yk}=")
+    shape, dtype, rows = _npy_rows(zf, f"{xk}.npy")
+    if dtype != np.uint8 or len(shape) not in (3, 4):
+        raise PipelineError(f"{path}: {xk} must be uint8 N x H x W or N x H x W x C, got {dtype} {shape}")
+    with np.load(path, allow_pickle=False) as z:
+        y = np.asarray(z[yk]).astype(np.int64)
+        classes = [str(c) for c in z["class_names"]] if "class_names.npy" in names else None
+    if len(y) != shape[0]:
+        raise PipelineError(f"{path}: {xk} has {shape[0]} images but {yk} has {len(y)} labels")
+    if classes is None:
+        classes = [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
+
+    def items(keep: np.ndarray) -> Iterator[_Item]:
+        for i, row in enumerate(rows()):
+            if keep[i]:
+                yield _Item(i, int(y[i]), f"{path}:{xk}:{i}", array=row)
+
+    return "npz", split, classes, y, items
