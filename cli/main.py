@@ -1,0 +1,209 @@
+"""The ``pipe`` command: a thin click shell over :mod:`pipeline`.
+
+    pipe extract digits --out artifacts/digits/shards
+    pipe train artifacts/digits/shards --out artifacts/digits/run
+    pipe evaluate artifacts/digits/run digits --split test
+    pipe query artifacts/digits/run digit.png --k 5
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+import pipeline
+from pipeline import ExtractConfig, PipelineError, TrainConfig
+
+
+class _Group(click.Group):
+    """Turns library errors into one ``Error: ...`` line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _size(value: str | None, option: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (1, 2):
+        raise click.BadParameter(f"{value!r} is not a size; write N or HxW, e.g. 3 or 2x4", param_hint=option)
+    return (nums[0], nums[-1])
+
+
+def _bar(total: int | None, unit: str, desc: str) -> tqdm:
+    return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="patchhash")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
+def main(verbose: bool) -> None:
+    """patchhash: learn a vector for every image patch; look up the nearest learned pattern."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+_source_options = [
+    click.option("--split", type=click.Choice(["train", "test"]), default=None, help="Which split of the source [train where present]."),
+    click.option("--limit", type=int, default=None, help="Keep only the first N images [all]."),
+    click.option("--per-class", type=int, default=None, help="Keep only the first N images of each class [all]."),
+    click.option("--skip-bad", is_flag=True, help="Skip unreadable image files (counted in the manifest) instead of failing."),
+]
+
+
+def source_options(f):
+    for opt in reversed(_source_options):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("source")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/shards"), show_default=True, help="Shard directory to write.")
+@source_options
+@click.option("--levels", type=int, default=4, show_default=True, help="Quantization levels per channel.")
+@click.option("--color", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True, help="Channels hashed; auto = as the first image.")
+@click.option("--max-size", default="3", show_default=True, help="Largest patch, N or HxW (the full image size is allowed).")
+@click.option("--shapes", type=click.Choice(["rect", "square"]), default="rect", show_default=True, help="Every h x w up to --max-size, or squares only.")
+@click.option("--position", type=click.Choice(["none", "grid", "both"]), default="both", show_default=True, help="Whether keys include the patch's grid cell.")
+@click.option("--grid", type=int, default=4, show_default=True, help="Grid cells per side for --position grid/both.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Hash seed.")
+@click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
+@click.option("--images-per-shard", type=int, default=None, help="Images per Parquet file [about 64M keys' worth].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def extract(source, out, split, limit, per_class, skip_bad, levels, color, max_size, shapes, position, grid, seed, resize, images_per_shard, overwrite):
+    """Hash every patch of every image of SOURCE into Parquet shards.
+
+    SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
+    batches folder or an .npz.
+
+    \b
+    Example:
+      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --per-class 100 --out artifacts/cifar/shards
+    """
+    mh, mw = _size(max_size, "--max-size")
+    config = ExtractConfig(levels=levels, color=color, max_h=mh, max_w=mw, shapes=shapes, position=position, grid=grid, seed=seed, resize=_size(resize, "--resize"))
+    src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+    with _bar(len(src), "img", "extract") as bar:
+        patches = [0]
+
+        def progress(images: int, n: int) -> None:
+            patches[0] += n
+            bar.update(images)
+            bar.set_postfix_str(f"{patches[0] / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.1f}M patches/s")
+
+        m = pipeline.extract(src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, progress=progress)
+    click.echo(
+        f"{m['images']} images ({m['height']}x{m['width']}, {m['channels']} channel(s)), {m['patches']:,} patches, "
+        f"{m['keys']:,} keys in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB -> {out}"
+        + (f" ({len(m['skipped'])} unreadable file(s) skipped)" if m["skipped"] else "")
+    )
+
+
+@main.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/run"), show_default=True, help="Run directory to write.")
+@click.option("--rows", type=int, default=TrainConfig.rows, show_default=True, help="Embedding rows (hashing trick).")
+@click.option("--dim", type=int, default=TrainConfig.dim, show_default=True, help="Embedding dimension.")
+@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True, help="Passes over the training images.")
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Images per step.")
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="SparseAdam learning rate of the pattern table.")
+@click.option("--head-lr", type=float, default=TrainConfig.head_lr, show_default=True, help="Adam learning rate of the classifier head.")
+@click.option("--val-fraction", type=float, default=TrainConfig.val_fraction, show_default=True, help="Share of images held out for validation.")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True, help="Seed for initialisation and shuffling.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA when present.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def train(shards, out, rows, dim, epochs, batch_size, lr, head_lr, val_fraction, seed, device, overwrite):
+    """Train pattern vectors and a classifier on SHARDS (from pipe extract).
+
+    \b
+    Example:
+      pipe train artifacts/digits/shards --out artifacts/digits/run --epochs 10
+    """
+    config = TrainConfig(rows=rows, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, val_fraction=val_fraction, seed=seed, device=device)
+    sh = pipeline.open_shards(shards)
+    per_epoch = round(sh.num_images * (1 - val_fraction))
+    bar = _bar(per_epoch * epochs, "img", "train")
+
+    def progress(images: int, ids: int) -> None:
+        bar.update(images)
+
+    def on_epoch(row: dict) -> None:
+        val = f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "no validation images"
+        bar.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}, {val}, {row['ids_per_s'] / 1e6:.2f}M ids/s")
+
+    with bar:
+        m = pipeline.train(sh, out, config, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
+    click.echo(f"run written to {out}: {m['patterns']:,} patterns seen in training, index {m['index']['type']}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source")
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(run, source, split, limit, per_class, skip_bad, as_json):
+    """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config).
+
+    \b
+    Example:
+      pipe evaluate artifacts/digits/run digits --split test --json
+    """
+    r = pipeline.load(run)
+    src = pipeline.open_shards(source) if (Path(source) / "manifest.json").exists() else pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+    total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
+    with _bar(total, "img", "evaluate") as bar:
+        res = r.evaluate(src, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"accuracy {res['accuracy']:.4f} on {res['n']} images (loss {res['loss']:.4f})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--k", type=int, default=5, show_default=True, help="Nearest learned patterns per patch.")
+@click.option("--patches", "top", type=int, default=5, show_default=True, help="Most decisive patches shown per image (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+def query(run, images, k, top, as_json):
+    """Classify IMAGES with RUN and show their patches' nearest learned patterns.
+
+    Unseen patches get a vector composed from their seen sub-patches and are marked.
+
+    \b
+    Example:
+      pipe query artifacts/digits/run artifacts/digits/test-0.png --k 3
+    """
+    from pipeline.report import query_image, read_image
+
+    r = pipeline.load(run)
+    for path in images:
+        res = query_image(r, read_image(r, path), str(path), k=k, top=top)
+        if as_json:
+            click.echo(json.dumps(res))
+            continue
+        probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        c = res["patches"]
+        click.echo(f"{path}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})")
+        click.echo(f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)")
+        for p in res["top_patches"]:
+            where = f"{p['h']}x{p['w']} at ({p['y']},{p['x']})" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
+            state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
+            near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} x{n['count']} {n['top_class']}" for n in p["nearest"])
+            click.echo(f"  {where:<22} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Query results as plain dicts (what ``pipe query --json`` prints), built from a run and image files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PipelineError
+from .images import BadImage, decode
+from .run import Run
+
+
+def read_image(run: Run, path: Path | str) -> np.ndarray:
+    """One image file as H x W x C uint8 in the run's channel count (and resize, if the run has one)."""
+    cfg = run.extract_config
+    try:
+        return decode(Path(path).read_bytes(), cfg.channels, cfg.resize)
+    except BadImage as e:
+        raise PipelineError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise PipelineError(f"cannot open {path}: {e.strerror}; check the path") from None
+
+
+def _pattern(run: Run, pid: int, distance: float) -> dict:
+    p = run.patterns
+    cc = p["class_counts"][pid]
+    return {
+        "pattern_id": int(pid),
+        "distance": float(distance),
+        "key": f"{int(p['key'][pid]):016x}",
+        "h": int(p["h"][pid]),
+        "w": int(p["w"][pid]),
+        "cell": int(p["cell"][pid]),
+        "count": int(p["count"][pid]),
+        "top_class": run.class_names[int(cc.argmax())] if cc.sum() else None,
+    }
+
+
+def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10) -> dict:
+    """Prediction, probabilities, patch counts and the ``top`` most decisive patches with their k nearest patterns.
+
+    ``top`` = 0 reports every patch. Patches are ranked by their contribution to the
+    predicted class's logit; patches with no vector (unseen, no seen parts) come last.
+    """
+    labels, probs = run.predict(image)
+    lookup = run.nearest_patterns(image, k)
+    order = np.argsort(-lookup.contribution, kind="stable")
+    if top:
+        order = order[:top]
+    unmatched = ~(lookup.seen | lookup.composed)
+    patches = []
+    for s in order:
+        loc = {c: int(v[s]) for c, v in lookup.location.items()}
+        patches.append(
+            {
+                "slot": int(s),
+                **loc,
+                "key": f"{int(lookup.keys[s]):016x}",
+                "seen": bool(lookup.seen[s]),
+                "composed": bool(lookup.composed[s]),
+                "contribution": float(lookup.contribution[s]),
+                "nearest": [_pattern(run, i, d) for i, d in zip(lookup.ids[s], lookup.distances[s]) if i >= 0],
+            }
+        )
+    return {
+        "image": name,
+        "prediction": run.class_names[int(labels[0])],
+        "probabilities": {c: float(p) for c, p in zip(run.class_names, probs[0])},
+        "patches": {
+            "total": int(len(lookup.keys)),
+            "seen": int(lookup.seen.sum()),
+            "composed": int(lookup.composed.sum()),
+            "unmatched": int(unmatched.sum()),
+        },
+        "top_patches": patches,
+    }

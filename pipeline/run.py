@@ -1,0 +1,195 @@
+"""Stage 3: a trained run, loaded from its directory alone, answering predictions and pattern look-ups.
+
+``run = pipeline.load("artifacts/run")`` then ``run.predict(images)``,
+``run.nearest_patterns(image, k)`` and ``run.evaluate(source)``. Nothing is
+unpickled: the model loads with ``torch.load(weights_only=True)``, the rest is
+JSON, Parquet and a FAISS index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import index as pattern_index
+from . import layout, patterns
+from .config import ExtractConfig, TrainConfig
+from .errors import PipelineError
+from .extract import image_keys
+from .hashing import KeyPlan
+from .model import PatchBagModel, key_rows
+from .pixels import as_nhwc, to_channels
+from .shards import Shards
+from .sources import Source
+from .train import RUN_FORMAT, evaluate_batches
+
+
+@dataclass
+class PatchLookup:
+    """Nearest learned patterns for every patch (slot) of one image."""
+
+    distances: np.ndarray  # S x k squared L2; inf where no vector
+    ids: np.ndarray  # S x k pattern ids; -1 where no vector
+    seen: np.ndarray  # S bool: the patch's key was seen in training
+    composed: np.ndarray  # S bool: unseen, vector composed from seen sub-patches
+    location: dict[str, np.ndarray]  # per slot: y, x, h, w, cell
+    keys: np.ndarray  # S uint64
+    contribution: np.ndarray  # S float: the patch's share of the predicted class's logit
+
+
+class Run:
+    """A trained run directory."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        mpath = self.root / layout.RUN_MANIFEST
+        if not mpath.exists():
+            raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
+        self.manifest = layout.read_json(mpath)
+        if self.manifest.get("format") != RUN_FORMAT:
+            raise PipelineError(f"{root} is in format {self.manifest.get('format')!r}, expected {RUN_FORMAT!r}; train again")
+        self.extract_config = ExtractConfig.from_dict(self.manifest["extract_config"])
+        self.train_config = TrainConfig.from_dict(self.manifest["train_config"])
+        self.fingerprint: str = self.manifest["extract_fingerprint"]
+        if self.extract_config.fingerprint() != self.fingerprint:
+            raise PipelineError(f"{mpath} is inconsistent (extract config does not match its fingerprint); train again")
+        self.height: int = self.manifest["height"]
+        self.width: int = self.manifest["width"]
+        self.class_names: list[str] = self.manifest["class_names"]
+        self.plan = KeyPlan(self.extract_config, self.height, self.width)
+        self.model = PatchBagModel(self.train_config.rows, self.train_config.dim, len(self.class_names))
+        state = torch.load(self.root / layout.MODEL, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    # ------------------------------------------------------------ lazily loaded parts
+
+    @cached_property
+    def patterns(self) -> dict[str, np.ndarray]:
+        """Pattern metadata as numpy columns, row i = pattern id i."""
+        return patterns.read(self.root / layout.PATTERNS)
+
+    @cached_property
+    def index(self):
+        return pattern_index.load(self.root / layout.PATTERN_INDEX)
+
+    @property
+    def table(self) -> np.ndarray:
+        return self.model.table.weight.detach().numpy()
+
+    # ------------------------------------------------------------ keys and predictions
+
+    def images_to_keys(self, images: np.ndarray) -> np.ndarray:
+        """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""
+        arr = np.asarray(images)
+        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[:2] == (self.height, self.width):
+            arr = arr[None]
+        arr = as_nhwc(arr)
+        if arr.shape[1:3] != (self.height, self.width):
+            raise PipelineError(
+                f"images are {arr.shape[1]}x{arr.shape[2]} but the run was trained on "
+                f"{self.height}x{self.width}; resize them to {self.height}x{self.width}"
+            )
+        return image_keys(to_channels(arr, self.extract_config.channels), self.plan)
+
+    def predict_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Class probabilities (N x C) for key arrays (N x K)."""
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(key_rows(keys, self.train_config.rows)))
+            return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels N, probabilities N x C) for uint8 images."""
+        probs = self.predict_keys(self.images_to_keys(images))
+        return probs.argmax(1), probs
+
+    # ------------------------------------------------------------ patterns
+
+    def seen_ids(self, keys: np.ndarray) -> np.ndarray:
+        """Pattern id of each key, -1 for keys not seen in training."""
+        known = self.patterns["key"]
+        pos = np.searchsorted(known, keys)
+        pos = np.minimum(pos, max(len(known) - 1, 0))
+        hit = (known[pos] == keys) if len(known) else np.zeros(keys.shape, bool)
+        return np.where(hit, pos, -1)
+
+    def patch_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
+
+        A seen key uses its learned vector. An unseen key gets the mean of the learned vectors
+        of its seen strictly smaller sub-patches (same position mode), fastText's rule for
+        unknown words applied to rectangles; with no seen sub-patch it has no vector (NaN).
+        """
+        rows = key_rows(keys, self.train_config.rows)
+        vectors = self.table[rows].copy()
+        seen = self.seen_ids(keys) >= 0
+        composed = np.zeros(len(keys), bool)
+        for slot in np.flatnonzero(~seen):
+            subs = self.plan.sub_slots(int(slot))
+            subs = subs[seen[subs]]
+            if len(subs):
+                vectors[slot] = self.table[rows[subs]].mean(0)
+                composed[slot] = True
+            else:
+                vectors[slot] = np.nan
+        return vectors, seen, composed
+
+    def nearest_patterns(self, image: np.ndarray, k: int = 5) -> PatchLookup:
+        """The k nearest learned patterns of every patch of one image (see :class:`PatchLookup`)."""
+        if k < 1:
+            raise PipelineError(f"--k {k} must be at least 1")
+        keys = self.images_to_keys(image)
+        if len(keys) != 1:
+            raise PipelineError("nearest_patterns takes one image; call it once per image")
+        keys = keys[0]
+        vectors, seen, composed = self.patch_vectors(keys)
+        has = seen | composed
+        d = np.full((len(keys), k), np.inf, np.float32)
+        ids = np.full((len(keys), k), -1, np.int64)
+        d[has], ids[has] = pattern_index.search(self.index, vectors[has], k)
+        probs = self.predict_keys(keys[None])[0]
+        cls = int(probs.argmax())
+        w = self.model.head.weight.detach().numpy()[cls]
+        contribution = np.where(has, np.nan_to_num(vectors) @ w / len(keys), 0.0)
+        return PatchLookup(d, ids, seen, composed, self.plan.locate(np.arange(len(keys))), keys, contribution)
+
+    # ------------------------------------------------------------ evaluation
+
+    def _label_map(self, class_names: list[str], where: str) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        missing = [c for c in class_names if c not in index]
+        if missing:
+            raise PipelineError(f"{where} has classes the run does not know: {', '.join(missing[:5])}; evaluate on the same classes")
+        return np.asarray([index[c] for c in class_names] + [-1], dtype=np.int64)  # last entry maps label -1
+
+    def evaluate(self, data: Source | Shards, progress: Callable[[int], None] | None = None) -> dict:
+        """Accuracy and loss of the run on an image source (hashed with the run's config) or on shards."""
+        if isinstance(data, Shards):
+            data.check_fingerprint(self.fingerprint, f"run {self.root}")
+            mapping = self._label_map(data.class_names, str(data.root))
+
+            def batches():
+                for b in data.iter_batches():
+                    if progress:
+                        progress(len(b.labels))
+                    yield b.keys, mapping[b.labels]
+        else:
+            mapping = self._label_map(data.class_names, data.path)
+
+            def batches():
+                for b in data.batches(256, self.extract_config.channels, self.extract_config.resize):
+                    if progress:
+                        progress(len(b.labels))
+                    yield self.images_to_keys(b.images), mapping[b.labels]
+
+        res = evaluate_batches(self.model, batches(), self.train_config.rows, torch.device("cpu"))
+        return {"accuracy": res["accuracy"], "loss": res["loss"], "n": res["n"]}
+
+
+def load(root: Path | str) -> Run:
+    """Open a trained run directory."""
+    return Run(root)
