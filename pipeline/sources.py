@@ -378,15 +378,19 @@ def _cifar(root: Path, split: str | None):
 def _npy_rows(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype, Callable[[], Iterator[np.ndarray]]]:
     """Shape, dtype and a row iterator of one .npy inside a zip, read without loading it whole."""
     fmt = np.lib.format
-    with zf.open(member) as f:
+
+    def header(f):
         version = fmt.read_magic(f)
-        shape, fortran, dtype = fmt._read_array_header(f, version)  # noqa: SLF001 (numpy's own reader)
+        return fmt.read_array_header_1_0(f) if version == (1, 0) else fmt.read_array_header_2_0(f)
+
+    with zf.open(member) as f:
+        shape, fortran, dtype = header(f)
     if fortran:
         raise PipelineError(f"{member} is stored in Fortran order; save it with np.ascontiguousarray")
 
     def rows() -> Iterator[np.ndarray]:
         with zf.open(member) as f:
-            fmt._read_array_header(f, fmt.read_magic(f))  # noqa: SLF001
+            header(f)
             row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
             for _ in range(shape[0]):
                 yield np.frombuffer(f.read(row_bytes), dtype=dtype).reshape(shape[1:])

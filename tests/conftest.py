@@ -1,0 +1,42 @@
+"""Shared fixtures: small real data (digits), a trained digits run, and the shared CIFAR archive when present."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline import ExtractConfig, TrainConfig
+from pipeline.images import encode_png
+
+CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+
+
+def digits_images(split: str = "train", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    src = pipeline.open_source("digits", split=split, limit=n)
+    b = next(src.batches(len(src), 1))
+    return b.images, b.labels
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    pipeline.extract(pipeline.open_source("digits"), out, ExtractConfig())
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits_run") / "run"
+    pipeline.train(pipeline.Shards(digits_shards), out, TrainConfig(epochs=4, rows=1 << 16, dim=16))
+    return out
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, split: str | None = None) -> Path:
+    """An image folder ROOT/[split/]<label>/<i>.png of the given images."""
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        d = root / split / str(lab) if split else root / str(lab)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:04d}.png").write_bytes(encode_png(img))
+    return root

@@ -1,0 +1,140 @@
+"""Keys from the fast path against the pure-Python specification, and the properties the product relies on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import ExtractConfig
+from pipeline.extract import image_keys
+from pipeline.hashing import KeyPlan, reference_key
+from pipeline.pixels import symbols
+
+from .conftest import digits_images
+
+CASES = [
+    dict(max_h=3, max_w=3, shapes="rect", position="both"),
+    dict(max_h=4, max_w=2, shapes="rect", position="grid", grid=3),
+    dict(max_h=4, max_w=4, shapes="square", position="none"),
+    dict(max_h=6, max_w=7, shapes="rect", position="both", grid=2),  # full enumeration of 6x7
+    dict(max_h=2, max_w=2, position="none", seed=12345),
+]
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_fast_keys_equal_reference(kw):
+    rng = np.random.default_rng(1)
+    syms = rng.integers(0, 64, size=(2, 6, 7)).astype(np.uint64)
+    plan = KeyPlan(ExtractConfig(color="rgb", **kw), 6, 7)
+    keys = plan.keys(syms)
+    t = plan.slot_table
+    for n in range(2):
+        ref = [reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s], kw.get("seed", 0)) for s in range(plan.keys_per_image)]
+        assert [int(k) for k in keys[n]] == ref
+
+
+def test_fast_keys_equal_reference_on_real_images():
+    imgs, _ = digits_images("train", 3)
+    cfg = ExtractConfig(color="gray", max_h=8, max_w=8, position="both")
+    plan = KeyPlan(cfg, 8, 8)
+    syms = symbols(imgs, cfg.levels)
+    keys = plan.keys(syms)
+    t = plan.slot_table
+    rng = np.random.default_rng(0)
+    for s in rng.choice(plan.keys_per_image, 300, replace=False):
+        for n in range(3):
+            assert int(keys[n, s]) == reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s])
+
+
+GOLDEN = [  # (y, x, h, w, cell, seed) on symbols arange(16).reshape(4, 4) -> key; see docs/hashing.md
+    ((0, 0, 1, 1, -1, 0), 0x203EEB494AAD0E94),
+    ((0, 0, 2, 2, -1, 0), 0x49039B7C998DDA4F),
+    ((1, 2, 3, 2, -1, 0), 0xAC1CAE74E1187A6C),
+    ((0, 0, 4, 4, -1, 0), 0x80DF074FC08C3775),
+    ((1, 1, 2, 2, 10, 0), 0xFC0C556FAC8BC903),
+    ((0, 0, 1, 1, -1, 7), 0xC86B40A9DF40EEA4),
+]
+
+
+@pytest.mark.parametrize("args,key", GOLDEN)
+def test_golden_keys(args, key):
+    syms = np.arange(16, dtype=np.uint64).reshape(4, 4)
+    assert reference_key(syms, *args) == key
+    y, x, h, w, cell, seed = args
+    plan = KeyPlan(ExtractConfig(color="gray", max_h=4, max_w=4, position="none" if cell < 0 else "grid", grid=4, seed=seed), 4, 4)
+    slot = plan.slot_of("none" if cell < 0 else "grid", y, x, h, w)
+    assert plan.slot_table["cell"][slot] == cell
+    assert int(plan.keys(syms[None])[0, slot]) == key
+
+
+def test_position_none_same_content_same_key_anywhere():
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, size=(1, 12, 12, 1)).astype(np.uint8)
+    patch = rng.integers(0, 256, size=(3, 2, 1)).astype(np.uint8)
+    img[0, 0:3, 0:2] = patch
+    img[0, 7:10, 9:11] = patch
+    cfg = ExtractConfig(color="gray", levels=16, max_h=3, max_w=3, position="both")
+    plan = KeyPlan(cfg, 12, 12)
+    keys = image_keys(img, plan)[0]
+    assert keys[plan.slot_of("none", 0, 0, 3, 2)] == keys[plan.slot_of("none", 7, 9, 3, 2)]
+    # the grid keys of the same patch differ, since the two copies sit in different cells
+    assert keys[plan.slot_of("grid", 0, 0, 3, 2)] != keys[plan.slot_of("grid", 7, 9, 3, 2)]
+    # and the same content in another shape's reading does not collide with it
+    assert keys[plan.slot_of("none", 0, 0, 3, 2)] != keys[plan.slot_of("none", 0, 0, 2, 3)]
+
+
+def test_distinct_contents_give_distinct_keys_on_real_sample():
+    imgs, _ = digits_images("train", 200)
+    cfg = ExtractConfig(color="gray", levels=8, max_h=4, max_w=4, position="none")
+    plan = KeyPlan(cfg, 8, 8)
+    syms = symbols(imgs, cfg.levels)
+    keys = plan.keys(syms)
+    t = plan.slot_table
+    contents = set()
+    pairs = set()
+    for n in range(len(imgs)):
+        for s in range(plan.keys_per_image):
+            y, x, h, w = t["y"][s], t["x"][s], t["h"][s], t["w"][s]
+            c = (int(h), int(w), syms[n, y : y + h, x : x + w].tobytes())
+            contents.add(c)
+            pairs.add((c, int(keys[n, s])))
+    distinct_keys = set(int(k) for k in keys.ravel())
+    assert len(pairs) == len(contents)  # each content has exactly one key
+    assert len(distinct_keys) == len(contents)  # and no two contents share one
+    assert len(contents) > 10_000
+
+
+def test_locations_match_brute_force_enumeration():
+    cfg = ExtractConfig(color="gray", max_h=3, max_w=4, position="both", grid=2)
+    plan = KeyPlan(cfg, 5, 6)
+    expected = []
+    for h, w in cfg.shape_list():
+        for mode in ("none", "grid"):
+            for y in range(5 - h + 1):
+                for x in range(6 - w + 1):
+                    cell = -1 if mode == "none" else ((2 * y + h) * 2 // 10) * 2 + (2 * x + w) * 2 // 12
+                    expected.append((y, x, h, w, cell))
+    loc = plan.locate(np.arange(plan.keys_per_image))
+    got = list(zip(*(loc[c].tolist() for c in ("y", "x", "h", "w", "cell"))))
+    assert got == expected
+
+
+def test_sub_slots_are_exactly_the_smaller_contained_patches():
+    cfg = ExtractConfig(color="gray", max_h=3, max_w=3, position="both")
+    plan = KeyPlan(cfg, 6, 6)
+    t = plan.slot_table
+    for slot in [plan.slot_of("none", 2, 1, 3, 2), plan.slot_of("grid", 0, 3, 3, 3), plan.slot_of("none", 4, 4, 1, 1)]:
+        y, x, h, w, cell = (int(t[c][slot]) for c in ("y", "x", "h", "w", "cell"))
+        brute = [
+            s
+            for s in range(plan.keys_per_image)
+            if (t["cell"][s] < 0) == (cell < 0)
+            and t["y"][s] >= y and t["x"][s] >= x
+            and t["y"][s] + t["h"][s] <= y + h and t["x"][s] + t["w"][s] <= x + w
+            and (t["h"][s], t["w"][s]) != (h, w)
+        ]
+        assert sorted(plan.sub_slots(slot).tolist()) == brute
+
+
+def test_max_size_larger_than_image_is_refused():
+    with pytest.raises(Exception, match="use at most 8x8"):
+        KeyPlan(ExtractConfig(color="gray", max_h=9, max_w=9), 8, 8)

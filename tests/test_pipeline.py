@@ -1,0 +1,187 @@
+"""Shards, training, pattern table, FAISS look-ups and run loading, each against an independent reference."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline import ExtractConfig, PipelineError, TrainConfig
+from pipeline import index as pattern_index
+from pipeline.extract import image_keys
+from pipeline.hashing import KeyPlan
+from pipeline.model import key_rows
+from pipeline.train import is_validation
+
+from .conftest import digits_images, write_folder
+
+
+def test_shards_round_trip(digits_shards):
+    sh = pipeline.open_shards(digits_shards)
+    imgs, labels = digits_images("train")
+    expected = image_keys(imgs, KeyPlan(sh.config, 8, 8))
+    got = list(sh.iter_batches())
+    keys = np.concatenate([b.keys for b in got])
+    assert np.array_equal(keys, expected)
+    assert np.array_equal(np.concatenate([b.labels for b in got]), labels)
+    assert np.array_equal(np.concatenate([b.image_ids for b in got]), np.arange(len(imgs)))
+    m = sh.manifest
+    assert m["images"] == 898 and m["keys"] == keys.size and m["fingerprint"] == sh.config.fingerprint()
+    assert sum(s["rows"] for s in m["shards"]) == 898
+
+
+def test_extract_splits_into_several_shards_and_refuses_to_overwrite(tmp_path):
+    src = pipeline.open_source("digits", limit=50)
+    m = pipeline.extract(src, tmp_path / "s", ExtractConfig(), images_per_shard=20)
+    assert [s["file"] for s in m["shards"]] == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
+    assert [s["rows"] for s in m["shards"]] == [20, 20, 10]
+    with pytest.raises(PipelineError, match="pass --overwrite"):
+        pipeline.extract(src, tmp_path / "s", ExtractConfig())
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(PipelineError, match="did not finish"):
+        pipeline.open_shards(tmp_path / "s")
+
+
+def test_png_query_gives_the_same_keys_as_the_source(digits_run, tmp_path):
+    from pipeline.report import read_image
+
+    run = pipeline.load(digits_run)
+    imgs, labels = digits_images("test", 3)
+    root = write_folder(tmp_path / "f", imgs, labels)
+    for i, lab in enumerate(labels):
+        img = read_image(run, root / str(lab) / f"{i:04d}.png")
+        assert np.array_equal(run.images_to_keys(img), run.images_to_keys(imgs[i]))
+
+
+def test_training_lowers_the_loss(digits_shards, tmp_path):
+    m = pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "r", TrainConfig(epochs=3, rows=1 << 14, dim=8))
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[-1]["val_loss"] < lines[0]["val_loss"]
+    assert m["final"] == lines[-1]
+
+
+def test_sparse_update_touches_only_rows_of_the_batch():
+    from pipeline.model import PatchBagModel
+    import torch
+
+    model = PatchBagModel(100, 4, 3)
+    before = model.table.weight.detach().clone()
+    opt = torch.optim.SparseAdam(list(model.table.parameters()), lr=0.1)
+    rows = torch.tensor([[1, 5, 7], [7, 9, 9]])
+    torch.nn.functional.cross_entropy(model(rows), torch.tensor([0, 2])).backward()
+    assert model.table.weight.grad.is_sparse
+    opt.step()
+    changed = set(torch.nonzero((model.table.weight.detach() != before).any(1)).ravel().tolist())
+    assert changed == {1, 5, 7, 9}
+
+
+def test_pattern_table_matches_exact_count(digits_run, digits_shards):
+    run = pipeline.load(digits_run)
+    sh = pipeline.open_shards(digits_shards)
+    counts: Counter = Counter()
+    per_class: dict[int, Counter] = {}
+    for b in sh.iter_batches():
+        train = ~is_validation(b.image_ids, run.train_config.val_fraction)
+        for keys, lab in zip(b.keys[train], b.labels[train]):
+            counts.update(keys.tolist())
+            per_class.setdefault(int(lab), Counter()).update(keys.tolist())
+    p = run.patterns
+    assert len(p["key"]) == len(counts) == run.manifest["patterns"]
+    assert np.all(np.diff(p["key"].astype(object)) > 0)
+    for i in np.random.default_rng(0).choice(len(counts), 500, replace=False):
+        k = int(p["key"][i])
+        assert p["count"][i] == counts[k]
+        assert p["class_counts"][i].tolist() == [per_class[c][k] for c in range(10)]
+
+
+def test_flat_index_equals_brute_force(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(500, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    pattern_index.build(vectors, tmp_path / "i.faiss")
+    d, ids = pattern_index.search(pattern_index.load(tmp_path / "i.faiss"), queries, 5)
+    brute = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1)
+    order = np.argsort(brute, axis=1)[:, :5]
+    assert np.array_equal(ids, order)
+    assert np.allclose(d, np.take_along_axis(brute, order, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_index_vectors_are_the_learned_rows(digits_run):
+    run = pipeline.load(digits_run)
+    ids = np.array([0, 17, len(run.patterns["key"]) - 1])
+    rows = key_rows(run.patterns["key"][ids], run.train_config.rows)
+    assert np.array_equal(run.index.reconstruct_batch(ids), run.table[rows])
+
+
+def test_unseen_patch_vector_is_mean_of_seen_sub_patches(digits_run):
+    run = pipeline.load(digits_run)
+    imgs, _ = digits_images("test", 50)
+    t = run.plan.slot_table
+    for img in imgs:
+        keys = run.images_to_keys(img)[0]
+        seen_ids = run.seen_ids(keys)
+        unseen = np.flatnonzero(seen_ids < 0)
+        if len(unseen):
+            break
+    vectors, seen, composed = run.patch_vectors(keys)
+    slot = int(unseen[-1])
+    y, x, h, w, cell = (int(t[c][slot]) for c in ("y", "x", "h", "w", "cell"))
+    # by hand: every smaller patch inside (y, x, h, w), same position mode, whose key is in the pattern table
+    known = set(run.patterns["key"].tolist())
+    parts = [
+        s for s in range(len(keys))
+        if (t["cell"][s] < 0) == (cell < 0) and t["y"][s] >= y and t["x"][s] >= x
+        and t["y"][s] + t["h"][s] <= y + h and t["x"][s] + t["w"][s] <= x + w
+        and (t["h"][s], t["w"][s]) != (h, w) and int(keys[s]) in known
+    ]
+    assert not seen[slot]
+    if parts:
+        expected = np.mean([run.table[int(keys[s]) % run.train_config.rows] for s in parts], axis=0)
+        assert composed[slot] and np.allclose(vectors[slot], expected, atol=1e-6)
+    else:
+        assert not composed[slot] and np.isnan(vectors[slot]).all()
+    assert np.array_equal(seen, seen_ids >= 0)
+
+
+def test_nearest_patterns_of_a_seen_patch_start_with_itself(digits_run):
+    run = pipeline.load(digits_run)
+    imgs, _ = digits_images("train", 1)
+    lookup = run.nearest_patterns(imgs[0], k=3)
+    s = np.flatnonzero(lookup.seen)[0]
+    pid = run.seen_ids(lookup.keys[s : s + 1])[0]
+    assert lookup.distances[s, 0] == 0.0
+    assert pid in lookup.ids[s][lookup.distances[s] == 0.0]
+
+
+def test_run_directory_copied_elsewhere_answers_identically(digits_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_run, copy)
+    imgs, _ = digits_images("test", 20)
+    a, b = pipeline.load(digits_run), pipeline.load(copy)
+    assert np.array_equal(a.predict(imgs)[1], b.predict(imgs)[1])
+    la, lb = a.nearest_patterns(imgs[0], 4), b.nearest_patterns(imgs[0], 4)
+    assert np.array_equal(la.ids, lb.ids)
+
+
+def test_evaluate_source_and_shards_agree(digits_run, digits_shards):
+    run = pipeline.load(digits_run)
+    a = run.evaluate(pipeline.open_source("digits", split="train"))
+    b = run.evaluate(pipeline.open_shards(digits_shards))
+    assert a["accuracy"] == b["accuracy"] and a["n"] == b["n"] == 898
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)  # batches differ, so float sums may too
+
+
+def test_evaluate_refuses_shards_of_another_config(digits_run, tmp_path):
+    pipeline.extract(pipeline.open_source("digits", limit=10), tmp_path / "s", ExtractConfig(levels=8))
+    with pytest.raises(PipelineError, match="extract the images again"):
+        pipeline.load(digits_run).evaluate(pipeline.open_shards(tmp_path / "s"))
+
+
+def test_run_refuses_images_of_another_size(digits_run):
+    with pytest.raises(PipelineError, match="resize them to 8x8"):
+        pipeline.load(digits_run).predict(np.zeros((2, 9, 9), np.uint8))

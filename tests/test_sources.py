@@ -1,0 +1,153 @@
+"""Sources: splits, conversions, archives, arrays, and bad input, against independent references."""
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import pipeline
+from pipeline import PipelineError
+from pipeline.images import encode_png
+from pipeline.pixels import to_channels
+
+from .conftest import digits_images, write_folder
+
+
+def test_digits_split_matches_sklearn():
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(d.images, d.target, test_size=0.5, shuffle=False)
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        imgs, labels = digits_images(split)
+        assert imgs.shape == (len(x), 8, 8, 1)
+        assert np.array_equal(imgs[..., 0], np.rint(x * 255 / 16).astype(np.uint8))
+        assert np.array_equal(labels, y)
+
+
+def test_folder_and_tar_give_the_digits_pixels(tmp_path):
+    imgs, labels = digits_images("train", 30)
+    root = write_folder(tmp_path / "f", imgs, labels, split="train")
+    tar_path = tmp_path / "f.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tf:
+        tf.add(root / "train", arcname="train")
+    for spec in (root, tar_path):
+        src = pipeline.open_source(str(spec))
+        assert src.split == "train" and len(src) == 30
+        b = next(src.batches(100, 1))
+        got = {n.rsplit("/", 1)[-1]: (img, src.class_names[lab]) for n, img, lab in zip(b.names, b.images, b.labels)}
+        for i in range(30):
+            img, cls = got[f"{i:04d}.png"]
+            assert np.array_equal(img, imgs[i]) and cls == str(labels[i])
+
+
+def test_missing_split_and_empty_sources(tmp_path):
+    imgs, labels = digits_images("train", 4)
+    root = write_folder(tmp_path / "f", imgs, labels, split="train")
+    with pytest.raises(PipelineError, match="has no test/ folder"):
+        pipeline.open_source(str(root), split="test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="holds no images"):
+        pipeline.open_source(str(tmp_path / "empty"))
+    with pytest.raises(PipelineError, match="does not exist"):
+        pipeline.open_source(str(tmp_path / "nope"))
+
+
+def test_unsafe_tar_member_is_refused(tmp_path):
+    tar_path = tmp_path / "evil.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        data = encode_png(np.zeros((4, 4, 1), np.uint8))
+        info = tarfile.TarInfo("../escape/cls/a.png")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(PipelineError, match="unsafe member path"):
+        pipeline.open_source(str(tar_path))
+
+
+def test_truncated_tar(tmp_path):
+    imgs, labels = digits_images("train", 20)
+    root = write_folder(tmp_path / "f", imgs, labels)
+    tar_path = tmp_path / "f.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tf:
+        tf.add(root, arcname=".")
+    data = tar_path.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match="truncated or not a tar archive"):
+        pipeline.open_source(str(cut))
+
+
+def test_rgb_to_gray_and_alpha_match_pillow():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(1, 9, 7, 3)).astype(np.uint8)
+    ours = to_channels(rgb, 1)[0, ..., 0]
+    assert np.array_equal(ours, np.asarray(Image.fromarray(rgb[0]).convert("L")))
+    rgba = rng.integers(0, 256, size=(1, 5, 5, 4)).astype(np.uint8)
+    expected = np.rint(rgba[0, ..., :3].astype(float) * rgba[0, ..., 3:4] / 255)
+    assert np.abs(to_channels(rgba, 3)[0].astype(float) - expected).max() <= 1
+
+
+def test_npz_and_cifar_batches(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(7, 32, 32, 3)).astype(np.uint8)
+    y = rng.integers(0, 10, size=7)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    b = next(pipeline.open_source(str(tmp_path / "d.npz")).batches(10, 3))
+    assert np.array_equal(b.images, x) and np.array_equal(b.labels, y)
+    cdir = tmp_path / "cifar-10-batches-py"
+    cdir.mkdir()
+    with open(cdir / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    flat = x.transpose(0, 3, 1, 2).reshape(7, -1)
+    with open(cdir / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": flat[:4], b"labels": y[:4].tolist()}, f)
+    with open(cdir / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": flat[4:], b"labels": y[4:].tolist()}, f)
+    src = pipeline.open_source(str(cdir))
+    b = next(src.batches(10, 3))
+    assert src.kind == "cifar" and src.class_names[0] == "c0"
+    assert np.array_equal(b.images, x) and np.array_equal(b.labels, y)
+
+
+def test_cifar_batch_with_foreign_objects_is_refused(tmp_path):
+    cdir = tmp_path / "c"
+    cdir.mkdir()
+    with open(cdir / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a"], b"x": tmp_path}, f)  # a pathlib object: not allowed
+    with pytest.raises(PipelineError, match="not a readable CIFAR batch"):
+        pipeline.open_source(str(cdir))
+
+
+def test_mixed_sizes_rejected_or_resized(tmp_path):
+    root = tmp_path / "f"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "0.png").write_bytes(encode_png(np.zeros((8, 8, 1), np.uint8)))
+    (root / "a" / "1.png").write_bytes(encode_png(np.zeros((6, 8, 1), np.uint8)))
+    src = pipeline.open_source(str(root))
+    with pytest.raises(PipelineError, match=r"1\.png is 6x8 but earlier images are 8x8; pass --resize 8x8"):
+        list(src.batches(4, 1))
+    b = next(src.batches(4, 1, resize=(8, 8)))
+    assert b.images.shape == (2, 8, 8, 1)
+
+
+def test_bad_files_fail_or_are_skipped(tmp_path):
+    imgs, labels = digits_images("train", 3)
+    root = write_folder(tmp_path / "f", imgs, labels)
+    (root / str(labels[0]) / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / str(labels[0]) / "notes.txt").write_text("hello")
+    with pytest.raises(PipelineError, match=r"cannot read .*(broken\.png|notes\.txt).*--skip-bad"):
+        list(pipeline.open_source(str(root)).batches(10, 1))
+    src = pipeline.open_source(str(root), skip_bad=True)
+    b = next(src.batches(10, 1))
+    assert len(b.images) == 3 and sorted(p.rsplit("/", 1)[-1] for p in src.skipped) == ["broken.png", "notes.txt"]
+
+
+def test_limit_and_per_class():
+    src = pipeline.open_source("digits", per_class=2)
+    b = next(src.batches(100, 1))
+    assert len(src) == 20 and np.bincount(b.labels).tolist() == [2] * 10
+    assert len(pipeline.open_source("digits", limit=5)) == 5
