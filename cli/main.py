@@ -43,7 +43,8 @@ def _size(value: str | None, option: str) -> tuple[int, int] | None:
 
 
 def _bar(total: int | None, unit: str, desc: str) -> tqdm:
-    return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False)
+    # disable=None: shown on a terminal, silent when stderr is a file or pipe
+    return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False, disable=None)
 
 
 @click.group(cls=_Group)

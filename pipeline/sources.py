@@ -77,10 +77,16 @@ class Source:
         for item in self._items():
             try:
                 arr = self._decode(item, None, None)
-            except BadImage:
-                continue
+            except BadImage as e:
+                if self.skip_bad:
+                    continue
+                raise self._bad(item, e) from None
             return 1 if arr.shape[-1] == 1 else 3
         raise PipelineError(f"{self.path} holds no readable images; check the path and --split")
+
+    @staticmethod
+    def _bad(item: _Item, e: BadImage) -> PipelineError:
+        return PipelineError(f"cannot read {item.name}: {e}; fix or remove the file, or pass --skip-bad to skip it")
 
     def _decode(self, item: _Item, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
         if item.array is not None:
@@ -99,6 +105,7 @@ class Source:
         recorded in :attr:`skipped` and left out (later images keep their ids).
         """
         size = tuple(resize) if resize else None
+        self.skipped = []  # each pass records its own skips
         imgs: list[np.ndarray] = []
         labels: list[int] = []
         ids: list[int] = []
@@ -112,9 +119,7 @@ class Source:
                 if self.skip_bad:
                     self.skipped.append(item.name)
                     continue
-                raise PipelineError(
-                    f"cannot read {item.name}: {e}; fix or remove the file, or pass --skip-bad to skip it"
-                ) from None
+                raise self._bad(item, e) from None
             if size is None:
                 size = arr.shape[:2]
             elif arr.shape[:2] != size:

@@ -1,0 +1,129 @@
+"""Every command through click's CliRunner: output, exit codes, and one-line errors for user mistakes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from pipeline.images import encode_png
+
+from .conftest import CIFAR_TAR, digits_images
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, pattern: str, code: int = 1):
+    assert result.exit_code == code, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    r = run("extract", "digits", "--out", root / "shards")
+    assert r.exit_code == 0, r.output
+    assert "898 images (8x8, 1 channel(s)), 396,018 patches, 792,036 keys in 1 shard(s)" in r.stdout
+    r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--rows", "65536", "--dim", "16")
+    assert r.exit_code == 0, r.output
+    assert "epoch 2: train loss" in r.output and "patterns seen in training" in r.stdout
+    return root
+
+
+def test_evaluate_json_is_one_object(trained):
+    r = run("evaluate", trained / "run", "digits", "--split", "test", "--json")
+    assert r.exit_code == 0
+    obj = json.loads(r.stdout)
+    assert set(obj) >= {"accuracy", "n"} and obj["n"] == 899 and 0.5 < obj["accuracy"] <= 1
+
+
+def test_evaluate_text(trained):
+    r = run("evaluate", trained / "run", trained / "shards")
+    assert r.exit_code == 0 and r.stdout.startswith("accuracy ") and "on 898 images" in r.stdout
+
+
+def test_query_text_and_json(trained, tmp_path):
+    imgs, labels = digits_images("test", 2)
+    paths = []
+    for i, img in enumerate(imgs):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(encode_png(img))
+        paths.append(p)
+    r = run("query", trained / "run", *paths, "--k", "2", "--patches", "3")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("patches: 882 (") == 2 and "nearest: #" in r.stdout
+    r = run("query", trained / "run", *paths, "--k", "2", "--patches", "0", "--json")
+    objs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(objs) == 2
+    o = objs[0]
+    assert o["prediction"] in [str(c) for c in range(10)]
+    assert abs(sum(o["probabilities"].values()) - 1) < 1e-5
+    assert len(o["top_patches"]) == 882 == o["patches"]["total"]
+    assert o["patches"]["seen"] + o["patches"]["composed"] + o["patches"]["unmatched"] == 882
+    assert sum(not p["seen"] for p in o["top_patches"]) == o["patches"]["total"] - o["patches"]["seen"]
+    assert all(len(p["nearest"]) == 2 for p in o["top_patches"] if p["seen"] or p["composed"])
+
+
+def test_wrong_source_path():
+    one_line_error(run("extract", "/no/such/place", "--out", "/tmp/x"), "does not exist")
+
+
+def test_empty_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(run("extract", tmp_path / "empty", "--out", tmp_path / "o"), "holds no images")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_image_in_extract_and_query(trained, tmp_path):
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "a" / "x.png").write_bytes(b"not a png")
+    one_line_error(run("extract", tmp_path / "f", "--out", tmp_path / "o"), "x.png")
+    one_line_error(run("query", trained / "run", tmp_path / "f" / "a" / "x.png"), "cannot read")
+    one_line_error(run("query", trained / "run", tmp_path / "missing.png"), "check the path")
+    imgs, labels = digits_images("train", 3)
+    for i, img in enumerate(imgs):
+        (tmp_path / "f" / "a" / f"{i}.png").write_bytes(encode_png(img))
+    r = run("extract", tmp_path / "f", "--skip-bad", "--out", tmp_path / "o")
+    assert r.exit_code == 0 and "3 images" in r.stdout and "(1 unreadable file(s) skipped)" in r.stdout
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["images"] == 3 and [p.rsplit("/", 1)[-1] for p in manifest["skipped"]] == ["x.png"]
+
+
+def test_extract_config_that_does_not_match_the_run(trained, tmp_path):
+    r = run("extract", "digits", "--limit", "20", "--levels", "8", "--out", tmp_path / "s8")
+    assert r.exit_code == 0
+    one_line_error(run("evaluate", trained / "run", tmp_path / "s8"), "extract the images again")
+
+
+def test_query_image_of_wrong_size(trained, tmp_path):
+    (tmp_path / "big.png").write_bytes(encode_png(np.zeros((10, 10, 1), np.uint8)))
+    one_line_error(run("query", trained / "run", tmp_path / "big.png"), "resize them to 8x8")
+
+
+def test_bad_options(trained, tmp_path):
+    one_line_error(run("extract", "digits", "--max-size", "9", "--out", tmp_path / "o"), "use at most 8x8")
+    r = run("extract", "digits", "--max-size", "abc", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "is not a size" in r.stderr
+    one_line_error(run("extract", "digits", "--out", trained / "shards"), "--overwrite")
+    r = run("train", tmp_path / "nope", "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+    one_line_error(run("train", tmp_path, "--out", tmp_path / "r"), "no manifest.json")
+    one_line_error(run("evaluate", tmp_path, "digits"), "not a finished run")
+
+
+@pytest.mark.skipif(not CIFAR_TAR.exists(), reason="shared CIFAR-10 archive not present")
+def test_cifar_archive_end_to_end(tmp_path):
+    r = run("extract", CIFAR_TAR, "--per-class", "6", "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    assert "60 images (32x32, 3 channel(s)), 518,940 patches" in r.stdout
+    r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--rows", "65536", "--dim", "8", "--val-fraction", "0.2")
+    assert r.exit_code == 0, r.output
+    r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 20
