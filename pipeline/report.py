@@ -43,17 +43,14 @@ def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 1
     predicted class's logit; patches with no vector (unseen, no seen parts) come last.
     """
     labels, probs = run.predict(image)
-    lookup = run.nearest_patterns(image, k)
+    lookup = run.nearest_patterns(image, k, top=top or None)
     order = np.argsort(-lookup.contribution, kind="stable")
-    if top:
-        order = order[:top]
-    unmatched = ~(lookup.seen | lookup.composed)
     patches = []
     for s in order:
         loc = {c: int(v[s]) for c, v in lookup.location.items()}
         patches.append(
             {
-                "slot": int(s),
+                "slot": int(lookup.slots[s]),
                 **loc,
                 "key": f"{int(lookup.keys[s]):016x}",
                 "seen": bool(lookup.seen[s]),
@@ -66,11 +63,6 @@ def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 1
         "image": name,
         "prediction": run.class_names[int(labels[0])],
         "probabilities": {c: float(p) for c, p in zip(run.class_names, probs[0])},
-        "patches": {
-            "total": int(len(lookup.keys)),
-            "seen": int(lookup.seen.sum()),
-            "composed": int(lookup.composed.sum()),
-            "unmatched": int(unmatched.sum()),
-        },
+        "patches": lookup.counts,
         "top_patches": patches,
     }

@@ -30,8 +30,9 @@ from .train import RUN_FORMAT, evaluate_batches
 
 @dataclass
 class PatchLookup:
-    """Nearest learned patterns for every patch (slot) of one image."""
+    """Nearest learned patterns for the patches (slots) of one image; every array is parallel to ``slots``."""
 
+    slots: np.ndarray  # S slot numbers of the canonical order, most decisive first when ``top`` was given
     distances: np.ndarray  # S x k squared L2; inf where no vector
     ids: np.ndarray  # S x k pattern ids; -1 where no vector
     seen: np.ndarray  # S bool: the patch's key was seen in training
@@ -39,6 +40,7 @@ class PatchLookup:
     location: dict[str, np.ndarray]  # per slot: y, x, h, w, cell
     keys: np.ndarray  # S uint64
     contribution: np.ndarray  # S float: the patch's share of the predicted class's logit
+    counts: dict[str, int]  # over all patches of the image: total, seen, composed, unmatched
 
 
 class Run:
@@ -138,8 +140,12 @@ class Run:
                 vectors[slot] = np.nan
         return vectors, seen, composed
 
-    def nearest_patterns(self, image: np.ndarray, k: int = 5) -> PatchLookup:
-        """The k nearest learned patterns of every patch of one image (see :class:`PatchLookup`)."""
+    def nearest_patterns(self, image: np.ndarray, k: int = 5, top: int | None = None) -> PatchLookup:
+        """The k nearest learned patterns of the patches of one image (see :class:`PatchLookup`).
+
+        ``top`` = None looks up every patch; ``top`` = N only the N patches contributing most
+        to the predicted class's logit, in that order (the search is the costly part).
+        """
         if k < 1:
             raise PipelineError(f"--k {k} must be at least 1")
         keys = self.images_to_keys(image)
@@ -148,14 +154,18 @@ class Run:
         keys = keys[0]
         vectors, seen, composed = self.patch_vectors(keys)
         has = seen | composed
-        d = np.full((len(keys), k), np.inf, np.float32)
-        ids = np.full((len(keys), k), -1, np.int64)
-        d[has], ids[has] = pattern_index.search(self.index, vectors[has], k)
         probs = self.predict_keys(keys[None])[0]
-        cls = int(probs.argmax())
-        w = self.model.head.weight.detach().numpy()[cls]
+        w = self.model.head.weight.detach().numpy()[int(probs.argmax())]
         contribution = np.where(has, np.nan_to_num(vectors) @ w / len(keys), 0.0)
-        return PatchLookup(d, ids, seen, composed, self.plan.locate(np.arange(len(keys))), keys, contribution)
+        slots = np.arange(len(keys)) if top is None else np.argsort(-contribution, kind="stable")[:top]
+        d = np.full((len(slots), k), np.inf, np.float32)
+        ids = np.full((len(slots), k), -1, np.int64)
+        sel = has[slots]
+        d[sel], ids[sel] = pattern_index.search(self.index, vectors[slots[sel]], k)
+        counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
+        return PatchLookup(
+            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts
+        )
 
     # ------------------------------------------------------------ evaluation
 

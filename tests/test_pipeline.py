@@ -185,3 +185,14 @@ def test_evaluate_refuses_shards_of_another_config(digits_run, tmp_path):
 def test_run_refuses_images_of_another_size(digits_run):
     with pytest.raises(PipelineError, match="resize them to 8x8"):
         pipeline.load(digits_run).predict(np.zeros((2, 9, 9), np.uint8))
+
+
+def test_top_patches_are_the_most_decisive_with_the_same_neighbours(digits_run):
+    run = pipeline.load(digits_run)
+    imgs, _ = digits_images("test", 1)
+    full = run.nearest_patterns(imgs[0], k=3)
+    top = run.nearest_patterns(imgs[0], k=3, top=7)
+    expected = np.argsort(-full.contribution, kind="stable")[:7]
+    assert np.array_equal(top.slots, expected)
+    assert np.array_equal(top.ids, full.ids[expected]) and np.array_equal(top.keys, full.keys[expected])
+    assert top.counts == full.counts and sum(full.counts[c] for c in ("seen", "composed", "unmatched")) == 882
