@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,17 +46,6 @@ def _batches(source: Source, config: ExtractConfig, batch_size: int) -> Iterator
     return source.batches(batch_size, config.channels, config.resize)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            state = "a finished extract" if (out / layout.MANIFEST).exists() else "an unfinished extract or other files"
-            raise PipelineError(f"--out {out} already holds {state}; pass --overwrite to replace it or choose another directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def extract(
     source: Source,
     out: Path | str,
@@ -77,7 +65,7 @@ def extract(
     per_shard = images_per_shard or max(1, min(len(source), KEYS_PER_SHARD // k))
     batch_size = max(1, min(per_shard, KEYS_PER_BATCH // k))
     total = math.ceil(len(source) / per_shard)
-    _prepare_out(out, overwrite)
+    layout.prepare_output_dir(out, overwrite, layout.MANIFEST, "extract")
     sch = schema(k, config)
     shards: list[dict] = []
     writer: ShardWriter | None = None

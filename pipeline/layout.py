@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+from .errors import PipelineError
 
 # shard directory (pipe extract)
 MANIFEST = "manifest.json"
@@ -44,3 +47,16 @@ def write_json(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def prepare_output_dir(out: Path, overwrite: bool, commit_file: str, what: str) -> None:
+    """Create an empty output directory; an existing non-empty one is replaced only with ``overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; give a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
+            raise PipelineError(f"--out {out} already holds {state}; pass --overwrite to replace it or choose another directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -100,16 +99,6 @@ def evaluate_batches(model: PatchBagModel, batches, rows: int, device: torch.dev
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
 
 
-def _prepare_run_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PipelineError(f"--out {out} is not empty; pass --overwrite to replace it or choose another directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def train(
     shards: Shards,
     out: Path | str,
@@ -126,7 +115,7 @@ def train(
         break
     if not labels_seen or not shards.class_names:
         raise PipelineError(f"{shards.root} has no labels; training needs a labelled source (class folders or y=)")
-    _prepare_run_dir(out, overwrite)
+    layout.prepare_output_dir(out, overwrite, layout.RUN_MANIFEST, "run")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = pick_device(config.device)
