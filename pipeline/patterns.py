@@ -75,9 +75,7 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan) -> pa.Table:
             "w": pa.array(loc["w"]),
             "cell": pa.array(loc["cell"]),
             "count": pa.array(stats["count"]),
-            "class_counts": pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), max(cc.shape[1], 1))
-            if cc.shape[1]
-            else pa.array([[]] * len(cc), pa.list_(pa.int64())),
+            "class_counts": pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), cc.shape[1]),
             "example_image": pa.array(stats["example_image"]),
             "example_y": pa.array(loc["y"]),
             "example_x": pa.array(loc["x"]),
@@ -96,6 +94,5 @@ def read(path: Path) -> dict[str, np.ndarray]:
     t = pq.read_table(path)
     out = {c: t.column(c).to_numpy() for c in t.column_names if c != "class_counts"}
     cc = t.column("class_counts").combine_chunks()
-    width = cc.type.list_size if pa.types.is_fixed_size_list(cc.type) else 0
-    out["class_counts"] = cc.flatten().to_numpy().reshape(len(t), width)
+    out["class_counts"] = cc.flatten().to_numpy().reshape(len(t), cc.type.list_size)
     return out
