@@ -42,8 +42,8 @@ def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 1
     ``top`` = 0 reports every patch. Patches are ranked by their contribution to the
     predicted class's logit; patches with no vector (unseen, no seen parts) come last.
     """
-    labels, probs = run.predict(image)
-    lookup = run.nearest_patterns(image, k, top=top or None)
+    lookup = run.nearest_patterns(image, k, top=top or None)  # hashes and classifies the image once
+    probs = lookup.probabilities
     order = np.argsort(-lookup.contribution, kind="stable")
     patches = []
     for s in order:
@@ -61,8 +61,8 @@ def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 1
         )
     return {
         "image": name,
-        "prediction": run.class_names[int(labels[0])],
-        "probabilities": {c: float(p) for c, p in zip(run.class_names, probs[0])},
+        "prediction": run.class_names[int(probs.argmax())],
+        "probabilities": {c: float(p) for c, p in zip(run.class_names, probs)},
         "patches": lookup.counts,
         "top_patches": patches,
     }

@@ -41,6 +41,7 @@ class PatchLookup:
     keys: np.ndarray  # S uint64
     contribution: np.ndarray  # S float: the patch's share of the predicted class's logit
     counts: dict[str, int]  # over all patches of the image: total, seen, composed, unmatched
+    probabilities: np.ndarray  # C: the image's class probabilities (what ``predict`` gives)
 
 
 class Run:
@@ -164,7 +165,7 @@ class Run:
         d[sel], ids[sel] = pattern_index.search(self.index, vectors[slots[sel]], k)
         counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
         return PatchLookup(
-            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts
+            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts, probs
         )
 
     # ------------------------------------------------------------ evaluation

@@ -195,4 +195,5 @@ def test_top_patches_are_the_most_decisive_with_the_same_neighbours(digits_run):
     expected = np.argsort(-full.contribution, kind="stable")[:7]
     assert np.array_equal(top.slots, expected)
     assert np.array_equal(top.ids, full.ids[expected]) and np.array_equal(top.keys, full.keys[expected])
+    assert np.array_equal(top.probabilities, run.predict(imgs[:1])[1][0])
     assert top.counts == full.counts and sum(full.counts[c] for c in ("seen", "composed", "unmatched")) == 882
