@@ -76,40 +76,71 @@ def source_options(f):
 @click.option("--levels", type=int, default=4, show_default=True, help="Quantization levels per channel.")
 @click.option("--color", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True, help="Channels hashed; auto = as the first image.")
 @click.option("--max-size", default="3", show_default=True, help="Largest patch, N or HxW (the full image size is allowed).")
-@click.option("--shapes", type=click.Choice(["rect", "square"]), default="rect", show_default=True, help="Every h x w up to --max-size, or squares only.")
+@click.option("--shapes", default="rect", show_default=True, help="rect = every HxW up to --max-size; square = squares only; or a list such as 1x1,2x2,1x3.")
+@click.option("--stride", type=int, default=1, show_default=True, help="Step between patch positions, in pixels.")
 @click.option("--position", type=click.Choice(["none", "grid", "both"]), default="both", show_default=True, help="Whether keys include the patch's grid cell.")
 @click.option("--grid", type=int, default=4, show_default=True, help="Grid cells per side for --position grid/both.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Hash seed.")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
-@click.option("--images-per-shard", type=int, default=None, help="Images per Parquet file [about 64M keys' worth].")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes that decode, hash and write shards.")
+@click.option("--compression", type=click.Choice(["snappy", "lz4", "zstd", "none"]), default="snappy", show_default=True, help="Parquet codec of the shards.")
+@click.option("--images-per-shard", type=int, default=None, help="Images per Parquet file [about 8M patches' worth].")
+@click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
+@click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, color, max_size, shapes, position, grid, seed, resize, images_per_shard, overwrite):
+def extract(source, out, split, limit, per_class, skip_bad, levels, color, max_size, shapes, stride, position, grid, seed, resize, workers, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
-    batches folder or an .npz.
+    batches folder or an .npz. Run again with the same arguments to resume an
+    interrupted extract.
 
     \b
     Example:
-      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --per-class 100 --out artifacts/cifar/shards
+      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --workers 2 --out artifacts/cifar/shards
     """
     mh, mw = _size(max_size, "--max-size")
-    config = ExtractConfig(levels=levels, color=color, max_h=mh, max_w=mw, shapes=shapes, position=position, grid=grid, seed=seed, resize=_size(resize, "--resize"))
+    config = ExtractConfig(
+        levels=levels, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
+        resize=_size(resize, "--resize"),
+    )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
     with _bar(len(src), "img", "extract") as bar:
-        patches = [0]
-
-        def progress(images: int, n: int) -> None:
-            patches[0] += n
-            bar.update(images)
-            bar.set_postfix_str(f"{patches[0] / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.1f}M patches/s")
-
-        m = pipeline.extract(src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, progress=progress)
+        m = pipeline.extract(
+            src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers,
+            compression=compression, progress=_patch_progress(bar),
+        )
+    resumed = m["resumed_shards"]
+    note = " (already complete)" if resumed == len(m["shards"]) else (f" ({resumed} shard(s) kept from an interrupted run)" if resumed else "")
     click.echo(
-        f"{m['images']} images ({m['height']}x{m['width']}, {m['channels']} channel(s)), {m['patches']:,} patches, "
-        f"{m['keys']:,} keys in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB -> {out}"
+        f"{m['images']} images ({m['height']}x{m['width']}, {m['channels']} channel(s)), {m['patches']:,} patches "
+        f"({m['keys']:,} keys) in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB "
+        f"({m['bytes_per_patch']:.2f} B/patch) -> {out}{note}"
         + (f" ({len(m['skipped'])} unreadable file(s) skipped)" if m["skipped"] else "")
     )
+    if audit:
+        from pipeline import audit as audits
+
+        src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+        with _bar(min(len(src), audit_images or len(src)), "img", "audit") as bar:
+            res = audits.audit(src, ExtractConfig.from_dict(m["config"]), limit=audit_images, progress=_patch_progress(bar))
+        audits.save(out, res)
+        click.echo(
+            f"audit: {res['patches']:,} patches, {res['distinct_contents']:,} distinct contents, "
+            f"{res['distinct_keys']:,} distinct keys -> {res['collisions']} collision(s) "
+            f"(expected at {res['bits']} bits: {res['expected_collisions']:.3g})"
+        )
+
+
+def _patch_progress(bar: tqdm):
+    patches = [0]
+
+    def progress(images: int, n: int) -> None:
+        patches[0] += n
+        bar.update(images)
+        bar.set_postfix_str(f"{patches[0] / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.1f}M patches/s", refresh=False)
+
+    return progress
 
 
 @main.command()

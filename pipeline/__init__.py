@@ -9,14 +9,23 @@ The verbs::
     labels, probs = run.predict(images)
     lookup = run.nearest_patterns(image, k=5)
 """
+from importlib import import_module
+
 from .config import ExtractConfig, TrainConfig
 from .errors import PipelineError
 from .extract import extract
 from .hashing import KeyPlan
-from .run import PatchLookup, Run, load
 from .shards import Shards
 from .sources import Source, open_source
-from .train import train
+
+# torch-backed parts load on first use, so extract workers and `pipe extract` never import torch
+_LAZY = {"PatchLookup": ".run", "Run": ".run", "load": ".run", "train": ".trainer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 
 def open_shards(root) -> Shards:
@@ -26,7 +35,7 @@ def open_shards(root) -> Shards:
 
 def locate(shards_or_run, slots):
     """Location (y, x, h, w, cell) of key slots of a shard directory's or run's canonical order."""
-    plan = shards_or_run.plan if isinstance(shards_or_run, Run) else shards_or_run.plan()
+    plan = shards_or_run.plan() if isinstance(shards_or_run, Shards) else shards_or_run.plan
     return plan.locate(slots)
 
 

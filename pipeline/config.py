@@ -22,6 +22,23 @@ POSITIONS = ("none", "grid", "both")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """Parse an explicit shape list ``'1x1,2x3,4'`` (N means NxN) into sorted unique (h, w) pairs."""
+    shapes = set()
+    for part in text.split(","):
+        bits = part.strip().lower().split("x")
+        try:
+            nums = [int(b) for b in bits]
+        except ValueError:
+            nums = []
+        if len(nums) not in (1, 2) or min(nums) < 1:
+            raise PipelineError(
+                f"--shapes {text!r}: {part.strip()!r} is not a shape; use rect, square, or a list such as 1x1,2x2,1x3"
+            )
+        shapes.add((nums[0], nums[-1]))
+    return sorted(shapes)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """How images become keys (see docs/hashing.md)."""
@@ -30,7 +47,8 @@ class ExtractConfig:
     color: str = "auto"  # 'gray', 'rgb', or 'auto' = taken from the source's first image [auto]
     max_h: int = 3  # tallest patch, in pixels [3]
     max_w: int = 3  # widest patch, in pixels [3]
-    shapes: str = "rect"  # 'rect' = every h x w up to the bounds; 'square' = h == w only [rect]
+    shapes: str = "rect"  # 'rect' = every h x w up to the bounds; 'square' = h == w only; or a list 'HxW,HxW,...' [rect]
+    stride: int = 1  # step between patch positions, in pixels, on both axes [1]
     position: str = "both"  # 'none' = key ignores location, 'grid' = key includes grid cell, 'both' = one key of each [both]
     grid: int = 4  # cells per side of the position grid [4]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
@@ -41,12 +59,18 @@ class ExtractConfig:
             raise PipelineError(f"--levels {self.levels} is out of range; use 2 to 256")
         if self.color not in COLORS:
             raise PipelineError(f"--color {self.color!r} is not one of {', '.join(COLORS)}")
+        if self.shapes not in SHAPE_SETS:
+            listed = parse_shapes(self.shapes)
+            # an explicit list decides the bounds; it is stored in canonical order
+            object.__setattr__(self, "shapes", ",".join(f"{h}x{w}" for h, w in listed))
+            object.__setattr__(self, "max_h", max(h for h, _ in listed))
+            object.__setattr__(self, "max_w", max(w for _, w in listed))
         if self.max_h < 1 or self.max_w < 1:
             raise PipelineError(f"--max-size {self.max_h}x{self.max_w} must be at least 1x1")
         if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
             raise PipelineError("--max-size must be below 65536 on each side")
-        if self.shapes not in SHAPE_SETS:
-            raise PipelineError(f"--shapes {self.shapes!r} is not one of {', '.join(SHAPE_SETS)}")
+        if not 1 <= self.stride < 1 << 16:
+            raise PipelineError(f"--stride {self.stride} is out of range; use 1 to 65535")
         if self.position not in POSITIONS:
             raise PipelineError(f"--position {self.position!r} is not one of {', '.join(POSITIONS)}")
         if not 1 <= self.grid <= 255:
@@ -72,6 +96,8 @@ class ExtractConfig:
 
     def shape_list(self) -> list[tuple[int, int]]:
         """Every patch shape (h, w), in canonical order: h ascending, then w ascending."""
+        if self.shapes not in SHAPE_SETS:
+            return parse_shapes(self.shapes)
         return [
             (h, w)
             for h in range(1, self.max_h + 1)

@@ -1,14 +1,27 @@
-"""Stage 1: images -> quantized symbols -> patch keys -> Parquet shards + manifest.
+"""Stage 1: images -> quantized symbols -> one key per patch -> Parquet shards + manifest.
 
-Run from the CLI as ``pipe extract SOURCE --out SHARDS``; from Python as
-``pipeline.extract(open_source("digits"), "artifacts/shards")``.
+Run from the CLI as ``pipe extract SOURCE --out SHARDS [--workers N]``; from
+Python as ``pipeline.extract(open_source("digits"), "artifacts/shards")``.
+
+Shard i holds the images ranked ``[i * per_shard, (i + 1) * per_shard)`` in
+source order, so the split into shards depends only on the settings, never on
+timing. That is what makes the extract parallel (each worker process writes
+whole shards), resumable (a shard is finished once its file has been renamed
+into place and its record written to ``_progress/``; a rerun with the same
+settings skips those) and identical to an uninterrupted run. The manifest is
+written last; until then ``extract-job.json`` holds the settings.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import multiprocessing
+import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,16 +31,16 @@ from . import layout
 from .config import HASH_VERSION, ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
-from .pixels import symbols
-from .shards import FORMAT, ShardWriter, schema
-from .sources import Batch, Source
+from .images import BadImage
+from .shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
+from .sources import RawImage, Source, bad_image_error, decode_raw, size_error
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done in this step, patches done in this step)
 
-KEYS_PER_SHARD = 1 << 26  # aim: about 512 MiB of raw keys per shard
-KEYS_PER_BATCH = 1 << 23  # aim: about 64 MiB of keys in memory per batch
+PATCHES_PER_SHARD = 1 << 23  # 64 MiB of raw keys per shard file (about 25 MB on disk)
+PATCHES_PER_ROW_GROUP = 1 << 21  # about 16 MiB of keys in memory per row group (the unit training reads)
 
 
 def resolve(config: ExtractConfig, source: Source) -> ExtractConfig:
@@ -37,13 +50,198 @@ def resolve(config: ExtractConfig, source: Source) -> ExtractConfig:
     return dataclasses.replace(config, color="gray" if source.first_channels() == 1 else "rgb")
 
 
-def image_keys(images: np.ndarray, plan: KeyPlan) -> np.ndarray:
-    """Keys of N x H x W x C uint8 images already in the plan's channel count."""
-    return plan.keys(symbols(images, plan.config.levels))
+# ------------------------------------------------------------------ one shard (runs in a worker)
+
+@dataclass
+class ShardTask:
+    """Everything a worker needs to write one shard; plain data, so it pickles."""
+
+    index: int
+    total: int
+    out: str
+    config: dict
+    height: int
+    width: int
+    compression: str
+    skip_bad: bool
+    images: list[RawImage]
 
 
-def _batches(source: Source, config: ExtractConfig, batch_size: int) -> Iterator[Batch]:
-    return source.batches(batch_size, config.channels, config.resize)
+@lru_cache(maxsize=4)
+def _plan(config_json: tuple, height: int, width: int) -> KeyPlan:
+    return KeyPlan(ExtractConfig.from_dict(dict(config_json)), height, width)
+
+
+def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
+    """Decode, hash and write the images of one shard; returns the shard's record."""
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in task.config.items()))
+    plan = _plan(items, task.height, task.width)
+    config = plan.config
+    out = Path(task.out)
+    path = out / layout.shard_name(task.index, task.total)
+    writer = ShardWriter(path, schema(plan.patches_per_image, config), task.compression)
+    per_group = max(1, PATCHES_PER_ROW_GROUP // plan.patches_per_image)
+    skipped: list[str] = []
+    buf: list[RawImage] = []
+    pixels: list[np.ndarray] = []
+
+    def flush() -> None:
+        keys = plan.content_keys(plan.symbols(np.stack(pixels)))
+        writer.write(
+            np.array([r.index for r in buf], np.int64), np.array([r.label for r in buf], np.int32), [r.name for r in buf], keys
+        )
+        if progress:
+            progress(len(buf), keys.size)
+        buf.clear()
+        pixels.clear()
+
+    try:
+        for raw in task.images:
+            try:
+                arr = decode_raw(raw, config.channels, config.resize)
+            except BadImage as e:
+                if not task.skip_bad:
+                    raise bad_image_error(raw.name, str(e)) from None
+                skipped.append(raw.name)
+                if progress:
+                    progress(1, 0)
+                continue
+            if arr.shape[:2] != (task.height, task.width):
+                raise size_error(raw.name, arr.shape, (task.height, task.width))
+            buf.append(raw)
+            pixels.append(arr)
+            if len(buf) == per_group:
+                flush()
+        if buf:
+            flush()
+        record = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    record.update(index=task.index, skipped=skipped)
+    layout.write_json(_progress_path(out, task.index), record)
+    return record
+
+
+def _progress_path(out: Path, index: int) -> Path:
+    return out / layout.PROGRESS_DIR / f"{index:05d}.json"
+
+
+# ------------------------------------------------------------------ the job: settings, resume, dispatch
+
+def _first_size(source: Source, config: ExtractConfig) -> tuple[int, int]:
+    first = next(source.batches(1, config.channels, config.resize))
+    return tuple(int(v) for v in first.images.shape[1:3])
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{k}.{d}" for d in _differences(a, b)]
+        else:
+            diffs.append(k)
+    return diffs
+
+
+def _prepare(out: Path, job: dict, overwrite: bool) -> dict | None:
+    """Create or check ``out``; returns the finished manifest when the same job is already complete."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; give a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        for name, state in ((layout.MANIFEST, "a finished"), (layout.EXTRACT_JOB, "an unfinished")):
+            if not (out / name).exists():
+                continue
+            try:
+                old = layout.read_json(out / name)
+            except (ValueError, OSError):
+                old = {}
+            old = old.get("job", old) if name == layout.MANIFEST else old
+            if old == job:
+                return layout.read_json(out / name) if name == layout.MANIFEST else None
+            diffs = ", ".join(_differences(old, job)) or "format"
+            raise PipelineError(
+                f"--out {out} holds {state} extract with different settings ({diffs}); "
+                "pass --overwrite to replace it, rerun with the same arguments, or choose another directory"
+            )
+        raise PipelineError(f"--out {out} already holds other files; pass --overwrite to replace them or choose another directory")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / layout.PROGRESS_DIR).mkdir(exist_ok=True)
+    if not (out / layout.EXTRACT_JOB).exists():
+        layout.write_json(out / layout.EXTRACT_JOB, job)
+    return None
+
+
+def _finished(out: Path, total: int) -> dict[int, dict]:
+    """Records of the shards a previous attempt completed (file in place with the recorded size)."""
+    done = {}
+    for i in range(total):
+        p = _progress_path(out, i)
+        if not p.exists():
+            continue
+        try:
+            rec = layout.read_json(p)
+        except (ValueError, OSError):
+            continue
+        f = out / rec.get("file", "")
+        if f.is_file() and f.stat().st_size == rec.get("bytes"):
+            done[i] = rec
+    for tmp in out.glob("*.tmp"):  # a shard that was being written when the last attempt stopped
+        tmp.unlink()
+    return done
+
+
+def _tasks(source: Source, per_shard: int, done: dict, make: Callable[[int, list[RawImage]], ShardTask]) -> Iterator[ShardTask]:
+    """One task per unfinished shard, in order; raw images of finished shards are not even read."""
+    current, images = -1, []
+    for rank, raw in source.raw_images(lambda r: r // per_shard not in done):
+        shard = rank // per_shard
+        if shard in done:
+            continue
+        if shard != current and images:
+            yield make(current, images)
+            images = []
+        current = shard
+        images.append(raw)
+    if images:
+        yield make(current, images)
+
+
+def _run_pool(tasks: Iterator[ShardTask], workers: int, progress: Progress | None) -> list[dict]:
+    """Write shards in ``workers`` processes, at most two tasks per worker in flight (bounded memory)."""
+    records = []
+    ctx = multiprocessing.get_context("spawn")  # portable; the workers import only what extraction needs
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: set[Future] = set()
+        try:
+            for task in tasks:
+                if len(pending) >= 2 * workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    records += _collect(finished, progress)
+                pending.add(pool.submit(write_shard, task))
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                records += _collect(finished, progress)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return records
+
+
+def _collect(finished: set[Future], progress: Progress | None) -> list[dict]:
+    out = []
+    for f in finished:
+        rec = f.result()  # re-raises a worker's PipelineError here
+        if progress:
+            progress(rec["rows"] + len(rec["skipped"]), rec["patches"])
+        out.append(rec)
+    return out
 
 
 def extract(
@@ -52,76 +250,91 @@ def extract(
     config: ExtractConfig = ExtractConfig(),
     overwrite: bool = False,
     images_per_shard: int | None = None,
+    workers: int = 1,
+    compression: str = DEFAULT_CODEC,
     progress: Progress | None = None,
 ) -> dict:
-    """Hash every patch of every image of ``source`` into shards under ``out``; returns the manifest."""
+    """Hash every patch of every image of ``source`` into shards under ``out``; returns the manifest.
+
+    An unfinished extract into ``out`` with the same settings is resumed; a finished one is
+    returned as is (``resumed_shards`` in the result says how many shards were reused).
+    ``workers > 1`` starts processes with the ``spawn`` method, so a script that calls this
+    needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    if workers < 1:
+        raise PipelineError(f"--workers {workers} must be at least 1")
+    if images_per_shard is not None and images_per_shard < 1:
+        raise PipelineError(f"--images-per-shard {images_per_shard} must be at least 1")
     out = Path(out)
     t0 = time.time()
     config = resolve(config, source)
-    first = next(_batches(source, config, 1))
-    height, width = first.images.shape[1:3]
+    height, width = _first_size(source, config)
     plan = KeyPlan(config, height, width)
-    k = plan.keys_per_image
-    per_shard = images_per_shard or max(1, min(len(source), KEYS_PER_SHARD // k))
-    batch_size = max(1, min(per_shard, KEYS_PER_BATCH // k))
+    p = plan.patches_per_image
+    per_shard = images_per_shard or max(1, min(len(source), PATCHES_PER_SHARD // p))
     total = math.ceil(len(source) / per_shard)
-    layout.prepare_output_dir(out, overwrite, layout.MANIFEST, "extract")
-    sch = schema(k, config)
-    shards: list[dict] = []
-    writer: ShardWriter | None = None
-    images = 0
-    try:
-        for batch in _batches(source, config, batch_size):
-            keys = image_keys(batch.images, plan)
-            start = 0
-            while start < len(batch.ids):
-                if writer is None:
-                    writer = ShardWriter(out / layout.shard_name(len(shards), total), sch)
-                take = min(len(batch.ids) - start, per_shard - writer.rows)
-                sl = slice(start, start + take)
-                writer.write(batch.ids[sl], batch.labels[sl], batch.names[sl], keys[sl])
-                start += take
-                if writer.rows == per_shard:
-                    shards.append(writer.close())
-                    writer = None
-            images += len(batch.ids)
-            if progress:
-                progress(len(batch.ids), len(batch.ids) * plan.patches_per_image)
-        if writer is not None:
-            shards.append(writer.close())
-            writer = None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    if images == 0:
-        raise PipelineError(f"{source.path} gave no readable images; nothing was written")
-    # file names say 'of-N' with N planned from the source size; fix them if skipped files made fewer shards
+    job = {
+        "format": FORMAT,
+        "fingerprint": config.fingerprint(),
+        "config": config.to_dict(),
+        "source": source.describe(),
+        "height": height,
+        "width": width,
+        "images_per_shard": per_shard,
+        "shards": total,
+        "compression": compression,
+    }
+    finished_manifest = _prepare(out, job, overwrite)
+    if finished_manifest is not None:
+        log.info("%s already holds this extract; nothing to do", out)
+        return dict(finished_manifest, resumed_shards=len(finished_manifest["shards"]))
+    done = _finished(out, total)
+    if done and progress:
+        progress(sum(r["rows"] + len(r["skipped"]) for r in done.values()), sum(r["patches"] for r in done.values()))
+
+    def make(index: int, images: list[RawImage]) -> ShardTask:
+        return ShardTask(index, total, str(out), config.to_dict(), height, width, compression, source.skip_bad, images)
+
+    tasks = _tasks(source, per_shard, done, make)
+    if workers == 1:
+        records = [write_shard(t, progress) for t in tasks]
+    else:
+        records = _run_pool(tasks, workers, progress)
+    shards = sorted([*done.values(), *records], key=lambda r: r["index"])
+    images = sum(r["rows"] for r in shards)
     if len(shards) != total:
-        for i, s in enumerate(shards):
-            new = layout.shard_name(i, len(shards))
-            (out / s["file"]).rename(out / new)
-            s["file"] = new
+        raise PipelineError(f"only {len(shards)} of {total} shards were written; run the same command again to finish")
+    if images == 0:
+        shutil.rmtree(out)
+        raise PipelineError(f"{source.path} gave no readable images; nothing was written")
+    total_bytes = sum(r["bytes"] for r in shards)
     manifest = {
         "format": FORMAT,
         "hash_version": HASH_VERSION,
         "config": config.to_dict(),
         "fingerprint": config.fingerprint(),
+        "shapes": [list(s) for s in config.shape_list()],
+        "stride": config.stride,
+        "position_modes": list(config.position_modes),
         "source": source.describe(),
         "class_names": source.class_names,
-        "height": int(height),
-        "width": int(width),
+        "height": height,
+        "width": width,
         "channels": config.channels,
         "images": images,
-        "skipped": list(source.skipped),
-        "keys_per_image": k,
-        "patches_per_image": plan.patches_per_image,
-        "keys": images * k,
-        "patches": images * plan.patches_per_image,
-        "shards": shards,
-        "bytes": sum(s["bytes"] for s in shards),
-        "seconds": round(time.time() - t0, 3),
+        "skipped": [name for r in shards for name in r["skipped"]],
+        "keys_per_image": plan.keys_per_image,
+        "patches_per_image": p,
+        "keys": images * plan.keys_per_image,
+        "patches": images * p,
+        "compression": compression,
+        "shards": [{k: r[k] for k in ("file", "rows", "patches", "bytes", "skipped")} for r in shards],
+        "bytes": total_bytes,
+        "bytes_per_patch": round(total_bytes / max(1, images * p), 4),
+        "job": job,
     }
     layout.write_json(out / layout.MANIFEST, manifest)
+    (out / layout.EXTRACT_JOB).unlink(missing_ok=True)
+    shutil.rmtree(out / layout.PROGRESS_DIR, ignore_errors=True)
     log.info("extracted %d images into %d shards at %s", images, len(shards), out)
-    return manifest
+    return dict(manifest, seconds=round(time.time() - t0, 3), resumed_shards=len(done))

@@ -24,7 +24,9 @@ from functools import cached_property
 
 import numpy as np
 
+from . import kernels
 from .config import ExtractConfig
+from .pixels import symbols
 
 MASK = (1 << 64) - 1
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
@@ -108,17 +110,21 @@ class _Block:
     h: int
     w: int
     mode: str  # 'none' or 'grid'
-    offset: int  # first slot of the block
-    ny: int  # locations down: height - h + 1
-    nx: int  # locations across: width - w + 1
+    offset: int  # first key slot of the block
+    patch_offset: int  # first patch of this shape in the patch order
+    ny: int  # locations down: (height - h) // stride + 1
+    nx: int  # locations across: (width - w) // stride + 1
 
 
 class KeyPlan:
     """Everything needed to hash images of one size under one :class:`ExtractConfig`.
 
-    The keys of an image form a fixed-length vector in canonical order: for each shape
-    of ``config.shape_list()``, for each mode of ``config.position_modes``, every
-    location (y, x) in row-major order. ``slot`` numbers index that vector.
+    Two orders matter. The **patch order** lists every patch once: for each shape of
+    ``config.shape_list()``, every location (y, x) in row-major order (steps of
+    ``config.stride``). Shards store one position-free *content key* per patch in that
+    order. The **key order** (``slot`` numbers) is what training sees: for each shape,
+    for each mode of ``config.position_modes``, every location; :meth:`expand` derives it
+    from the content keys.
     """
 
     def __init__(self, config: ExtractConfig, height: int, width: int):
@@ -126,16 +132,20 @@ class KeyPlan:
         self.config = config
         self.height = height
         self.width = width
+        stride = config.stride
         blocks = []
         offset = 0
-        for h, w in config.shape_list():
-            ny, nx = height - h + 1, width - w + 1
+        patch_offset = 0
+        shapes = config.shape_list()
+        for h, w in shapes:
+            ny, nx = (height - h) // stride + 1, (width - w) // stride + 1
             for mode in config.position_modes:
-                blocks.append(_Block(h, w, mode, offset, ny, nx))
+                blocks.append(_Block(h, w, mode, offset, patch_offset, ny, nx))
                 offset += ny * nx
+            patch_offset += ny * nx
         self.blocks: list[_Block] = blocks
         self.keys_per_image = offset
-        self.patches_per_image = offset // len(config.position_modes)
+        self.patches_per_image = patch_offset
         seed = config.seed
         self._pixel_salt = _U((PIXEL_SALT * (seed + 1)) & MASK)
         self._tag_salt = (TAG_SALT * (seed + 1)) & MASK
@@ -144,68 +154,73 @@ class KeyPlan:
         self._inv_a = _powers(A_INV, height + 1)
         self._inv_b = _powers(B_INV, width + 1)
         self._block_index = {(b.h, b.w, b.mode): b for b in blocks}
+        self._shape_h = np.array([h for h, _ in shapes], dtype=np.int64)
+        self._shape_w = np.array([w for _, w in shapes], dtype=np.int64)
+        firsts = [b for b in blocks if b.mode == config.position_modes[0]]
+        self._shape_offsets = np.array([b.patch_offset for b in firsts], dtype=np.int64)
+        self._shape_mix = np.array([self._mix(h, w, -1) for h, w in shapes], dtype=np.uint64)
 
     # -- hashing
 
-    def _tag_mix(self, block: _Block) -> np.ndarray:
-        """fmix64(tag + salt) for every location of ``block`` (ny x nx)."""
-        if block.mode == "none":
-            cells = np.full((block.ny, block.nx), -1, dtype=np.int64)
-        else:
-            cells = self._cells(block)
-        tags = (np.uint64(block.h) << _U(32)) | (np.uint64(block.w) << _U(16)) | (cells + 1).astype(np.uint64)
-        tags += _U(self._tag_salt)
-        return fmix64(tags)
+    def _mix(self, h: int, w: int, cell: int) -> int:
+        """fmix64(tag + salt) for one shape and cell (-1 = no position)."""
+        return fmix64_int(tag_of(h, w, cell) + self._tag_salt)
 
     def _cells(self, block: _Block) -> np.ndarray:
         g = self.config.grid
-        ys = np.arange(block.ny)
-        xs = np.arange(block.nx)
+        ys = np.arange(block.ny) * self.config.stride
+        xs = np.arange(block.nx) * self.config.stride
         cy = ((2 * ys + block.h) * g) // (2 * self.height)
         cx = ((2 * xs + block.w) * g) // (2 * self.width)
         return cy[:, None] * g + cx[None, :]
 
     @cached_property
-    def _tag_mixes(self) -> list[np.ndarray]:
-        return [self._tag_mix(b) for b in self.blocks]
+    def _expansion(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per key slot: the patch it comes from and the tag delta to mix in (0 = copy)."""
+        source = np.empty(self.keys_per_image, dtype=np.int64)
+        delta = np.zeros(self.keys_per_image, dtype=np.uint64)
+        for b in self.blocks:
+            sl = slice(b.offset, b.offset + b.ny * b.nx)
+            source[sl] = np.arange(b.patch_offset, b.patch_offset + b.ny * b.nx)
+            if b.mode == "grid":
+                cells = self._cells(b).ravel()
+                base = self._mix(b.h, b.w, -1)
+                table = np.array([base ^ self._mix(b.h, b.w, int(c)) for c in range(self.config.grid**2)], dtype=np.uint64)
+                delta[sl] = table[cells]
+        return source, delta
 
-    def prefix(self, syms: np.ndarray) -> np.ndarray:
-        """The prefix-sum table P (N x (H+1) x (W+1)) of ``r[i, j] * A**i * B**j``."""
-        r = syms.astype(np.uint64, copy=True)
-        r += self._pixel_salt
-        fmix64(r)
-        r *= self._pow_a[: self.height, None]
-        r *= self._pow_b[None, : self.width]
-        p = np.zeros((r.shape[0], self.height + 1, self.width + 1), dtype=np.uint64)
-        np.cumsum(r, axis=1, out=r)
-        np.cumsum(r, axis=2, out=p[:, 1:, 1:])
-        return p
+    def symbols(self, images: np.ndarray) -> np.ndarray:
+        """N x H x W x C uint8 images (already in the config's channel count) -> N x H x W symbols."""
+        return symbols(images, self.config.levels)
 
-    def keys(self, syms: np.ndarray) -> np.ndarray:
-        """Keys of every patch of every image: N x H x W symbols -> N x keys_per_image uint64."""
+    def content_keys(self, syms: np.ndarray) -> np.ndarray:
+        """One position-free key per patch: N x H x W symbols -> N x patches_per_image uint64."""
         if syms.shape[1:] != (self.height, self.width):
             raise ValueError(f"symbols of shape {syms.shape[1:]} do not match the plan's {self.height}x{self.width}")
-        n = syms.shape[0]
-        p = self.prefix(syms)
-        out = np.empty((n, self.keys_per_image), dtype=np.uint64)
-        mixes = self._tag_mixes
-        i = 0
-        while i < len(self.blocks):
-            b = self.blocks[i]
-            h, w, ny, nx = b.h, b.w, b.ny, b.nx
-            c = p[:, h : h + ny, w : w + nx] - p[:, 0:ny, w : w + nx]
-            c -= p[:, h : h + ny, 0:nx]
-            c += p[:, 0:ny, 0:nx]
-            c *= self._inv_a[:ny, None]
-            c *= self._inv_b[None, :nx]
-            # every position mode of this shape shares the content hash c
-            while i < len(self.blocks) and (self.blocks[i].h, self.blocks[i].w) == (h, w):
-                blk = self.blocks[i]
-                view = out[:, blk.offset : blk.offset + ny * nx].reshape(n, ny, nx)
-                np.bitwise_xor(c, mixes[i], out=view)
-                i += 1
-        fmix64(out)
-        return out
+        out = np.empty((syms.shape[0], self.patches_per_image), dtype=np.uint64)
+        return kernels.content_keys(
+            np.ascontiguousarray(syms, dtype=np.uint64), self._pixel_salt, self._pow_a, self._pow_b,
+            self._inv_a, self._inv_b, self._shape_h, self._shape_w, self._shape_offsets, self._shape_mix,
+            self.config.stride, out,
+        )
+
+    def expand(self, content: np.ndarray) -> np.ndarray:
+        """Keys in key order (N x keys_per_image) from content keys (N x patches_per_image)."""
+        if content.ndim != 2 or content.shape[1] != self.patches_per_image:
+            raise ValueError(f"content keys of shape {content.shape} do not have {self.patches_per_image} patches per row")
+        if self.config.position_modes == ("none",):
+            return content
+        source, delta = self._expansion
+        out = np.empty((content.shape[0], self.keys_per_image), dtype=np.uint64)
+        return kernels.expand_keys(np.ascontiguousarray(content), source, delta, out)
+
+    def keys(self, syms: np.ndarray) -> np.ndarray:
+        """Keys of every patch of every image in key order: N x H x W symbols -> N x keys_per_image uint64."""
+        return self.expand(self.content_keys(syms))
+
+    def image_keys(self, images: np.ndarray) -> np.ndarray:
+        """Keys in key order of N x H x W x C uint8 images already in the config's channel count."""
+        return self.keys(self.symbols(images))
 
     # -- locations
 
@@ -215,7 +230,7 @@ class KeyPlan:
         cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell")}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
-            yy, xx = np.meshgrid(np.arange(b.ny), np.arange(b.nx), indexing="ij")
+            yy, xx = np.meshgrid(np.arange(b.ny) * self.config.stride, np.arange(b.nx) * self.config.stride, indexing="ij")
             cols["y"][sl] = yy.ravel()
             cols["x"][sl] = xx.ravel()
             cols["h"][sl] = b.h
@@ -233,18 +248,23 @@ class KeyPlan:
     def slot_of(self, mode: str, y: int, x: int, h: int, w: int) -> int:
         """The slot of the patch (y, x, h, w) in position mode ``mode``."""
         b = self._block_index[(h, w, mode)]
-        return b.offset + y * b.nx + x
+        st = self.config.stride
+        if y % st or x % st or not (0 <= y // st < b.ny and 0 <= x // st < b.nx):
+            raise IndexError(f"no {h}x{w} patch starts at ({y}, {x}) with stride {st}")
+        return b.offset + (y // st) * b.nx + x // st
 
     def sub_slots(self, slot: int) -> np.ndarray:
         """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode."""
         t = self.slot_table
         y, x, h, w = (int(t[k][slot]) for k in ("y", "x", "h", "w"))
         mode = "none" if t["cell"][slot] < 0 else "grid"
+        st = self.config.stride
         out = []
         for b in self.blocks:
             if b.mode != mode or b.h > h or b.w > w or (b.h, b.w) == (h, w):
                 continue
-            for dy in range(h - b.h + 1):
-                start = b.offset + (y + dy) * b.nx + x
-                out.extend(range(start, start + w - b.w + 1))
+            cols = [xx // st for xx in range(x, x + w - b.w + 1) if xx % st == 0]
+            for yy in range(y, y + h - b.h + 1):
+                if yy % st == 0:
+                    out.extend(b.offset + (yy // st) * b.nx + c for c in cols)
         return np.asarray(out, dtype=np.int64)

@@ -17,6 +17,8 @@ from .errors import PipelineError
 # shard directory (pipe extract)
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{index:05d}-of-{total:05d}.parquet"
+EXTRACT_JOB = "extract-job.json"  # the settings of an unfinished extract, for resuming
+PROGRESS_DIR = "_progress"  # one small JSON per finished shard, for resuming
 
 # run directory (pipe train)
 RUN_MANIFEST = "run.json"

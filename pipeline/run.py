@@ -19,13 +19,12 @@ from . import index as pattern_index
 from . import layout, patterns
 from .config import ExtractConfig, TrainConfig
 from .errors import PipelineError
-from .extract import image_keys
 from .hashing import KeyPlan
 from .model import PatchBagModel, key_rows
 from .pixels import as_nhwc, to_channels
 from .shards import Shards
 from .sources import Source
-from .train import RUN_FORMAT, evaluate_batches
+from .trainer import RUN_FORMAT, evaluate_batches
 
 
 @dataclass
@@ -97,7 +96,7 @@ class Run:
                 f"images are {arr.shape[1]}x{arr.shape[2]} but the run was trained on "
                 f"{self.height}x{self.width}; resize them to {self.height}x{self.width}"
             )
-        return image_keys(to_channels(arr, self.extract_config.channels), self.plan)
+        return self.plan.image_keys(to_channels(arr, self.extract_config.channels))
 
     def predict_keys(self, keys: np.ndarray) -> np.ndarray:
         """Class probabilities (N x C) for key arrays (N x K)."""

@@ -1,11 +1,14 @@
 """The shard format: Parquet files of one row per image plus ``manifest.json``.
 
 Each row holds ``image_id`` (int64, position in the source order), ``label``
-(int32, -1 when unknown), ``name`` (string) and ``keys`` (fixed-size list of
-uint64 in the canonical order of :class:`pipeline.hashing.KeyPlan`, so slot i of
-every row is the same shape and location). Files are zstd-compressed and named
-``part-00000-of-00004.parquet``; the manifest, written last, is the commit
-point. See docs/format.md.
+(int32, -1 when unknown), ``name`` (string) and ``patch_keys``: a fixed-size
+binary value holding the image's keys as little-endian uint64, one
+position-free content key per patch in the patch order of
+:class:`pipeline.hashing.KeyPlan` (key j of every row is the same shape and
+location). Keys that include the grid cell are derived from these when read
+(:meth:`Shards.iter_batches`), so they cost no disk. Files are named
+``part-00000-of-00004.parquet``; the manifest, written last, is the commit point.
+The layout and codec were chosen by ``benchmarks/storage.py``; see docs/format.md.
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ from .config import ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
 
-FORMAT = "patchhash-shards-v1"
+FORMAT = "patchhash-shards-v2"
+CODECS = ("snappy", "lz4", "zstd", "none")
+DEFAULT_CODEC = "snappy"  # chosen by benchmarks/storage.py (docs/format.md)
 
 
-def schema(keys_per_image: int, config: ExtractConfig) -> pa.Schema:
+def schema(patches_per_image: int, config: ExtractConfig) -> pa.Schema:
     meta = {
         b"patchhash.format": FORMAT.encode(),
         b"patchhash.fingerprint": config.fingerprint().encode(),
@@ -35,10 +40,16 @@ def schema(keys_per_image: int, config: ExtractConfig) -> pa.Schema:
     }
     return pa.schema(
         [
-            pa.field("image_id", pa.int64()),
-            pa.field("label", pa.int32()),
-            pa.field("name", pa.string()),
-            pa.field("keys", pa.list_(pa.uint64(), keys_per_image)),
+            pa.field("image_id", pa.int64(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("name", pa.string(), nullable=False),
+            # one fixed-size blob per image: no per-key levels to encode, the fastest layout measured
+            pa.field(
+                "patch_keys",
+                pa.binary(8 * patches_per_image),
+                nullable=False,
+                metadata={b"patchhash.encoding": f"little-endian uint64 x {patches_per_image}, patch order".encode()},
+            ),
         ],
         metadata=meta,
     )
@@ -47,35 +58,46 @@ def schema(keys_per_image: int, config: ExtractConfig) -> pa.Schema:
 class ShardWriter:
     """Writes one shard file: row groups are appended, and the file appears under its name on :meth:`close`."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, compression: str = DEFAULT_CODEC):
+        if compression not in CODECS:
+            raise PipelineError(f"--compression {compression!r} is not one of {', '.join(CODECS)}")
         self.path = path
         self.tmp = layout.tmp_path(path)
         self.schema = schema
         self.rows = 0
-        self.keys = 0
+        self.patches = 0
         self._writer = pq.ParquetWriter(
-            self.tmp, schema, compression="zstd", use_dictionary=["label"], write_statistics=["image_id", "label"]
+            self.tmp,
+            schema,
+            compression=compression,
+            use_dictionary=["label"],
+            # min/max of random keys help no reader; computing them costs a pass over every key
+            write_statistics=["image_id", "label"],
         )
 
-    def write(self, image_ids: np.ndarray, labels: np.ndarray, names: list[str], keys: np.ndarray) -> None:
-        k = keys.shape[1]
+    def write(self, image_ids: np.ndarray, labels: np.ndarray, names: list[str], patch_keys: np.ndarray) -> None:
+        """Append one row group: one row per image, ``patch_keys`` N x patches_per_image uint64."""
+        blob_type = self.schema.field("patch_keys").type
+        keys = np.ascontiguousarray(patch_keys, dtype="<u8")
+        if keys.shape[1] * 8 != blob_type.byte_width:
+            raise ValueError(f"{keys.shape[1]} keys per image do not fit the shard's {blob_type.byte_width // 8}")
         table = pa.Table.from_arrays(
             [
                 pa.array(image_ids, pa.int64()),
                 pa.array(labels, pa.int32()),
                 pa.array(names, pa.string()),
-                pa.FixedSizeListArray.from_arrays(pa.array(keys.reshape(-1), pa.uint64()), k),
+                pa.FixedSizeBinaryArray.from_buffers(blob_type, len(keys), [None, pa.py_buffer(keys)]),
             ],
             schema=self.schema,
         )
         self._writer.write_table(table)
         self.rows += len(image_ids)
-        self.keys += keys.size
+        self.patches += patch_keys.size
 
     def close(self) -> dict:
         self._writer.close()
         os.replace(self.tmp, self.path)
-        return {"file": self.path.name, "rows": self.rows, "keys": self.keys, "bytes": self.path.stat().st_size}
+        return {"file": self.path.name, "rows": self.rows, "patches": self.patches, "bytes": self.path.stat().st_size}
 
     def abort(self) -> None:
         self._writer.close()
@@ -88,7 +110,7 @@ class KeyBatch:
 
     image_ids: np.ndarray  # int64
     labels: np.ndarray  # int64
-    keys: np.ndarray  # N x keys_per_image uint64
+    keys: np.ndarray  # N x keys_per_image uint64, key order (position keys derived)
 
 
 class Shards:
@@ -124,6 +146,10 @@ class Shards:
     def keys_per_image(self) -> int:
         return int(self.manifest["keys_per_image"])
 
+    @property
+    def patches_per_image(self) -> int:
+        return int(self.manifest["patches_per_image"])
+
     def plan(self) -> KeyPlan:
         return KeyPlan(self.config, self.height, self.width)
 
@@ -137,23 +163,33 @@ class Shards:
                 "extract the images again with the run's settings (or pass the image source instead)"
             )
 
-    def iter_batches(self, files: list[Path] | None = None) -> Iterator[KeyBatch]:
-        """Yield one :class:`KeyBatch` per Parquet row group, shard by shard."""
+    def iter_content(self, files: list[Path] | None = None) -> Iterator[KeyBatch]:
+        """Yield one :class:`KeyBatch` per Parquet row group with the stored content keys (patch order)."""
         for path in files if files is not None else self.files():
             try:
                 pf = pq.ParquetFile(path)
             except (OSError, pa.ArrowInvalid) as e:
                 raise PipelineError(f"cannot read shard {path} ({e}); extract again") from None
             for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["image_id", "label", "keys"])
-                yield _to_batch(t, self.keys_per_image)
+                t = pf.read_row_group(rg, columns=["image_id", "label", "patch_keys"])
+                yield KeyBatch(
+                    t.column("image_id").to_numpy().astype(np.int64),
+                    t.column("label").to_numpy().astype(np.int64),
+                    patch_matrix(t.column("patch_keys"), self.patches_per_image),
+                )
+
+    def iter_batches(self, files: list[Path] | None = None) -> Iterator[KeyBatch]:
+        """Yield one :class:`KeyBatch` per Parquet row group with keys in key order, shard by shard."""
+        plan = self.plan()
+        for b in self.iter_content(files):
+            yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys))
 
 
-def _to_batch(t: pa.Table, k: int) -> KeyBatch:
-    keys_col = t.column("keys").combine_chunks()
-    flat = keys_col.flatten().to_numpy(zero_copy_only=False) if len(keys_col) else np.empty(0, np.uint64)
-    return KeyBatch(
-        t.column("image_id").to_numpy().astype(np.int64),
-        t.column("label").to_numpy().astype(np.int64),
-        flat.reshape(len(keys_col), k),
-    )
+def patch_matrix(column: pa.ChunkedArray, patches_per_image: int) -> np.ndarray:
+    """The ``patch_keys`` column as an N x patches_per_image uint64 array (zero-copy for one chunk)."""
+    col = column.combine_chunks()
+    if len(col) == 0:
+        return np.empty((0, patches_per_image), np.uint64)
+    flat = np.frombuffer(col.buffers()[1], dtype="<u8")
+    flat = flat[col.offset * patches_per_image : (col.offset + len(col)) * patches_per_image]
+    return flat.reshape(len(col), patches_per_image).astype(np.uint64, copy=False)

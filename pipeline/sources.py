@@ -54,6 +54,40 @@ class _Item:
 
 
 @dataclass
+class RawImage:
+    """One image as read from the source, not yet decoded; plain data, so it can go to a worker process."""
+
+    index: int
+    label: int
+    name: str
+    data: bytes | None = None  # encoded file
+    array: np.ndarray | None = None  # already decoded H x W x C
+    error: str | None = None  # why it could not even be read (then data and array are None)
+
+
+def decode_raw(raw: RawImage, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
+    """Pixels of ``raw`` as H x W x C uint8 in ``channels`` (None keeps the image's own); raises BadImage."""
+    if raw.error is not None:
+        raise BadImage(raw.error)
+    if raw.array is not None:
+        arr = as_nhwc(raw.array[None])
+        arr = to_channels(arr, channels or (1 if arr.shape[-1] == 1 else 3))[0]
+        return resize_array(arr, resize) if resize else arr
+    return decode(raw.data, channels, resize)
+
+
+def bad_image_error(name: str, reason: str) -> PipelineError:
+    return PipelineError(f"cannot read {name}: {reason}; fix or remove the file, or pass --skip-bad to skip it")
+
+
+def size_error(name: str, got: tuple[int, ...], size: tuple[int, ...]) -> PipelineError:
+    return PipelineError(
+        f"{name} is {got[0]}x{got[1]} but earlier images are {size[0]}x{size[1]}; "
+        f"pass --resize {size[0]}x{size[1]} to resize every image"
+    )
+
+
+@dataclass
 class Source:
     """A readable set of labelled images; iterate with :meth:`batches`."""
 
@@ -86,14 +120,27 @@ class Source:
 
     @staticmethod
     def _bad(item: _Item, e: BadImage) -> PipelineError:
-        return PipelineError(f"cannot read {item.name}: {e}; fix or remove the file, or pass --skip-bad to skip it")
+        return bad_image_error(item.name, str(e))
+
+    @staticmethod
+    def _raw(item: _Item) -> RawImage:
+        if item.array is not None:
+            return RawImage(item.index, item.label, item.name, array=item.array)
+        try:
+            return RawImage(item.index, item.label, item.name, data=item.load())
+        except BadImage as e:
+            return RawImage(item.index, item.label, item.name, error=str(e))
 
     def _decode(self, item: _Item, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
-        if item.array is not None:
-            arr = as_nhwc(item.array[None])
-            arr = to_channels(arr, channels or (1 if arr.shape[-1] == 1 else 3))[0]
-            return resize_array(arr, resize) if resize else arr
-        return decode(item.load(), channels, resize)
+        return decode_raw(self._raw(item), channels, resize)
+
+    def raw_images(self, wanted: Callable[[int], bool] | None = None) -> Iterator[tuple[int, RawImage | None]]:
+        """Yield (rank, image) for every image in source order; ``None`` where ``wanted(rank)`` is False.
+
+        Nothing is decoded here: this is what a parallel extract hands to its workers.
+        """
+        for rank, item in enumerate(self._items()):
+            yield rank, (self._raw(item) if wanted is None or wanted(rank) else None)
 
     def batches(
         self, batch_size: int, channels: int, resize: tuple[int, int] | None = None, start: int = 0
@@ -123,10 +170,7 @@ class Source:
             if size is None:
                 size = arr.shape[:2]
             elif arr.shape[:2] != size:
-                raise PipelineError(
-                    f"{item.name} is {arr.shape[0]}x{arr.shape[1]} but earlier images are {size[0]}x{size[1]}; "
-                    f"pass --resize {size[0]}x{size[1]} to resize every image"
-                )
+                raise size_error(item.name, arr.shape, size)
             imgs.append(arr)
             labels.append(item.label)
             ids.append(item.index)
@@ -200,6 +244,24 @@ def open_source(
     return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad)
 
 
+def from_arrays(images: np.ndarray, labels: np.ndarray | None = None, class_names: list[str] | None = None, name: str = "arrays") -> Source:
+    """A source over images already in memory (N x H x W [x C] uint8), e.g. for benchmarks and notebooks."""
+    arr = as_nhwc(images)
+    y = np.full(len(arr), -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    if len(y) != len(arr):
+        raise PipelineError(f"{len(arr)} images but {len(y)} labels")
+    if len(arr) == 0:
+        raise PipelineError("no images given")
+    if class_names is None:
+        class_names = [str(c) for c in range(int(y.max()) + 1)] if (y >= 0).any() else []
+
+    def items() -> Iterator[_Item]:
+        for i in range(len(arr)):
+            yield _Item(i, int(y[i]), f"{name}:{i}", array=arr[i])
+
+    return Source("arrays", name, None, list(class_names), len(arr), items)
+
+
 # ------------------------------------------------------------------ digits
 
 def _digits(split: str | None):
@@ -265,7 +327,10 @@ def _folder(root: Path, split: str | None):
 
             def load(full=full, rel=rel) -> bytes:
                 _check_image_name(rel, str(root))
-                return full.read_bytes()
+                try:
+                    return full.read_bytes()
+                except OSError as e:
+                    raise BadImage(f"cannot open the file ({e.strerror})") from None
 
             yield _Item(int(i), label, str(full), load=load)
 
@@ -273,10 +338,10 @@ def _folder(root: Path, split: str | None):
 
 
 def _safe_member(name: str, archive: Path) -> str:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts:
+    parts = name.split("/")  # tar member names always use '/'; plain string work keeps listing 50k members fast
+    if name.startswith("/") or ".." in parts:
         raise PipelineError(f"{archive} holds an unsafe member path {name!r} (absolute or with '..'); refusing to read it")
-    return str(PurePosixPath(*[q for q in p.parts if q != "."]))
+    return "/".join(p for p in parts if p not in ("", "."))
 
 
 def _tar_members(archive: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:

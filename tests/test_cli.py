@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     r = run("extract", "digits", "--out", root / "shards")
     assert r.exit_code == 0, r.output
-    assert "898 images (8x8, 1 channel(s)), 396,018 patches, 792,036 keys in 1 shard(s)" in r.stdout
+    assert "898 images (8x8, 1 channel(s)), 396,018 patches (792,036 keys) in 1 shard(s)" in r.stdout
     r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--rows", "65536", "--dim", "16")
     assert r.exit_code == 0, r.output
     assert "epoch 2: train loss" in r.output and "patterns seen in training" in r.stdout
@@ -111,7 +111,9 @@ def test_bad_options(trained, tmp_path):
     one_line_error(run("extract", "digits", "--max-size", "9", "--out", tmp_path / "o"), "use at most 8x8")
     r = run("extract", "digits", "--max-size", "abc", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "is not a size" in r.stderr
-    one_line_error(run("extract", "digits", "--out", trained / "shards"), "--overwrite")
+    r = run("extract", "digits", "--out", trained / "shards")
+    assert r.exit_code == 0 and r.stdout.endswith("(already complete)\n"), r.output
+    one_line_error(run("extract", "digits", "--levels", "3", "--out", trained / "shards"), "different settings (config.levels, fingerprint)")
     r = run("train", tmp_path / "nope", "--out", tmp_path / "r")
     assert r.exit_code == 2 and "does not exist" in r.stderr
     one_line_error(run("train", tmp_path, "--out", tmp_path / "r"), "no manifest.json")

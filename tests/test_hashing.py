@@ -1,15 +1,17 @@
 """Keys from the fast path against the pure-Python specification, and the properties the product relies on."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
+import pipeline
 from pipeline import ExtractConfig
-from pipeline.extract import image_keys
 from pipeline.hashing import KeyPlan, reference_key
 from pipeline.pixels import symbols
 
-from .conftest import digits_images
+from .conftest import CIFAR_TAR, digits_images
 
 CASES = [
     dict(max_h=3, max_w=3, shapes="rect", position="both"),
@@ -17,7 +19,19 @@ CASES = [
     dict(max_h=4, max_w=4, shapes="square", position="none"),
     dict(max_h=6, max_w=7, shapes="rect", position="both", grid=2),  # full enumeration of 6x7
     dict(max_h=2, max_w=2, position="none", seed=12345),
+    dict(shapes="1x1,3x2,2x5", position="both", grid=3),  # an explicit shape list
+    dict(max_h=3, max_w=3, stride=2, position="both", grid=2),  # every other position
+    dict(max_h=6, max_w=7, stride=3, position="grid"),
 ]
+
+
+def assert_keys_match_reference(plan: KeyPlan, syms: np.ndarray, keys: np.ndarray, slots) -> None:
+    """Each fast key of ``slots`` equals the pure-Python reference computed from its location."""
+    t = plan.slot_table
+    for s in slots:
+        for n in range(len(syms)):
+            ref = reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s], plan.config.seed)
+            assert int(keys[n, s]) == ref, (n, s)
 
 
 @pytest.mark.parametrize("kw", CASES)
@@ -25,11 +39,7 @@ def test_fast_keys_equal_reference(kw):
     rng = np.random.default_rng(1)
     syms = rng.integers(0, 64, size=(2, 6, 7)).astype(np.uint64)
     plan = KeyPlan(ExtractConfig(color="rgb", **kw), 6, 7)
-    keys = plan.keys(syms)
-    t = plan.slot_table
-    for n in range(2):
-        ref = [reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s], kw.get("seed", 0)) for s in range(plan.keys_per_image)]
-        assert [int(k) for k in keys[n]] == ref
+    assert_keys_match_reference(plan, syms, plan.keys(syms), range(plan.keys_per_image))
 
 
 def test_fast_keys_equal_reference_on_real_images():
@@ -37,12 +47,30 @@ def test_fast_keys_equal_reference_on_real_images():
     cfg = ExtractConfig(color="gray", max_h=8, max_w=8, position="both")
     plan = KeyPlan(cfg, 8, 8)
     syms = symbols(imgs, cfg.levels)
-    keys = plan.keys(syms)
-    t = plan.slot_table
-    rng = np.random.default_rng(0)
-    for s in rng.choice(plan.keys_per_image, 300, replace=False):
-        for n in range(3):
-            assert int(keys[n, s]) == reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s])
+    slots = np.random.default_rng(0).choice(plan.keys_per_image, 300, replace=False)
+    assert_keys_match_reference(plan, syms, plan.keys(syms), slots)
+
+
+@functools.lru_cache(maxsize=1)
+def _two_cifar_images() -> np.ndarray:
+    return next(pipeline.open_source(str(CIFAR_TAR), limit=2).batches(2, 3)).images
+
+
+@pytest.mark.skipif(not CIFAR_TAR.exists(), reason="shared CIFAR-10 archive not present")
+@pytest.mark.parametrize("kw", [dict(), dict(max_h=32, max_w=32), dict(shapes="square", max_h=32, max_w=32, stride=2, levels=8)])
+def test_fast_keys_equal_reference_on_cifar_images(kw):
+    """Default config and full enumeration of real 32x32 images, on a random sample of slots."""
+    imgs = _two_cifar_images()
+    cfg = ExtractConfig(color="rgb", **kw)
+    plan = KeyPlan(cfg, 32, 32)
+    syms = symbols(imgs, cfg.levels)
+    keys = plan.image_keys(imgs)
+    content = plan.content_keys(syms)
+    assert_keys_match_reference(plan, syms, keys, np.random.default_rng(0).choice(plan.keys_per_image, 150, replace=False))
+    # the stored content key of a patch is its position-free key
+    none = [b for b in plan.blocks if b.mode == "none"]
+    for b in none[:: max(1, len(none) // 20)]:
+        assert np.array_equal(content[:, b.patch_offset : b.patch_offset + b.ny * b.nx], keys[:, b.offset : b.offset + b.ny * b.nx])
 
 
 GOLDEN = [  # (y, x, h, w, cell, seed) on symbols arange(16).reshape(4, 4) -> key; see docs/hashing.md
@@ -74,7 +102,7 @@ def test_position_none_same_content_same_key_anywhere():
     img[0, 7:10, 9:11] = patch
     cfg = ExtractConfig(color="gray", levels=16, max_h=3, max_w=3, position="both")
     plan = KeyPlan(cfg, 12, 12)
-    keys = image_keys(img, plan)[0]
+    keys = plan.image_keys(img)[0]
     assert keys[plan.slot_of("none", 0, 0, 3, 2)] == keys[plan.slot_of("none", 7, 9, 3, 2)]
     # the grid keys of the same patch differ, since the two copies sit in different cells
     assert keys[plan.slot_of("grid", 0, 0, 3, 2)] != keys[plan.slot_of("grid", 7, 9, 3, 2)]

@@ -11,10 +11,9 @@ import pytest
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline import index as pattern_index
-from pipeline.extract import image_keys
 from pipeline.hashing import KeyPlan
 from pipeline.model import key_rows
-from pipeline.train import is_validation
+from pipeline.trainer import is_validation
 
 from .conftest import digits_images, write_folder
 
@@ -22,7 +21,7 @@ from .conftest import digits_images, write_folder
 def test_shards_round_trip(digits_shards):
     sh = pipeline.open_shards(digits_shards)
     imgs, labels = digits_images("train")
-    expected = image_keys(imgs, KeyPlan(sh.config, 8, 8))
+    expected = KeyPlan(sh.config, 8, 8).image_keys(imgs)
     got = list(sh.iter_batches())
     keys = np.concatenate([b.keys for b in got])
     assert np.array_equal(keys, expected)

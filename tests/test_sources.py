@@ -151,3 +151,21 @@ def test_limit_and_per_class():
     b = next(src.batches(100, 1))
     assert len(src) == 20 and np.bincount(b.labels).tolist() == [2] * 10
     assert len(pipeline.open_source("digits", limit=5)) == 5
+
+
+def test_truncated_jpeg_and_unknown_mode_are_named_with_a_fix(tmp_path):
+    from pipeline.images import BadImage, decode
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(32, 32, 3)).astype(np.uint8)).save(buf, format="JPEG")
+    with pytest.raises(BadImage, match="not a readable image"):
+        decode(buf.getvalue()[: len(buf.getvalue()) // 2], 3)
+    buf16 = io.BytesIO()
+    Image.fromarray(rng.integers(0, 65535, size=(8, 8)).astype(np.uint16)).save(buf16, format="PNG")
+    with pytest.raises(BadImage, match="unsupported image mode 'I;16'; convert it to 8-bit"):
+        decode(buf16.getvalue(), 1)
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "a" / "deep.png").write_bytes(buf16.getvalue())
+    with pytest.raises(PipelineError, match=r"cannot read .*deep\.png: unsupported image mode.*--skip-bad"):
+        list(pipeline.open_source(str(tmp_path / "f")).batches(4, 1))

@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmarks: the shared CIFAR-10 images, timing, and peak memory of a child process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+
+
+def cifar_source(n: int | None, path: Path = CIFAR_TAR, **kw):
+    import pipeline
+
+    if not path.exists():
+        sys.exit(f"benchmark data {path} is missing; it is the shared CIFAR-10 archive (see ../shared/data/README.md)")
+    return pipeline.open_source(str(path), limit=n, **kw)
+
+
+def cifar_images(n: int, path: Path = CIFAR_TAR) -> tuple[np.ndarray, np.ndarray, float]:
+    """The first ``n`` images of the archive as N x 32 x 32 x 3 uint8, their labels, and decode images/s."""
+    src = cifar_source(n, path)
+    t = time.perf_counter()
+    batches = list(src.batches(1024, 3))
+    dt = time.perf_counter() - t
+    return np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]), n / dt
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    """Smallest wall time of ``repeat`` calls (the least disturbed by other load), and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not count the parent's before exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_peak_rss_mb(code: str) -> dict:
+    """Run ``code`` in a fresh Python; it must print one JSON object. Adds the child's peak RSS in MB."""
+    wrapper = code + "\nimport json as _j\nfrom benchmarks.common import peak_rss_mb as _p\nprint(_j.dumps(dict(RESULT, peak_rss_mb=_p())))\n"
+    r = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,0 +1,311 @@
+"""Extract throughput: our engine against the strongest straightforward baseline, end to end into the same Parquet.
+
+    python benchmarks/extract.py --json                # defaults: 2,000 images, 100 for full enumeration
+    python benchmarks/extract.py --images 500 --full-images 20 --worker-images 2000 --rss-images 200,2000 --full-rss-images 20,200
+
+Both sides start from the same decoded images (the first N of the shared
+CIFAR-10 archive) and write the same shards (same schema, codec, row groups and
+files); the benchmark checks that the files hold identical keys.
+
+* ours: ``pipeline.extract`` (prefix-sum rolling hash, compiled with numba, O(1) per patch);
+* baseline: ``torch.Tensor.unfold`` per shape, then one vectorized wrapping dot product
+  of each patch's pixel values with the fixed 64-bit multipliers ``A**i * B**j``, then the
+  same final mixing (numpy). That dot product *is* our content hash, so the keys match.
+
+Single-core figures (torch and Arrow limited to one thread) come first; then the
+full pipeline from the tar (decode included) with 1 and 2 worker processes; then
+the peak memory of separate processes extracting 10x more images.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import CIFAR_TAR, best_of, child_peak_rss_mb, cifar_images, cifar_source, peak_rss_mb  # noqa: E402
+
+
+def _single_thread() -> None:
+    import pyarrow as pa
+    import torch
+
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+
+
+# ------------------------------------------------------------------ baseline
+
+def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, compression: str) -> int:
+    """Unfold + wrapping dot product per shape, same final mixing, same shard files. Returns patches written."""
+    import torch
+
+    from pipeline import layout
+    from pipeline.extract import PATCHES_PER_ROW_GROUP, PATCHES_PER_SHARD
+    from pipeline.hashing import A, B, MASK, PIXEL_SALT, KeyPlan, fmix64
+    from pipeline.shards import ShardWriter, schema
+
+    n, height, width = images.shape[:3]
+    plan = KeyPlan(config, height, width)
+    p = plan.patches_per_image
+    st = config.stride
+    shapes = config.shape_list()
+    weights = {}
+    for h, w in shapes:
+        wt = np.array([[(pow(A, i, 1 << 64) * pow(B, j, 1 << 64)) & MASK for j in range(w)] for i in range(h)], dtype=np.uint64)
+        weights[(h, w)] = torch.from_numpy(wt.view(np.int64))
+    mix = np.empty(p, np.uint64)
+    for s, (h, w) in enumerate(shapes):
+        o = plan._shape_offsets[s]
+        cnt = ((height - h) // st + 1) * ((width - w) // st + 1)
+        mix[o : o + cnt] = plan._shape_mix[s]
+    salt = np.uint64((PIXEL_SALT * (config.seed + 1)) & MASK)
+    per_shard = max(1, min(n, PATCHES_PER_SHARD // p))
+    per_group = max(1, PATCHES_PER_ROW_GROUP // p)
+    total = math.ceil(n / per_shard)
+    sch = schema(p, config)
+    out.mkdir(parents=True, exist_ok=True)
+    for si in range(total):
+        writer = ShardWriter(out / layout.shard_name(si, total), sch, compression)
+        for g in range(si * per_shard, min(n, (si + 1) * per_shard), per_group):
+            hi = min(g + per_group, (si + 1) * per_shard, n)
+            r = plan.symbols(images[g:hi])
+            r += salt
+            fmix64(r)
+            rt = torch.from_numpy(r.view(np.int64))
+            cols = []
+            for h, w in shapes:
+                u = rt.unfold(1, h, st).unfold(2, w, st)  # N x ny x nx x h x w, a view
+                cols.append((u * weights[(h, w)]).sum(dim=(-2, -1)).reshape(hi - g, -1))
+            c = torch.cat(cols, 1).numpy().view(np.uint64)
+            c ^= mix
+            fmix64(c)
+            ids = np.arange(g, hi)
+            writer.write(ids, labels[g:hi].astype(np.int32), [f"arrays:{i}" for i in ids], c)
+        writer.close()
+    return n * p
+
+
+def numpy_content_keys(syms: np.ndarray, plan) -> np.ndarray:
+    """The same prefix-sum hash as ours, as whole-array numpy passes (the implementation numba replaced)."""
+    from pipeline.hashing import fmix64
+
+    n, hh, ww = syms.shape
+    r = syms.astype(np.uint64, copy=True)
+    r += plan._pixel_salt
+    fmix64(r)
+    r *= plan._pow_a[:hh, None]
+    r *= plan._pow_b[None, :ww]
+    p = np.zeros((n, hh + 1, ww + 1), dtype=np.uint64)
+    np.cumsum(r, axis=1, out=r)
+    np.cumsum(r, axis=2, out=p[:, 1:, 1:])
+    out = np.empty((n, plan.patches_per_image), np.uint64)
+    for s, (h, w) in enumerate(plan.config.shape_list()):
+        ny, nx = hh - h + 1, ww - w + 1
+        c = p[:, h : h + ny, w : w + nx] - p[:, 0:ny, w : w + nx]
+        c -= p[:, h : h + ny, 0:nx]
+        c += p[:, 0:ny, 0:nx]
+        c *= plan._inv_a[:ny, None]
+        c *= plan._inv_b[None, :nx]
+        c ^= plan._shape_mix[s]
+        o = plan._shape_offsets[s]
+        out[:, o : o + ny * nx] = c.reshape(n, -1)
+    return fmix64(out)
+
+
+def breakdown(images: np.ndarray, config, tmp: Path, repeat: int, compression: str) -> dict:
+    """Where the time goes: hashing alone (ours, numpy, torch unfold) and Parquet writing alone, per row group."""
+    from pipeline.extract import PATCHES_PER_ROW_GROUP
+    from pipeline.hashing import KeyPlan
+    from pipeline.shards import ShardWriter, schema
+
+    plan = KeyPlan(config, images.shape[1], images.shape[2])
+    step = max(1, PATCHES_PER_ROW_GROUP // plan.patches_per_image)
+    syms = [plan.symbols(images[i : i + step]) for i in range(0, len(images), step)]
+    total = len(images) * plan.patches_per_image
+    assert all(np.array_equal(numpy_content_keys(s, plan), plan.content_keys(s)) for s in syms[:2])
+    t_ours, keys = best_of(lambda: [plan.content_keys(s) for s in syms], repeat)
+    t_np, _ = best_of(lambda: [numpy_content_keys(s, plan) for s in syms], repeat)
+
+    def write() -> None:
+        w = ShardWriter(tmp / "write-only.parquet", schema(plan.patches_per_image, config), compression)
+        for k in keys:
+            w.write(np.arange(len(k)), np.zeros(len(k), np.int32), [""] * len(k), k)
+        w.close()
+
+    t_write, _ = best_of(write, repeat)
+    return {"hash_ours_patches_per_s": total / t_ours, "hash_numpy_patches_per_s": total / t_np, "write_patches_per_s": total / t_write}
+
+
+def hashlib_patches_per_s(images: np.ndarray, config, seconds: float = 1.0) -> float:
+    """Per-patch blake2b over each patch's symbols (for reference only; not the ratio's baseline)."""
+    from pipeline.hashing import KeyPlan
+
+    plan = KeyPlan(config, images.shape[1], images.shape[2])
+    done, t0 = 0, time.perf_counter()
+    for img in images:
+        syms = plan.symbols(img[None])[0].astype(np.uint32)
+        for h, w in config.shape_list():
+            for y in range(0, plan.height - h + 1, config.stride):
+                for x in range(0, plan.width - w + 1, config.stride):
+                    hashlib.blake2b(syms[y : y + h, x : x + w].tobytes() + bytes((h, w)), digest_size=8).digest()
+                    done += 1
+        if time.perf_counter() - t0 > seconds:
+            break
+    return done / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ measurements
+
+def _same_keys(a: Path, b: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    fa, fb = sorted(a.glob("part-*.parquet")), sorted(b.glob("part-*.parquet"))
+    if [f.name for f in fa] != [f.name for f in fb]:
+        return False
+    return all(pq.read_table(x, columns=["patch_keys"]).equals(pq.read_table(y, columns=["patch_keys"])) for x, y in zip(fa, fb))
+
+
+def compare(images, labels, config, tmp: Path, tag: str, repeat: int, compression: str) -> dict:
+    import pipeline
+    from pipeline.sources import from_arrays
+
+    ours_dir, base_dir = tmp / f"{tag}-ours", tmp / f"{tag}-baseline"
+
+    def ours():
+        return pipeline.extract(from_arrays(images, labels), ours_dir, config, overwrite=True, compression=compression)
+
+    def base():
+        shutil.rmtree(base_dir, ignore_errors=True)
+        return baseline_extract(images, labels, base_dir, config, compression)
+
+    ours(), base()  # warm up: compile, page cache
+    t_ours, m = best_of(ours, repeat)
+    t_base, patches = best_of(base, repeat)
+    assert patches == m["patches"]
+    res = {
+        "images": len(images),
+        "patches": m["patches"],
+        "ours_patches_per_s": m["patches"] / t_ours,
+        "baseline_patches_per_s": patches / t_base,
+        "ratio": t_base / t_ours,
+        "bytes_per_patch": m["bytes_per_patch"],
+        "outputs_identical": _same_keys(ours_dir, base_dir),
+    }
+    sh = pipeline.open_shards(ours_dir)
+    t_read, n = best_of(lambda: sum(b.keys.size for b in sh.iter_content()), repeat)
+    res["read_patches_per_s"] = n / t_read
+    t_keys, nk = best_of(lambda: sum(b.keys.size for b in sh.iter_batches()), 1)
+    res["read_keys_per_s"] = nk / t_keys
+    shutil.rmtree(base_dir, ignore_errors=True)
+    return res
+
+
+def workers_from_archive(n: int, config, tmp: Path, workers: list[int], compression: str) -> dict:
+    """The whole stage from the tar (stream, decode, hash, write) with 1 and 2 processes; listing excluded."""
+    import pipeline
+
+    out = {}
+    for w in workers:
+        src = cifar_source(n)
+        t = time.perf_counter()
+        m = pipeline.extract(src, tmp / f"w{w}", config, overwrite=True, workers=w, compression=compression)
+        dt = time.perf_counter() - t
+        out[str(w)] = {"images": m["images"], "seconds": round(dt, 3), "patches_per_s": m["patches"] / dt, "images_per_s": m["images"] / dt}
+        shutil.rmtree(tmp / f"w{w}")
+    base = out[str(workers[0])]["seconds"]
+    for v in out.values():
+        v["speedup"] = base / v["seconds"]
+    return out
+
+
+_RSS_CHILD = """
+import sys, tempfile, shutil
+sys.path.insert(0, {root!r})
+import pipeline
+from pipeline import ExtractConfig
+src = pipeline.open_source({tar!r}, limit={n})
+d = tempfile.mkdtemp()
+m = pipeline.extract(src, d + "/s", ExtractConfig(**{cfg!r}), workers={workers})
+shutil.rmtree(d)
+RESULT = dict(images=m["images"], patches=m["patches"], bytes=m["bytes"])
+"""
+
+
+def rss(counts: list[int], cfg: dict, workers: int = 1) -> list[dict]:
+    root = str(Path(__file__).resolve().parents[1])
+    return [child_peak_rss_mb(_RSS_CHILD.format(root=root, tar=str(CIFAR_TAR), n=n, cfg=cfg, workers=workers)) for n in counts]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2000, help="images for the default-config comparison [2000]")
+    ap.add_argument("--full-images", type=int, default=100, help="images for full enumeration (every rectangle up to 32x32) [100]")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per side; the fastest counts [3]")
+    ap.add_argument("--compression", default="snappy", help="shard codec for both sides [snappy, the default]")
+    ap.add_argument("--workers", default="1,2", help="worker counts for the whole-stage run from the archive [1,2]")
+    ap.add_argument("--worker-images", type=int, default=20000, help="images for the whole-stage runs with workers [20000]")
+    ap.add_argument("--rss-images", default="1000,10000", help="image counts for peak memory at the default config [1000,10000]")
+    ap.add_argument("--full-rss-images", default="100,1000", help="image counts for peak memory at full enumeration [100,1000]")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+
+    from pipeline import ExtractConfig
+
+    t_start = time.time()
+    n_load = max(args.images, args.full_images)
+    images, labels, decode_rate = cifar_images(n_load)
+    default = ExtractConfig(color="rgb")
+    full = ExtractConfig(color="rgb", max_h=32, max_w=32)
+    res: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "compression": args.compression}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _single_thread()
+        a = compare(images[: args.images], labels[: args.images], default, tmp, "default", args.repeat, args.compression)
+        f = compare(images[: args.full_images], labels[: args.full_images], full, tmp, "full", args.repeat, args.compression)
+        res.update(a)
+        res.update({f"full_{k}": v for k, v in f.items()})
+        res["breakdown"] = breakdown(images[: args.images], default, tmp, args.repeat, args.compression)
+        res["full_breakdown"] = breakdown(images[: args.full_images], full, tmp, args.repeat, args.compression)
+        res["decode_images_per_s"] = decode_rate
+        res["hashlib_patches_per_s"] = hashlib_patches_per_s(images[:50], default)
+        res["peak_rss_mb"] = peak_rss_mb()
+        res["workers"] = workers_from_archive(args.worker_images, default, tmp, [int(w) for w in args.workers.split(",")], args.compression)
+    res["rss_default"] = rss([int(n) for n in args.rss_images.split(",")], {"color": "rgb"})
+    res["rss_full"] = rss([int(n) for n in args.full_rss_images.split(",")], {"color": "rgb", "max_h": 32, "max_w": 32})
+    res["seconds"] = round(time.time() - t_start, 1)
+    if args.json:
+        print(json.dumps(res, indent=None))
+        return
+    print(f"{res['images']} CIFAR images, default config ({res['patches']:,} patches), one core, codec {args.compression}:")
+    print(f"  ours     {res['ours_patches_per_s'] / 1e6:8.1f} M patches/s")
+    print(f"  baseline {res['baseline_patches_per_s'] / 1e6:8.1f} M patches/s   ratio {res['ratio']:.2f}   identical keys: {res['outputs_identical']}")
+    print(f"{res['full_images']} images, full enumeration ({res['full_patches']:,} patches):")
+    print(f"  ours     {res['full_ours_patches_per_s'] / 1e6:8.1f} M patches/s")
+    print(f"  baseline {res['full_baseline_patches_per_s'] / 1e6:8.1f} M patches/s   ratio {res['full_ratio']:.2f}   identical keys: {res['full_outputs_identical']}")
+    print(f"  per-patch blake2b (reference) {res['hashlib_patches_per_s'] / 1e6:.2f} M patches/s")
+    for name in ("breakdown", "full_breakdown"):
+        b = res[name]
+        print(
+            f"{name}: hashing alone: ours {b['hash_ours_patches_per_s'] / 1e6:.0f}, numpy {b['hash_numpy_patches_per_s'] / 1e6:.0f}; "
+            f"Parquet writing alone {b['write_patches_per_s'] / 1e6:.0f} M patches/s"
+        )
+    print(f"storage: {res['bytes_per_patch']:.2f} B/patch; read back {res['read_patches_per_s'] / 1e6:.0f} M patches/s, {res['read_keys_per_s'] / 1e6:.0f} M keys/s with grid keys derived")
+    for w, v in res["workers"].items():
+        print(f"whole stage from the archive, {w} worker(s): {v['images_per_s']:.0f} images/s, {v['patches_per_s'] / 1e6:.1f} M patches/s, speedup {v['speedup']:.2f}")
+    for name in ("rss_default", "rss_full"):
+        print(f"{name}: " + ", ".join(f"{r['images']} images -> {r['peak_rss_mb']:.0f} MB peak" for r in res[name]))
+
+
+if __name__ == "__main__":
+    main()
