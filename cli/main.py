@@ -143,41 +143,72 @@ def _patch_progress(bar: tqdm):
     return progress
 
 
+def _train_option(name: str, help: str, **kw):
+    """An option whose default and type come from TrainConfig, so the CLI and the library agree."""
+    field = name.lstrip("-").replace("-", "_")
+    default = getattr(TrainConfig, field)
+    kw.setdefault("type", type(default))
+    return click.option(name, default=default, show_default=True, help=help, **kw)
+
+
 @main.command()
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/run"), show_default=True, help="Run directory to write.")
-@click.option("--rows", type=int, default=TrainConfig.rows, show_default=True, help="Embedding rows (hashing trick).")
-@click.option("--dim", type=int, default=TrainConfig.dim, show_default=True, help="Embedding dimension.")
-@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True, help="Passes over the training images.")
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Images per step.")
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="SparseAdam learning rate of the pattern table.")
-@click.option("--head-lr", type=float, default=TrainConfig.head_lr, show_default=True, help="Adam learning rate of the classifier head.")
-@click.option("--val-fraction", type=float, default=TrainConfig.val_fraction, show_default=True, help="Share of images held out for validation.")
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True, help="Seed for initialisation and shuffling.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA when present.")
+@_train_option("--min-count", "Keys seen at least this often in training get their own row.")
+@_train_option("--buckets", "Shared rows for the rarer keys (key % buckets); 0 drops them.")
+@_train_option("--dim", "Embedding dimension.")
+@_train_option("--bag", "Pooling of an image's rows: mean, sum, or sqrt (sum / sqrt(n)).", type=click.Choice(["mean", "sum", "sqrt"]))
+@_train_option("--hidden", "0 = linear head; else one hidden ReLU layer of this width.")
+@_train_option("--drop", "Patch dropout: rate of an image's distinct rows dropped in training, or 'auto' to learn it.")
+@_train_option("--pooled-dropout", "Ordinary dropout on the pooled vector.")
+@_train_option("--optimizer", "Optimizer of the table.", type=click.Choice(["adagrad", "sparseadam", "sgd"]))
+@_train_option("--epochs", "Most passes over the training images.")
+@_train_option("--patience", "Stop after this many epochs without a better validation accuracy (0 = never).")
+@_train_option("--batch-size", "Images per step.")
+@_train_option("--lr", "Learning rate of the table.")
+@_train_option("--head-lr", "Adam learning rate of the head.")
+@_train_option("--init-std", "Standard deviation of the table's initial values.")
+@_train_option("--val-fraction", "Share of images held out for validation.")
+@_train_option("--seed", "Seed for initialisation, shuffling and dropout.")
+@_train_option("--device", "auto = CUDA when present.", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def train(shards, out, rows, dim, epochs, batch_size, lr, head_lr, val_fraction, seed, device, overwrite):
+def train(shards, out, resume, overwrite, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
+
+    Writes metrics.jsonl and curves.png after every epoch, and a checkpoint
+    that --resume continues from.
 
     \b
     Example:
       pipe train artifacts/digits/shards --out artifacts/digits/run --epochs 10
     """
-    config = TrainConfig(rows=rows, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, val_fraction=val_fraction, seed=seed, device=device)
+    config = TrainConfig(**options)
     sh = pipeline.open_shards(shards)
-    per_epoch = round(sh.num_images * (1 - val_fraction))
-    bar = _bar(per_epoch * epochs, "img", "train")
+    per_epoch = round(sh.num_images * (1 - config.val_fraction))
+    with _bar(per_epoch, "img", "vocabulary") as vbar:
+        vocab_progress = vbar.update
+        bar = _bar(per_epoch * config.epochs, "img", "train")
 
-    def progress(images: int, ids: int) -> None:
-        bar.update(images)
+        def progress(images: int, ids: int) -> None:
+            bar.update(images)
 
-    def on_epoch(row: dict) -> None:
-        val = f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "no validation images"
-        bar.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}, {val}, {row['ids_per_s'] / 1e6:.2f}M ids/s")
+        def on_epoch(row: dict) -> None:
+            val = f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "no validation images"
+            rate = f", drop rate {row['drop_rate']:.3f}" if "drop_rate" in row else ""
+            bar.write(
+                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}, {val}, "
+                f"{row['ids_per_s'] / 1e6:.2f}M ids/s{rate}"
+            )
 
-    with bar:
-        m = pipeline.train(sh, out, config, overwrite=overwrite, progress=progress, on_epoch=on_epoch)
-    click.echo(f"run written to {out}: {m['patterns']:,} patterns seen in training, index {m['index']['type']}")
+        with bar:
+            m = pipeline.train(sh, out, config, overwrite=overwrite, resume=resume, progress=progress, on_epoch=on_epoch, on_vocab=vocab_progress)
+    v = m["vocabulary"]
+    click.echo(
+        f"run written to {out}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
+        + (f"{m['final']['val_accuracy']:.4f}" if m["final"]["val_accuracy"] is not None else "n/a")
+        + f"; vocabulary {v['vocabulary']:,} of {v['distinct_keys']:,} distinct keys, {m['rows']:,} rows, index {m['index']['type']}"
+    )
 
 
 @main.command()

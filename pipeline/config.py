@@ -132,35 +132,73 @@ class ExtractConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+OPTIMIZERS = ("adagrad", "sparseadam", "sgd")
+BAGS = ("mean", "sum", "sqrt")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How the pattern table and classifier head are trained."""
 
-    rows: int = 1 << 20  # embedding rows; a key uses row key % rows (hashing trick) [1048576]
+    min_count: int = 2  # a key seen at least this often in training gets its own row [2]
+    buckets: int = 0  # shared rows for the rarer keys (key % buckets); 0 drops them [0]
     dim: int = 64  # embedding dimension [64]
-    epochs: int = 10  # passes over the training part [10]
+    bag: str = "mean"  # pooling of an image's rows: 'mean', 'sum' or 'sqrt' (sum / sqrt(n)) [mean]
+    hidden: int = 0  # 0 = linear head, else one hidden ReLU layer of this width [0]
+    drop: str = "0"  # patch dropout: rate of an image's distinct rows dropped in training, or 'auto' (learned) [0]
+    pooled_dropout: float = 0.0  # ordinary dropout on the pooled vector [0]
+    optimizer: str = "adagrad"  # for the table: 'adagrad', 'sparseadam' or 'sgd' [adagrad]
+    epochs: int = 10  # most passes over the training part [10]
+    patience: int = 3  # stop after this many epochs without a better validation accuracy; 0 = never [3]
     batch_size: int = 128  # images per step [128]
-    lr: float = 0.05  # SparseAdam learning rate for the table [0.05]
-    head_lr: float = 0.01  # Adam learning rate for the classifier head [0.01]
+    lr: float = 0.5  # learning rate of the table [0.5]
+    head_lr: float = 0.01  # Adam learning rate of the head [0.01]
+    init_std: float = 0.001  # standard deviation of the table's initial values [0.001]
     val_fraction: float = 0.1  # share of images held out for validation, chosen by a hash of image_id [0.1]
-    seed: int = 0  # seed for initialisation and shuffling [0]
+    seed: int = 0  # seed for initialisation, shuffling and dropout [0]
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda' [auto]
 
     def __post_init__(self) -> None:
-        if self.rows < 1:
-            raise PipelineError(f"--rows {self.rows} must be at least 1")
+        if self.min_count < 1:
+            raise PipelineError(f"--min-count {self.min_count} must be at least 1")
+        if self.buckets < 0:
+            raise PipelineError(f"--buckets {self.buckets} must be 0 (drop rare keys) or more")
         if self.dim < 1:
             raise PipelineError(f"--dim {self.dim} must be at least 1")
+        if self.bag not in BAGS:
+            raise PipelineError(f"--bag {self.bag!r} is not one of {', '.join(BAGS)}")
+        if self.hidden < 0:
+            raise PipelineError(f"--hidden {self.hidden} must be 0 (linear head) or more")
+        if self.drop != "auto":
+            try:
+                rate = float(self.drop)
+            except ValueError:
+                rate = -1.0
+            if not 0.0 <= rate < 1.0:
+                raise PipelineError(f"--drop {self.drop!r} must be a rate in [0, 1) or 'auto'")
+            object.__setattr__(self, "drop", repr(rate) if rate else "0")
+        if not 0.0 <= self.pooled_dropout < 1.0:
+            raise PipelineError(f"--pooled-dropout {self.pooled_dropout} must be in [0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            raise PipelineError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.epochs < 1:
             raise PipelineError(f"--epochs {self.epochs} must be at least 1")
+        if self.patience < 0:
+            raise PipelineError(f"--patience {self.patience} must be 0 (never stop early) or more")
         if self.batch_size < 1:
             raise PipelineError(f"--batch-size {self.batch_size} must be at least 1")
         if self.lr <= 0 or self.head_lr <= 0:
             raise PipelineError("learning rates must be positive")
+        if self.init_std < 0:
+            raise PipelineError(f"--init-std {self.init_std} must be 0 or more")
         if not 0.0 <= self.val_fraction < 1.0:
             raise PipelineError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.device not in DEVICES:
             raise PipelineError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+
+    @property
+    def drop_rate(self) -> float | str:
+        return "auto" if self.drop == "auto" else float(self.drop)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

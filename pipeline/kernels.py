@@ -98,3 +98,126 @@ def expand_keys(content, source, delta, out):
                 k = _fmix(_fmix_inv(k) ^ d)
             out[n, s] = k
     return out
+
+
+# ------------------------------------------------------------------ key -> row tables (vocabulary)
+
+@njit(inline="always")
+def _probe(tkeys, tused, key):
+    """Slot of ``key`` in an open-addressing table (linear probing): where it is, or the empty slot it would take."""
+    mask = tkeys.shape[0] - 1
+    i = np.int64(key & np.uint64(mask))
+    while tused[i] and tkeys[i] != key:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(inline="always")
+def _row(tkeys, tused, trows, n_vocab, buckets, key):
+    """Row of one key: its own row if in the vocabulary, else ``n_vocab + key % buckets``, else -1."""
+    i = _probe(tkeys, tused, key)
+    if tused[i]:
+        return trows[i]
+    if buckets > 0:
+        return n_vocab + np.int64(key % np.uint64(buckets))
+    return np.int64(-1)
+
+
+@njit(cache=True, nogil=True)
+def count_keys(keys, tkeys, tused, tcounts):
+    """Add every key of ``keys`` (any shape, uint64) to the counting table; returns how many keys were new.
+
+    The caller keeps the table at most half full (keys are already uniform 64-bit hashes,
+    so the low bits are the bucket).
+    """
+    flat = keys.ravel()
+    new = 0
+    for j in range(flat.shape[0]):
+        k = flat[j]
+        i = _probe(tkeys, tused, k)
+        if not tused[i]:
+            tused[i] = True
+            tkeys[i] = k
+            new += 1
+        tcounts[i] += 1
+    return new
+
+
+@njit(cache=True)
+def fill_table(keys, rows, tkeys, tused, trows):
+    """Insert ``keys[i] -> rows[i]`` into an empty table."""
+    for j in range(keys.shape[0]):
+        i = _probe(tkeys, tused, keys[j])
+        tused[i] = True
+        tkeys[i] = keys[j]
+        trows[i] = rows[j]
+
+
+@njit(cache=True, nogil=True)
+def lookup_rows(keys, tkeys, tused, trows, n_vocab, buckets, out):
+    """Row of every key: its own row if in the vocabulary, else ``n_vocab + key % buckets``, else -1."""
+    flat = keys.ravel()
+    o = out.ravel()
+    for j in range(flat.shape[0]):
+        o[j] = _row(tkeys, tused, trows, n_vocab, buckets, flat[j])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def bag_rows(keys, tkeys, tused, trows, n_vocab, buckets, stamp, where):
+    """Each image's keys (N x K) as a bag of distinct rows with counts, in CSR form.
+
+    Returns (rows, offsets N+1, counts); keys with no row (-1) are left out. ``stamp`` and
+    ``where`` are scratch arrays of the table's row count, ``stamp`` all -1 on entry and on exit.
+    """
+    n, k = keys.shape
+    rows = np.empty(n * k, np.int64)
+    counts = np.empty(n * k, np.float32)
+    offsets = np.zeros(n + 1, np.int64)
+    m = 0
+    for a in range(n):
+        start = m
+        for j in range(k):
+            r = _row(tkeys, tused, trows, n_vocab, buckets, keys[a, j])
+            if r < 0:
+                continue
+            if stamp[r] == a:
+                counts[where[r]] += 1.0
+            else:
+                stamp[r] = a
+                where[r] = m
+                rows[m] = r
+                counts[m] = 1.0
+                m += 1
+        offsets[a + 1] = m
+        for q in range(start, m):
+            stamp[rows[q]] = -1
+    return rows[:m].copy(), offsets, counts[:m].copy()
+
+
+@njit(cache=True)
+def add_counts(keys, counts, tkeys, tused, tcounts):
+    """Add ``counts[i]`` occurrences of ``keys[i]`` to a counting table (used when it grows)."""
+    for j in range(keys.shape[0]):
+        i = _probe(tkeys, tused, keys[j])
+        tused[i] = True
+        tkeys[i] = keys[j]
+        tcounts[i] += counts[j]
+
+
+@njit(cache=True, nogil=True)
+def pattern_stats(keys, labels, image_ids, tkeys, tused, trows, class_counts, first_image, first_slot):
+    """Per vocabulary row: occurrences per class, and the first (image, slot) where it occurs."""
+    n, k = keys.shape
+    for a in range(n):
+        lab = labels[a]
+        for j in range(k):
+            i = _probe(tkeys, tused, keys[a, j])
+            if not tused[i]:
+                continue
+            r = trows[i]
+            if lab >= 0:
+                class_counts[r, lab] += 1
+            if first_image[r] < 0:
+                first_image[r] = image_ids[a]
+                first_slot[r] = j

@@ -26,6 +26,11 @@ MODEL = "model.pt"
 METRICS = "metrics.jsonl"
 PATTERNS = "patterns.parquet"
 PATTERN_INDEX = "patterns.faiss"
+VOCAB = "vocab.npz"  # vocabulary keys (own rows, ascending) and counts; tail buckets
+VOCAB_STATS = "vocab.json"
+CURVES = "curves.png"
+CHECKPOINT = "checkpoint.pt"  # while training: model, optimizers, random states (removed when the run is finished)
+TRAIN_JOB = "train-job.json"  # while training: the settings a --resume must match
 
 
 def shard_name(index: int, total: int) -> str:

@@ -1,12 +1,12 @@
 """The table of patterns seen in training: key, shape, position cell, counts per class, one example.
 
-Pattern ids are row numbers of this table (keys sorted ascending), and the
-same ids are the FAISS ids of :mod:`pipeline.index`.
+Pattern ids are row numbers of this table: the vocabulary keys, ascending, so
+pattern id = table row = FAISS id of :mod:`pipeline.index`. The statistics come
+from :func:`pipeline.vocab.pattern_stats`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -14,54 +14,6 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .hashing import KeyPlan
-
-_COLUMNS = ("key", "count", "class_counts", "slot", "example_image")
-
-
-def _part(keys: np.ndarray, labels: np.ndarray, ids: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
-    n, k = keys.shape
-    flat = keys.reshape(-1)
-    u, first, inv, counts = np.unique(flat, return_index=True, return_inverse=True, return_counts=True)
-    lab = np.repeat(labels, k)
-    ok = lab >= 0
-    cc = np.bincount(inv[ok] * num_classes + lab[ok], minlength=len(u) * num_classes).reshape(len(u), num_classes)
-    return {
-        "key": u,
-        "count": counts.astype(np.int64),
-        "class_counts": cc.astype(np.int64),
-        "slot": (first % k).astype(np.int64),
-        "example_image": ids[first // k].astype(np.int64),
-    }
-
-
-def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    cat = {c: np.concatenate([p[c] for p in parts]) for c in _COLUMNS}
-    order = np.argsort(cat["key"], kind="stable")  # stable: the earliest part's example wins
-    cat = {c: v[order] for c, v in cat.items()}
-    starts = np.flatnonzero(np.r_[True, cat["key"][1:] != cat["key"][:-1]])
-    return {
-        "key": cat["key"][starts],
-        "count": np.add.reduceat(cat["count"], starts),
-        "class_counts": np.add.reduceat(cat["class_counts"], starts, axis=0),
-        "slot": cat["slot"][starts],
-        "example_image": cat["example_image"][starts],
-    }
-
-
-def collect(batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int, merge_every: int = 16) -> dict[str, np.ndarray]:
-    """Distinct keys of ``(keys N x K, labels, image_ids)`` batches with their counts and first example."""
-    parts: list[dict[str, np.ndarray]] = []
-    for keys, labels, ids in batches:
-        if len(keys):
-            parts.append(_part(keys, labels, ids, num_classes))
-        if len(parts) >= merge_every:
-            parts = [_merge(parts)]
-    if not parts:
-        return {c: np.empty((0, num_classes) if c == "class_counts" else 0, np.uint64 if c == "key" else np.int64) for c in _COLUMNS}
-    return _merge(parts)
-
 
 def to_table(stats: dict[str, np.ndarray], plan: KeyPlan) -> pa.Table:
     """The Parquet table of patterns: ids, keys, shape and location of the first example, counts."""

@@ -20,11 +20,11 @@ from . import layout, patterns
 from .config import ExtractConfig, TrainConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
-from .model import PatchBagModel, key_rows
 from .pixels import as_nhwc, to_channels
 from .shards import Shards
 from .sources import Source
-from .trainer import RUN_FORMAT, evaluate_batches
+from .trainer import RUN_FORMAT, build_model, evaluate_bags, to_bags
+from .vocab import Vocabulary
 
 
 @dataclass
@@ -34,7 +34,7 @@ class PatchLookup:
     slots: np.ndarray  # S slot numbers of the canonical order, most decisive first when ``top`` was given
     distances: np.ndarray  # S x k squared L2; inf where no vector
     ids: np.ndarray  # S x k pattern ids; -1 where no vector
-    seen: np.ndarray  # S bool: the patch's key was seen in training
+    seen: np.ndarray  # S bool: the patch's key is in the vocabulary (seen in training, own row)
     composed: np.ndarray  # S bool: unseen, vector composed from seen sub-patches
     location: dict[str, np.ndarray]  # per slot: y, x, h, w, cell
     keys: np.ndarray  # S uint64
@@ -63,7 +63,8 @@ class Run:
         self.width: int = self.manifest["width"]
         self.class_names: list[str] = self.manifest["class_names"]
         self.plan = KeyPlan(self.extract_config, self.height, self.width)
-        self.model = PatchBagModel(self.train_config.rows, self.train_config.dim, len(self.class_names))
+        self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
+        self.model = build_model(self.train_config, self.vocab.rows, len(self.class_names))
         state = torch.load(self.root / layout.MODEL, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.eval()
@@ -100,9 +101,9 @@ class Run:
 
     def predict_keys(self, keys: np.ndarray) -> np.ndarray:
         """Class probabilities (N x C) for key arrays (N x K)."""
+        rows, offsets, counts, _ = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64)).tensors(torch.device("cpu"))
         with torch.no_grad():
-            logits = self.model(torch.from_numpy(key_rows(keys, self.train_config.rows)))
-            return torch.softmax(logits, dim=1).numpy()
+            return torch.softmax(self.model(rows, offsets, counts), dim=1).numpy()
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels N, probabilities N x C) for uint8 images."""
@@ -112,23 +113,21 @@ class Run:
     # ------------------------------------------------------------ patterns
 
     def seen_ids(self, keys: np.ndarray) -> np.ndarray:
-        """Pattern id of each key, -1 for keys not seen in training."""
-        known = self.patterns["key"]
-        pos = np.searchsorted(known, keys)
-        pos = np.minimum(pos, max(len(known) - 1, 0))
-        hit = (known[pos] == keys) if len(known) else np.zeros(keys.shape, bool)
-        return np.where(hit, pos, -1)
+        """Pattern id of each key (its vocabulary row), -1 for keys outside the vocabulary."""
+        rows = self.vocab.rows_of(keys)
+        return np.where(rows < self.vocab.size, rows, -1)
 
     def patch_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
 
-        A seen key uses its learned vector. An unseen key gets the mean of the learned vectors
-        of its seen strictly smaller sub-patches (same position mode), fastText's rule for
-        unknown words applied to rectangles; with no seen sub-patch it has no vector (NaN).
+        A key in the vocabulary uses its learned vector. Any other key gets the mean of the
+        learned vectors of its seen strictly smaller sub-patches (same position mode),
+        fastText's rule for unknown words applied to rectangles; with no seen sub-patch it has
+        no vector (NaN).
         """
-        rows = key_rows(keys, self.train_config.rows)
-        vectors = self.table[rows].copy()
-        seen = self.seen_ids(keys) >= 0
+        rows = self.vocab.rows_of(keys)
+        seen = (rows >= 0) & (rows < self.vocab.size)
+        vectors = np.where(seen[:, None], self.table[np.maximum(rows, 0)], np.nan).astype(np.float32)
         composed = np.zeros(len(keys), bool)
         for slot in np.flatnonzero(~seen):
             subs = self.plan.sub_slots(int(slot))
@@ -155,8 +154,7 @@ class Run:
         vectors, seen, composed = self.patch_vectors(keys)
         has = seen | composed
         probs = self.predict_keys(keys[None])[0]
-        w = self.model.head.weight.detach().numpy()[int(probs.argmax())]
-        contribution = np.where(has, np.nan_to_num(vectors) @ w / len(keys), 0.0)
+        contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) / len(keys), 0.0)
         slots = np.arange(len(keys)) if top is None else np.argsort(-contribution, kind="stable")[:top]
         d = np.full((len(slots), k), np.inf, np.float32)
         ids = np.full((len(slots), k), -1, np.int64)
@@ -166,6 +164,17 @@ class Run:
         return PatchLookup(
             slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts, probs
         )
+
+    def _class_direction(self, c: int) -> np.ndarray:
+        """How much a unit of pooled vector along each dimension adds to class ``c``'s logit.
+
+        Exact for a linear head; for a hidden layer, the gradient of the logit at the zero vector.
+        """
+        if self.train_config.hidden == 0:
+            return self.model.head.weight.detach().numpy()[c]
+        x = torch.zeros(1, self.train_config.dim, requires_grad=True)
+        self.model.head(x)[0, c].backward()
+        return x.grad[0].numpy()
 
     # ------------------------------------------------------------ evaluation
 
@@ -186,7 +195,7 @@ class Run:
                 for b in data.iter_batches():
                     if progress:
                         progress(len(b.labels))
-                    yield b.keys, mapping[b.labels]
+                    yield to_bags(self.vocab, b.keys, mapping[b.labels])
         else:
             mapping = self._label_map(data.class_names, data.path)
 
@@ -194,9 +203,9 @@ class Run:
                 for b in data.batches(256, self.extract_config.channels, self.extract_config.resize):
                     if progress:
                         progress(len(b.labels))
-                    yield self.images_to_keys(b.images), mapping[b.labels]
+                    yield to_bags(self.vocab, self.images_to_keys(b.images), mapping[b.labels])
 
-        res = evaluate_batches(self.model, batches(), self.train_config.rows, torch.device("cpu"))
+        res = evaluate_bags(self.model, batches(), torch.device("cpu"))
         return {"accuracy": res["accuracy"], "loss": res["loss"], "n": res["n"]}
 
 

@@ -163,25 +163,38 @@ class Shards:
                 "extract the images again with the run's settings (or pass the image source instead)"
             )
 
-    def iter_content(self, files: list[Path] | None = None) -> Iterator[KeyBatch]:
-        """Yield one :class:`KeyBatch` per Parquet row group with the stored content keys (patch order)."""
-        for path in files if files is not None else self.files():
-            try:
-                pf = pq.ParquetFile(path)
-            except (OSError, pa.ArrowInvalid) as e:
-                raise PipelineError(f"cannot read shard {path} ({e}); extract again") from None
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["image_id", "label", "patch_keys"])
-                yield KeyBatch(
-                    t.column("image_id").to_numpy().astype(np.int64),
-                    t.column("label").to_numpy().astype(np.int64),
-                    patch_matrix(t.column("patch_keys"), self.patches_per_image),
-                )
+    def _open(self, path: Path) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise PipelineError(f"cannot read shard {path} ({e}); extract again") from None
 
-    def iter_batches(self, files: list[Path] | None = None) -> Iterator[KeyBatch]:
-        """Yield one :class:`KeyBatch` per Parquet row group with keys in key order, shard by shard."""
+    def row_groups(self) -> list[tuple[Path, int]]:
+        """Every (shard file, row group) in order: the unit a shuffled reader permutes."""
+        return [(path, rg) for path in self.files() for rg in range(self._open(path).num_row_groups)]
+
+    def iter_content(self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None) -> Iterator[KeyBatch]:
+        """Yield one :class:`KeyBatch` per Parquet row group with the stored content keys (patch order).
+
+        ``groups`` reads exactly those (file, row group) pairs in that order; else every row
+        group of ``files`` (default all shards) in order.
+        """
+        if groups is None:
+            groups = [(path, rg) for path in (files if files is not None else self.files()) for rg in range(self._open(path).num_row_groups)]
+        opened: dict[Path, pq.ParquetFile] = {}
+        for path, rg in groups:
+            pf = opened.get(path) or opened.setdefault(path, self._open(path))
+            t = pf.read_row_group(rg, columns=["image_id", "label", "patch_keys"])
+            yield KeyBatch(
+                t.column("image_id").to_numpy().astype(np.int64),
+                t.column("label").to_numpy().astype(np.int64),
+                patch_matrix(t.column("patch_keys"), self.patches_per_image),
+            )
+
+    def iter_batches(self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None) -> Iterator[KeyBatch]:
+        """Yield one :class:`KeyBatch` per Parquet row group with keys in key order (see :meth:`iter_content`)."""
         plan = self.plan()
-        for b in self.iter_content(files):
+        for b in self.iter_content(files, groups):
             yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys))
 
 

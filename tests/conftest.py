@@ -29,7 +29,7 @@ def digits_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_run(digits_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_run") / "run"
-    pipeline.train(pipeline.Shards(digits_shards), out, TrainConfig(epochs=4, rows=1 << 16, dim=16))
+    pipeline.train(pipeline.Shards(digits_shards), out, TrainConfig(epochs=4, dim=16))
     return out
 
 

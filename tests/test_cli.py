@@ -31,9 +31,9 @@ def trained(tmp_path_factory):
     r = run("extract", "digits", "--out", root / "shards")
     assert r.exit_code == 0, r.output
     assert "898 images (8x8, 1 channel(s)), 396,018 patches (792,036 keys) in 1 shard(s)" in r.stdout
-    r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--rows", "65536", "--dim", "16")
+    r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--dim", "16")
     assert r.exit_code == 0, r.output
-    assert "epoch 2: train loss" in r.output and "patterns seen in training" in r.stdout
+    assert "epoch 2: train loss" in r.output and "run written to" in r.stdout and "distinct keys" in r.stdout
     return root
 
 
@@ -125,7 +125,7 @@ def test_cifar_archive_end_to_end(tmp_path):
     r = run("extract", CIFAR_TAR, "--per-class", "6", "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
     assert "60 images (32x32, 3 channel(s)), 518,940 patches" in r.stdout
-    r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--rows", "65536", "--dim", "8", "--val-fraction", "0.2")
+    r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--val-fraction", "0.2")
     assert r.exit_code == 0, r.output
     r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 20

@@ -12,7 +12,6 @@ import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline import index as pattern_index
 from pipeline.hashing import KeyPlan
-from pipeline.model import key_rows
 from pipeline.trainer import is_validation
 
 from .conftest import digits_images, write_folder
@@ -56,12 +55,14 @@ def test_png_query_gives_the_same_keys_as_the_source(digits_run, tmp_path):
 
 
 def test_training_lowers_the_loss(digits_shards, tmp_path):
-    m = pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "r", TrainConfig(epochs=3, rows=1 << 14, dim=8))
+    m = pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "r", TrainConfig(epochs=3, dim=8))
     lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     assert lines[-1]["val_loss"] < lines[0]["val_loss"]
-    assert m["final"] == lines[-1]
+    assert m["final"] == lines[m["best_epoch"] - 1]
+    assert (tmp_path / "r" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 def test_sparse_update_touches_only_rows_of_the_batch():
@@ -71,15 +72,15 @@ def test_sparse_update_touches_only_rows_of_the_batch():
     model = PatchBagModel(100, 4, 3)
     before = model.table.weight.detach().clone()
     opt = torch.optim.SparseAdam(list(model.table.parameters()), lr=0.1)
-    rows = torch.tensor([[1, 5, 7], [7, 9, 9]])
-    torch.nn.functional.cross_entropy(model(rows), torch.tensor([0, 2])).backward()
+    rows, offsets, counts = torch.tensor([1, 5, 7, 7, 9]), torch.tensor([0, 3, 5]), torch.tensor([1.0, 1, 1, 1, 2])
+    torch.nn.functional.cross_entropy(model(rows, offsets, counts), torch.tensor([0, 2])).backward()
     assert model.table.weight.grad.is_sparse
     opt.step()
     changed = set(torch.nonzero((model.table.weight.detach() != before).any(1)).ravel().tolist())
     assert changed == {1, 5, 7, 9}
 
 
-def test_pattern_table_matches_exact_count(digits_run, digits_shards):
+def test_vocabulary_and_pattern_table_match_exact_count(digits_run, digits_shards):
     run = pipeline.load(digits_run)
     sh = pipeline.open_shards(digits_shards)
     counts: Counter = Counter()
@@ -89,10 +90,14 @@ def test_pattern_table_matches_exact_count(digits_run, digits_shards):
         for keys, lab in zip(b.keys[train], b.labels[train]):
             counts.update(keys.tolist())
             per_class.setdefault(int(lab), Counter()).update(keys.tolist())
+    min_count = run.train_config.min_count
+    vocab = sorted(k for k, c in counts.items() if c >= min_count)
+    stats = run.manifest["vocabulary"]
+    assert stats["distinct_keys"] == len(counts) and stats["vocabulary"] == len(vocab) == run.manifest["patterns"]
+    assert stats["tail_keys"] == len(counts) - len(vocab) and stats["occurrences"] == sum(counts.values())
     p = run.patterns
-    assert len(p["key"]) == len(counts) == run.manifest["patterns"]
-    assert np.all(np.diff(p["key"].astype(object)) > 0)
-    for i in np.random.default_rng(0).choice(len(counts), 500, replace=False):
+    assert p["key"].tolist() == vocab
+    for i in np.random.default_rng(0).choice(len(vocab), 500, replace=False):
         k = int(p["key"][i])
         assert p["count"][i] == counts[k]
         assert p["class_counts"][i].tolist() == [per_class[c][k] for c in range(10)]
@@ -113,7 +118,8 @@ def test_flat_index_equals_brute_force(tmp_path):
 def test_index_vectors_are_the_learned_rows(digits_run):
     run = pipeline.load(digits_run)
     ids = np.array([0, 17, len(run.patterns["key"]) - 1])
-    rows = key_rows(run.patterns["key"][ids], run.train_config.rows)
+    rows = run.vocab.rows_of(run.patterns["key"][ids])
+    assert rows.tolist() == ids.tolist()
     assert np.array_equal(run.index.reconstruct_batch(ids), run.table[rows])
 
 
@@ -140,7 +146,8 @@ def test_unseen_patch_vector_is_mean_of_seen_sub_patches(digits_run):
     ]
     assert not seen[slot]
     if parts:
-        expected = np.mean([run.table[int(keys[s]) % run.train_config.rows] for s in parts], axis=0)
+        row_of = {int(k): i for i, k in enumerate(run.patterns["key"].tolist())}  # pattern id = table row
+        expected = np.mean([run.table[row_of[int(keys[s])]] for s in parts], axis=0)
         assert composed[slot] and np.allclose(vectors[slot], expected, atol=1e-6)
     else:
         assert not composed[slot] and np.isnan(vectors[slot]).all()
