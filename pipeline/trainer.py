@@ -295,6 +295,7 @@ def train(
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
         history, best = json.loads(ck["history"]), json.loads(ck["best"])
         start = ck["epoch"] + 1
+        del ck  # a second copy of the table and optimizer state
         log.info("resuming %s at epoch %d", out, start)
     metrics_path = out / layout.METRICS
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -320,6 +321,7 @@ def train(
             on_epoch(row)
     if not history:
         raise PipelineError(f"{out} trained no epoch; raise --epochs")
+    del model, opts  # the table and its optimizer state; the best epoch is reloaded from model.pt
     state = torch.load(out / layout.MODEL, map_location="cpu", weights_only=True)
     final = build_model(config, v.rows, num_classes)
     final.load_state_dict(state)
