@@ -31,9 +31,8 @@ from . import layout
 from .config import HASH_VERSION, ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
-from .images import BadImage
 from .shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
-from .sources import RawImage, Source, bad_image_error, decode_raw, size_error
+from .sources import RawImage, Source, decode_checked
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class ShardTask:
     index: int
     total: int
     out: str
-    config: dict
+    config: ExtractConfig
     height: int
     width: int
     compression: str
@@ -68,14 +67,13 @@ class ShardTask:
 
 
 @lru_cache(maxsize=4)
-def _plan(config_json: tuple, height: int, width: int) -> KeyPlan:
-    return KeyPlan(ExtractConfig.from_dict(dict(config_json)), height, width)
+def _plan(config: ExtractConfig, height: int, width: int) -> KeyPlan:
+    return KeyPlan(config, height, width)  # one plan per worker process, not one per shard
 
 
 def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     """Decode, hash and write the images of one shard; returns the shard's record."""
-    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in task.config.items()))
-    plan = _plan(items, task.height, task.width)
+    plan = _plan(task.config, task.height, task.width)
     config = plan.config
     out = Path(task.out)
     path = out / layout.shard_name(task.index, task.total)
@@ -97,17 +95,12 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
 
     try:
         for raw in task.images:
-            try:
-                arr = decode_raw(raw, config.channels, config.resize)
-            except BadImage as e:
-                if not task.skip_bad:
-                    raise bad_image_error(raw.name, str(e)) from None
+            arr = decode_checked(raw, config.channels, config.resize, task.skip_bad, (task.height, task.width))
+            if arr is None:
                 skipped.append(raw.name)
                 if progress:
                     progress(1, 0)
                 continue
-            if arr.shape[:2] != (task.height, task.width):
-                raise size_error(raw.name, arr.shape, (task.height, task.width))
             buf.append(raw)
             pixels.append(arr)
             if len(buf) == per_group:
@@ -168,9 +161,8 @@ def _prepare(out: Path, job: dict, overwrite: bool) -> dict | None:
                 "pass --overwrite to replace it, rerun with the same arguments, or choose another directory"
             )
         raise PipelineError(f"--out {out} already holds other files; pass --overwrite to replace them or choose another directory")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not (out / layout.EXTRACT_JOB).exists() or overwrite:
+        layout.prepare_output_dir(out, overwrite, layout.MANIFEST, "extract")
     (out / layout.PROGRESS_DIR).mkdir(exist_ok=True)
     if not (out / layout.EXTRACT_JOB).exists():
         layout.write_json(out / layout.EXTRACT_JOB, job)
@@ -293,7 +285,7 @@ def extract(
         progress(sum(r["rows"] + len(r["skipped"]) for r in done.values()), sum(r["patches"] for r in done.values()))
 
     def make(index: int, images: list[RawImage]) -> ShardTask:
-        return ShardTask(index, total, str(out), config.to_dict(), height, width, compression, source.skip_bad, images)
+        return ShardTask(index, total, str(out), config, height, width, compression, source.skip_bad, images)
 
     tasks = _tasks(source, per_shard, done, make)
     if workers == 1:

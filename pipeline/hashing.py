@@ -137,11 +137,13 @@ class KeyPlan:
         offset = 0
         patch_offset = 0
         shapes = config.shape_list()
+        shape_offsets = []
         for h, w in shapes:
             ny, nx = (height - h) // stride + 1, (width - w) // stride + 1
             for mode in config.position_modes:
                 blocks.append(_Block(h, w, mode, offset, patch_offset, ny, nx))
                 offset += ny * nx
+            shape_offsets.append(patch_offset)
             patch_offset += ny * nx
         self.blocks: list[_Block] = blocks
         self.keys_per_image = offset
@@ -156,8 +158,7 @@ class KeyPlan:
         self._block_index = {(b.h, b.w, b.mode): b for b in blocks}
         self._shape_h = np.array([h for h, _ in shapes], dtype=np.int64)
         self._shape_w = np.array([w for _, w in shapes], dtype=np.int64)
-        firsts = [b for b in blocks if b.mode == config.position_modes[0]]
-        self._shape_offsets = np.array([b.patch_offset for b in firsts], dtype=np.int64)
+        self._shape_offsets = np.array(shape_offsets, dtype=np.int64)
         self._shape_mix = np.array([self._mix(h, w, -1) for h, w in shapes], dtype=np.uint64)
 
     # -- hashing

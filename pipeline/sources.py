@@ -76,6 +76,22 @@ def decode_raw(raw: RawImage, channels: int | None, resize: tuple[int, int] | No
     return decode(raw.data, channels, resize)
 
 
+def decode_checked(
+    raw: RawImage, channels: int, resize: tuple[int, int] | None, skip_bad: bool, size: tuple[int, ...] | None = None
+) -> np.ndarray | None:
+    """Pixels of ``raw``, or None when it is unreadable and ``skip_bad``; raises when unreadable otherwise,
+    or when it is not ``size`` (height, width)."""
+    try:
+        arr = decode_raw(raw, channels, resize)
+    except BadImage as e:
+        if skip_bad:
+            return None
+        raise bad_image_error(raw.name, str(e)) from None
+    if size is not None and arr.shape[:2] != tuple(size):
+        raise size_error(raw.name, arr.shape, size)
+    return arr
+
+
 def bad_image_error(name: str, reason: str) -> PipelineError:
     return PipelineError(f"cannot read {name}: {reason}; fix or remove the file, or pass --skip-bad to skip it")
 
@@ -160,17 +176,11 @@ class Source:
         for item in self._items():
             if item.index < start:
                 continue
-            try:
-                arr = self._decode(item, channels, resize)
-            except BadImage as e:
-                if self.skip_bad:
-                    self.skipped.append(item.name)
-                    continue
-                raise self._bad(item, e) from None
-            if size is None:
-                size = arr.shape[:2]
-            elif arr.shape[:2] != size:
-                raise size_error(item.name, arr.shape, size)
+            arr = decode_checked(self._raw(item), channels, resize, self.skip_bad, size)
+            if arr is None:
+                self.skipped.append(item.name)
+                continue
+            size = size or arr.shape[:2]
             imgs.append(arr)
             labels.append(item.label)
             ids.append(item.index)
