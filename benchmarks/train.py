@@ -5,7 +5,7 @@
 
 Both sides train on the same shards (the first ``--per-class`` images of each
 class of the shared archive, default extract config) for the same number of
-epochs, and are validated on the same held-out images (trainer.is_validation).
+epochs, and are validated on the same held-out images (bags.is_validation).
 Each side runs in its own process, so each peak memory is its own.
 
 * baseline: the plain loop. ``EmbeddingBag(mode="mean", sparse=True)`` over each
@@ -37,7 +37,7 @@ _BASELINE = """
 import sys, time, numpy as np, torch
 sys.path.insert(0, {root!r})
 import pipeline
-from pipeline.trainer import part_batches
+from pipeline.bags import part_batches
 sh = pipeline.open_shards({shards!r})
 torch.manual_seed(0)
 rng = np.random.default_rng(0)

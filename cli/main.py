@@ -74,6 +74,7 @@ def source_options(f):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/shards"), show_default=True, help="Shard directory to write.")
 @source_options
 @click.option("--levels", type=int, default=4, show_default=True, help="Quantization levels per channel.")
+@click.option("--views", default="levels", show_default=True, help="Quantizations hashed side by side, e.g. levels,norm:3 ('norm' stretches each image's contrast first; ':N' sets its levels).")
 @click.option("--color", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True, help="Channels hashed; auto = as the first image.")
 @click.option("--max-size", default="3", show_default=True, help="Largest patch, N or HxW (the full image size is allowed).")
 @click.option("--shapes", default="rect", show_default=True, help="rect = every HxW up to --max-size; square = squares only; or a list such as 1x1,2x2,1x3.")
@@ -82,13 +83,14 @@ def source_options(f):
 @click.option("--grid", type=int, default=4, show_default=True, help="Grid cells per side for --position grid/both.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Hash seed.")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
+@click.option("--augment", default="none", show_default=True, help="Extra copies of each image: flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes that decode, hash and write shards.")
 @click.option("--compression", type=click.Choice(["snappy", "lz4", "zstd", "none"]), default="snappy", show_default=True, help="Parquet codec of the shards.")
 @click.option("--images-per-shard", type=int, default=None, help="Images per Parquet file [about 8M patches' worth].")
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, color, max_size, shapes, stride, position, grid, seed, resize, workers, compression, images_per_shard, audit, audit_images, overwrite):
+def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, seed, resize, augment, workers, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -101,19 +103,21 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, color, max_s
     """
     mh, mw = _size(max_size, "--max-size")
     config = ExtractConfig(
-        levels=levels, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
+        levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
         resize=_size(resize, "--resize"),
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
     with _bar(len(src), "img", "extract") as bar:
         m = pipeline.extract(
             src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers,
-            compression=compression, progress=_patch_progress(bar),
+            compression=compression, progress=_patch_progress(bar), augment=augment,
         )
     resumed = m["resumed_shards"]
     note = " (already complete)" if resumed == len(m["shards"]) else (f" ({resumed} shard(s) kept from an interrupted run)" if resumed else "")
     click.echo(
-        f"{m['images']} images ({m['height']}x{m['width']}, {m['channels']} channel(s)), {m['patches']:,} patches "
+        f"{m['images']} images"
+        + (f" (with {m['variants_per_image']} augmented copies each)" if m.get("variants_per_image") else "")
+        + f" ({m['height']}x{m['width']}, {m['channels']} channel(s)), {m['patches']:,} patches "
         f"({m['keys']:,} keys) in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB "
         f"({m['bytes_per_patch']:.2f} B/patch) -> {out}{note}"
         + (f" ({len(m['skipped'])} unreadable file(s) skipped)" if m["skipped"] else "")
@@ -168,6 +172,8 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--lr", "Learning rate of the table.")
 @_train_option("--head-lr", "Adam learning rate of the head.")
 @_train_option("--init-std", "Standard deviation of the table's initial values.")
+@_train_option("--vocab-mb", "Memory for counting keys (MB); past it the count takes several passes over key ranges.")
+@_train_option("--cache-mb", "Memory for keeping every image's bags after the first epoch (MB); 0 = read the shards every epoch.")
 @_train_option("--val-fraction", "Share of images held out for validation.")
 @_train_option("--seed", "Seed for initialisation, shuffling and dropout.")
 @_train_option("--device", "auto = CUDA when present.", type=click.Choice(["auto", "cpu", "cuda"]))

@@ -16,7 +16,7 @@ from .errors import PipelineError
 from .extract import extract
 from .hashing import KeyPlan
 from .shards import Shards
-from .sources import Source, open_source
+from .sources import Source, from_arrays, open_source
 
 # torch-backed parts load on first use, so extract workers and `pipe extract` never import torch
 _LAZY = {"PatchLookup": ".run", "Run": ".run", "load": ".run", "train": ".trainer"}
@@ -52,6 +52,7 @@ __all__ = [
     "train",
     "load",
     "open_source",
+    "from_arrays",
     "open_shards",
     "locate",
 ]

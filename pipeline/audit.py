@@ -104,9 +104,11 @@ def audit(
         raise ValueError("bits must be in 1..64")
     config = resolve(config, source)
     plan: KeyPlan | None = None
-    sym_bits = max(1, math.ceil(math.log2(config.levels ** config.channels)))
+    views = config.view_list()
+    sym_bits = [max(1, math.ceil(math.log2(lv**config.channels))) for _, lv in views]
     mask = np.uint64((1 << bits) - 1) if bits < 64 else None
-    shapes = config.shape_list()
+    # one unit per (view, shape): keys of different views never share content by construction
+    shapes = [(v, h, w) for v in range(len(views)) for h, w in config.shape_list()]
     contents = {s: _Distinct() for s in shapes}
     keys = {s: _Distinct() for s in shapes}
     images = patches = 0
@@ -121,10 +123,10 @@ def audit(
         if mask is not None:
             content_keys &= mask
         offset = 0
-        for h, w in shapes:
+        for v, h, w in shapes:
             n = ((plan.height - h) // config.stride + 1) * ((plan.width - w) // config.stride + 1)
-            keys[(h, w)].add(content_keys[:, offset : offset + n].ravel())
-            contents[(h, w)].add(_contents(syms, h, w, config.stride, sym_bits))
+            keys[(v, h, w)].add(content_keys[:, offset : offset + n].ravel())
+            contents[(v, h, w)].add(_contents(syms[:, v], h, w, config.stride, sym_bits[v]))
             offset += n
         images += len(imgs)
         patches += content_keys.size
@@ -138,7 +140,8 @@ def audit(
         nc = len(contents[s].values())
         all_keys.add(kv)
         distinct_contents += nc
-        per_shape.append({"shape": f"{s[0]}x{s[1]}", "distinct_contents": nc, "distinct_keys": len(kv), "collisions": nc - len(kv)})
+        name = f"{s[1]}x{s[2]}" if len(views) == 1 else f"{config.views.split(',')[s[0]]} {s[1]}x{s[2]}"
+        per_shape.append({"shape": name, "distinct_contents": nc, "distinct_keys": len(kv), "collisions": nc - len(kv)})
     distinct_keys = len(all_keys.values())
     return {
         "images": images,

@@ -22,6 +22,28 @@ POSITIONS = ("none", "grid", "both")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+VIEW_KINDS = ("levels", "norm")
+
+
+def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
+    """Parse ``'levels,norm:3'`` into (kind, levels) pairs; a bare kind uses ``levels``."""
+    out = []
+    for part in text.split(","):
+        kind, _, n = part.strip().lower().partition(":")
+        try:
+            lv = int(n) if n else levels
+        except ValueError:
+            lv = -1
+        if kind not in VIEW_KINDS or not 2 <= lv <= 256:
+            raise PipelineError(
+                f"--views {text!r}: {part.strip()!r} is not a view; use levels or norm, optionally with :N levels (2..256), e.g. levels,norm:3"
+            )
+        if (kind, lv) in out:
+            raise PipelineError(f"--views {text!r} lists {kind}:{lv} twice")
+        out.append((kind, lv))
+    return out
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """Parse an explicit shape list ``'1x1,2x3,4'`` (N means NxN) into sorted unique (h, w) pairs."""
     shapes = set()
@@ -53,6 +75,7 @@ class ExtractConfig:
     grid: int = 4  # cells per side of the position grid [4]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
+    views: str = "levels"  # quantizations hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels [levels]
 
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 256:
@@ -77,6 +100,8 @@ class ExtractConfig:
             raise PipelineError(f"--grid {self.grid} is out of range; use 1 to 255")
         if not 0 <= self.seed < 1 << 32:
             raise PipelineError(f"--seed {self.seed} is out of range; use 0 to 2**32-1")
+        views = parse_views(self.views, self.levels)
+        object.__setattr__(self, "views", ",".join(k if lv == self.levels else f"{k}:{lv}" for k, lv in views))
         if self.resize is not None:
             h, w = self.resize
             if h < 1 or w < 1:
@@ -93,6 +118,10 @@ class ExtractConfig:
     def position_modes(self) -> tuple[str, ...]:
         """The key kinds emitted per patch, in canonical order."""
         return {"none": ("none",), "grid": ("grid",), "both": ("none", "grid")}[self.position]
+
+    def view_list(self) -> list[tuple[str, int]]:
+        """Every view (kind, levels), in the order their patches are stored."""
+        return parse_views(self.views, self.levels)
 
     def shape_list(self) -> list[tuple[int, int]]:
         """Every patch shape (h, w), in canonical order: h ascending, then w ascending."""
@@ -128,7 +157,10 @@ class ExtractConfig:
         """A short stable digest of everything that decides the keys."""
         if self.color == "auto":
             raise PipelineError("cannot fingerprint an extract config whose color is still 'auto'")
-        payload = json.dumps({"hash": HASH_VERSION, **self.to_dict()}, sort_keys=True)
+        d = self.to_dict()
+        if d["views"] == "levels":  # the single default view hashes as before views existed
+            del d["views"]
+        payload = json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -154,6 +186,8 @@ class TrainConfig:
     lr: float = 0.5  # learning rate of the table [0.5]
     head_lr: float = 0.01  # Adam learning rate of the head [0.01]
     init_std: float = 0.001  # standard deviation of the table's initial values [0.001]
+    vocab_mb: int = 4096  # memory for counting keys; past it the count is split into passes over key ranges [4096]
+    cache_mb: int = 4096  # memory for keeping every image's bags after the first epoch; 0 = read the shards every epoch [4096]
     val_fraction: float = 0.1  # share of images held out for validation, chosen by a hash of image_id [0.1]
     seed: int = 0  # seed for initialisation, shuffling and dropout [0]
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda' [auto]
@@ -191,6 +225,10 @@ class TrainConfig:
             raise PipelineError("learning rates must be positive")
         if self.init_std < 0:
             raise PipelineError(f"--init-std {self.init_std} must be 0 or more")
+        if self.vocab_mb < 64:
+            raise PipelineError(f"--vocab-mb {self.vocab_mb} must be at least 64")
+        if self.cache_mb < 0:
+            raise PipelineError(f"--cache-mb {self.cache_mb} must be 0 (no cache) or more")
         if not 0.0 <= self.val_fraction < 1.0:
             raise PipelineError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.device not in DEVICES:

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import augment as augment_mod
 from . import layout
 from .config import HASH_VERSION, ExtractConfig
 from .errors import PipelineError
@@ -64,6 +65,7 @@ class ShardTask:
     compression: str
     skip_bad: bool
     images: list[RawImage]
+    augment: str = "none"
 
 
 @lru_cache(maxsize=4)
@@ -80,18 +82,20 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     writer = ShardWriter(path, schema(plan.patches_per_image, config), task.compression)
     per_group = max(1, PATCHES_PER_ROW_GROUP // plan.patches_per_image)
     skipped: list[str] = []
-    buf: list[RawImage] = []
+    buf: list[tuple[int, int, str]] = []  # (image id, label, name) of each row
     pixels: list[np.ndarray] = []
+    originals = written = 0
 
     def flush() -> None:
+        nonlocal originals, written
+        written += originals
         keys = plan.content_keys(plan.symbols(np.stack(pixels)))
-        writer.write(
-            np.array([r.index for r in buf], np.int64), np.array([r.label for r in buf], np.int32), [r.name for r in buf], keys
-        )
+        writer.write(np.array([b[0] for b in buf], np.int64), np.array([b[1] for b in buf], np.int32), [b[2] for b in buf], keys)
         if progress:
-            progress(len(buf), keys.size)
+            progress(originals, keys.size)
         buf.clear()
         pixels.clear()
+        originals = 0
 
     try:
         for raw in task.images:
@@ -101,9 +105,13 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
                 if progress:
                     progress(1, 0)
                 continue
-            buf.append(raw)
+            buf.append((raw.index, raw.label, raw.name))
             pixels.append(arr)
-            if len(buf) == per_group:
+            originals += 1
+            for v, var in enumerate(augment_mod.variants(arr, task.augment), start=1):
+                buf.append((raw.index + v * augment_mod.VARIANT_STRIDE, raw.label, f"{raw.name}#{v}"))
+                pixels.append(var)
+            if len(buf) >= per_group:
                 flush()
         if buf:
             flush()
@@ -111,7 +119,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     except BaseException:
         writer.abort()
         raise
-    record.update(index=task.index, skipped=skipped)
+    record.update(index=task.index, skipped=skipped, originals=written)
     layout.write_json(_progress_path(out, task.index), record)
     return record
 
@@ -231,7 +239,7 @@ def _collect(finished: set[Future], progress: Progress | None) -> list[dict]:
     for f in finished:
         rec = f.result()  # re-raises a worker's PipelineError here
         if progress:
-            progress(rec["rows"] + len(rec["skipped"]), rec["patches"])
+            progress(rec["originals"] + len(rec["skipped"]), rec["patches"])
         out.append(rec)
     return out
 
@@ -245,6 +253,7 @@ def extract(
     workers: int = 1,
     compression: str = DEFAULT_CODEC,
     progress: Progress | None = None,
+    augment: str = "none",
 ) -> dict:
     """Hash every patch of every image of ``source`` into shards under ``out``; returns the manifest.
 
@@ -257,13 +266,14 @@ def extract(
         raise PipelineError(f"--workers {workers} must be at least 1")
     if images_per_shard is not None and images_per_shard < 1:
         raise PipelineError(f"--images-per-shard {images_per_shard} must be at least 1")
+    copies = 1 + augment_mod.count(augment)  # validates the spec
     out = Path(out)
     t0 = time.time()
     config = resolve(config, source)
     height, width = _first_size(source, config)
     plan = KeyPlan(config, height, width)
     p = plan.patches_per_image
-    per_shard = images_per_shard or max(1, min(len(source), PATCHES_PER_SHARD // p))
+    per_shard = images_per_shard or max(1, min(len(source), PATCHES_PER_SHARD // (p * copies)))
     total = math.ceil(len(source) / per_shard)
     job = {
         "format": FORMAT,
@@ -275,6 +285,7 @@ def extract(
         "images_per_shard": per_shard,
         "shards": total,
         "compression": compression,
+        "augment": augment,
     }
     finished_manifest = _prepare(out, job, overwrite)
     if finished_manifest is not None:
@@ -282,10 +293,10 @@ def extract(
         return dict(finished_manifest, resumed_shards=len(finished_manifest["shards"]))
     done = _finished(out, total)
     if done and progress:
-        progress(sum(r["rows"] + len(r["skipped"]) for r in done.values()), sum(r["patches"] for r in done.values()))
+        progress(sum(r["originals"] + len(r["skipped"]) for r in done.values()), sum(r["patches"] for r in done.values()))
 
     def make(index: int, images: list[RawImage]) -> ShardTask:
-        return ShardTask(index, total, str(out), config, height, width, compression, source.skip_bad, images)
+        return ShardTask(index, total, str(out), config, height, width, compression, source.skip_bad, images, augment)
 
     tasks = _tasks(source, per_shard, done, make)
     if workers == 1:
@@ -314,6 +325,8 @@ def extract(
         "width": width,
         "channels": config.channels,
         "images": images,
+        "augment": augment,
+        "variants_per_image": copies - 1,
         "skipped": [name for r in shards for name in r["skipped"]],
         "keys_per_image": plan.keys_per_image,
         "patches_per_image": p,

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import kernels
 from .config import ExtractConfig
-from .pixels import symbols
+from .pixels import view_symbols
 
 MASK = (1 << 64) - 1
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
@@ -64,14 +64,20 @@ def grid_cell(y: int, x: int, h: int, w: int, height: int, width: int, grid: int
     return cy * grid + cx
 
 
-def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int, seed: int = 0) -> int:
-    """The key of one patch, computed directly from its definition (slow; for tests and the spec)."""
+def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int, seed: int = 0, view: int = 0) -> int:
+    """The key of one patch, computed directly from its definition (slow; for tests and the spec).
+
+    ``symbols`` is the H x W plane of view ``view``.
+    """
     y, x, h, w, cell = int(y), int(x), int(h), int(w), int(cell)
+    salt = (PIXEL_SALT * (seed + 1)) & MASK
+    if view:
+        salt = fmix64_int(salt + view)
     c = 0
     for i in range(h):
         for j in range(w):
             s = int(symbols[y + i, x + j])
-            r = fmix64_int(s + PIXEL_SALT * (seed + 1))
+            r = fmix64_int(s + salt)
             c = (c + r * pow(A, i, 1 << 64) * pow(B, j, 1 << 64)) & MASK
     t = fmix64_int(tag_of(h, w, cell) + TAG_SALT * (seed + 1))
     return fmix64_int(c ^ t)
@@ -110,6 +116,7 @@ class _Block:
     h: int
     w: int
     mode: str  # 'none' or 'grid'
+    view: int  # index into config.view_list()
     offset: int  # first key slot of the block
     patch_offset: int  # first patch of this shape in the patch order
     ny: int  # locations down: (height - h) // stride + 1
@@ -119,12 +126,16 @@ class _Block:
 class KeyPlan:
     """Everything needed to hash images of one size under one :class:`ExtractConfig`.
 
-    Two orders matter. The **patch order** lists every patch once: for each shape of
+    Two orders matter. The **patch order** lists every patch once: for each view of
+    ``config.view_list()`` (a quantization of the image), for each shape of
     ``config.shape_list()``, every location (y, x) in row-major order (steps of
     ``config.stride``). Shards store one position-free *content key* per patch in that
-    order. The **key order** (``slot`` numbers) is what training sees: for each shape,
-    for each mode of ``config.position_modes``, every location; :meth:`expand` derives it
-    from the content keys.
+    order. The **key order** (``slot`` numbers) is what training sees: for each view,
+    for each shape, for each mode of ``config.position_modes``, every location;
+    :meth:`expand` derives it from the content keys.
+
+    View 0 hashes with the pixel salt of docs/hashing.md; view v > 0 with
+    ``fmix64(salt + v)``, so the same symbols in two views give unrelated keys.
     """
 
     def __init__(self, config: ExtractConfig, height: int, width: int):
@@ -137,25 +148,30 @@ class KeyPlan:
         offset = 0
         patch_offset = 0
         shapes = config.shape_list()
+        self.views = config.view_list()
         shape_offsets = []
-        for h, w in shapes:
-            ny, nx = (height - h) // stride + 1, (width - w) // stride + 1
-            for mode in config.position_modes:
-                blocks.append(_Block(h, w, mode, offset, patch_offset, ny, nx))
-                offset += ny * nx
-            shape_offsets.append(patch_offset)
-            patch_offset += ny * nx
+        for view in range(len(self.views)):
+            for h, w in shapes:
+                ny, nx = (height - h) // stride + 1, (width - w) // stride + 1
+                for mode in config.position_modes:
+                    blocks.append(_Block(h, w, mode, view, offset, patch_offset, ny, nx))
+                    offset += ny * nx
+                if view == 0:
+                    shape_offsets.append(patch_offset)
+                patch_offset += ny * nx
         self.blocks: list[_Block] = blocks
         self.keys_per_image = offset
         self.patches_per_image = patch_offset
+        self.patches_per_view = patch_offset // len(self.views)
         seed = config.seed
-        self._pixel_salt = _U((PIXEL_SALT * (seed + 1)) & MASK)
+        base = (PIXEL_SALT * (seed + 1)) & MASK
+        self._pixel_salts = [_U(base if v == 0 else fmix64_int(base + v)) for v in range(len(self.views))]
         self._tag_salt = (TAG_SALT * (seed + 1)) & MASK
         self._pow_a = _powers(A, height + 1)
         self._pow_b = _powers(B, width + 1)
         self._inv_a = _powers(A_INV, height + 1)
         self._inv_b = _powers(B_INV, width + 1)
-        self._block_index = {(b.h, b.w, b.mode): b for b in blocks}
+        self._block_index = {(b.view, b.h, b.w, b.mode): b for b in blocks}
         self._shape_h = np.array([h for h, _ in shapes], dtype=np.int64)
         self._shape_w = np.array([w for _, w in shapes], dtype=np.int64)
         self._shape_offsets = np.array(shape_offsets, dtype=np.int64)
@@ -191,19 +207,23 @@ class KeyPlan:
         return source, delta
 
     def symbols(self, images: np.ndarray) -> np.ndarray:
-        """N x H x W x C uint8 images (already in the config's channel count) -> N x H x W symbols."""
-        return symbols(images, self.config.levels)
+        """N x H x W x C uint8 images (already in the config's channel count) -> N x V x H x W symbols, one plane per view."""
+        return view_symbols(images, self.views)
 
     def content_keys(self, syms: np.ndarray) -> np.ndarray:
-        """One position-free key per patch: N x H x W symbols -> N x patches_per_image uint64."""
-        if syms.shape[1:] != (self.height, self.width):
-            raise ValueError(f"symbols of shape {syms.shape[1:]} do not match the plan's {self.height}x{self.width}")
+        """One position-free key per patch: N x V x H x W symbols (N x H x W with one view) -> N x patches_per_image uint64."""
+        if syms.ndim == 3 and len(self.views) == 1:
+            syms = syms[:, None]
+        if syms.ndim != 4 or syms.shape[1:] != (len(self.views), self.height, self.width):
+            raise ValueError(f"symbols of shape {syms.shape[1:]} do not match the plan's {len(self.views)} x {self.height}x{self.width}")
         out = np.empty((syms.shape[0], self.patches_per_image), dtype=np.uint64)
-        return kernels.content_keys(
-            np.ascontiguousarray(syms, dtype=np.uint64), self._pixel_salt, self._pow_a, self._pow_b,
-            self._inv_a, self._inv_b, self._shape_h, self._shape_w, self._shape_offsets, self._shape_mix,
-            self.config.stride, out,
-        )
+        for v, salt in enumerate(self._pixel_salts):
+            kernels.content_keys(
+                np.ascontiguousarray(syms[:, v], dtype=np.uint64), salt, self._pow_a, self._pow_b,
+                self._inv_a, self._inv_b, self._shape_h, self._shape_w, self._shape_offsets + v * self.patches_per_view,
+                self._shape_mix, self.config.stride, out,
+            )
+        return out
 
     def expand(self, content: np.ndarray) -> np.ndarray:
         """Keys in key order (N x keys_per_image) from content keys (N x patches_per_image)."""
@@ -228,7 +248,7 @@ class KeyPlan:
     @cached_property
     def slot_table(self) -> dict[str, np.ndarray]:
         """Per slot: y, x, h, w and cell (-1 for position-free keys), as int32 arrays."""
-        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell")}
+        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view")}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
             yy, xx = np.meshgrid(np.arange(b.ny) * self.config.stride, np.arange(b.nx) * self.config.stride, indexing="ij")
@@ -237,32 +257,33 @@ class KeyPlan:
             cols["h"][sl] = b.h
             cols["w"][sl] = b.w
             cols["cell"][sl] = -1 if b.mode == "none" else self._cells(b).ravel()
+            cols["view"][sl] = b.view
         return cols
 
     def locate(self, slots: np.ndarray | int) -> dict[str, np.ndarray]:
-        """Location (y, x, h, w, cell) of each slot of the canonical order."""
+        """Location (y, x, h, w, cell, view) of each slot of the canonical order."""
         idx = np.asarray(slots, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.keys_per_image):
             raise IndexError(f"slot out of range 0..{self.keys_per_image - 1}")
         return {k: v[idx] for k, v in self.slot_table.items()}
 
-    def slot_of(self, mode: str, y: int, x: int, h: int, w: int) -> int:
-        """The slot of the patch (y, x, h, w) in position mode ``mode``."""
-        b = self._block_index[(h, w, mode)]
+    def slot_of(self, mode: str, y: int, x: int, h: int, w: int, view: int = 0) -> int:
+        """The slot of the patch (y, x, h, w) in position mode ``mode`` of view ``view``."""
+        b = self._block_index[(view, h, w, mode)]
         st = self.config.stride
         if y % st or x % st or not (0 <= y // st < b.ny and 0 <= x // st < b.nx):
             raise IndexError(f"no {h}x{w} patch starts at ({y}, {x}) with stride {st}")
         return b.offset + (y // st) * b.nx + x // st
 
     def sub_slots(self, slot: int) -> np.ndarray:
-        """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode."""
+        """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode and view."""
         t = self.slot_table
-        y, x, h, w = (int(t[k][slot]) for k in ("y", "x", "h", "w"))
+        y, x, h, w, view = (int(t[k][slot]) for k in ("y", "x", "h", "w", "view"))
         mode = "none" if t["cell"][slot] < 0 else "grid"
         st = self.config.stride
         out = []
         for b in self.blocks:
-            if b.mode != mode or b.h > h or b.w > w or (b.h, b.w) == (h, w):
+            if b.mode != mode or b.view != view or b.h > h or b.w > w or (b.h, b.w) == (h, w):
                 continue
             cols = [xx // st for xx in range(x, x + w - b.w + 1) if xx % st == 0]
             for yy in range(y, y + h - b.h + 1):

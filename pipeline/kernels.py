@@ -100,124 +100,154 @@ def expand_keys(content, source, delta, out):
     return out
 
 
-# ------------------------------------------------------------------ key -> row tables (vocabulary)
+# ------------------------------------------------------------------ key -> value tables (counts, vocabulary rows)
+#
+# One open-addressing table (linear probing) of ``slots``, a (size, 2) uint64 array:
+# slots[i, 0] = key, slots[i, 1] = value + 1 (0 = empty slot). Key and value share a
+# cache line, so a look-up costs one cache miss, not one per array (measured: the
+# bag-building pass over CIFAR shards 2.1x faster than with separate key, used and
+# row arrays). Keys are uniform 64-bit hashes, so their low bits are the bucket.
+# Counting tables store count + 1 - 1 = the count itself (a counted key has count >= 1).
 
 @njit(inline="always")
-def _probe(tkeys, tused, key):
-    """Slot of ``key`` in an open-addressing table (linear probing): where it is, or the empty slot it would take."""
-    mask = tkeys.shape[0] - 1
+def _probe(slots, key):
+    """Slot of ``key``: where it is, or the empty slot it would take."""
+    mask = slots.shape[0] - 1
     i = np.int64(key & np.uint64(mask))
-    while tused[i] and tkeys[i] != key:
+    while slots[i, 1] != 0 and slots[i, 0] != key:
         i = (i + 1) & mask
     return i
 
 
 @njit(inline="always")
-def _row(tkeys, tused, trows, n_vocab, buckets, key):
+def _row(slots, n_vocab, buckets, key):
     """Row of one key: its own row if in the vocabulary, else ``n_vocab + key % buckets``, else -1."""
-    i = _probe(tkeys, tused, key)
-    if tused[i]:
-        return trows[i]
+    i = _probe(slots, key)
+    v = slots[i, 1]
+    if v != 0:
+        return np.int64(v) - 1
     if buckets > 0:
         return n_vocab + np.int64(key % np.uint64(buckets))
     return np.int64(-1)
 
 
 @njit(cache=True, nogil=True)
-def count_keys(keys, tkeys, tused, tcounts):
-    """Add every key of ``keys`` (any shape, uint64) to the counting table; returns how many keys were new.
+def count_keys(keys, slots, part_mask, part):
+    """Add the keys of ``keys`` (any shape, uint64) with ``key & part_mask == part`` to a counting
+    table (``part_mask = 0``: every key); returns how many keys were new.
 
-    The caller keeps the table at most half full (keys are already uniform 64-bit hashes,
-    so the low bits are the bucket).
+    The caller keeps the table at most half full.
     """
     flat = keys.ravel()
     new = 0
     for j in range(flat.shape[0]):
         k = flat[j]
-        i = _probe(tkeys, tused, k)
-        if not tused[i]:
-            tused[i] = True
-            tkeys[i] = k
+        if (k & part_mask) != part:
+            continue
+        i = _probe(slots, k)
+        if slots[i, 1] == 0:
+            slots[i, 0] = k
             new += 1
-        tcounts[i] += 1
+        slots[i, 1] += np.uint64(1)
     return new
 
 
 @njit(cache=True)
-def fill_table(keys, rows, tkeys, tused, trows):
+def add_counts(keys, counts, slots):
+    """Add ``counts[i]`` (>= 1) occurrences of ``keys[i]`` to a counting table (used when it grows)."""
+    for j in range(keys.shape[0]):
+        i = _probe(slots, keys[j])
+        slots[i, 0] = keys[j]
+        slots[i, 1] += np.uint64(counts[j])
+
+
+@njit(cache=True)
+def fill_table(keys, rows, slots):
     """Insert ``keys[i] -> rows[i]`` into an empty table."""
     for j in range(keys.shape[0]):
-        i = _probe(tkeys, tused, keys[j])
-        tused[i] = True
-        tkeys[i] = keys[j]
-        trows[i] = rows[j]
+        i = _probe(slots, keys[j])
+        slots[i, 0] = keys[j]
+        slots[i, 1] = np.uint64(rows[j] + 1)
 
 
 @njit(cache=True, nogil=True)
-def lookup_rows(keys, tkeys, tused, trows, n_vocab, buckets, out):
+def lookup_rows(keys, slots, n_vocab, buckets, out):
     """Row of every key: its own row if in the vocabulary, else ``n_vocab + key % buckets``, else -1."""
     flat = keys.ravel()
     o = out.ravel()
     for j in range(flat.shape[0]):
-        o[j] = _row(tkeys, tused, trows, n_vocab, buckets, flat[j])
+        o[j] = _row(slots, n_vocab, buckets, flat[j])
     return out
 
 
 @njit(cache=True, nogil=True)
-def bag_rows(keys, tkeys, tused, trows, n_vocab, buckets, stamp, where):
+def bag_rows(keys, slots, n_vocab, buckets, local, stamp, where):
     """Each image's keys (N x K) as a bag of distinct rows with counts, in CSR form.
 
-    Returns (rows, offsets N+1, counts); keys with no row (-1) are left out. ``stamp`` and
-    ``where`` are scratch arrays of the table's row count, ``stamp`` all -1 on entry and on exit.
+    Returns (rows, offsets N+1, counts); keys with no row (-1) are left out. Each image's
+    keys are first counted in ``local``, a small table (at least 2K slots, all zero on
+    entry and exit) that stays in cache, so the vocabulary's large table is probed once
+    per distinct key rather than once per patch. With ``buckets`` two keys can share a
+    row; ``stamp`` (all -1 on entry and exit) and ``where``, of the table's row count,
+    merge them.
     """
     n, k = keys.shape
     rows = np.empty(n * k, np.int64)
     counts = np.empty(n * k, np.float32)
     offsets = np.zeros(n + 1, np.int64)
+    dkeys = np.empty(k, np.uint64)
+    dslot = np.empty(k, np.int64)
+    dcount = np.zeros(k, np.float32)
     m = 0
     for a in range(n):
-        start = m
+        nd = 0
         for j in range(k):
-            r = _row(tkeys, tused, trows, n_vocab, buckets, keys[a, j])
+            key = keys[a, j]
+            i = _probe(local, key)
+            if local[i, 1] == 0:
+                local[i, 0] = key
+                local[i, 1] = np.uint64(nd + 1)
+                dkeys[nd] = key
+                dslot[nd] = i
+                dcount[nd] = 1.0
+                nd += 1
+            else:
+                dcount[np.int64(local[i, 1]) - 1] += 1.0
+        start = m
+        for d in range(nd):
+            local[dslot[d], 1] = 0
+            r = _row(slots, n_vocab, buckets, dkeys[d])
             if r < 0:
                 continue
-            if stamp[r] == a:
-                counts[where[r]] += 1.0
-            else:
+            if buckets > 0 and stamp[r] == a:
+                counts[where[r]] += dcount[d]
+                continue
+            if buckets > 0:
                 stamp[r] = a
                 where[r] = m
-                rows[m] = r
-                counts[m] = 1.0
-                m += 1
+            rows[m] = r
+            counts[m] = dcount[d]
+            m += 1
         offsets[a + 1] = m
-        for q in range(start, m):
-            stamp[rows[q]] = -1
+        if buckets > 0:
+            for q in range(start, m):
+                stamp[rows[q]] = -1
     return rows[:m].copy(), offsets, counts[:m].copy()
 
 
-@njit(cache=True)
-def add_counts(keys, counts, tkeys, tused, tcounts):
-    """Add ``counts[i]`` occurrences of ``keys[i]`` to a counting table (used when it grows)."""
-    for j in range(keys.shape[0]):
-        i = _probe(tkeys, tused, keys[j])
-        tused[i] = True
-        tkeys[i] = keys[j]
-        tcounts[i] += counts[j]
-
-
 @njit(cache=True, nogil=True)
-def pattern_stats(keys, labels, image_ids, tkeys, tused, trows, class_counts, first_image, first_slot):
+def pattern_stats(keys, labels, image_ids, slots, class_counts, first_image, first_slot, variant_stride):
     """Per vocabulary row: occurrences per class, and the first (image, slot) where it occurs."""
     n, k = keys.shape
     for a in range(n):
         lab = labels[a]
         for j in range(k):
-            i = _probe(tkeys, tused, keys[a, j])
-            if not tused[i]:
+            v = slots[_probe(slots, keys[a, j]), 1]
+            if v == 0:
                 continue
-            r = trows[i]
+            r = np.int64(v) - 1
             if lab >= 0:
                 class_counts[r, lab] += 1
-            if first_image[r] < 0:
+            if first_image[r] < 0 and image_ids[a] < variant_stride:  # examples from original images only
                 first_image[r] = image_ids[a]
                 first_slot[r] = j

@@ -62,3 +62,12 @@ def table_optimizer(name: str, param: torch.nn.Parameter, lr: float):
     if name == "sparseadam":
         return TorchSparse(param, torch.optim.SparseAdam([param], lr=lr))
     return TorchSparse(param, torch.optim.SGD([param], lr=lr))
+
+
+def cpu_table_step(opt, device: torch.device):
+    """The compiled CPU step for ``opt`` (:mod:`pipeline.table_kernels`) when it applies: Adagrad on the CPU."""
+    if not isinstance(opt, LazyAdagrad) or device.type != "cpu":
+        return None
+    from .table_kernels import CpuTableStep
+
+    return CpuTableStep(opt.weight.numpy(), opt.acc.numpy(), opt.lr, opt.eps)

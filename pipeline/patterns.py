@@ -26,6 +26,7 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan) -> pa.Table:
             "h": pa.array(loc["h"]),
             "w": pa.array(loc["w"]),
             "cell": pa.array(loc["cell"]),
+            "view": pa.array(loc["view"]),
             "count": pa.array(stats["count"]),
             "class_counts": pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), cc.shape[1]),
             "example_image": pa.array(stats["example_image"]),

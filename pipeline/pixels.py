@@ -64,3 +64,23 @@ def symbols(images: np.ndarray, levels: int) -> np.ndarray:
         scale = scale * np.uint64(levels)
         out += q[..., c] * scale
     return out
+
+
+def view_symbols(images: np.ndarray, views: list[tuple[str, int]]) -> np.ndarray:
+    """N x H x W x C uint8 images -> N x V x H x W symbols, one plane per view (kind, levels).
+
+    ``levels`` quantizes the pixels as they are; ``norm`` first stretches each image's
+    values linearly so its darkest value becomes 0 and its brightest 255 (all channels
+    together, so colours keep their ratios), which makes the codes independent of the
+    image's brightness and contrast.
+    """
+    out = np.empty((images.shape[0], len(views)) + images.shape[1:3], np.uint64)
+    for v, (kind, levels) in enumerate(views):
+        imgs = images
+        if kind == "norm":
+            flat = images.reshape(len(images), -1)
+            lo = flat.min(1).astype(np.int32)[:, None, None, None]
+            span = np.maximum(flat.max(1).astype(np.int32)[:, None, None, None] - lo, 1)
+            imgs = ((images.astype(np.int32) - lo) * 255 // span).astype(np.uint8)
+        out[:, v] = symbols(imgs, levels)
+    return out

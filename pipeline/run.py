@@ -23,7 +23,8 @@ from .hashing import KeyPlan
 from .pixels import as_nhwc, to_channels
 from .shards import Shards
 from .sources import Source
-from .trainer import RUN_FORMAT, build_model, evaluate_bags, to_bags
+from .bags import to_bags
+from .trainer import RUN_FORMAT, build_model, evaluate_bags
 from .vocab import Vocabulary
 
 

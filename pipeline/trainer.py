@@ -5,10 +5,13 @@ From the CLI: ``pipe train SHARDS --out RUN``; from Python:
 
 1. One pass counts the keys of the training images and fixes the vocabulary
    (:mod:`pipeline.vocab`), saved first so a resumed run uses the same rows.
-2. Each epoch streams the shards in a seeded random file order. Every image
-   becomes a bag of distinct rows with counts; a shuffle buffer of about
-   ``SHUFFLE_IMAGES`` images mixes row groups; a background thread prepares the
-   next batches while the model trains on the current one.
+2. Each epoch trains on batches of bags (:mod:`pipeline.bags`): every image
+   becomes a bag of distinct rows with counts. The first epoch reads the shards
+   in a seeded random order through a shuffle buffer, in a background thread,
+   and keeps the bags in memory up to ``cache_mb``; later epochs permute them
+   from memory. On the CPU with Adagrad, each step's pooling and table update
+   run in compiled loops (:mod:`pipeline.table_kernels`); elsewhere through
+   torch autograd and :mod:`pipeline.optim`.
 3. After each epoch: validation, one line of ``metrics.jsonl``, ``curves.png``,
    and ``checkpoint.pt`` (model, optimizers, random states), so ``resume=True``
    continues a killed run exactly. ``model.pt`` holds the best epoch so far
@@ -22,12 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,132 +37,16 @@ from . import index as pattern_index
 from . import layout, optim, patterns, vocab
 from .config import TrainConfig
 from .errors import PipelineError
-from .hashing import fmix64
+from .bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
 from .model import PatchBagModel, pick_device
 from .shards import Shards
 
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "patchhash-run-v2"
-VAL_SALT = 0x5BD1E9955BD1E995
-SHUFFLE_IMAGES = 8192  # images held in the shuffle buffer (about 500 MB of bags for CIFAR-10)
-PREFETCH_BATCHES = 8  # batches prepared ahead by the reader thread
 
 StepProgress = Callable[[int, int], None]  # (images in this step, raw keys in this step)
 EpochReport = Callable[[dict], None]
-
-
-def is_validation(image_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """True for the images held out for validation: ``fmix64(id + VAL_SALT) % 10000 < fraction * 10000``."""
-    h = fmix64(np.asarray(image_ids, dtype=np.int64).astype(np.uint64) + np.uint64(VAL_SALT))
-    return (h % np.uint64(10000)) < np.uint64(round(fraction * 10000))
-
-
-def part_batches(
-    shards: Shards, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(keys, labels, image_ids) of the training (or validation) images, row group by row group."""
-    for b in shards.iter_batches(groups=groups):
-        m = is_validation(b.image_ids, fraction) == val
-        if m.any():
-            yield b.keys[m], b.labels[m], b.image_ids[m]
-
-
-@dataclass
-class Bags:
-    """A batch of images as bags of distinct table rows with counts (CSR)."""
-
-    rows: np.ndarray  # int64
-    offsets: np.ndarray  # int64, N + 1
-    counts: np.ndarray  # float32
-    labels: np.ndarray  # int64
-    raw_keys: int  # keys the images had before deduplication and vocabulary filtering
-
-    def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.from_numpy(a).to(device) for a in (self.rows, self.offsets, self.counts, self.labels))
-
-
-def to_bags(v: vocab.Vocabulary, keys: np.ndarray, labels: np.ndarray) -> Bags:
-    rows, offsets, counts = v.bags(keys)
-    return Bags(rows, offsets, counts, labels, keys.size)
-
-
-def _concat(parts: list[tuple[np.ndarray, np.ndarray, int]], labels: np.ndarray, k: int) -> Bags:
-    """One batch from per-image (rows, counts) pairs."""
-    offsets = np.zeros(len(parts) + 1, np.int64)
-    np.cumsum([len(r) for r, _ in parts], out=offsets[1:])
-    return Bags(np.concatenate([r for r, _ in parts]), offsets, np.concatenate([c for _, c in parts]), labels, k * len(parts))
-
-
-def shuffled_bags(shards: Shards, v: vocab.Vocabulary, fraction: float, batch_size: int, rng: np.random.Generator) -> Iterator[Bags]:
-    """Training batches in a seeded random order: all row groups permuted, then a shuffle buffer of images.
-
-    Sources are often sorted by class (an image folder, CIFAR's tar), so shards and their
-    row groups are too; permuting row groups across all shards, not just files, is what
-    lets the buffer mix classes (measured in docs/results.md).
-    """
-    groups = shards.row_groups()
-    order = rng.permutation(len(groups))
-    k = shards.keys_per_image
-    buf: list[tuple[np.ndarray, np.ndarray]] = []
-    buf_labels: list[int] = []
-
-    def drain(final: bool) -> Iterator[Bags]:
-        nonlocal buf, buf_labels
-        perm = rng.permutation(len(buf))
-        full = len(buf) if final else (len(buf) // batch_size) * batch_size
-        for s in range(0, full, batch_size):
-            idx = perm[s : s + batch_size]
-            yield _concat([buf[i] for i in idx], np.asarray([buf_labels[i] for i in idx], np.int64), k)
-        rest = perm[full:]
-        buf, buf_labels = [buf[i] for i in rest], [buf_labels[i] for i in rest]
-
-    for keys, labels, _ in part_batches(shards, False, fraction, [groups[i] for i in order]):
-        b = to_bags(v, keys, labels)
-        for a in range(len(labels)):
-            lo, hi = b.offsets[a], b.offsets[a + 1]
-            buf.append((b.rows[lo:hi], b.counts[lo:hi]))
-            buf_labels.append(int(labels[a]))
-        if len(buf) >= SHUFFLE_IMAGES:
-            yield from drain(False)
-    if buf:
-        yield from drain(True)
-
-
-def prefetch(items: Iterable, depth: int = PREFETCH_BATCHES) -> Iterator:
-    """Iterate ``items`` in a background thread, ``depth`` ahead (numba and Arrow release the GIL)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            t.join(timeout=0.01)
 
 
 def evaluate_bags(model: PatchBagModel, batches: Iterable[Bags], device: torch.device) -> dict:
@@ -177,12 +61,6 @@ def evaluate_bags(model: PatchBagModel, batches: Iterable[Bags], device: torch.d
             correct += (logits.argmax(1) == y).sum().item()
             n += len(y)
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
-
-
-def validation_bags(shards: Shards, v: vocab.Vocabulary, fraction: float, batch_size: int = 512) -> Iterator[Bags]:
-    for keys, labels, _ in part_batches(shards, True, fraction):
-        for s in range(0, len(keys), batch_size):
-            yield to_bags(v, keys[s : s + batch_size], labels[s : s + batch_size])
 
 
 def build_model(config: TrainConfig, rows: int, num_classes: int) -> PatchBagModel:
@@ -247,7 +125,10 @@ def _save_model(out: Path, model: PatchBagModel) -> None:
 
 
 def _build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
-    v = vocab.build((keys for keys, _, _ in part_batches(shards, False, config.val_fraction)), config.min_count, config.buckets, progress)
+    v = vocab.build(
+        lambda: (keys for keys, _, _ in part_batches(shards, False, config.val_fraction)),
+        config.min_count, config.buckets, progress, config.vocab_mb,
+    )
     if v.size == 0:
         raise PipelineError(f"no key occurs --min-count {config.min_count} times in the training images; lower --min-count")
     v.save(out / layout.VOCAB)
@@ -297,13 +178,14 @@ def train(
         start = ck["epoch"] + 1
         del ck  # a second copy of the table and optimizer state
         log.info("resuming %s at epoch %d", out, start)
+    caches = _Caches(config, shards, v, resuming and start > 1)
     metrics_path = out / layout.METRICS
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     stale = 0 if not history else history[-1]["epoch"] - best["epoch"]
     for epoch in range(start, config.epochs + 1):
         if config.patience and stale >= config.patience:
             break
-        row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress)
+        row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches)
         improved = row["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]
         if improved:
             best = {"epoch": epoch, "val_accuracy": row["val_accuracy"] if row["val_accuracy"] is not None else -1.0}
@@ -321,26 +203,41 @@ def train(
             on_epoch(row)
     if not history:
         raise PipelineError(f"{out} trained no epoch; raise --epochs")
-    del model, opts  # the table and its optimizer state; the best epoch is reloaded from model.pt
+    del model, opts, caches  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
     state = torch.load(out / layout.MODEL, map_location="cpu", weights_only=True)
     final = build_model(config, v.rows, num_classes)
     final.load_state_dict(state)
     return _finish_run(out, shards, config, final, v, history, best)
 
 
-def _epoch(model, opts, shards, v, config, rng, device, epoch, progress) -> dict:
+class _Caches:
+    """The training and validation parts' bag caches, sharing the ``cache_mb`` budget (training first)."""
+
+    def __init__(self, config: TrainConfig, shards: Shards, v: vocab.Vocabulary, refill: bool):
+        self.budget = config.cache_mb << 20
+        self.train = BagCache(self.budget, shards.keys_per_image)
+        self.val: BagCache | None = None
+        if refill:  # a resumed run: the uninterrupted run would hold the bags by now
+            self.train.fill(shards, v, False, config.val_fraction)
+            self.validation().fill(shards, v, True, config.val_fraction)
+
+    def validation(self) -> BagCache:
+        if self.val is None:
+            self.val = BagCache(self.budget - self.train.nbytes if self.train.complete else 0, self.train.k)
+        return self.val
+
+
+def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches: _Caches) -> dict:
     model.train()
     t0 = time.time()
     loss_sum, correct, n, raw, rows_seen = 0.0, 0, 0, 0, 0
-    for b in prefetch(shuffled_bags(shards, v, config.val_fraction, config.batch_size, rng)):
-        rows, offsets, counts, y = b.tensors(device)
-        logits, unique, sub = model.forward_rows(rows, offsets, counts)
-        loss = nn.functional.cross_entropy(logits, y)
-        opts[1].zero_grad()
-        (loss + model.penalty()).backward()
-        with torch.no_grad():
-            opts[0].step(unique, sub.grad)
-        opts[1].step()
+    fused = optim.cpu_table_step(opts[0], device)
+    if caches.train.complete:
+        batches = caches.train.batches(config.batch_size, rng)
+    else:
+        batches = shuffled_bags(shards, v, config.val_fraction, config.batch_size, rng, caches.train)
+    for b in prefetch(batches):
+        loss, logits, y = (_fused_step if fused else _torch_step)(model, opts, b, device, fused)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
@@ -350,8 +247,9 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress) -> dict
             progress(len(y), b.raw_keys)
     if n == 0:
         raise PipelineError(f"{shards.root} has no training images left after holding out --val-fraction {config.val_fraction}")
+    caches.train.seal()
     seconds = time.time() - t0
-    val = evaluate_bags(model, validation_bags(shards, v, config.val_fraction), device)
+    val = evaluate_bags(model, validation_bags(shards, v, config.val_fraction, cache=caches.validation()), device)
     row = {
         "epoch": epoch,
         "train_loss": loss_sum / n,
@@ -363,10 +261,42 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress) -> dict
         "seconds": round(seconds, 3),
         "ids_per_s": round(raw / max(seconds, 1e-9)),
         "rows_per_image": round(rows_seen / n, 1),
+        "cached_mb": round((caches.train.nbytes + caches.validation().nbytes) / 2**20, 1),
     }
     if model.auto_drop is not None:
         row["drop_rate"] = float(model.auto_drop.rate.item())
     return row
+
+
+def _torch_step(model, opts, b: Bags, device, _fused) -> tuple:
+    """One step through torch: distinct rows gathered into a leaf tensor, autograd, then the table optimizer."""
+    rows, offsets, counts, y = b.tensors(device)
+    logits, unique, sub = model.forward_rows(rows, offsets, counts)
+    loss = nn.functional.cross_entropy(logits, y)
+    opts[1].zero_grad()
+    (loss + model.penalty()).backward()
+    with torch.no_grad():
+        opts[0].step(unique, sub.grad)
+    opts[1].step()
+    return loss, logits, y
+
+
+def _fused_step(model, opts, b: Bags, device, fused) -> tuple:
+    """The same step with the table's pool and update in compiled loops (CPU, Adagrad): same arithmetic, no copies."""
+    _, offsets, counts, y = b.tensors(device)
+    w = model.weights(counts, offsets)
+    wn = w.detach().numpy()
+    pooled = torch.from_numpy(fused.pool(b.rows, b.offsets, wn)).requires_grad_(True)
+    logits = model.head(model.pooled_dropout(pooled))
+    loss = nn.functional.cross_entropy(logits, y)
+    opts[1].zero_grad()
+    (loss + model.penalty()).backward()
+    gpooled = pooled.grad.numpy()
+    if w.requires_grad:  # a learned drop rate: its gradient flows through the weights
+        w.backward(torch.from_numpy(fused.weight_grads(b.rows, b.offsets, gpooled)))
+    fused.update(b.rows, b.offsets, wn, gpooled)
+    opts[1].step()
+    return loss, logits, y
 
 
 def _plot(history: list[dict], path: Path) -> None:

@@ -5,8 +5,9 @@ counts words) in a compiled open-addressing hash table, one pass over the
 shards. Keys seen at least ``min_count`` times get their own rows, in key
 order (row i = the i-th smallest such key). The rare tail either shares
 ``buckets`` hashed rows after them (``key % buckets``) or is dropped
-(``buckets = 0``). Memory: about 24 bytes per distinct key during counting
-(the table is kept at most half full), 8 bytes per vocabulary key after.
+(``buckets = 0``). Memory: 16 bytes per table slot, so about 32 bytes per distinct key during counting
+(the table is kept at most half full); after it, the vocabulary's keys (8 bytes each)
+and their key -> row look-up table (16 bytes per slot, at most half full).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import kernels
+from .augment import VARIANT_STRIDE
 from .errors import PipelineError
 
 
@@ -24,34 +26,48 @@ def _table_size(n: int) -> int:
     return 1 << max(4, int(np.ceil(np.log2(max(2 * n, 16)))))
 
 
-class KeyCounter:
-    """Exact occurrence counts of uint64 keys, streamed batch by batch."""
+class OverBudget(Exception):
+    """A counting table would pass its memory budget (caught by :func:`build`, which partitions)."""
 
-    def __init__(self, capacity: int = 1 << 20):
-        size = _table_size(capacity)
-        self.keys = np.zeros(size, np.uint64)
-        self.used = np.zeros(size, np.bool_)
-        self.counts = np.zeros(size, np.int64)
+
+class KeyCounter:
+    """Exact occurrence counts of uint64 keys, streamed batch by batch.
+
+    With ``parts`` > 1 it counts only the keys of partition ``part`` (their top bits),
+    so a 1/parts share of the distinct keys; ``budget_bytes`` raises :class:`OverBudget`
+    instead of growing the table past it.
+    """
+
+    def __init__(self, capacity: int = 1 << 16, part: int = 0, parts: int = 1, budget_bytes: int | None = None):
+        self.slots = np.zeros((_table_size(capacity), 2), np.uint64)
         self.distinct = 0
         self.total = 0
+        self.budget = budget_bytes
+        bits = parts.bit_length() - 1  # parts is a power of two; a partition is a value of the top bits
+        self.part_mask = np.uint64(0) if bits == 0 else np.uint64(((1 << bits) - 1) << (64 - bits))
+        self.part_value = np.uint64(0) if bits == 0 else np.uint64(part << (64 - bits))
 
     def _grow(self, need: int) -> None:
         size = _table_size(need)
-        old_keys, old_counts = self.keys[self.used], self.counts[self.used]
-        self.keys = np.zeros(size, np.uint64)
-        self.used = np.zeros(size, np.bool_)
-        self.counts = np.zeros(size, np.int64)
-        kernels.add_counts(old_keys, old_counts, self.keys, self.used, self.counts)
+        if self.budget is not None and (size + len(self.slots)) * 16 > self.budget:
+            raise OverBudget
+        keys, counts = self._items()
+        self.slots = np.zeros((size, 2), np.uint64)
+        kernels.add_counts(keys, counts, self.slots)
+
+    def _items(self) -> tuple[np.ndarray, np.ndarray]:
+        used = self.slots[:, 1] != 0
+        return self.slots[used, 0], self.slots[used, 1].astype(np.int64)
 
     def add(self, keys: np.ndarray) -> None:
-        if 2 * (self.distinct + keys.size) > len(self.keys):
+        if 2 * (self.distinct + keys.size) > len(self.slots):  # room even if every key is new: never more than half full
             self._grow(self.distinct + keys.size)
-        self.distinct += kernels.count_keys(np.ascontiguousarray(keys), self.keys, self.used, self.counts)
+        self.distinct += kernels.count_keys(np.ascontiguousarray(keys), self.slots, self.part_mask, self.part_value)
         self.total += keys.size
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys ascending, counts)."""
-        k, c = self.keys[self.used], self.counts[self.used]
+        k, c = self._items()
         order = np.argsort(k)
         return k[order], c[order]
 
@@ -67,11 +83,9 @@ class Vocabulary:
     stats: dict  # distinct keys, occurrences, tail figures
 
     def __post_init__(self) -> None:
-        size = _table_size(len(self.keys))
-        self._tkeys = np.zeros(size, np.uint64)
-        self._tused = np.zeros(size, np.bool_)
-        self._trows = np.zeros(size, np.int64)
-        kernels.fill_table(self.keys, np.arange(len(self.keys), dtype=np.int64), self._tkeys, self._tused, self._trows)
+        self._slots = np.zeros((_table_size(len(self.keys)), 2), np.uint64)
+        kernels.fill_table(self.keys, np.arange(len(self.keys), dtype=np.int64), self._slots)
+        self._local: np.ndarray | None = None
         self._stamp = np.full(self.rows, -1, np.int64)
         self._where = np.zeros(self.rows, np.int64)
 
@@ -88,7 +102,7 @@ class Vocabulary:
         """The table row of each key (same shape, int64): own row, shared bucket, or -1 (dropped)."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         out = np.empty(keys.shape, np.int64)
-        return kernels.lookup_rows(keys, self._tkeys, self._tused, self._trows, len(self.keys), self.buckets, out)
+        return kernels.lookup_rows(keys, self._slots, len(self.keys), self.buckets, out)
 
     def bags(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each image's keys (N x K) as distinct rows with counts: (rows, offsets N+1, counts float32).
@@ -96,7 +110,9 @@ class Vocabulary:
         Not thread-safe (it uses scratch arrays of the vocabulary); one reader at a time.
         """
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        return kernels.bag_rows(keys, self._tkeys, self._tused, self._trows, len(self.keys), self.buckets, self._stamp, self._where)
+        if self._local is None or len(self._local) < 2 * keys.shape[1]:
+            self._local = np.zeros((_table_size(keys.shape[1]), 2), np.uint64)
+        return kernels.bag_rows(keys, self._slots, len(self.keys), self.buckets, self._local, self._stamp, self._where)
 
     def save(self, path: Path) -> None:
         from . import layout
@@ -114,35 +130,72 @@ class Vocabulary:
             return cls(z["keys"], z["counts"], int(z["buckets"]), int(z["min_count"]), stats or {})
 
 
-def build(batches: Iterable[np.ndarray], min_count: int, buckets: int, progress: Callable[[int], None] | None = None) -> Vocabulary:
-    """Count the keys of ``batches`` (N x K arrays of training keys) and choose the vocabulary."""
+def build(
+    batches: Callable[[], Iterable[np.ndarray]],
+    min_count: int,
+    buckets: int,
+    progress: Callable[[int], None] | None = None,
+    memory_mb: int | None = None,
+) -> Vocabulary:
+    """Count the keys of the training images and choose the vocabulary.
+
+    ``batches()`` yields N x K key arrays and can be called more than once. The count is
+    exact in bounded memory: when the counting table would pass ``memory_mb``, the keys
+    are split by their top bits into 2, 4, 8, ... partitions, each counted in its own pass
+    over ``batches()``, keeping only each partition's vocabulary keys (``stats['passes']``).
+    """
     if min_count < 1:
         raise PipelineError(f"--min-count {min_count} must be at least 1")
     if buckets < 0:
         raise PipelineError(f"--buckets {buckets} must be 0 (drop rare keys) or more")
-    counter = KeyCounter()
-    for keys in batches:
-        counter.add(keys)
-        if progress:
-            progress(len(keys))
-    keys, counts = counter.result()
-    own = counts >= min_count
-    tail_keys, tail_counts = keys[~own], counts[~own]
-    occupied = len(np.unique(tail_keys % np.uint64(buckets))) if buckets and len(tail_keys) else 0
+    budget = None if memory_mb is None else memory_mb << 20
+    parts = 1
+    while True:
+        try:
+            return _count_in_parts(batches, parts, budget, min_count, buckets, progress)
+        except OverBudget:
+            if parts >= 1 << 16:
+                raise PipelineError(f"--vocab-mb {memory_mb} is too small to count the keys even in {parts} passes; raise it") from None
+            parts *= 2
+
+
+def _count_in_parts(batches, parts: int, budget: int | None, min_count: int, buckets: int, progress) -> Vocabulary:
+    own_keys, own_counts = [], []
+    distinct = total = tail_keys = tail_occ = 0
+    used = np.zeros(buckets, np.bool_) if buckets else None
+    for part in range(parts):
+        counter = KeyCounter(part=part, parts=parts, budget_bytes=budget)
+        for keys in batches():
+            counter.add(keys)
+            if progress:
+                progress(len(keys) if parts == 1 else len(keys) / parts)
+        keys, counts = counter.result()
+        own = counts >= min_count
+        own_keys.append(keys[own])
+        own_counts.append(counts[own])
+        distinct += len(keys)
+        total = counter.total
+        tail_keys += int((~own).sum())
+        tail_occ += int(counts[~own].sum())
+        if buckets:
+            used[(keys[~own] % np.uint64(buckets)).astype(np.int64)] = True
+    keys, counts = np.concatenate(own_keys), np.concatenate(own_counts)  # partitions are key ranges, so still ascending
+    occupied = int(used.sum()) if buckets else 0
     stats = {
-        "distinct_keys": int(len(keys)),
-        "occurrences": int(counter.total),
-        "vocabulary": int(own.sum()),
-        "vocabulary_occurrences": int(counts[own].sum()),
-        "tail_keys": int(len(tail_keys)),
-        "tail_occurrences": int(tail_counts.sum()),
+        "distinct_keys": int(distinct),
+        "occurrences": int(total),
+        "vocabulary": int(len(keys)),
+        "vocabulary_occurrences": int(counts.sum()),
+        "tail_keys": int(tail_keys),
+        "tail_occurrences": int(tail_occ),
         "buckets": int(buckets),
-        "buckets_used": int(occupied),
+        "buckets_used": occupied,
         # tail keys that share a bucket with another tail key (0 when the tail is dropped)
-        "tail_collisions": int(len(tail_keys) - occupied) if buckets else 0,
-        "rows": int(own.sum()) + int(buckets),
+        "tail_collisions": int(tail_keys - occupied) if buckets else 0,
+        "rows": int(len(keys)) + int(buckets),
+        "passes": parts,
     }
-    return Vocabulary(keys[own], counts[own], buckets, min_count, stats)
+    return Vocabulary(keys, counts, buckets, min_count, stats)
 
 
 def pattern_stats(vocab: Vocabulary, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int) -> dict[str, np.ndarray]:
@@ -158,6 +211,6 @@ def pattern_stats(vocab: Vocabulary, batches: Iterable[tuple[np.ndarray, np.ndar
     for keys, labels, ids in batches:
         kernels.pattern_stats(
             np.ascontiguousarray(keys, dtype=np.uint64), labels.astype(np.int64), ids.astype(np.int64),
-            vocab._tkeys, vocab._tused, vocab._trows, cc, first_image, first_slot,
+            vocab._slots, cc, first_image, first_slot, VARIANT_STRIDE,
         )
     return {"key": vocab.keys, "count": vocab.counts, "class_counts": cc, "slot": first_slot, "example_image": first_image}

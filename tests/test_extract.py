@@ -225,3 +225,54 @@ def test_cli_extract_audit_and_workers(tmp_path):
     assert "audit: 44,100 patches," in r.stdout and "-> 0 collision(s) (expected at 64 bits:" in r.stdout
     m = _manifest(tmp_path / "s")
     assert m["audit"]["collisions"] == 0 and m["audit"]["patches"] == 44100
+
+
+def test_views_in_shards_and_audit(tmp_path):
+    """Two quantizations side by side: shards read back as the plan's keys; the audit counts each view's contents."""
+    imgs, labels = digits_images("train", 30)
+    cfg = ExtractConfig(color="gray", max_h=2, max_w=3, views="levels,norm:2")
+    m = pipeline.extract(from_arrays(imgs, labels), tmp_path / "s", cfg, images_per_shard=16)
+    plan = KeyPlan(cfg, 8, 8)
+    assert m["patches_per_image"] == plan.patches_per_image == 2 * KeyPlan(ExtractConfig(color="gray", max_h=2, max_w=3), 8, 8).patches_per_image
+    keys = np.concatenate([b.keys for b in pipeline.open_shards(tmp_path / "s").iter_batches()])
+    assert np.array_equal(keys, plan.image_keys(imgs))
+    res = audit(from_arrays(imgs, labels), cfg)
+    lo = imgs.min(axis=(1, 2, 3), keepdims=True).astype(int)
+    hi = imgs.max(axis=(1, 2, 3), keepdims=True).astype(int)
+    stretched = ((imgs.astype(int) - lo) * 255 // np.maximum(hi - lo, 1)).astype(np.uint8)
+    single = [
+        audit(from_arrays(x, labels), ExtractConfig(color="gray", max_h=2, max_w=3, levels=lv)) for x, lv in ((imgs, 4), (stretched, 2))
+    ]
+    assert res["distinct_contents"] == sum(s["distinct_contents"] for s in single)
+    assert res["collisions"] == 0 and len(res["per_shape"]) == 2 * len(single[0]["per_shape"])
+
+
+def test_augmented_copies_follow_their_image(tmp_path):
+    """Each image is followed by its flipped and shifted copies (checked pixel by pixel); ids keep the split together."""
+    from pipeline import augment
+    from pipeline.bags import is_validation, part_batches
+
+    imgs, labels = digits_images("train", 12)
+    cfg = ExtractConfig(color="gray", max_h=2, max_w=2)
+    m = pipeline.extract(from_arrays(imgs, labels), tmp_path / "s", cfg, augment="flip,shift:1", images_per_shard=5)
+    assert m["variants_per_image"] == 1 + 8 and m["images"] == 12 * 10
+    sh = pipeline.open_shards(tmp_path / "s")
+    ids = np.concatenate([b.image_ids for b in sh.iter_content()])
+    keys = np.concatenate([b.keys for b in sh.iter_content()])
+    assert np.array_equal(ids.reshape(12, 10) % augment.VARIANT_STRIDE, np.repeat(np.arange(12)[:, None], 10, 1))
+    plan = KeyPlan(cfg, 8, 8)
+    img = imgs[3]
+    want = [img, img[:, ::-1]]
+    pad = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                shifted = pad[1 - dy : 9 - dy, 1 - dx : 9 - dx]
+                assert shifted[4, 4, 0] == img[4 - dy, 4 - dx, 0]  # the content moved by (dy, dx)
+                want.append(shifted)
+    assert np.array_equal(keys[30:40], plan.content_keys(symbols(np.stack(want), cfg.levels)))
+    assert np.array_equal(is_validation(ids, 0.3).reshape(12, 10), np.repeat(is_validation(np.arange(12), 0.3)[:, None], 10, 1))
+    val_ids = np.concatenate([i for _, _, i in part_batches(sh, True, 0.3)])
+    assert (val_ids < augment.VARIANT_STRIDE).all() and len(val_ids) == is_validation(np.arange(12), 0.3).sum()
+    with pytest.raises(pipeline.PipelineError, match="--augment"):
+        pipeline.extract(from_arrays(imgs, labels), tmp_path / "t", cfg, augment="rotate")

@@ -166,3 +166,59 @@ def test_sub_slots_are_exactly_the_smaller_contained_patches():
 def test_max_size_larger_than_image_is_refused():
     with pytest.raises(Exception, match="use at most 8x8"):
         KeyPlan(ExtractConfig(color="gray", max_h=9, max_w=9), 8, 8)
+
+
+def _norm_symbols_by_hand(img: np.ndarray, levels: int) -> np.ndarray:
+    """Contrast stretch then quantize, pixel by pixel (the 'norm' view's definition)."""
+    lo, hi = int(img.min()), int(img.max())
+    span = max(hi - lo, 1)
+    h, w, c = img.shape
+    out = np.zeros((h, w), np.uint64)
+    for y in range(h):
+        for x in range(w):
+            s = 0
+            for ch in range(c):
+                v = (int(img[y, x, ch]) - lo) * 255 // span
+                s += ((v * levels) >> 8) * levels**ch
+            out[y, x] = s
+    return out
+
+
+def test_views_hash_each_quantization_side_by_side():
+    rng = np.random.default_rng(5)
+    imgs = rng.integers(30, 200, size=(2, 6, 7, 3)).astype(np.uint8)
+    single = KeyPlan(ExtractConfig(color="rgb", position="both", grid=2), 6, 7)
+    plan = KeyPlan(ExtractConfig(color="rgb", position="both", grid=2, views="levels,norm:3,levels:2"), 6, 7)
+    assert plan.patches_per_image == 3 * single.patches_per_image and plan.keys_per_image == 3 * single.keys_per_image
+    keys = plan.image_keys(imgs)
+    # view 0 is the single-view plan, key for key (so default keys did not change)
+    assert np.array_equal(keys[:, : single.keys_per_image], single.image_keys(imgs))
+    t = plan.slot_table
+    planes = {1: [_norm_symbols_by_hand(i, 3) for i in imgs], 2: [symbols(i[None], 2)[0] for i in imgs]}
+    for s in np.flatnonzero(t["view"] > 0):
+        v = int(t["view"][s])
+        for n in range(2):
+            ref = reference_key(planes[v][n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s], 0, view=v)
+            assert int(keys[n, s]) == ref
+    # the same patch in two views gives unrelated keys; composition stays within a view
+    assert keys[0, plan.slot_of("none", 0, 0, 2, 2, view=0)] != keys[0, plan.slot_of("none", 0, 0, 2, 2, view=2)]
+    sub = plan.sub_slots(plan.slot_of("grid", 1, 1, 3, 3, view=1))
+    assert len(sub) and (t["view"][sub] == 1).all() and (t["cell"][sub] >= 0).all()
+
+
+def test_views_config_parsing_and_fingerprint():
+    import hashlib
+    import json
+
+    from pipeline.config import HASH_VERSION
+
+    cfg = ExtractConfig(color="gray", levels=5, views="levels, norm:5 ,levels:3")
+    assert cfg.views == "levels,norm,levels:3" and cfg.view_list() == [("levels", 5), ("norm", 5), ("levels", 3)]
+    assert cfg.fingerprint() != ExtractConfig(color="gray", levels=5).fingerprint()
+    d = ExtractConfig(color="gray").to_dict()
+    del d["views"]  # the default view leaves the fingerprint of shards made before views existed
+    want = hashlib.sha256(json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True).encode()).hexdigest()[:16]
+    assert ExtractConfig(color="gray").fingerprint() == want
+    for bad in ("levels,blur", "norm:1", "levels,levels", "norm:x"):
+        with pytest.raises(pipeline.PipelineError, match="--views"):
+            ExtractConfig(views=bad)

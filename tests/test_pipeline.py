@@ -12,7 +12,7 @@ import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline import index as pattern_index
 from pipeline.hashing import KeyPlan
-from pipeline.trainer import is_validation
+from pipeline.bags import is_validation
 
 from .conftest import digits_images, write_folder
 

@@ -38,9 +38,30 @@ def test_counter_grows_and_counts_exactly():
 
 
 @pytest.mark.parametrize("buckets", [0, 64])
+def test_vocabulary_in_bounded_memory_equals_one_pass(buckets):
+    """A budget too small for one table splits the count into passes over key ranges; same vocabulary."""
+    rng = np.random.default_rng(7)
+    batches = [rng.integers(0, 2**64, size=(50, 400), dtype=np.uint64) for _ in range(8)]
+    batches += [b[:, :100] for b in batches]  # repeats, so some keys reach min_count
+    one = build(lambda: iter(batches), min_count=2, buckets=buckets)
+    calls = []
+
+    def again():
+        calls.append(1)
+        return iter(batches)
+
+    small = build(again, min_count=2, buckets=buckets, memory_mb=1)
+    assert one.stats["passes"] == 1 and small.stats["passes"] >= 4 and len(calls) >= small.stats["passes"]
+    assert np.array_equal(small.keys, one.keys) and np.array_equal(small.counts, one.counts)
+    assert {k: v for k, v in small.stats.items() if k != "passes"} == {k: v for k, v in one.stats.items() if k != "passes"}
+    u, n = np.unique(np.concatenate([b.ravel() for b in batches]), return_counts=True)
+    assert np.array_equal(one.keys, u[n >= 2]) and one.stats["distinct_keys"] == len(u)
+
+
+@pytest.mark.parametrize("buckets", [0, 64])
 def test_vocabulary_rows_buckets_and_bags(buckets):
     batches = _random_key_batches(1)
-    v = build(iter(batches), min_count=3, buckets=buckets)
+    v = build(lambda: iter(batches), min_count=3, buckets=buckets)
     u, n = np.unique(np.concatenate([b.ravel() for b in batches]), return_counts=True)
     assert np.array_equal(v.keys, u[n >= 3]) and v.rows == (n >= 3).sum() + buckets
     tail = u[n < 3]
@@ -190,3 +211,120 @@ def test_a_step_changes_exactly_the_rows_of_the_batch(name):
         opt.step(unique, sub.grad)
     changed = set(torch.nonzero((m.table.weight.detach() != before).any(1)).ravel().tolist())
     assert changed == {1, 5, 7, 9}
+
+
+def _random_bags(rng: np.random.Generator, rows: int, images: int):
+    from pipeline.bags import Bags
+
+    parts = [np.unique(rng.integers(0, rows, rng.integers(1, 40))) for _ in range(images)]
+    offsets = np.zeros(images + 1, np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in parts])
+    counts = rng.integers(1, 5, offsets[-1]).astype(np.float32)
+    return Bags(np.concatenate(parts).astype(np.int64), offsets, counts, rng.integers(0, 3, images), int(offsets[-1]))
+
+
+@pytest.mark.parametrize("drop", ["0", "0.3", "auto"])
+@pytest.mark.parametrize("bag", ["mean", "sqrt"])
+def test_compiled_cpu_step_equals_the_torch_step(drop, bag):
+    """The compiled pool + grouped Adagrad (table_kernels) against autograd + LazyAdagrad, step by step."""
+    from pipeline.trainer import _fused_step, _optimizers, _torch_step, build_model
+
+    cfg = TrainConfig(dim=8, bag=bag, drop=drop, hidden=5, lr=0.2)
+    models, optims = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = build_model(cfg, 700, 3)
+        nn_init = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            m.table.weight.copy_(torch.randn(700, 8, generator=nn_init))
+        models.append(m.train())
+        optims.append(_optimizers(m, cfg))
+    from pipeline.optim import cpu_table_step
+
+    fused = cpu_table_step(optims[1][0], torch.device("cpu"))
+    assert fused is not None
+    rng = np.random.default_rng(0)
+    cpu = torch.device("cpu")
+    for step in range(6):
+        b = _random_bags(rng, 700 if step % 2 else 300, 9)  # rows shared across images and steps
+        torch.manual_seed(step)
+        loss_t, logits_t, _ = _torch_step(models[0], optims[0], b, cpu, None)
+        torch.manual_seed(step)
+        loss_f, logits_f, _ = _fused_step(models[1], optims[1], b, cpu, fused)
+        assert torch.allclose(logits_t, logits_f, atol=1e-5)
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert torch.allclose(p, q, atol=1e-5), name
+        assert torch.allclose(optims[0][0].acc, optims[1][0].acc, atol=1e-5)
+    if drop == "auto":  # the learned rate moved, equally on both paths (compared with the parameters above)
+        assert models[1].auto_drop.rate.item() != pytest.approx(0.1, abs=1e-6)
+
+
+def test_group_rows_against_numpy():
+    """Blocks of distinct rows: every occurrence once, in its row's block, rows ascending."""
+    from pipeline.table_kernels import _BLOCK, group_rows
+
+    rng = np.random.default_rng(3)
+    rows_total = 5000
+    b = _random_bags(rng, rows_total, 60)
+    b.rows[:5] = 4999  # the last word of the bitmap
+    n = b.rows.size
+    bits = np.zeros((rows_total + 63) // 64, np.uint64)
+    prefix = np.zeros(bits.size, np.int64)
+    uniq, bstart = np.empty(n, np.int64), np.empty(n // _BLOCK + 2, np.int64)
+    ou, oi, ow = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32)
+    nu = group_rows(b.rows, b.offsets, b.counts, bits, prefix, uniq, bstart, ou, oi, ow)
+    assert np.array_equal(uniq[:nu], np.unique(b.rows))
+    assert not bits.any()
+    image = np.repeat(np.arange(60), np.diff(b.offsets))
+    want = sorted(zip(np.searchsorted(uniq[:nu], b.rows).tolist(), image.tolist(), b.counts.tolist()))
+    assert sorted(zip(ou.tolist(), oi.tolist(), ow.tolist())) == want
+    for blk in range((nu + _BLOCK - 1) // _BLOCK):
+        assert (ou[bstart[blk] : bstart[blk + 1]] // _BLOCK == blk).all()
+
+
+def _image_bags(batches) -> list[tuple]:
+    out = []
+    for b in batches:
+        for a in range(len(b.labels)):
+            lo, hi = b.offsets[a], b.offsets[a + 1]
+            out.append((int(b.labels[a]), tuple(b.rows[lo:hi].tolist()), tuple(b.counts[lo:hi].tolist())))
+    return sorted(out)
+
+
+def test_bag_cache_serves_every_training_image_once_as_read(digits_shards):
+    from pipeline.bags import BagCache, part_batches, shuffled_bags, to_bags, validation_bags
+
+    sh = pipeline.open_shards(digits_shards)
+    v = build(lambda: (k for k, _, _ in part_batches(sh, False, 0.1)), 2, 0)
+    direct = _image_bags(to_bags(v, k, y) for k, y, _ in part_batches(sh, False, 0.1))
+    cache = BagCache(1 << 30, sh.keys_per_image)
+    streamed = _image_bags(shuffled_bags(sh, v, 0.1, 32, np.random.default_rng(0), cache))
+    assert cache.seal() and cache.images == len(direct)
+    assert streamed == direct
+    first, second = (list(cache.batches(32, np.random.default_rng(s))) for s in (1, 2))
+    assert _image_bags(first) == _image_bags(second) == direct
+    assert [b.labels.tolist() for b in first] != [b.labels.tolist() for b in second]  # a fresh order each epoch
+    # validation: read once into its cache, then served from it, same bags
+    vcache = BagCache(1 << 30, sh.keys_per_image)
+    read = _image_bags(validation_bags(sh, v, 0.1, 50, vcache))
+    assert vcache.complete and _image_bags(validation_bags(sh, v, 0.1, 50, vcache)) == read
+    assert read == _image_bags(to_bags(v, k, y) for k, y, _ in part_batches(sh, True, 0.1))
+
+
+def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tmp_path):
+    from pipeline.bags import BagCache, part_batches, shuffled_bags
+
+    sh = pipeline.open_shards(digits_shards)
+    v = build(lambda: (k for k, _, _ in part_batches(sh, False, 0.1)), 2, 0)
+    cache = BagCache(20_000, sh.keys_per_image)
+    list(shuffled_bags(sh, v, 0.1, 32, np.random.default_rng(0), cache))
+    assert not cache.seal() and cache.overflow and cache.nbytes == 0 and not cache.groups
+    cfg = TrainConfig(epochs=2, dim=8)
+    pipeline.train(sh, tmp_path / "cached", cfg)
+    pipeline.train(sh, tmp_path / "streamed", TrainConfig(epochs=2, dim=8, cache_mb=0))
+    cached, streamed = _metrics(tmp_path / "cached"), _metrics(tmp_path / "streamed")
+    assert cached[0]["cached_mb"] > 0 and streamed[0]["cached_mb"] == 0
+    drop = ("cached_mb",)
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in (cached[0], streamed[0])]
+    assert strip[0] == strip[1]  # the first epoch reads the shards either way
+    assert cached[1]["train_images"] == streamed[1]["train_images"]
