@@ -26,7 +26,7 @@ BASE_EXTRACT = {"levels": 4, "max_size": 3, "position": "both", "grid": 4, "view
 BASE_TRAIN = {"epochs": 40, "patience": 8, "dim": 64, "lr": 0.5, "drop": "0.3", "hidden": 128, "val_fraction": 0.1}
 # chosen by --search on held-out writers of the train split (docs/results.md); the test split was not consulted
 EXTRACT = dict(BASE_EXTRACT, levels=3)
-TRAIN = dict(BASE_TRAIN, hidden=0)
+TRAIN = dict(BASE_TRAIN, hidden=0, dim=128)
 
 
 def sklearn_baselines() -> dict:
@@ -93,6 +93,26 @@ SEARCH = [  # (extract, train) changes from BASE_*, scored on held-out writers o
     ({"levels": 3, "views": "levels,norm"}, {}),
     ({"levels": 3, "views": "levels,levels:2,levels:5"}, {}),
     ({"levels": 3, "views": "levels,levels:2"}, {"hidden": 0, "drop": "0.5"}),
+    ({"levels": 3, "augment": "shift:1"}, {"hidden": 0}),
+    ({"levels": 3, "augment": "shift:1"}, {"hidden": 0, "drop": "0"}),
+    ({"levels": 3, "augment": "shift:1"}, {}),
+    ({"levels": 4, "augment": "shift:1"}, {"hidden": 0}),
+    ({"levels": 3}, {"hidden": 0, "patience": 0, "epochs": 20}),
+    ({"levels": 3}, {"hidden": 0, "lr": 0.2}),
+    ({"levels": 3}, {"hidden": 0, "dim": 128}),
+    ({"levels": 3}, {"hidden": 0, "min_count": 1}),
+    ({"levels": 3, "grid": 8}, {"hidden": 0}),
+    ({"levels": 3, "grid": 2}, {"hidden": 0}),
+    ({"levels": 3, "max_size": 2}, {"hidden": 0}),
+    ({"levels": 3, "max_size": 4}, {"hidden": 0}),
+    ({"levels": 3, "views": "levels,levels:2"}, {"hidden": 0}),
+    ({"levels": 3}, {"hidden": 0, "bag": "sum"}),
+    ({"levels": 3}, {"hidden": 0, "pooled_dropout": 0.5, "drop": "0"}),
+    ({"levels": 3}, {"hidden": 0, "drop": "auto"}),
+    ({"levels": 3}, {"hidden": 0, "dim": 256}),
+    ({"levels": 3}, {"hidden": 0, "dim": 128, "lr": 0.2}),
+    ({"levels": 3}, {"hidden": 0, "dim": 128, "drop": "auto"}),
+    ({"levels": 3, "augment": "flip"}, {"hidden": 0, "dim": 128}),
 ]
 
 
