@@ -113,6 +113,8 @@ SEARCH = [  # (extract, train) changes from BASE_*, scored on held-out writers o
     ({"levels": 3}, {"hidden": 0, "dim": 128, "lr": 0.2}),
     ({"levels": 3}, {"hidden": 0, "dim": 128, "drop": "auto"}),
     ({"levels": 3, "augment": "flip"}, {"hidden": 0, "dim": 128}),
+    ({"levels": 3, "views": "levels,grad"}, {"hidden": 0, "dim": 128}),
+    ({"levels": 3, "views": "grad"}, {"hidden": 0, "dim": 128}),
 ]
 
 

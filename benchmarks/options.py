@@ -45,6 +45,7 @@ ROWS: list[tuple[str, dict, dict]] = [
     ("levels", {"levels": 6}, {}),
     ("views", {"views": "levels,norm:3"}, {}),
     ("views", {"views": "levels,levels:2"}, {}),
+    ("views", {"views": "levels,grad"}, {}),
     ("augment", {"augment": "flip"}, {}),
 ]
 

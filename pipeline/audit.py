@@ -105,7 +105,8 @@ def audit(
     config = resolve(config, source)
     plan: KeyPlan | None = None
     views = config.view_list()
-    sym_bits = [max(1, math.ceil(math.log2(lv**config.channels))) for _, lv in views]
+    # symbols per pixel: levels**channels, or 4**channels for the ordinal 'grad' view (2 bits per channel)
+    sym_bits = [max(1, math.ceil(math.log2((4 if kind == "grad" else lv) ** config.channels))) for kind, lv in views]
     mask = np.uint64((1 << bits) - 1) if bits < 64 else None
     # one unit per (view, shape): keys of different views never share content by construction
     shapes = [(v, h, w) for v in range(len(views)) for h, w in config.shape_list()]

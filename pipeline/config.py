@@ -22,7 +22,7 @@ POSITIONS = ("none", "grid", "both")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-VIEW_KINDS = ("levels", "norm")
+VIEW_KINDS = ("levels", "norm", "grad")
 
 
 def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
@@ -34,9 +34,12 @@ def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
             lv = int(n) if n else levels
         except ValueError:
             lv = -1
-        if kind not in VIEW_KINDS or not 2 <= lv <= 256:
+        if kind == "grad" and not n:
+            lv = 2
+        if kind not in VIEW_KINDS or not 2 <= lv <= 256 or (kind == "grad" and lv != 2):
             raise PipelineError(
-                f"--views {text!r}: {part.strip()!r} is not a view; use levels or norm, optionally with :N levels (2..256), e.g. levels,norm:3"
+                f"--views {text!r}: {part.strip()!r} is not a view; use levels or norm, optionally with :N levels (2..256), "
+                "or grad, e.g. levels,norm:3,grad"
             )
         if (kind, lv) in out:
             raise PipelineError(f"--views {text!r} lists {kind}:{lv} twice")
@@ -75,7 +78,7 @@ class ExtractConfig:
     grid: int = 4  # cells per side of the position grid [4]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
-    views: str = "levels"  # quantizations hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels [levels]
+    views: str = "levels"  # quantizations hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour) [levels]
 
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 256:
@@ -101,7 +104,7 @@ class ExtractConfig:
         if not 0 <= self.seed < 1 << 32:
             raise PipelineError(f"--seed {self.seed} is out of range; use 0 to 2**32-1")
         views = parse_views(self.views, self.levels)
-        object.__setattr__(self, "views", ",".join(k if lv == self.levels else f"{k}:{lv}" for k, lv in views))
+        object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views))
         if self.resize is not None:
             h, w = self.resize
             if h < 1 or w < 1:

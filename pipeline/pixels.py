@@ -72,10 +72,13 @@ def view_symbols(images: np.ndarray, views: list[tuple[str, int]]) -> np.ndarray
     ``levels`` quantizes the pixels as they are; ``norm`` first stretches each image's
     values linearly so its darkest value becomes 0 and its brightest 255 (all channels
     together, so colours keep their ratios), which makes the codes independent of the
-    image's brightness and contrast.
+    image's brightness and contrast. ``grad`` is an ordinal code (:func:`ordinal_symbols`).
     """
     out = np.empty((images.shape[0], len(views)) + images.shape[1:3], np.uint64)
     for v, (kind, levels) in enumerate(views):
+        if kind == "grad":
+            out[:, v] = ordinal_symbols(images)
+            continue
         imgs = images
         if kind == "norm":
             flat = images.reshape(len(images), -1)
@@ -83,4 +86,24 @@ def view_symbols(images: np.ndarray, views: list[tuple[str, int]]) -> np.ndarray
             span = np.maximum(flat.max(1).astype(np.int32)[:, None, None, None] - lo, 1)
             imgs = ((images.astype(np.int32) - lo) * 255 // span).astype(np.uint8)
         out[:, v] = symbols(imgs, levels)
+    return out
+
+
+def ordinal_symbols(images: np.ndarray) -> np.ndarray:
+    """Ordinal code per pixel: for each channel, is it brighter than its right neighbour, and than the one below.
+
+    ``s = sum_c (b_right_c + 2 * b_below_c) * 4**c`` with ``b = 1`` when strictly brighter;
+    the last column (row) compares with itself, so its bit is 0. Unchanged by any
+    increasing change of brightness or contrast, so patches of it are shapes of the
+    image's edges rather than its colours.
+    """
+    x = images.astype(np.int16)
+    right = np.zeros_like(x, dtype=np.uint64)
+    below = np.zeros_like(x, dtype=np.uint64)
+    right[:, :, :-1] = x[:, :, :-1] > x[:, :, 1:]
+    below[:, :-1] = x[:, :-1] > x[:, 1:]
+    q = right + 2 * below
+    out = q[..., 0].copy()
+    for c in range(1, q.shape[-1]):
+        out += q[..., c] * np.uint64(4**c)
     return out

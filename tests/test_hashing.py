@@ -222,3 +222,26 @@ def test_views_config_parsing_and_fingerprint():
     for bad in ("levels,blur", "norm:1", "levels,levels", "norm:x"):
         with pytest.raises(pipeline.PipelineError, match="--views"):
             ExtractConfig(views=bad)
+
+
+def test_grad_view_is_an_ordinal_code():
+    from pipeline.pixels import ordinal_symbols
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, size=(1, 5, 6, 3)).astype(np.uint8)
+    got = ordinal_symbols(img)[0]
+    for y in range(5):
+        for x in range(6):
+            want = 0
+            for c in range(3):
+                r = int(x < 5 and img[0, y, x, c] > img[0, y, x + 1, c])
+                b = int(y < 4 and img[0, y, x, c] > img[0, y + 1, x, c])
+                want += (r + 2 * b) * 4**c
+            assert got[y, x] == want
+    dim = img // 2  # 0..127
+    brighter = (dim.astype(int) * 2 + 1).astype(np.uint8)  # a strictly increasing map keeps every order
+    assert np.array_equal(ordinal_symbols(brighter), ordinal_symbols(dim))
+    cfg = ExtractConfig(color="rgb", views="levels,grad")
+    assert cfg.views == "levels,grad" and cfg.view_list()[1] == ("grad", 2)
+    with pytest.raises(pipeline.PipelineError, match="--views"):
+        ExtractConfig(views="grad:3")
