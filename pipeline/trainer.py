@@ -204,9 +204,12 @@ def train(
     if not history:
         raise PipelineError(f"{out} trained no epoch; raise --epochs")
     del model, opts, caches  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
-    state = torch.load(out / layout.MODEL, map_location="cpu", weights_only=True)
-    final = build_model(config, v.rows, num_classes)
-    final.load_state_dict(state)
+    # memory-mapped and assigned, not copied: the final step must not hold the table twice
+    # (a 26.9 M-row run was killed for memory here when it did)
+    state = torch.load(out / layout.MODEL, map_location="cpu", weights_only=True, mmap=True)
+    with torch.device("meta"):
+        final = build_model(config, v.rows, num_classes)
+    final.load_state_dict(state, assign=True)
     return _finish_run(out, shards, config, final, v, history, best)
 
 
