@@ -86,8 +86,10 @@ class Vocabulary:
         self._slots = np.zeros((_table_size(len(self.keys)), 2), np.uint64)
         kernels.fill_table(self.keys, np.arange(len(self.keys), dtype=np.int64), self._slots)
         self._local: np.ndarray | None = None
-        self._stamp = np.full(self.rows, -1, np.int64)
-        self._where = np.zeros(self.rows, np.int64)
+        # merge scratch for keys sharing a bucket row; bag_rows reads it only when buckets > 0
+        scratch = self.rows if self.buckets else 1
+        self._stamp = np.full(scratch, -1, np.int64)
+        self._where = np.zeros(scratch, np.int64)
 
     @property
     def size(self) -> int:
