@@ -84,13 +84,15 @@ def source_options(f):
 @click.option("--seed", type=int, default=0, show_default=True, help="Hash seed.")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
 @click.option("--augment", default="none", show_default=True, help="Extra copies of each image: flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Processes that decode, hash and write shards.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes that decode, hash and write shards (with --engine ray: CPUs of the local Ray instance).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run the shard tasks in local processes, or on Ray (pip install 'patchhash[ray]').")
+@click.option("--address", default=None, help="With --engine ray: the Ray cluster to use (e.g. ray://head:10001 or auto) [a local instance].")
 @click.option("--compression", type=click.Choice(["snappy", "lz4", "zstd", "none"]), default="snappy", show_default=True, help="Parquet codec of the shards.")
 @click.option("--images-per-shard", type=int, default=None, help="Images per Parquet file [about 8M patches' worth].")
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, seed, resize, augment, workers, compression, images_per_shard, audit, audit_images, overwrite):
+def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -109,7 +111,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
     with _bar(len(src), "img", "extract") as bar:
         m = pipeline.extract(
-            src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers,
+            src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers, engine=engine, address=address,
             compression=compression, progress=_patch_progress(bar), augment=augment,
         )
     resumed = m["resumed_shards"]
@@ -177,6 +179,9 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--val-fraction", "Share of images held out for validation.")
 @_train_option("--seed", "Seed for initialisation, shuffling and dropout.")
 @_train_option("--device", "auto = CUDA when present.", type=click.Choice(["auto", "cpu", "cuda"]))
+@_train_option("--index", "Pattern index: auto (flat up to 100k patterns, else ivf), flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
+@_train_option("--nprobe", "Inverted lists searched per query (ivf kinds); more = better recall, slower.")
+@_train_option("--ef-search", "Search breadth (hnsw kinds); more = better recall, slower.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def train(shards, out, resume, overwrite, **options):
@@ -213,16 +218,28 @@ def train(shards, out, resume, overwrite, **options):
     click.echo(
         f"run written to {out}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
         + (f"{m['final']['val_accuracy']:.4f}" if m["final"]["val_accuracy"] is not None else "n/a")
-        + f"; vocabulary {v['vocabulary']:,} of {v['distinct_keys']:,} distinct keys, {m['rows']:,} rows, index {m['index']['type']}"
+        + f"; vocabulary {v['vocabulary']:,} of {v['distinct_keys']:,} distinct keys, {m['rows']:,} rows, index {m['index']['factory']}"
     )
+
+
+_rule_option = click.option(
+    "--unseen", "rule", type=click.Choice(["drop", "compose", "nearest"]), default=None,
+    help="What unseen patches do: drop (leave out), compose (vector from seen parts), nearest (nearest learned pattern) [the measured default, drop].",
+)
+_classifier_option = click.option(
+    "--classifier", type=click.Choice(["head", "knn"]), default="head", show_default=True,
+    help="head = the trained classifier; knn = vote of the nearest training images (pooled vectors).",
+)
 
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("source")
 @source_options
+@_rule_option
+@_classifier_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(run, source, split, limit, per_class, skip_bad, as_json):
+def evaluate(run, source, split, limit, per_class, skip_bad, rule, classifier, as_json):
     """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config).
 
     \b
@@ -230,10 +247,10 @@ def evaluate(run, source, split, limit, per_class, skip_bad, as_json):
       pipe evaluate artifacts/digits/run digits --split test --json
     """
     r = pipeline.load(run)
-    src = pipeline.open_shards(source) if (Path(source) / "manifest.json").exists() else pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+    src = pipeline.open_data(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
     total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
     with _bar(total, "img", "evaluate") as bar:
-        res = r.evaluate(src, progress=bar.update)
+        res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier)
     if as_json:
         click.echo(json.dumps(res))
     else:
@@ -242,36 +259,94 @@ def evaluate(run, source, split, limit, per_class, skip_bad, as_json):
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--k", type=int, default=5, show_default=True, help="Nearest learned patterns per patch.")
-@click.option("--patches", "top", type=int, default=5, show_default=True, help="Most decisive patches shown per image (0 = all).")
+@click.option("--index", "kind", required=True, help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
+@click.option("--nprobe", type=int, default=None, help="Inverted lists searched per query (ivf kinds) [as recorded, or 16].")
+@click.option("--ef-search", type=int, default=None, help="Search breadth (hnsw kinds) [as recorded, or 64].")
+def index(run, kind, nprobe, ef_search):
+    """Rebuild RUN's pattern index as another kind (or change its query-time settings) and record it.
+
+    \b
+    Example:
+      pipe index artifacts/run --index hnsw --ef-search 128
+    """
+    info = pipeline.rebuild_index(run, kind, nprobe, ef_search)
+    knobs = ", ".join(f"{k} {info[k]}" for k in ("nprobe", "ef_search") if info[k] is not None)
+    click.echo(f"{run}: index {info['factory']} over {info['vectors']:,} patterns ({'exact' if info['exact'] else 'approximate'}"
+               + (f", {knobs}" if knobs else "") + f"), built in {info['build_s']:.1f} s")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--k", type=int, default=5, show_default=True, help="Nearest learned patterns per patch (and nearest training images in --batch).")
+@click.option("--patches", "top", type=int, default=5, show_default=True, help="Most decisive patches shown per image (0 = all; in --batch, 0 = none).")
+@click.option("--batch", "batch_source", default=None, help="Query every image of this source (or shard directory) instead of IMAGES.")
+@source_options
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="With --batch: the results Parquet file [artifacts/results.parquet].")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="With --batch: answer batches in this process, or on Ray actors (each loads the run once).")
+@click.option("--workers", type=int, default=1, show_default=True, help="With --engine ray: actors (CPUs of the local Ray instance).")
+@click.option("--address", default=None, help="With --engine ray: the Ray cluster to use [a local instance].")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write one PNG per image to this folder: decisive patches and their nearest patterns.")
+@_rule_option
+@_classifier_option
+@click.option("--nprobe", type=int, default=None, help="Override the index's nprobe (ivf kinds) for this query.")
+@click.option("--ef-search", type=int, default=None, help="Override the index's efSearch (hnsw kinds) for this query.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
-def query(run, images, k, top, as_json):
+def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, out, engine, workers, address, png_dir, rule, classifier, nprobe, ef_search, as_json):
     """Classify IMAGES with RUN and show their patches' nearest learned patterns.
 
     Unseen patches get a vector composed from their seen sub-patches and are marked.
 
     \b
-    Example:
-      pipe query artifacts/digits/run artifacts/digits/test-0.png --k 3
+    Examples:
+      pipe query artifacts/digits/run artifacts/digits/test-0.png --k 3 --png artifacts/png
+      pipe query artifacts/digits/run --batch digits --split test --out artifacts/results.parquet
     """
-    from pipeline.report import query_image, read_image
+    from pipeline.report import query_one, read_image
 
-    r = pipeline.load(run)
+    if bool(images) == bool(batch_source):
+        raise click.ClickException("give image files, or --batch SOURCE, not both")
+    if not batch_source and (out or split or limit or per_class or skip_bad or engine != "local" or address):
+        raise click.ClickException("--out, --split, --limit, --per-class, --skip-bad, --engine and --address go with --batch")
+    if batch_source and png_dir:
+        raise click.ClickException("--png draws the image files given as IMAGES; it does not go with --batch")
+    r = pipeline.load(run, rule)
+    if nprobe or ef_search:
+        r.tune(nprobe, ef_search)
+    if batch_source:
+        src = pipeline.open_data(batch_source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+        total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
+        with _bar(total, "img", "query") as bar:
+            res = pipeline.query_batch(
+                r, src, out or Path("artifacts/results.parquet"), k=k, patches=top, classifier=classifier, progress=bar.update,
+                engine=engine, workers=workers, address=address,
+            )
+        if as_json:
+            click.echo(json.dumps(res))
+            return
+        acc = f"; accuracy {res['accuracy']:.4f} on {res['labelled']} labelled images" if res["accuracy"] is not None else "; no labels"
+        click.echo(f"{res['images']} images queried, results in {res['out']}{acc}")
+        return
     for path in images:
-        res = query_image(r, read_image(r, path), str(path), k=k, top=top)
+        img = read_image(r, path)
+        res, lookup = query_one(r, img, str(path), k=k, top=top, classifier=classifier)
+        if png_dir:
+            png = png_dir / (Path(path).stem + ".png")
+            pipeline.query_png(r, img, lookup, png, title=Path(path).name)
+            res["png"] = str(png)
         if as_json:
             click.echo(json.dumps(res))
             continue
         probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])[:3]
         c = res["patches"]
-        click.echo(f"{path}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})")
+        click.echo(f"{path}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})" + (f"  -> {res['png']}" if png_dir else ""))
         click.echo(f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)")
         for p in res["top_patches"]:
             where = f"{p['h']}x{p['w']} at ({p['y']},{p['x']})" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
             state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
             near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} x{n['count']} {n['top_class']}" for n in p["nearest"])
             click.echo(f"  {where:<22} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
+        click.echo("  nearest training images: " + ", ".join(f"#{n['image_id']} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ The verbs::
     pipeline.train(pipeline.Shards("artifacts/digits/shards"), "artifacts/digits/run")
     run = pipeline.load("artifacts/digits/run")
     labels, probs = run.predict(images)
-    lookup = run.nearest_patterns(image, k=5)
+    lookup = run.nearest_patterns(image, k=5)           # PatchLookup: distances, ids, ... per patch
+    near = run.nearest_images(images, k=5)              # ImageLookup: distances, ids, image_ids, labels
+    pipeline.query_batch(run, pipeline.open_data("digits", split="test"), "results.parquet")
 """
 from importlib import import_module
 
@@ -16,10 +18,13 @@ from .errors import PipelineError
 from .extract import extract
 from .hashing import KeyPlan
 from .shards import Shards
-from .sources import Source, from_arrays, open_source
+from .sources import Source, from_arrays, open_data, open_source
 
 # torch-backed parts load on first use, so extract workers and `pipe extract` never import torch
-_LAZY = {"PatchLookup": ".run", "Run": ".run", "load": ".run", "train": ".trainer"}
+_LAZY = {
+    "PatchLookup": ".run", "ImageLookup": ".run", "Run": ".run", "load": ".run", "train": ".trainer",
+    "query_batch": ".batch", "rebuild_index": ".artifacts", "query_png": ".pictures",
+}
 
 
 def __getattr__(name: str):
@@ -45,6 +50,11 @@ __all__ = [
     "PipelineError",
     "KeyPlan",
     "PatchLookup",
+    "ImageLookup",
+    "query_batch",
+    "rebuild_index",
+    "query_png",
+    "open_data",
     "Run",
     "Shards",
     "Source",

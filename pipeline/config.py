@@ -194,6 +194,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of images held out for validation, chosen by a hash of image_id [0.1]
     seed: int = 0  # seed for initialisation, shuffling and dropout [0]
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda' [auto]
+    index: str = "auto"  # pattern index: 'auto', 'flat', 'hnsw', 'ivf', 'ivfpq' or a FAISS factory string [auto]
+    nprobe: int = 32  # inverted lists searched per query (IVF kinds) [32]
+    ef_search: int = 64  # graph search breadth (HNSW kinds) [64]
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
@@ -234,6 +237,10 @@ class TrainConfig:
             raise PipelineError(f"--cache-mb {self.cache_mb} must be 0 (no cache) or more")
         if not 0.0 <= self.val_fraction < 1.0:
             raise PipelineError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        if not self.index.strip():
+            raise PipelineError("--index must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
+        if self.nprobe < 1 or self.ef_search < 1:
+            raise PipelineError("--nprobe and --ef-search must be at least 1")
         if self.device not in DEVICES:
             raise PipelineError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
 

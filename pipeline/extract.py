@@ -254,14 +254,26 @@ def extract(
     compression: str = DEFAULT_CODEC,
     progress: Progress | None = None,
     augment: str = "none",
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict:
     """Hash every patch of every image of ``source`` into shards under ``out``; returns the manifest.
 
     An unfinished extract into ``out`` with the same settings is resumed; a finished one is
     returned as is (``resumed_shards`` in the result says how many shards were reused).
     ``workers > 1`` starts processes with the ``spawn`` method, so a script that calls this
-    needs the usual ``if __name__ == "__main__":`` guard.
+    needs the usual ``if __name__ == "__main__":`` guard. ``engine="ray"`` runs the same
+    shard tasks on Ray (:mod:`pipeline.ray_engine`): a local Ray instance of ``workers``
+    CPUs, or the cluster at ``address``.
     """
+    if engine not in ("local", "ray"):
+        raise PipelineError(f"--engine {engine!r} is not one of local, ray")
+    if address is not None and engine != "ray":
+        raise PipelineError("--address goes with --engine ray")
+    if engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()  # a missing extra fails before anything is written
     if workers < 1:
         raise PipelineError(f"--workers {workers} must be at least 1")
     if images_per_shard is not None and images_per_shard < 1:
@@ -299,7 +311,11 @@ def extract(
         return ShardTask(index, total, str(out), config, height, width, compression, source.skip_bad, images, augment)
 
     tasks = _tasks(source, per_shard, done, make)
-    if workers == 1:
+    if engine == "ray":
+        from .ray_engine import run_tasks
+
+        records = run_tasks(tasks, workers, address, progress)
+    elif workers == 1:
         records = [write_shard(t, progress) for t in tasks]
     else:
         records = _run_pool(tasks, workers, progress)

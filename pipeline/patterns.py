@@ -15,8 +15,11 @@ import pyarrow.parquet as pq
 from . import layout
 from .hashing import KeyPlan
 
-def to_table(stats: dict[str, np.ndarray], plan: KeyPlan) -> pa.Table:
-    """The Parquet table of patterns: ids, keys, shape and location of the first example, counts."""
+def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | None = None) -> pa.Table:
+    """The Parquet table of patterns: ids, keys, shape and location of the first example, counts,
+    and the example's pixels (``example_pixels``: h*w*C bytes, row-major HWC; null when unknown)."""
+    if pixels is None:
+        pixels = pa.nulls(len(stats["key"]), pa.large_binary())
     loc = plan.locate(stats["slot"])
     cc = stats["class_counts"]
     return pa.table(
@@ -32,6 +35,7 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan) -> pa.Table:
             "example_image": pa.array(stats["example_image"]),
             "example_y": pa.array(loc["y"]),
             "example_x": pa.array(loc["x"]),
+            "example_pixels": pixels.cast(pa.large_binary()),
         }
     )
 
@@ -43,9 +47,22 @@ def write(table: pa.Table, path: Path) -> None:
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
-    """The pattern table as numpy columns (``class_counts`` as P x C)."""
-    t = pq.read_table(path)
+    """The pattern table as numpy columns (``class_counts`` as P x C), without the pixels (see :func:`pixels`)."""
+    names = [c for c in pq.ParquetFile(path).schema_arrow.names if c != "example_pixels"]
+    t = pq.read_table(path, columns=names)
     out = {c: t.column(c).to_numpy() for c in t.column_names if c != "class_counts"}
     cc = t.column("class_counts").combine_chunks()
     out["class_counts"] = cc.flatten().to_numpy().reshape(len(t), cc.type.list_size)
+    return out
+
+
+def pixels(path: Path, ids: np.ndarray, h: np.ndarray, w: np.ndarray, channels: int) -> list[np.ndarray | None]:
+    """The example pixels (h x w x C uint8) of patterns ``ids``; None where the run has none."""
+    pf = pq.ParquetFile(path)
+    if "example_pixels" not in pf.schema_arrow.names:
+        return [None] * len(ids)
+    col = pq.read_table(path, columns=["example_pixels"]).column(0).take(pa.array(np.asarray(ids, np.int64)))
+    out = []
+    for v, hh, ww in zip(col.to_pylist(), h, w):
+        out.append(None if v is None else np.frombuffer(v, np.uint8).reshape(int(hh), int(ww), channels))
     return out

@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import PipelineError
 from .images import BadImage, decode
-from .run import Run
+from .run import PatchLookup, Run
 
 
 def read_image(run: Run, path: Path | str) -> np.ndarray:
@@ -36,14 +36,22 @@ def _pattern(run: Run, pid: int, distance: float) -> dict:
     }
 
 
-def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10) -> dict:
-    """Prediction, probabilities, patch counts and the ``top`` most decisive patches with their k nearest patterns.
+def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10, classifier: str = "head") -> dict:
+    """What :func:`query_one` reports, without the look-up."""
+    return query_one(run, image, name, k, top, classifier)[0]
 
-    ``top`` = 0 reports every patch. Patches are ranked by their contribution to the
+
+def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10, classifier: str = "head") -> tuple[dict, PatchLookup]:
+    """Prediction, probabilities, patch counts, the ``top`` most decisive patches with their k nearest
+    patterns, and the k nearest training images; plus the :class:`PatchLookup` it came from.
+
+    ``top`` = 0 reports every patch. Patches are ranked by their contribution to the head's
     predicted class's logit; patches with no vector (unseen, no seen parts) come last.
+    ``classifier`` = ``knn`` predicts by a vote of the nearest training images instead.
     """
     lookup = run.nearest_patterns(image, k, top=top or None)  # hashes and classifies the image once
-    probs = lookup.probabilities
+    probs = lookup.probabilities if classifier == "head" else run.predict(image, classifier=classifier)[1][0]
+    near = run.nearest_images(image, k)
     order = np.argsort(-lookup.contribution, kind="stable")
     patches = []
     for s in order:
@@ -65,4 +73,8 @@ def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 1
         "probabilities": {c: float(p) for c, p in zip(run.class_names, probs)},
         "patches": lookup.counts,
         "top_patches": patches,
-    }
+        "nearest_images": [
+            {"image_id": int(i), "label": run.class_names[int(c)], "distance": float(d)}
+            for i, c, d in zip(near.image_ids[0], near.labels[0], near.distances[0]) if i >= 0
+        ],
+    }, lookup

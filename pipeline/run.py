@@ -10,21 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from . import index as pattern_index
-from . import layout, patterns
+from . import layout, patterns, unseen
 from .config import ExtractConfig, TrainConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
 from .pixels import as_nhwc, to_channels
-from .shards import Shards
+from .shards import KeyBatch, Shards
 from .sources import Source
 from .bags import to_bags
-from .trainer import RUN_FORMAT, build_model, evaluate_bags
+from .trainer import RUN_FORMAT, build_model
 from .vocab import Vocabulary
 
 
@@ -44,10 +45,20 @@ class PatchLookup:
     probabilities: np.ndarray  # C: the image's class probabilities (what ``predict`` gives)
 
 
+@dataclass
+class ImageLookup:
+    """Nearest training images of query images; every array is N x k."""
+
+    distances: np.ndarray  # squared L2 between pooled vectors
+    ids: np.ndarray  # rows of the image index (-1 where fewer than k)
+    image_ids: np.ndarray  # the training images' ids in their shards / source order
+    labels: np.ndarray  # their class indices
+
+
 class Run:
     """A trained run directory."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, unseen_rule: str | None = None):
         self.root = Path(root)
         mpath = self.root / layout.RUN_MANIFEST
         if not mpath.exists():
@@ -69,6 +80,7 @@ class Run:
         state = torch.load(self.root / layout.MODEL, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.eval()
+        self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
 
     # ------------------------------------------------------------ lazily loaded parts
 
@@ -78,8 +90,27 @@ class Run:
         return patterns.read(self.root / layout.PATTERNS)
 
     @cached_property
+    def index_info(self) -> pattern_index.IndexInfo:
+        return pattern_index.IndexInfo.from_dict(self.manifest["index"])
+
+    @cached_property
     def index(self):
-        return pattern_index.load(self.root / layout.PATTERN_INDEX)
+        """The pattern index (memory-mapped); ``nprobe`` / ``ef_search`` as recorded, see :meth:`tune`."""
+        return pattern_index.load(self.root / layout.PATTERN_INDEX, self.index_info)
+
+    def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the pattern index's query-time knobs (recall against speed) for this session."""
+        pattern_index.apply_params(self.index, nprobe, ef_search)
+
+    @cached_property
+    def image_index(self):
+        return pattern_index.load(self.root / layout.IMAGE_INDEX)
+
+    @cached_property
+    def images(self) -> dict[str, np.ndarray]:
+        """The training images of the image index: ``image_id`` and ``label``, row i = index id i."""
+        t = pq.read_table(self.root / layout.IMAGES)
+        return {c: t.column(c).to_numpy() for c in t.column_names}
 
     @property
     def table(self) -> np.ndarray:
@@ -100,15 +131,78 @@ class Run:
             )
         return self.plan.image_keys(to_channels(arr, self.extract_config.channels))
 
-    def predict_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Class probabilities (N x C) for key arrays (N x K)."""
-        rows, offsets, counts, _ = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64)).tensors(torch.device("cpu"))
-        with torch.no_grad():
-            return torch.softmax(self.model(rows, offsets, counts), dim=1).numpy()
+    def nearest_keys(self, keys: np.ndarray) -> tuple[np.ndarray, unseen.Unseen]:
+        """``keys`` with each unseen patch's key replaced by its nearest learned pattern's key.
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        The unseen patch's composed vector is searched in the pattern index; patches with no
+        seen part keep their (unseen) key and so stay out of the bag.
+        """
+        u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
+        vec = u.vectors(self.model.table.weight.detach())
+        has = u.has
+        out = np.array(keys, dtype=np.uint64, copy=True)
+        if has.any():
+            _, ids = pattern_index.search(self.index, vec[has], 1)
+            ok = ids[:, 0] >= 0
+            out[u.image[has][ok], u.slot[has][ok]] = self.vocab.keys[ids[ok, 0]]
+        return out, u
+
+    def pooled_keys(self, keys: np.ndarray, rule: str | None = None) -> torch.Tensor:
+        """Pooled image vectors (N x d, the model's bag reduction) for key arrays (N x K).
+
+        ``rule`` says what unseen patches do (:mod:`pipeline.unseen`); default: the run's
+        :attr:`unseen_rule`.
+        """
+        rule = unseen.check_rule(rule or self.unseen_rule)
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if rule == "nearest":
+            keys, _ = self.nearest_keys(keys)
+        b = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64))
+        rows, offsets, counts, _ = b.tensors(torch.device("cpu"))
+        weight = self.model.table.weight.detach()
+        with torch.no_grad():
+            sums = torch.nn.functional.embedding_bag(rows, weight, offsets[:-1], mode="sum", per_sample_weights=counts)
+            n = torch.zeros(len(keys)).index_add_(0, torch.repeat_interleave(torch.arange(len(keys)), offsets.diff()), counts)
+            if rule == "compose":
+                u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
+                extra, m = unseen.composed_sums(u, weight, len(keys))
+                sums, n = sums + extra, n + m
+        bag = self.train_config.bag
+        if bag == "sum":
+            return sums
+        norm = n.clamp(min=1.0)
+        return sums / (norm.sqrt() if bag == "sqrt" else norm)[:, None]
+
+    def predict_keys(self, keys: np.ndarray, rule: str | None = None, classifier: str = "head", k: int = 10) -> np.ndarray:
+        """Class probabilities (N x C) for key arrays (N x K).
+
+        ``classifier`` = ``head`` (the trained linear head) or ``knn`` (a vote of the ``k``
+        nearest training images by pooled vector; probabilities are vote shares).
+        """
+        return self.classify_pooled(self.pooled_keys(keys, rule), classifier, k)
+
+    def classify_pooled(self, pooled: torch.Tensor, classifier: str = "head", k: int = 10) -> np.ndarray:
+        """Class probabilities (N x C) of pooled vectors (see :meth:`predict_keys`)."""
+        if classifier == "knn":
+            return self._vote(pooled.numpy(), k)
+        if classifier != "head":
+            raise PipelineError(f"--classifier {classifier!r} is not one of head, knn")
+        with torch.no_grad():
+            return torch.softmax(self.model.head(pooled), dim=1).numpy()
+
+    def _vote(self, pooled: np.ndarray, k: int) -> np.ndarray:
+        _, ids = pattern_index.search(self.image_index, pooled, k)
+        labels = np.where(ids >= 0, self.images["label"][np.maximum(ids, 0)], -1)
+        probs = np.zeros((len(pooled), len(self.class_names)), np.float64)
+        for j in range(labels.shape[1]):
+            ok = labels[:, j] >= 0
+            # nearer neighbours break ties: weights 1, 1 - 1e-6, 1 - 2e-6, ...
+            np.add.at(probs, (np.flatnonzero(ok), labels[ok, j]), 1.0 - 1e-6 * j)
+        return (probs / np.maximum(probs.sum(1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def predict(self, images: np.ndarray, rule: str | None = None, classifier: str = "head") -> tuple[np.ndarray, np.ndarray]:
         """(labels N, probabilities N x C) for uint8 images."""
-        probs = self.predict_keys(self.images_to_keys(images))
+        probs = self.predict_keys(self.images_to_keys(images), rule, classifier)
         return probs.argmax(1), probs
 
     # ------------------------------------------------------------ patterns
@@ -121,40 +215,60 @@ class Run:
     def patch_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
 
-        A key in the vocabulary uses its learned vector. Any other key gets the mean of the
-        learned vectors of its seen strictly smaller sub-patches (same position mode),
-        fastText's rule for unknown words applied to rectangles; with no seen sub-patch it has
-        no vector (NaN).
+        A key in the vocabulary uses its learned vector; any other key its composed vector
+        (:mod:`pipeline.unseen`), or NaN when none of its parts was seen.
         """
-        rows = self.vocab.rows_of(keys)
-        seen = (rows >= 0) & (rows < self.vocab.size)
-        vectors = np.where(seen[:, None], self.table[np.maximum(rows, 0)], np.nan).astype(np.float32)
+        rows = self.vocab.rows_of(keys[None])
+        u = unseen.find(self.plan, rows, self.vocab.size)
+        seen = u.own[0]
+        vectors = np.full((len(keys), self.train_config.dim), np.nan, np.float32)
+        vectors[seen] = self.table[rows[0][seen]]
+        vectors[u.slot] = u.vectors(self.model.table.weight.detach())
         composed = np.zeros(len(keys), bool)
-        for slot in np.flatnonzero(~seen):
-            subs = self.plan.sub_slots(int(slot))
-            subs = subs[seen[subs]]
-            if len(subs):
-                vectors[slot] = self.table[rows[subs]].mean(0)
-                composed[slot] = True
-            else:
-                vectors[slot] = np.nan
+        composed[u.slot[u.has]] = True
         return vectors, seen, composed
 
-    def nearest_patterns(self, image: np.ndarray, k: int = 5, top: int | None = None) -> PatchLookup:
-        """The k nearest learned patterns of the patches of one image (see :class:`PatchLookup`).
+    def nearest_images(self, images: np.ndarray, k: int = 5, rule: str | None = None) -> ImageLookup:
+        """The k nearest training images of each image by pooled vector."""
+        if k < 1:
+            raise PipelineError(f"--k {k} must be at least 1")
+        pooled = self.pooled_keys(self.images_to_keys(images), rule).numpy()
+        d, ids = pattern_index.search(self.image_index, pooled, k)
+        safe = np.maximum(ids, 0)
+        return ImageLookup(
+            d, ids, np.where(ids >= 0, self.images["image_id"][safe], -1), np.where(ids >= 0, self.images["label"][safe], -1)
+        )
 
-        ``top`` = None looks up every patch; ``top`` = N only the N patches contributing most
-        to the predicted class's logit, in that order (the search is the costly part).
+    def nearest_patterns(self, patches_or_image: np.ndarray, k: int = 5, top: int | None = None) -> PatchLookup | tuple[np.ndarray, np.ndarray]:
+        """The k nearest learned patterns.
+
+        Given one image (H x W [x C] uint8): a :class:`PatchLookup` of its patches. ``top`` =
+        None looks up every patch; ``top`` = N only the N patches contributing most to the
+        predicted class's logit, in that order (the search is the costly part).
+
+        Given patch keys (a 1-D uint64 array, e.g. from :meth:`images_to_keys`): ``(distances,
+        ids)``, each len x k, from each seen key's learned vector; rows of unseen keys are
+        inf / -1 (without the patch's place no parts can be composed).
         """
         if k < 1:
             raise PipelineError(f"--k {k} must be at least 1")
-        keys = self.images_to_keys(image)
+        arr = np.asarray(patches_or_image)
+        if arr.ndim == 1 and arr.dtype == np.uint64:
+            pid = self.seen_ids(arr)
+            d = np.full((len(arr), k), np.inf, np.float32)
+            ids = np.full((len(arr), k), -1, np.int64)
+            ok = pid >= 0
+            d[ok], ids[ok] = pattern_index.search(self.index, self.table[pid[ok]], k)
+            return d, ids
+        keys = self.images_to_keys(arr)
         if len(keys) != 1:
             raise PipelineError("nearest_patterns takes one image; call it once per image")
-        keys = keys[0]
+        return self.lookup_keys(keys[0], self.predict_keys(keys)[0], k, top)
+
+    def lookup_keys(self, keys: np.ndarray, probs: np.ndarray, k: int, top: int | None) -> PatchLookup:
+        """:meth:`nearest_patterns` for one image's keys (K) whose class probabilities are known."""
         vectors, seen, composed = self.patch_vectors(keys)
         has = seen | composed
-        probs = self.predict_keys(keys[None])[0]
         contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) / len(keys), 0.0)
         slots = np.arange(len(keys)) if top is None else np.argsort(-contribution, kind="stable")[:top]
         d = np.full((len(slots), k), np.inf, np.float32)
@@ -165,6 +279,12 @@ class Run:
         return PatchLookup(
             slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts, probs
         )
+
+    def pattern_pixels(self, ids: np.ndarray) -> list[np.ndarray | None]:
+        """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where unknown."""
+        ids = np.asarray(ids, np.int64)
+        p = self.patterns
+        return patterns.pixels(self.root / layout.PATTERNS, ids, p["h"][ids], p["w"][ids], self.extract_config.channels)
 
     def _class_direction(self, c: int) -> np.ndarray:
         """How much a unit of pooled vector along each dimension adds to class ``c``'s logit.
@@ -186,30 +306,47 @@ class Run:
             raise PipelineError(f"{where} has classes the run does not know: {', '.join(missing[:5])}; evaluate on the same classes")
         return np.asarray([index[c] for c in class_names] + [-1], dtype=np.int64)  # last entry maps label -1
 
-    def evaluate(self, data: Source | Shards, progress: Callable[[int], None] | None = None) -> dict:
-        """Accuracy and loss of the run on an image source (hashed with the run's config) or on shards."""
+    def key_batches(self, data: Source | Shards, batch_size: int = 256, progress: Callable[[int], None] | None = None) -> Iterator[KeyBatch]:
+        """Keys of every image of ``data`` (a source, hashed the run's way, or shards extracted with
+        the run's config) in batches, labels mapped to the run's classes (-1 when unknown)."""
         if isinstance(data, Shards):
             data.check_fingerprint(self.fingerprint, f"run {self.root}")
             mapping = self._label_map(data.class_names, str(data.root))
-
-            def batches():
-                for b in data.iter_batches():
+            for b in data.iter_batches(names=True):
+                for i in range(0, len(b.labels), batch_size):
+                    sl = slice(i, i + batch_size)
                     if progress:
-                        progress(len(b.labels))
-                    yield to_bags(self.vocab, b.keys, mapping[b.labels])
-        else:
-            mapping = self._label_map(data.class_names, data.path)
+                        progress(len(b.labels[sl]))
+                    yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], b.names[sl])
+            return
+        mapping = self._label_map(data.class_names, data.path)
+        for b in data.batches(batch_size, self.extract_config.channels, self.extract_config.resize):
+            if progress:
+                progress(len(b.labels))
+            yield KeyBatch(b.ids, mapping[b.labels], self.images_to_keys(b.images), b.names)
 
-            def batches():
-                for b in data.batches(256, self.extract_config.channels, self.extract_config.resize):
-                    if progress:
-                        progress(len(b.labels))
-                    yield to_bags(self.vocab, self.images_to_keys(b.images), mapping[b.labels])
+    def evaluate(
+        self,
+        data: Source | Shards,
+        progress: Callable[[int], None] | None = None,
+        rule: str | None = None,
+        classifier: str = "head",
+        k: int = 10,
+    ) -> dict:
+        """Accuracy and loss (mean negative log probability) of the run on ``data`` (see :meth:`key_batches`)."""
+        loss_sum, correct, n = 0.0, 0, 0
+        for b in self.key_batches(data, progress=progress):
+            ok = b.labels >= 0
+            if not ok.any():
+                continue
+            probs = self.predict_keys(b.keys[ok], rule, classifier, k)
+            y = b.labels[ok]
+            loss_sum += float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).sum())
+            correct += int((probs.argmax(1) == y).sum())
+            n += len(y)
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
 
-        res = evaluate_bags(self.model, batches(), torch.device("cpu"))
-        return {"accuracy": res["accuracy"], "loss": res["loss"], "n": res["n"]}
 
-
-def load(root: Path | str) -> Run:
-    """Open a trained run directory."""
-    return Run(root)
+def load(root: Path | str, unseen_rule: str | None = None) -> Run:
+    """Open a trained run directory; ``unseen_rule`` says what unseen patches do in predictions."""
+    return Run(root, unseen_rule)

@@ -111,6 +111,7 @@ class KeyBatch:
     image_ids: np.ndarray  # int64
     labels: np.ndarray  # int64
     keys: np.ndarray  # N x keys_per_image uint64, key order (position keys derived)
+    names: list[str] | None = None  # file names, when read (``names=True``)
 
 
 class Shards:
@@ -173,7 +174,9 @@ class Shards:
         """Every (shard file, row group) in order: the unit a shuffled reader permutes."""
         return [(path, rg) for path in self.files() for rg in range(self._open(path).num_row_groups)]
 
-    def iter_content(self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None) -> Iterator[KeyBatch]:
+    def iter_content(
+        self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None, names: bool = False
+    ) -> Iterator[KeyBatch]:
         """Yield one :class:`KeyBatch` per Parquet row group with the stored content keys (patch order).
 
         ``groups`` reads exactly those (file, row group) pairs in that order; else every row
@@ -184,18 +187,21 @@ class Shards:
         opened: dict[Path, pq.ParquetFile] = {}
         for path, rg in groups:
             pf = opened.get(path) or opened.setdefault(path, self._open(path))
-            t = pf.read_row_group(rg, columns=["image_id", "label", "patch_keys"])
+            t = pf.read_row_group(rg, columns=["image_id", "label", "patch_keys"] + (["name"] if names else []))
             yield KeyBatch(
                 t.column("image_id").to_numpy().astype(np.int64),
                 t.column("label").to_numpy().astype(np.int64),
                 patch_matrix(t.column("patch_keys"), self.patches_per_image),
+                t.column("name").to_pylist() if names else None,
             )
 
-    def iter_batches(self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None) -> Iterator[KeyBatch]:
+    def iter_batches(
+        self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None, names: bool = False
+    ) -> Iterator[KeyBatch]:
         """Yield one :class:`KeyBatch` per Parquet row group with keys in key order (see :meth:`iter_content`)."""
         plan = self.plan()
-        for b in self.iter_content(files, groups):
-            yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys))
+        for b in self.iter_content(files, groups, names):
+            yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys), b.names)
 
 
 def patch_matrix(column: pa.ChunkedArray, patches_per_image: int) -> np.ndarray:

@@ -115,9 +115,16 @@ class Source:
     _items: Callable[[], Iterator[_Item]] = field(repr=False)
     skip_bad: bool = False
     skipped: list[str] = field(default_factory=list)
+    limit: int | None = None
+    per_class: int | None = None
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "split": self.split, "images": self.count}
+        """What the source is, enough for :func:`reopen` to read the same images again."""
+        where = self.path if self.kind in ("digits", "arrays") else str(Path(self.path).resolve())
+        return {
+            "kind": self.kind, "path": self.path, "split": self.split, "images": self.count,
+            "location": where, "limit": self.limit, "per_class": self.per_class,
+        }
 
     def __len__(self) -> int:
         return self.count
@@ -251,7 +258,23 @@ def open_source(
     count = int(keep.sum())
     if count == 0:
         raise PipelineError(f"{spec} holds no images{' in split ' + repr(split) if split else ''}; check the path and --split")
-    return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad)
+    return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad, limit=limit, per_class=per_class)
+
+
+def reopen(described: dict) -> Source:
+    """The source a manifest's ``source`` entry (:meth:`Source.describe`) was read from.
+
+    Raises :class:`PipelineError` when it is gone or no longer holds the same number of images.
+    """
+    if described.get("kind") == "arrays":
+        raise PipelineError("the images were passed in memory and were not saved")
+    spec = described.get("location") or described["path"]
+    if not (spec == "digits" or Path(spec).exists()):
+        raise PipelineError(f"{spec} is no longer there")
+    src = open_source(spec, described.get("split"), described.get("limit"), described.get("per_class"), skip_bad=True)
+    if len(src) != described.get("images"):
+        raise PipelineError(f"{spec} now holds {len(src)} images, not {described.get('images')}")
+    return src
 
 
 def from_arrays(images: np.ndarray, labels: np.ndarray | None = None, class_names: list[str] | None = None, name: str = "arrays") -> Source:
@@ -504,3 +527,12 @@ def _npz(path: Path, split: str | None):
                 yield _Item(i, int(y[i]), f"{path}:{xk}:{i}", array=row)
 
     return "npz", split, classes, y, items
+
+
+def open_data(spec: str, split: str | None = None, limit: int | None = None, per_class: int | None = None, skip_bad: bool = False):
+    """Shards (a directory with a shard manifest) or else an image source (:func:`open_source`)."""
+    if Path(spec).is_dir() and (Path(spec) / layout.MANIFEST).exists():
+        from .shards import Shards
+
+        return Shards(spec)
+    return open_source(spec, split, limit, per_class, skip_bad)

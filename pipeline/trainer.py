@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import artifacts, layout, optim, vocab
 from . import index as pattern_index
-from . import layout, optim, patterns, vocab
 from .config import TrainConfig
 from .errors import PipelineError
 from .bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
@@ -79,7 +79,7 @@ def _optimizers(model: PatchBagModel, config: TrainConfig) -> tuple:
 
 def _job(shards: Shards, config: TrainConfig) -> dict:
     """What a resumed run must match: the shards and every setting except how long to train."""
-    cfg = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "patience", "device")}
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "patience", "device", "index", "nprobe", "ef_search")}
     return {"format": RUN_FORMAT, "shards_fingerprint": shards.fingerprint, "shards_images": shards.num_images, "config": cfg}
 
 
@@ -153,6 +153,7 @@ def train(
     labels_seen = any(bool((b.labels >= 0).any()) for b in shards.iter_batches(shards.files()[:1]))
     if not labels_seen or not shards.class_names:
         raise PipelineError(f"{shards.root} has no labels; training needs a labelled source (class folders or y=)")
+    pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     resuming = _prepare(out, shards, config, overwrite, resume)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -330,9 +331,9 @@ def _plot(history: list[dict], path: Path) -> None:
 
 def _finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict) -> dict:
     stats = vocab.pattern_stats(v, part_batches(shards, False, config.val_fraction), len(shards.class_names))
-    patterns.write(patterns.to_table(stats, shards.plan()), out / layout.PATTERNS)
-    vectors = model.table.weight.detach().numpy()[: v.size]
-    pattern_index.build(vectors, out / layout.PATTERN_INDEX)
+    lookups = artifacts.write_lookups(
+        out, shards, model, v, stats, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed
+    )
     manifest = {
         "format": RUN_FORMAT,
         "extract_config": shards.config.to_dict(),
@@ -345,7 +346,7 @@ def _finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagM
         "vocabulary": v.stats,
         "patterns": int(v.size),
         "rows": int(v.rows),
-        "index": {"type": "Flat", "metric": "L2", "dim": config.dim},
+        **lookups,
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
         "final": next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1],

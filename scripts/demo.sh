@@ -13,6 +13,6 @@ import sys, pipeline
 from pipeline.images import encode_png
 img = next(pipeline.open_source('digits', split='test').batches(1, 1)).images[0]
 open(sys.argv[1], 'wb').write(encode_png(img))" "$out/test-0.png"
-$pipe query "$out/run" "$out/test-0.png" --k 3 --patches 5
+$pipe query "$out/run" "$out/test-0.png" --k 3 --patches 5 --png "$out/png"
 echo "digits --split test accuracy:"
 $pipe evaluate "$out/run" digits --split test

@@ -1,0 +1,65 @@
+"""Wall time of the local and Ray engines with 1 and 2 workers, on the shared CIFAR-10 archive.
+
+    python benchmarks/engines.py --json
+
+* extract: the first ``--per-class`` images of each class, default settings, into fresh
+  shards with ``engine=local`` (1 and 2 worker processes) and ``engine=ray`` (a local Ray
+  instance of 1 and 2 CPUs, started and stopped inside the timing, as ``pipe extract
+  --engine ray`` does); the shards of every run are checked equal to the first.
+* batch query: ``--query-images`` images through a run trained on those shards, locally
+  and on 1 and 2 Ray actors (each loads the run once; Ray start-up included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cifar_source  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--per-class", type=int, default=300)
+    ap.add_argument("--query-images", type=int, default=500)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    import pyarrow.parquet as pq
+
+    import pipeline
+    from pipeline import TrainConfig
+
+    work = Path(tempfile.mkdtemp(prefix="engines-"))
+    try:
+        src = cifar_source(None, per_class=a.per_class)
+        res: dict = {"images": len(src), "extract_s": {}, "query_s": {}}
+        first = None
+        for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+            out = work / f"{engine}{workers}"
+            t = time.perf_counter()
+            m = pipeline.extract(src, out, engine=engine, workers=workers)
+            res["extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
+            if first is None:
+                first = (out, m)
+            else:
+                assert all(pq.read_table(first[0] / r["file"]).equals(pq.read_table(out / r["file"])) for r in first[1]["shards"])
+        pipeline.train(pipeline.open_shards(first[0]), work / "run", TrainConfig(epochs=2), overwrite=True)
+        run = pipeline.load(work / "run")
+        q = cifar_source(a.query_images)
+        for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):
+            t = time.perf_counter()
+            pipeline.query_batch(run, q, work / f"q-{engine}{workers}.parquet", engine=engine, workers=workers)
+            res["query_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
+        print(json.dumps(res) if a.json else res)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Batch query: a whole dataset through a run, streamed into one Parquet file.
+
+One row per image: prediction and probabilities, the most decisive patches with their nearest
+learned patterns, and the nearest training images. The file is written under a temporary
+name and renamed when complete, so an interrupted query leaves no file that looks finished.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import layout
+from .errors import PipelineError
+from .run import Run
+from .shards import Shards
+from .sources import Source
+
+
+def schema(num_classes: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("image_id", pa.int64(), nullable=False),
+            pa.field("name", pa.string()),
+            pa.field("label", pa.string()),  # null when the source has no label
+            pa.field("prediction", pa.string(), nullable=False),
+            pa.field("probabilities", pa.list_(pa.float32(), num_classes), nullable=False),
+            # the most decisive patches, most decisive first; per patch its k nearest patterns
+            pa.field("patch_slots", pa.list_(pa.int32()), nullable=False),
+            pa.field("patch_contributions", pa.list_(pa.float32()), nullable=False),
+            pa.field("patch_seen", pa.list_(pa.bool_()), nullable=False),
+            pa.field("nearest_pattern_ids", pa.list_(pa.list_(pa.int64())), nullable=False),
+            pa.field("nearest_pattern_distances", pa.list_(pa.list_(pa.float32())), nullable=False),
+            # the k nearest training images (their image_id in the training shards) and labels
+            pa.field("nearest_image_ids", pa.list_(pa.int64()), nullable=False),
+            pa.field("nearest_image_labels", pa.list_(pa.string()), nullable=False),
+        ],
+        metadata={b"patchhash.columns": b"see docs/query.md"},
+    )
+
+
+def _score(table: pa.Table, labels: np.ndarray) -> tuple[int, int]:
+    """(labelled images, correct predictions) of one result table."""
+    ok = labels >= 0
+    pred = np.asarray(table.column("prediction").to_pylist(), dtype=object)
+    lab = np.asarray(table.column("label").to_pylist(), dtype=object)
+    return int(ok.sum()), int((pred[ok] == lab[ok]).sum())
+
+
+def result_table(
+    run: Run, keys: np.ndarray, labels: np.ndarray, image_ids: np.ndarray, names: list[str] | None,
+    k: int, patches: int, rule: str | None, classifier: str,
+) -> pa.Table:
+    """The result rows (see :func:`schema`) of one batch of images given as keys."""
+    cls = run.class_names
+    pooled = run.pooled_keys(keys, rule)
+    probs = run.classify_pooled(pooled, classifier)
+    _, img_rows = run.image_index.search(np.ascontiguousarray(pooled.numpy(), np.float32), k)
+    pred = probs.argmax(1)
+    looks = [run.lookup_keys(keys[i], probs[i], k, patches) if patches else None for i in range(len(pred))]
+    safe = np.maximum(img_rows, 0)
+    cols = {
+        "image_id": np.asarray(image_ids, np.int64),
+        "name": list(names) if names is not None else [None] * len(pred),
+        "label": [cls[y] if y >= 0 else None for y in labels],
+        "prediction": [cls[p] for p in pred],
+        "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).ravel()), len(cls)),
+        "patch_slots": [lk.slots.astype(np.int32) if lk else [] for lk in looks],
+        "patch_contributions": [lk.contribution.astype(np.float32) if lk else [] for lk in looks],
+        "patch_seen": [lk.seen if lk else [] for lk in looks],
+        "nearest_pattern_ids": [[r[r >= 0] for r in lk.ids] if lk else [] for lk in looks],
+        "nearest_pattern_distances": [[d[i >= 0] for d, i in zip(lk.distances, lk.ids)] if lk else [] for lk in looks],
+        "nearest_image_ids": [run.images["image_id"][s][r >= 0] for s, r in zip(safe, img_rows)],
+        "nearest_image_labels": [[cls[c] for c in run.images["label"][s][r >= 0]] for s, r in zip(safe, img_rows)],
+    }
+    return pa.table(cols, schema=schema(len(cls)))
+
+
+def query_batch(
+    run: Run,
+    data: Source | Shards,
+    out: Path | str,
+    k: int = 5,
+    patches: int = 5,
+    rule: str | None = None,
+    classifier: str = "head",
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+    engine: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+) -> dict:
+    """Query every image of ``data`` and write ``out`` (Parquet); returns a summary with accuracy when labels exist.
+
+    ``engine="ray"`` spreads the batches over ``workers`` Ray actors (a local instance, or the
+    cluster at ``address``), each loading the run once; rows keep the source order.
+    """
+    if engine not in ("local", "ray"):
+        raise PipelineError(f"--engine {engine!r} is not one of local, ray")
+    if engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
+    if k < 1 or patches < 0:
+        raise PipelineError("--k must be at least 1 and --patches 0 or more")
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise PipelineError(f"--out {out} must end in .parquet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = run.class_names
+    tmp = layout.tmp_path(out)
+    writer = pq.ParquetWriter(tmp, schema(len(names)), compression="zstd")
+    rows = correct = labelled = 0
+    batches = run.key_batches(data, batch_size, progress)
+    if engine == "ray":
+        from .ray_engine import query_tables
+
+        labels_of: list[np.ndarray] = []
+
+        def remember(bs):
+            for b in bs:
+                labels_of.append(b.labels)
+                yield b
+
+        tables = query_tables(str(run.root.resolve()), remember(batches), rule or run.unseen_rule, k, patches, classifier, workers, address)
+        pairs = ((t, labels_of.pop(0)) for t in tables)
+    else:
+        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, rule, classifier), b.labels) for b in batches)
+    try:
+        for table, labels in pairs:
+            writer.write_table(table)
+            n, c = _score(table, labels)
+            rows, labelled, correct = rows + table.num_rows, labelled + n, correct + c
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"images": rows, "labelled": labelled, "accuracy": correct / labelled if labelled else None, "out": str(out)}

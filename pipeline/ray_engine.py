@@ -1,0 +1,158 @@
+"""The Ray engine of ``pipe extract --engine ray``: the same shard tasks, run by Ray Data.
+
+The driver reads the source in order and cuts it into the same :class:`ShardTask` ranges as
+the local engine (the split depends only on the settings). Windows of tasks become Ray
+datasets whose ``map_batches`` runs :func:`pipeline.extract.write_shard`, the very function
+the local engine runs, one task per batch, on as many Ray workers as the cluster gives. Each
+task writes its shard file and returns its record; the driver writes the manifest. So the
+shards and manifest are the local engine's, file for file.
+
+On a cluster (``--address``), ``--out`` must be a path every node can write (a shared
+filesystem), and ``patchhash`` must be installed on every node.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from typing import Iterator
+
+from .errors import PipelineError
+
+
+def _quiet() -> None:
+    """Ray Data logs every dataset execution at INFO; the CLI's progress bar says enough."""
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def require_ray():
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise PipelineError("--engine ray needs Ray: pip install 'patchhash[ray]' (or pip install 'ray[data]')") from None
+    return ray
+
+
+def _write_batch(batch: dict) -> dict:
+    from .extract import write_shard
+
+    records = [write_shard(pickle.loads(bytes(b))) for b in batch["task"]]
+    return {"record": [json.dumps(r) for r in records]}
+
+
+def _user_error(e: BaseException) -> PipelineError | None:
+    """The PipelineError a worker raised, found in Ray's wrapping exceptions."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def run_tasks(tasks: Iterator, workers: int, address: str | None, progress=None) -> list[dict]:
+    """Run shard tasks on Ray (a local instance of ``workers`` CPUs, or the cluster at ``address``)."""
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=address,
+            num_cpus=None if address else workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    _quiet()
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
+        records: list[dict] = []
+        window: list = []
+        for task in tasks:
+            window.append(task)
+            if len(window) >= 2 * slots:  # bounded memory: at most two tasks' images per worker in flight
+                records += _run_window(ray, window, slots, progress)
+                window = []
+        if window:
+            records += _run_window(ray, window, slots, progress)
+        return records
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_window(ray, window: list, slots: int, progress) -> list[dict]:
+    ds = ray.data.from_items([{"task": pickle.dumps(t)} for t in window], override_num_blocks=len(window))
+    size = min(slots, len(window))
+    if hasattr(ray.data, "TaskPoolStrategy"):  # Ray >= 2.51 replaced concurrency= by compute=
+        ds = ds.map_batches(_write_batch, batch_size=1, compute=ray.data.TaskPoolStrategy(size=size), num_cpus=1)
+    else:
+        ds = ds.map_batches(_write_batch, batch_size=1, concurrency=size, num_cpus=1)
+    out = []
+    try:
+        for row in ds.iter_rows():
+            rec = json.loads(row["record"])
+            if progress:
+                progress(rec["originals"] + len(rec["skipped"]), rec["patches"])
+            out.append(rec)
+    except Exception as e:
+        err = _user_error(e)
+        if err is not None:
+            raise PipelineError(str(err)) from None
+        raise
+    return out
+
+
+class _Querier:
+    """One Ray actor: loads the run (model, memory-mapped indexes) once, then answers batches."""
+
+    def __init__(self, root: str, rule: str | None, k: int, patches: int, classifier: str):
+        import torch
+
+        from .run import load
+
+        torch.set_num_threads(1)  # one CPU per actor
+        self.run = load(root, rule)
+        self.args = (k, patches, rule, classifier)
+
+    def table(self, keys, labels, image_ids, names):
+        from .batch import result_table
+
+        return result_table(self.run, keys, labels, image_ids, names, *self.args)
+
+
+def query_tables(root: str, batches: Iterator, rule: str | None, k: int, patches: int, classifier: str,
+                 workers: int, address: str | None) -> Iterator:
+    """Result tables of key batches (KeyBatch), in order, computed by ``workers`` Ray actors."""
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        actor = ray.remote(num_cpus=1)(_Querier)
+        pool = [actor.remote(root, rule, k, patches, classifier) for _ in range(workers)]
+        pending: list = []
+        for i, b in enumerate(batches):
+            pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names))
+            if len(pending) >= 2 * len(pool):  # bounded: two batches per actor in flight
+                yield _get(ray, pending.pop(0))
+        while pending:
+            yield _get(ray, pending.pop(0))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _get(ray, ref):
+    try:
+        return ray.get(ref)
+    except Exception as e:
+        err = _user_error(e)
+        if err is not None:
+            raise PipelineError(str(err)) from None
+        raise

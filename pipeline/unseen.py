@@ -1,0 +1,114 @@
+"""Patches whose key was not seen in training: vectors composed from their seen sub-patches.
+
+fastText builds a vector for an unknown word from its character n-grams; here an unseen
+patch gets the mean of the learned vectors of its strictly smaller sub-patches (same
+position mode and view) that have their own row. A patch none of whose parts were seen
+has no vector ("unmatched").
+
+How unseen patches enter a prediction (``rule``):
+
+* ``drop``: left out, as in training (the bag holds seen patches only).
+* ``compose``: the composed vector joins the bag as one more patch.
+* ``nearest``: the composed vector is replaced by its nearest learned pattern (FAISS), whose
+  row joins the bag.
+
+The default is the rule measured best by ``benchmarks/query.py`` (docs/query.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .errors import PipelineError
+from .hashing import KeyPlan
+
+RULES = ("drop", "compose", "nearest")
+DEFAULT_RULE = "drop"  # measured by benchmarks/query.py: the other rules do not help (docs/query.md)
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise PipelineError(f"--unseen {rule!r} is not one of {', '.join(RULES)}")
+    return rule
+
+
+@lru_cache(maxsize=8)
+def _sub_slot_csr(plan: KeyPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr K+1, indices): the sub-slots of every slot, as :meth:`KeyPlan.sub_slots` gives them."""
+    subs = [plan.sub_slots(s) for s in range(plan.keys_per_image)]
+    indptr = np.zeros(len(subs) + 1, np.int64)
+    np.cumsum([len(s) for s in subs], out=indptr[1:])
+    indices = np.concatenate(subs).astype(np.int64) if indptr[-1] else np.zeros(0, np.int64)
+    return indptr, indices
+
+
+@dataclass
+class Unseen:
+    """The unseen patches of a batch of images and the seen rows their vectors are composed of."""
+
+    image: np.ndarray  # U: which image (row of the batch)
+    slot: np.ndarray  # U: which slot
+    parts: np.ndarray  # rows of the seen sub-patches, all patches concatenated
+    offsets: np.ndarray  # U + 1 into ``parts``
+    own: np.ndarray  # N x K bool: the key has its own row
+
+    @property
+    def has(self) -> np.ndarray:
+        """U bool: at least one seen sub-patch (a vector can be composed)."""
+        return np.diff(self.offsets) > 0
+
+    def vectors(self, table: torch.Tensor) -> np.ndarray:
+        """U x d composed vectors (mean of the parts; NaN where there is none)."""
+        d = table.shape[1]
+        out = np.full((len(self.image), d), np.nan, np.float32)
+        has = self.has
+        if has.any():
+            parts = torch.from_numpy(self.parts)
+            offs = torch.from_numpy(self.offsets[:-1][has])
+            with torch.no_grad():
+                out[has] = torch.nn.functional.embedding_bag(parts, table, offs, mode="mean").numpy()
+        return out
+
+
+def find(plan: KeyPlan, rows: np.ndarray, own_rows: int) -> Unseen:
+    """The unseen patches of images whose keys map to ``rows`` (N x K, from ``Vocabulary.rows_of``).
+
+    A key has its own row when ``0 <= row < own_rows`` (shared buckets do not count as seen).
+    """
+    own = (rows >= 0) & (rows < own_rows)
+    image, slot = np.nonzero(~own)
+    indptr, indices = _sub_slot_csr(plan)
+    n_sub = indptr[slot + 1] - indptr[slot]
+    pair = np.repeat(np.arange(len(slot)), n_sub)
+    start = np.repeat(indptr[slot] - np.concatenate(([0], np.cumsum(n_sub)[:-1])), n_sub)
+    sub = indices[start + np.arange(len(pair))] if len(pair) else np.zeros(0, np.int64)
+    img = image[pair]
+    ok = own[img, sub]
+    parts = rows[img[ok], sub[ok]]
+    offsets = np.zeros(len(slot) + 1, np.int64)
+    np.cumsum(np.bincount(pair[ok], minlength=len(slot)), out=offsets[1:])
+    return Unseen(image, slot, parts, offsets, own)
+
+
+def composed_sums(u: Unseen, table: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: (sum of its composed vectors N x d, how many it has N)."""
+    has = u.has
+    per = np.diff(u.offsets)
+    count = np.bincount(u.image[has], minlength=n_images)
+    if not has.any():
+        return torch.zeros(n_images, table.shape[1]), torch.from_numpy(count.astype(np.float32))
+    # one weighted bag per image: each part weighs 1 / (parts of its patch)
+    pair_image = np.repeat(u.image, per)
+    order = np.argsort(pair_image, kind="stable")
+    weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)[order]
+    offsets = np.zeros(n_images, np.int64)
+    offsets[1:] = np.cumsum(np.bincount(pair_image, minlength=n_images))[:-1]
+    with torch.no_grad():
+        sums = torch.nn.functional.embedding_bag(
+            torch.from_numpy(u.parts[order]), table, torch.from_numpy(offsets), mode="sum",
+            per_sample_weights=torch.from_numpy(weights),
+        )
+    return sums, torch.from_numpy(count.astype(np.float32))
