@@ -6,8 +6,11 @@
   shards with ``engine=local`` (1 and 2 worker processes) and ``engine=ray`` (a local Ray
   instance of 1 and 2 CPUs, started and stopped inside the timing, as ``pipe extract
   --engine ray`` does); the shards of every run are checked equal to the first.
-* batch query: ``--query-images`` images through a run trained on those shards, locally
-  and on 1 and 2 Ray actors (each loads the run once; Ray start-up included).
+* train: ``--epochs`` epochs on those shards with ``torchrun`` at 1 and 2 processes
+  (``pipe train --nproc``, DDP over gloo) and with the single-process trainer; wall time
+  (start-up and final step included) and the best held-out accuracy of each.
+* batch query: ``--query-images`` images through the single-process run, locally and on
+  1 and 2 Ray actors (each loads the run once; Ray start-up included).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--query-images", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import pyarrow.parquet as pq
@@ -49,7 +53,18 @@ def main() -> None:
                 first = (out, m)
             else:
                 assert all(pq.read_table(first[0] / r["file"]).equals(pq.read_table(out / r["file"])) for r in first[1]["shards"])
-        pipeline.train(pipeline.open_shards(first[0]), work / "run", TrainConfig(epochs=2), overwrite=True)
+        from pipeline.ddp import launch
+
+        res["train_s"], res["train_val_accuracy"] = {}, {}
+        for nproc in (1, 2):
+            t = time.perf_counter()
+            m = launch(first[0], work / f"ddp{nproc}", TrainConfig(epochs=a.epochs), nproc)
+            res["train_s"][f"torchrun_{nproc}"] = round(time.perf_counter() - t, 2)
+            res["train_val_accuracy"][f"torchrun_{nproc}"] = m["final"]["val_accuracy"]
+        t = time.perf_counter()
+        m = pipeline.train(pipeline.open_shards(first[0]), work / "run", TrainConfig(epochs=a.epochs), overwrite=True)
+        res["train_s"]["pipe_train"] = round(time.perf_counter() - t, 2)
+        res["train_val_accuracy"]["pipe_train"] = m["final"]["val_accuracy"]
         run = pipeline.load(work / "run")
         q = cifar_source(a.query_images)
         for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):

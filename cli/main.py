@@ -182,9 +182,10 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--index", "Pattern index: auto (flat up to 100k patterns, else ivf), flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
 @_train_option("--nprobe", "Inverted lists searched per query (ivf kinds); more = better recall, slower.")
 @_train_option("--ef-search", "Search breadth (hnsw kinds); more = better recall, slower.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Processes: N > 1 launches torchrun with DistributedDataParallel (gloo), docs/distributed.md.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def train(shards, out, resume, overwrite, **options):
+def train(shards, out, nproc, resume, overwrite, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
 
     Writes metrics.jsonl and curves.png after every epoch, and a checkpoint
@@ -195,6 +196,14 @@ def train(shards, out, resume, overwrite, **options):
       pipe train artifacts/digits/shards --out artifacts/digits/run --epochs 10
     """
     config = TrainConfig(**options)
+    if nproc != 1:
+        if resume:
+            raise click.ClickException("--resume is for single-process runs; multi-process runs write no checkpoints")
+        from pipeline.ddp import launch
+
+        m = launch(shards, out, config, nproc, overwrite)
+        click.echo(f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
+        return
     sh = pipeline.open_shards(shards)
     per_epoch = round(sh.num_images * (1 - config.val_fraction))
     with _bar(per_epoch, "img", "vocabulary") as vbar:

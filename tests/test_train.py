@@ -328,3 +328,22 @@ def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tm
     strip = [{k: v for k, v in r.items() if k not in drop} for r in (cached[0], streamed[0])]
     assert strip[0] == strip[1]  # the first epoch reads the shards either way
     assert cached[1]["train_images"] == streamed[1]["train_images"]
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    """torchrun with 2 processes (DDP, gloo) against 1 process of the same path, same epochs:
+    test accuracy within 1 point, and the run directory is complete and loads."""
+    from pipeline.ddp import launch
+
+    pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", images_per_shard=100)  # 9 row groups to share out
+    cfg = TrainConfig(epochs=4, dim=16)
+    m2 = launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
+    m1 = launch(tmp_path / "s", tmp_path / "r1", cfg, 1)
+    assert m2["processes"] == 2 and m1["processes"] == 1 and m2["epochs_run"] == m1["epochs_run"] == 4
+    test = pipeline.open_source("digits", split="test")
+    a2, a1 = pipeline.load(tmp_path / "r2").evaluate(test)["accuracy"], pipeline.load(tmp_path / "r1").evaluate(test)["accuracy"]
+    assert a1 > 0.85 and abs(a2 - a1) <= 0.01, (a1, a2)
+    rows = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(r["train_images"] == rows[0]["train_images"] for r in rows)
+    with pytest.raises(PipelineError, match="already exists"):
+        launch(tmp_path / "s", tmp_path / "r2", cfg, 2)

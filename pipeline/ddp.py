@@ -1,0 +1,171 @@
+"""Training on several processes: ``torchrun --nproc-per-node N -m pipeline.ddp SHARDS --out RUN``
+(what ``pipe train --nproc N`` launches).
+
+DistributedDataParallel over the gloo backend, which all-reduces the sparse gradients of the
+table's ``EmbeddingBag(sparse=True)`` (NCCL cannot; see docs/distributed.md). Rank 0 counts
+the vocabulary and writes it; the others load it. Each rank reads a disjoint set of the
+training part's row groups (group i goes to rank i mod N) and steps on ``batch_size / N``
+images, so a step sees the same number of images as one process does; ``DDP.join`` covers
+ranks whose part runs out first. The table is updated by torch's sparse Adagrad (the
+single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.table_kernels`,
+the same arithmetic). Rank 0 validates, writes metrics, curves and the best model, and
+finishes the run directory exactly as a single-process run does. No checkpoints for
+``--resume`` are written on this path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import layout, vocab
+from .bags import concat_bags, part_groups, to_bags, validation_bags
+from .config import TrainConfig
+from .errors import PipelineError
+from .shards import Shards
+from .trainer import _build_vocab, _finish_run, _plot, _prepare, _save_model, build_model, evaluate_bags
+
+
+def _my_bags(shards: Shards, v: vocab.Vocabulary, config: TrainConfig, rank: int, world: int):
+    """This rank's training images as per-image (rows, counts) and labels, read once."""
+    groups = shards.row_groups()[rank::world]
+    parts, labels = [], []
+    for _, (keys, lab, _) in part_groups(shards, False, config.val_fraction, groups):
+        b = to_bags(v, keys, lab)
+        for i in range(len(lab)):
+            s, e = b.offsets[i], b.offsets[i + 1]
+            parts.append((b.rows[s:e], b.counts[s:e]))
+        labels.append(lab)
+    return parts, (np.concatenate(labels) if labels else np.zeros(0, np.int64)), shards.keys_per_image
+
+
+def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool = False) -> dict | None:
+    """The body of each torchrun process; returns the run manifest on rank 0."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shards, out_p = Shards(shards_dir), Path(out)
+    ok, err = torch.ones(1), None
+    if rank == 0:
+        try:
+            _prepare(out_p, shards, config, overwrite=overwrite, resume=False)
+            v = _build_vocab(shards, config, out_p, None)
+        except PipelineError as e:
+            ok[0], err = 0.0, e
+    dist.broadcast(ok, 0)  # the other ranks must not wait for a vocabulary that never comes
+    if not ok.item():
+        dist.destroy_process_group()
+        raise err or PipelineError("rank 0 could not prepare the run; see its message")
+    if rank != 0:
+        v = vocab.Vocabulary.load(out_p / layout.VOCAB, layout.read_json(out_p / layout.VOCAB_STATS))
+    torch.manual_seed(config.seed)
+    model = build_model(config, v.rows, len(shards.class_names))
+    ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
+    opt_table = torch.optim.Adagrad([model.table.weight], lr=config.lr)
+    opt_head = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("table.")], lr=config.head_lr)
+    parts, labels, k = _my_bags(shards, v, config, rank, world)
+    per_rank = max(1, config.batch_size // world)
+    history: list[dict] = []
+    best = {"epoch": 0, "val_accuracy": -1.0}
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        t0 = time.time()
+        order = np.random.default_rng([config.seed, epoch, rank]).permutation(len(parts))
+        stats = torch.zeros(3)  # loss sum, correct, images (this rank)
+        with ddp.join():
+            for s in range(0, len(order), per_rank):
+                idx = order[s : s + per_rank]
+                b = concat_bags([parts[i] for i in idx], labels[idx], k)
+                rows, offsets, counts, y = b.tensors(torch.device("cpu"))
+                logits = ddp(rows, offsets, counts)
+                loss = nn.functional.cross_entropy(logits, y)
+                opt_table.zero_grad()
+                opt_head.zero_grad()
+                loss.backward()
+                opt_table.step()
+                opt_head.step()
+                stats += torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))])
+        dist.all_reduce(stats)
+        stop = torch.zeros(1)
+        if rank == 0:
+            val = evaluate_bags(model, validation_bags(shards, v, config.val_fraction), torch.device("cpu"))
+            row = {
+                "epoch": epoch, "train_loss": float(stats[0] / stats[2]), "train_accuracy": float(stats[1] / stats[2]),
+                "val_loss": val["loss"] if val["n"] else None, "val_accuracy": val["accuracy"] if val["n"] else None,
+                "train_images": int(stats[2]), "val_images": val["n"], "seconds": round(time.time() - t0, 3), "processes": world,
+            }
+            if row["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]:
+                best = {"epoch": epoch, "val_accuracy": row["val_accuracy"] if row["val_accuracy"] is not None else -1.0}
+                _save_model(out_p, model)
+                stale = 0
+            else:
+                stale += 1
+            row["best_epoch"] = best["epoch"]
+            history.append(row)
+            with open(out_p / layout.METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            _plot(history, out_p / layout.CURVES)
+            print(json.dumps(row), flush=True)
+            stop[0] = float(bool(config.patience) and stale >= config.patience)
+        dist.broadcast(stop, 0)
+        if stop.item():
+            break
+    manifest = None
+    if rank == 0:
+        state = torch.load(out_p / layout.MODEL, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        manifest = _finish_run(out_p, shards, config, model, v, history, best)
+        manifest["processes"] = world
+        layout.write_json(out_p / layout.RUN_MANIFEST, manifest)
+    dist.barrier()
+    dist.destroy_process_group()
+    return manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="One process of a torchrun training (see pipe train --nproc).")
+    ap.add_argument("shards")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    try:
+        train_ranks(a.shards, a.out, TrainConfig(**json.loads(a.config)), a.overwrite)
+    except PipelineError as e:
+        raise SystemExit(f"Error: {e}") from None
+
+
+def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int, overwrite: bool = False) -> dict:
+    """Run ``torchrun --standalone --nproc-per-node nproc -m pipeline.ddp`` and return the run manifest.
+
+    The processes' output (rank 0's epoch lines, one JSON object each, and any messages)
+    goes to this process's stderr.
+    """
+    import subprocess
+    import sys
+
+    if nproc < 1:
+        raise PipelineError(f"--nproc {nproc} must be at least 1")
+    Shards(shards)  # a bad shard directory fails here with its one-line message
+    o = Path(out)
+    if o.exists() and (not o.is_dir() or any(o.iterdir())) and not overwrite:
+        raise PipelineError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.ddp",
+           str(shards), "--out", str(out), "--config", json.dumps(config.to_dict())] + (["--overwrite"] if overwrite else [])
+    r = subprocess.run(cmd, stdout=2)  # rank 0 reports epochs on stdout: keep them off our own stdout
+    if r.returncode != 0 or not (Path(out) / layout.RUN_MANIFEST).exists():
+        raise PipelineError(f"the {nproc}-process training failed (exit {r.returncode}); its processes' messages are above")
+    return layout.read_json(Path(out) / layout.RUN_MANIFEST)
+
+
+if __name__ == "__main__":
+    main()
