@@ -31,7 +31,7 @@ from .bags import concat_bags, part_groups, to_bags, validation_bags
 from .config import TrainConfig
 from .errors import PipelineError
 from .shards import Shards
-from .trainer import _build_vocab, _finish_run, _plot, _prepare, _save_model, build_model, evaluate_bags
+from .trainer import _build_vocab, _finish_run, _plot, _prepare, build_model, evaluate_bags, record_epoch
 
 
 def _my_bags(shards: Shards, v: vocab.Vocabulary, config: TrainConfig, rank: int, world: int):
@@ -102,16 +102,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
                 "val_loss": val["loss"] if val["n"] else None, "val_accuracy": val["accuracy"] if val["n"] else None,
                 "train_images": int(stats[2]), "val_images": val["n"], "seconds": round(time.time() - t0, 3), "processes": world,
             }
-            if row["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]:
-                best = {"epoch": epoch, "val_accuracy": row["val_accuracy"] if row["val_accuracy"] is not None else -1.0}
-                _save_model(out_p, model)
-                stale = 0
-            else:
-                stale += 1
-            row["best_epoch"] = best["epoch"]
-            history.append(row)
-            with open(out_p / layout.METRICS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            best, stale = record_epoch(out_p, model, row, history, best, stale)
             _plot(history, out_p / layout.CURVES)
             print(json.dumps(row), flush=True)
             stop[0] = float(bool(config.patience) and stale >= config.patience)

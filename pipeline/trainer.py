@@ -118,6 +118,22 @@ def _save_checkpoint(out: Path, model, opts, epoch: int, history: list[dict], rn
     tmp.replace(out / layout.CHECKPOINT)
 
 
+def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict], best: dict, stale: int) -> tuple[dict, int]:
+    """Keep the model when the epoch improved on ``best``, append ``row`` to the history and
+    metrics.jsonl; returns the new best and the count of epochs without improvement."""
+    if row["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]:
+        best = {"epoch": row["epoch"], "val_accuracy": row["val_accuracy"] if row["val_accuracy"] is not None else -1.0}
+        _save_model(out, model)
+        stale = 0
+    else:
+        stale += 1
+    row["best_epoch"] = best["epoch"]
+    history.append(row)
+    with open(out / layout.METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    return best, stale
+
+
 def _save_model(out: Path, model: PatchBagModel) -> None:
     tmp = layout.tmp_path(out / layout.MODEL)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
@@ -180,24 +196,13 @@ def train(
         del ck  # a second copy of the table and optimizer state
         log.info("resuming %s at epoch %d", out, start)
     caches = _Caches(config, shards, v, resuming and start > 1)
-    metrics_path = out / layout.METRICS
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    (out / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
     stale = 0 if not history else history[-1]["epoch"] - best["epoch"]
     for epoch in range(start, config.epochs + 1):
         if config.patience and stale >= config.patience:
             break
         row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches)
-        improved = row["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]
-        if improved:
-            best = {"epoch": epoch, "val_accuracy": row["val_accuracy"] if row["val_accuracy"] is not None else -1.0}
-            _save_model(out, model)
-            stale = 0
-        else:
-            stale += 1
-        row["best_epoch"] = best["epoch"]
-        history.append(row)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        best, stale = record_epoch(out, model, row, history, best, stale)
         _save_checkpoint(out, model, opts, epoch, history, rng, best)
         _plot(history, out / layout.CURVES)
         if on_epoch:
