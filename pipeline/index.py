@@ -177,7 +177,7 @@ def load(path: Path, info: IndexInfo | None = None, gpu: bool = True):
     """Read a saved index memory-mapped (on the GPU when faiss-gpu and a GPU are present)."""
     faiss = _faiss()
     if not path.exists():
-        raise PipelineError(f"{path} is missing; the run is incomplete, train it again or rebuild it with pipe index")
+        raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
     try:
         idx = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:

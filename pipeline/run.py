@@ -109,7 +109,10 @@ class Run:
     @cached_property
     def images(self) -> dict[str, np.ndarray]:
         """The training images of the image index: ``image_id`` and ``label``, row i = index id i."""
-        t = pq.read_table(self.root / layout.IMAGES)
+        path = self.root / layout.IMAGES
+        if not path.exists():
+            raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
+        t = pq.read_table(path)
         return {c: t.column(c).to_numpy() for c in t.column_names}
 
     @property

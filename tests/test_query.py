@@ -250,3 +250,17 @@ def test_batch_query_on_ray_equals_local(digits_run, tmp_path):
     for c in ("prediction", "patch_slots", "nearest_pattern_ids", "nearest_image_ids"):
         assert ta.column(c).to_pylist() == tb.column(c).to_pylist(), c
     assert np.allclose(np.array(ta.column("probabilities").to_pylist()), np.array(tb.column("probabilities").to_pylist()), atol=1e-5)
+
+
+def test_run_without_image_index_says_so(digits_run, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(digits_run, copy)
+    (copy / "images.parquet").unlink()
+    (copy / "images.faiss").unlink()
+    run = pipeline.load(copy)
+    imgs, _ = digits_images("test", 2)
+    assert run.predict(imgs)[0].shape == (2,)  # the head needs no image index
+    with pytest.raises(PipelineError, match="images.faiss is missing"):
+        run.nearest_images(imgs, 3)
+    with pytest.raises(PipelineError, match="is missing"):
+        run.images
