@@ -7,7 +7,8 @@ and the run manifest says why.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ from .hashing import KeyPlan
 from .model import PatchBagModel
 from .shards import Shards
 from .sources import reopen
-from .vocab import Vocabulary
+from .vocab import Vocabulary, pattern_stats
 
 
 def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, shards: Shards) -> tuple[pa.Array, str | None]:
@@ -70,39 +71,42 @@ def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, 
     return arr, None
 
 
-def training_vectors(model: PatchBagModel, v: Vocabulary, shards: Shards, val_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pooled vectors, image ids, labels) of the original training images (no augmented copies)."""
-    vecs, ids, labels = [], [], []
+def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list, labels: list):
+    """Pass ``batches`` (keys, labels, image_ids) through unchanged, collecting the pooled vectors,
+    ids and labels of their original images (no augmented copies) on the way."""
     model.eval()
-    with torch.no_grad():
-        for keys, lab, img in part_batches(shards, False, val_fraction):
-            keep = img < VARIANT_STRIDE
-            if not keep.any():
-                continue
+    for keys, lab, img in batches:
+        keep = img < VARIANT_STRIDE
+        if keep.any():
             rows, offsets, counts, _ = to_bags(v, keys[keep], lab[keep]).tensors(torch.device("cpu"))
-            vecs.append(model.pooled(rows, offsets, counts).numpy())
+            with torch.no_grad():
+                vecs.append(model.pooled(rows, offsets, counts).numpy())
             ids.append(img[keep])
             labels.append(lab[keep])
-    if not vecs:
-        return np.zeros((0, model.table.weight.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(vecs), np.concatenate(ids), np.concatenate(labels)
+        yield keys, lab, img
 
 
 def write_lookups(
-    out, shards: Shards, model: PatchBagModel, v: Vocabulary, stats: dict, index_kind: str, nprobe: int, ef_search: int,
-    val_fraction: float, seed: int, stage: Callable[[str], None] | None = None,
+    out, shards: Shards, model: PatchBagModel, v: Vocabulary, index_kind: str, nprobe: int, ef_search: int, val_fraction: float, seed: int,
 ) -> dict:
-    """Write patterns.parquet, patterns.faiss, images.faiss and images.parquet; returns the manifest entries."""
+    """Write patterns.parquet, patterns.faiss, images.faiss and images.parquet; returns the manifest entries.
+
+    One pass over the training shards gives both the per-pattern statistics and the pooled
+    vectors of the training images.
+    """
     plan = shards.plan()
-    say = stage or (lambda _: None)
-    say("pattern examples")
+    vecs: list = []
+    ids: list = []
+    labels: list = []
+    stats = pattern_stats(v, _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels), len(shards.class_names))
     pixels, missing = example_pixels(stats["example_image"], stats["slot"], plan, shards)
     patterns.write(patterns.to_table(stats, plan, pixels), out / layout.PATTERNS)
-    say("pattern index")
     vectors = model.table.weight.detach().numpy()[: v.size]
     info = pattern_index.build(vectors, out / layout.PATTERN_INDEX, index_kind, nprobe, ef_search, seed)
-    say("image index")
-    ivec, iids, ilab = training_vectors(model, v, shards, val_fraction)
+    if vecs:
+        ivec, iids, ilab = np.concatenate(vecs), np.concatenate(ids), np.concatenate(labels)
+    else:
+        ivec, iids, ilab = np.zeros((0, model.table.weight.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     image_info = pattern_index.build(ivec, out / layout.IMAGE_INDEX, "flat")
     tmp = layout.tmp_path(out / layout.IMAGES)
     pq.write_table(pa.table({"image_id": pa.array(iids, pa.int64()), "label": pa.array(ilab, pa.int64())}), tmp)
@@ -115,8 +119,6 @@ def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | N
 
     Only the query-time knobs change (no rebuild) when ``kind`` is what the run already has.
     """
-    from pathlib import Path
-
     root = Path(root)
     mpath = root / layout.RUN_MANIFEST
     if not mpath.exists():
@@ -126,11 +128,12 @@ def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | N
     dim = old.dim
     pattern_index.check_kind(kind, dim)
     resolved, factory = pattern_index.choose(kind, old.vectors, dim)
-    if factory == old.factory:
-        info = old
-        info.nprobe = (nprobe or info.nprobe) if info.nprobe is not None else None
-        info.ef_search = (ef_search or info.ef_search) if info.ef_search is not None else None
-        info.kind = resolved
+    if factory == old.factory:  # same index: only the recorded knob it has changes
+        info = dataclasses.replace(
+            old, kind=resolved,
+            nprobe=old.nprobe and (nprobe or old.nprobe),
+            ef_search=old.ef_search and (ef_search or old.ef_search),
+        )
     else:
         state = torch.load(root / layout.MODEL, map_location="cpu", weights_only=True, mmap=True)
         vectors = state["table.weight"].numpy()[: old.vectors]

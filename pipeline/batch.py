@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .errors import PipelineError
+from .ray_engine import check_engine
 from .run import Run
 from .shards import Shards
 from .sources import Source
@@ -58,10 +59,9 @@ def result_table(
     cls = run.class_names
     pooled = run.pooled_keys(keys, rule)
     probs = run.classify_pooled(pooled, classifier)
-    _, img_rows = run.image_index.search(np.ascontiguousarray(pooled.numpy(), np.float32), k)
+    near = run.neighbours(pooled.numpy(), k)
     pred = probs.argmax(1)
     looks = [run.lookup_keys(keys[i], probs[i], k, patches) if patches else None for i in range(len(pred))]
-    safe = np.maximum(img_rows, 0)
     cols = {
         "image_id": np.asarray(image_ids, np.int64),
         "name": list(names) if names is not None else [None] * len(pred),
@@ -73,8 +73,8 @@ def result_table(
         "patch_seen": [lk.seen if lk else [] for lk in looks],
         "nearest_pattern_ids": [[r[r >= 0] for r in lk.ids] if lk else [] for lk in looks],
         "nearest_pattern_distances": [[d[i >= 0] for d, i in zip(lk.distances, lk.ids)] if lk else [] for lk in looks],
-        "nearest_image_ids": [run.images["image_id"][s][r >= 0] for s, r in zip(safe, img_rows)],
-        "nearest_image_labels": [[cls[c] for c in run.images["label"][s][r >= 0]] for s, r in zip(safe, img_rows)],
+        "nearest_image_ids": [i[r >= 0] for i, r in zip(near.image_ids, near.ids)],
+        "nearest_image_labels": [[cls[c] for c in lab[r >= 0]] for lab, r in zip(near.labels, near.ids)],
     }
     return pa.table(cols, schema=schema(len(cls)))
 
@@ -98,12 +98,7 @@ def query_batch(
     ``engine="ray"`` spreads the batches over ``workers`` Ray actors (a local instance, or the
     cluster at ``address``), each loading the run once; rows keep the source order.
     """
-    if engine not in ("local", "ray"):
-        raise PipelineError(f"--engine {engine!r} is not one of local, ray")
-    if engine == "ray":
-        from .ray_engine import require_ray
-
-        require_ray()
+    check_engine(engine)
     if k < 1 or patches < 0:
         raise PipelineError("--k must be at least 1 and --patches 0 or more")
     out = Path(out)

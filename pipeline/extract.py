@@ -32,6 +32,7 @@ from . import layout
 from .config import HASH_VERSION, ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
+from .ray_engine import check_engine
 from .shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
 from .sources import RawImage, Source, decode_checked
 
@@ -266,14 +267,9 @@ def extract(
     shard tasks on Ray (:mod:`pipeline.ray_engine`): a local Ray instance of ``workers``
     CPUs, or the cluster at ``address``.
     """
-    if engine not in ("local", "ray"):
-        raise PipelineError(f"--engine {engine!r} is not one of local, ray")
     if address is not None and engine != "ray":
         raise PipelineError("--address goes with --engine ray")
-    if engine == "ray":
-        from .ray_engine import require_ray
-
-        require_ray()  # a missing extra fails before anything is written
+    check_engine(engine)  # a missing Ray extra fails before anything is written
     if workers < 1:
         raise PipelineError(f"--workers {workers} must be at least 1")
     if images_per_shard is not None and images_per_shard < 1:

@@ -55,6 +55,22 @@ class ConcreteDrop(nn.Module):
         return self.reg * (p * torch.log(p) + (1 - p) * torch.log(1 - p))
 
 
+def bag_totals(counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per bag: the sum of its rows' counts (how many patches the image has in the table)."""
+    sizes = offsets.diff()
+    totals = torch.zeros(len(sizes), device=counts.device, dtype=counts.dtype)
+    return totals.index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=counts.device), sizes), counts)
+
+
+def bag_divisor(totals: torch.Tensor, bag: str) -> torch.Tensor:
+    """What a bag's summed vectors are divided by: its patch count (mean) or its square root (sqrt);
+    ones for sum. An empty bag divides by 1."""
+    if bag == "sum":
+        return torch.ones_like(totals)
+    per_bag = totals.clamp(min=1.0)
+    return per_bag.sqrt() if bag == "sqrt" else per_bag
+
+
 class PatchBagModel(nn.Module):
     """Weighted pool of the pattern vectors of an image's rows, then a linear (or one-hidden-layer) head."""
 
@@ -93,13 +109,7 @@ class PatchBagModel(nn.Module):
             w = w * keep / (1 - self.drop_rate)
         if self.bag == "sum":
             return w
-        sizes = offsets[1:] - offsets[:-1]
-        totals = torch.zeros(len(sizes), device=counts.device, dtype=counts.dtype)
-        totals = totals.index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=counts.device), sizes), counts)
-        per_bag = totals.clamp(min=1.0)
-        if self.bag == "sqrt":
-            per_bag = per_bag.sqrt()
-        return w / torch.repeat_interleave(per_bag, sizes)
+        return w / torch.repeat_interleave(bag_divisor(bag_totals(counts, offsets), self.bag), offsets.diff())
 
     def pooled(self, rows: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows, offsets (N+1), counts -> N x dim."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from contextlib import contextmanager
 from typing import Iterator
 
 from .errors import PipelineError
@@ -34,6 +35,30 @@ def require_ray():
     except ImportError:
         raise PipelineError("--engine ray needs Ray: pip install 'patchhash[ray]' (or pip install 'ray[data]')") from None
     return ray
+
+
+@contextmanager
+def _session(workers: int, address: str | None):
+    """Ray, connected: to the cluster at ``address``, or a local instance of ``workers`` CPUs
+    started here and shut down on leaving (an already connected session is used as it is)."""
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    _quiet()
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_engine(engine: str) -> None:
+    """``local`` or ``ray`` (with Ray installed); raises :class:`PipelineError` before anything is written."""
+    if engine not in ("local", "ray"):
+        raise PipelineError(f"--engine {engine!r} is not one of local, ray")
+    if engine == "ray":
+        require_ray()
 
 
 def _write_batch(batch: dict) -> dict:
@@ -57,18 +82,7 @@ def _user_error(e: BaseException) -> PipelineError | None:
 
 def run_tasks(tasks: Iterator, workers: int, address: str | None, progress=None) -> list[dict]:
     """Run shard tasks on Ray (a local instance of ``workers`` CPUs, or the cluster at ``address``)."""
-    ray = require_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=address,
-            num_cpus=None if address else workers,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    _quiet()
-    try:
+    with _session(workers, address) as ray:
         ray.data.DataContext.get_current().enable_progress_bars = False
         slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
         records: list[dict] = []
@@ -81,9 +95,6 @@ def run_tasks(tasks: Iterator, workers: int, address: str | None, progress=None)
         if window:
             records += _run_window(ray, window, slots, progress)
         return records
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _run_window(ray, window: list, slots: int, progress) -> list[dict]:
@@ -129,11 +140,7 @@ class _Querier:
 def query_tables(root: str, batches: Iterator, rule: str | None, k: int, patches: int, classifier: str,
                  workers: int, address: str | None) -> Iterator:
     """Result tables of key batches (KeyBatch), in order, computed by ``workers`` Ray actors."""
-    ray = require_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
+    with _session(workers, address) as ray:
         actor = ray.remote(num_cpus=1)(_Querier)
         pool = [actor.remote(root, rule, k, patches, classifier) for _ in range(workers)]
         pending: list = []
@@ -143,9 +150,6 @@ def query_tables(root: str, batches: Iterator, rule: str | None, k: int, patches
                 yield _get(ray, pending.pop(0))
         while pending:
             yield _get(ray, pending.pop(0))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _get(ray, ref):

@@ -49,9 +49,14 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     predicted class's logit; patches with no vector (unseen, no seen parts) come last.
     ``classifier`` = ``knn`` predicts by a vote of the nearest training images instead.
     """
-    lookup = run.nearest_patterns(image, k, top=top or None)  # hashes and classifies the image once
-    probs = lookup.probabilities if classifier == "head" else run.predict(image, classifier=classifier)[1][0]
-    near = run.nearest_images(image, k)
+    if k < 1:
+        raise PipelineError(f"--k {k} must be at least 1")
+    keys = run.images_to_keys(image)  # hashed and pooled once for every part of the answer
+    pooled = run.pooled_keys(keys)
+    head = run.classify_pooled(pooled)[0]
+    lookup = run.lookup_keys(keys[0], head, k, top or None)
+    probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
+    near = run.neighbours(pooled.numpy(), k)
     order = np.argsort(-lookup.contribution, kind="stable")
     patches = []
     for s in order:

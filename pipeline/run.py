@@ -25,6 +25,7 @@ from .pixels import as_nhwc, to_channels
 from .shards import KeyBatch, Shards
 from .sources import Source
 from .bags import to_bags
+from .model import bag_divisor, bag_totals
 from .trainer import RUN_FORMAT, build_model
 from .vocab import Vocabulary
 
@@ -165,16 +166,12 @@ class Run:
         weight = self.model.table.weight.detach()
         with torch.no_grad():
             sums = torch.nn.functional.embedding_bag(rows, weight, offsets[:-1], mode="sum", per_sample_weights=counts)
-            n = torch.zeros(len(keys)).index_add_(0, torch.repeat_interleave(torch.arange(len(keys)), offsets.diff()), counts)
+            n = bag_totals(counts, offsets)
             if rule == "compose":
                 u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
                 extra, m = unseen.composed_sums(u, weight, len(keys))
                 sums, n = sums + extra, n + m
-        bag = self.train_config.bag
-        if bag == "sum":
-            return sums
-        norm = n.clamp(min=1.0)
-        return sums / (norm.sqrt() if bag == "sqrt" else norm)[:, None]
+        return sums / bag_divisor(n, self.train_config.bag)[:, None]
 
     def predict_keys(self, keys: np.ndarray, rule: str | None = None, classifier: str = "head", k: int = 10) -> np.ndarray:
         """Class probabilities (N x C) for key arrays (N x K).
@@ -194,8 +191,7 @@ class Run:
             return torch.softmax(self.model.head(pooled), dim=1).numpy()
 
     def _vote(self, pooled: np.ndarray, k: int) -> np.ndarray:
-        _, ids = pattern_index.search(self.image_index, pooled, k)
-        labels = np.where(ids >= 0, self.images["label"][np.maximum(ids, 0)], -1)
+        labels = self.neighbours(pooled, k).labels
         probs = np.zeros((len(pooled), len(self.class_names)), np.float64)
         for j in range(labels.shape[1]):
             ok = labels[:, j] >= 0
@@ -235,7 +231,10 @@ class Run:
         """The k nearest training images of each image by pooled vector."""
         if k < 1:
             raise PipelineError(f"--k {k} must be at least 1")
-        pooled = self.pooled_keys(self.images_to_keys(images), rule).numpy()
+        return self.neighbours(self.pooled_keys(self.images_to_keys(images), rule).numpy(), k)
+
+    def neighbours(self, pooled: np.ndarray, k: int) -> ImageLookup:
+        """The k nearest training images of pooled vectors (N x d, from :meth:`pooled_keys`)."""
         d, ids = pattern_index.search(self.image_index, pooled, k)
         safe = np.maximum(ids, 0)
         return ImageLookup(

@@ -335,10 +335,7 @@ def _plot(history: list[dict], path: Path) -> None:
 
 
 def _finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict) -> dict:
-    stats = vocab.pattern_stats(v, part_batches(shards, False, config.val_fraction), len(shards.class_names))
-    lookups = artifacts.write_lookups(
-        out, shards, model, v, stats, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed
-    )
+    lookups = artifacts.write_lookups(out, shards, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed)
     manifest = {
         "format": RUN_FORMAT,
         "extract_config": shards.config.to_dict(),
