@@ -5,7 +5,10 @@
 * extract: the first ``--per-class`` images of each class, default settings, into fresh
   shards with ``engine=local`` (1 and 2 worker processes) and ``engine=ray`` (a local Ray
   instance of 1 and 2 CPUs, started and stopped inside the timing, as ``pipe extract
-  --engine ray`` does); the shards of every run are checked equal to the first.
+  --engine ray`` does); the shards of every run are checked equal to the first. Then the same
+  images written out as an image folder, extracted the same four ways: there the workers read
+  the files themselves (the driver hands out file references), while from the ``.tar.gz`` the
+  driver has to read the stream in order and ship the bytes.
 * train: ``--epochs`` epochs on those shards with ``torchrun`` at 1 and 2 processes
   (``pipe train --nproc``, DDP over gloo) and with the single-process trainer; wall time
   (start-up and final step included) and the best held-out accuracy of each.
@@ -53,6 +56,19 @@ def main() -> None:
                 first = (out, m)
             else:
                 assert all(pq.read_table(first[0] / r["file"]).equals(pq.read_table(out / r["file"])) for r in first[1]["shards"])
+        folder = work / "folder"
+        for _, raw in src.raw_images():
+            f = folder / raw.name.split(":", 1)[1]
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(raw.data)
+        fsrc = pipeline.open_source(str(folder))
+        res["folder_extract_s"] = {}
+        for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+            out = work / f"folder-{engine}{workers}"
+            t = time.perf_counter()
+            pipeline.extract(fsrc, out, engine=engine, workers=workers)
+            res["folder_extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
+            shutil.rmtree(out)
         from pipeline.ddp import launch
 
         res["train_s"], res["train_val_accuracy"] = {}, {}

@@ -183,7 +183,7 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--nprobe", "Inverted lists searched per query (ivf kinds); more = better recall, slower.")
 @_train_option("--ef-search", "Search breadth (hnsw kinds); more = better recall, slower.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Processes: N > 1 launches torchrun with DistributedDataParallel (gloo), docs/distributed.md.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint (with the --nproc it ran with).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def train(shards, out, nproc, resume, overwrite, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
@@ -197,11 +197,9 @@ def train(shards, out, nproc, resume, overwrite, **options):
     """
     config = TrainConfig(**options)
     if nproc != 1:
-        if resume:
-            raise click.ClickException("--resume is for single-process runs; multi-process runs write no checkpoints")
         from pipeline.ddp import launch
 
-        m = launch(shards, out, config, nproc, overwrite)
+        m = launch(shards, out, config, nproc, overwrite, resume)
         click.echo(f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
         return
     sh = pipeline.open_shards(shards)

@@ -9,8 +9,11 @@ images, so a step sees the same number of images as one process does; ``DDP.join
 ranks whose part runs out first. The table is updated by torch's sparse Adagrad (the
 single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.table_kernels`,
 the same arithmetic). Rank 0 validates, writes metrics, curves and the best model, and
-finishes the run directory exactly as a single-process run does. No checkpoints for
-``--resume`` are written on this path.
+finishes the run directory exactly as a single-process run does. Rank 0 also writes
+``checkpoint.pt`` after every epoch (model, optimizers, history: the optimizer state is the
+same on every rank, since DDP all-reduces the gradients), and every epoch's random streams
+are seeded from (seed, epoch, rank), so a killed run resumed with ``--resume`` and the same
+number of processes reaches the metrics of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -31,53 +34,80 @@ from .bags import concat_bags, part_groups, to_bags, validation_bags
 from .config import TrainConfig
 from .errors import PipelineError
 from .shards import Shards
-from .trainer import _build_vocab, _finish_run, _plot, _prepare, build_model, evaluate_bags, record_epoch
+from .trainer import (
+    _build_vocab, _finish_run, _plot, _prepare, build_model, check_checkpoint, evaluate_bags, load_checkpoint,
+    record_epoch, save_checkpoint,
+)
 
 
 def _my_bags(shards: Shards, v: vocab.Vocabulary, config: TrainConfig, rank: int, world: int):
-    """This rank's training images as per-image (rows, counts) and labels, read once."""
-    groups = shards.row_groups()[rank::world]
-    parts, labels = [], []
-    for _, (keys, lab, _) in part_groups(shards, False, config.val_fraction, groups):
+    """This rank's training images as per-image (rows, counts) and labels, read once: row groups
+    r, r + N, ...; with fewer row groups than ranks, every rank reads them all and keeps images
+    r, r + N, ... (a rank with no images could not take part in the all-reduces)."""
+    groups = shards.row_groups()
+    by_group = len(groups) >= world
+    parts, labels, seen = [], [], 0
+    for _, (keys, lab, _) in part_groups(shards, False, config.val_fraction, groups[rank::world] if by_group else groups):
         b = to_bags(v, keys, lab)
-        for i in range(len(lab)):
+        mine = range(len(lab)) if by_group else range((rank - seen) % world, len(lab), world)
+        seen += len(lab)
+        for i in mine:
             s, e = b.offsets[i], b.offsets[i + 1]
             parts.append((b.rows[s:e], b.counts[s:e]))
-        labels.append(lab)
+        labels.append(lab[list(mine)])
     return parts, (np.concatenate(labels) if labels else np.zeros(0, np.int64)), shards.keys_per_image
 
 
-def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool = False) -> dict | None:
+class RankZeroFailed(PipelineError):
+    """Raised on the other ranks when rank 0 could not prepare the run (rank 0 says why)."""
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool = False, resume: bool = False) -> dict | None:
     """The body of each torchrun process; returns the run manifest on rank 0."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     shards, out_p = Shards(shards_dir), Path(out)
-    ok, err = torch.ones(1), None
+    flags, err = torch.ones(2), None  # (rank 0 is ready, the run resumes from a checkpoint)
     if rank == 0:
         try:
-            _prepare(out_p, shards, config, overwrite=overwrite, resume=False)
-            v = _build_vocab(shards, config, out_p, None)
+            resuming = _prepare(out_p, shards, config, overwrite=overwrite, resume=resume)
+            if resuming:
+                check_checkpoint(out_p, world)
+            else:
+                _build_vocab(shards, config, out_p, None)
+            flags[1] = float(resuming)
         except PipelineError as e:
-            ok[0], err = 0.0, e
-    dist.broadcast(ok, 0)  # the other ranks must not wait for a vocabulary that never comes
-    if not ok.item():
+            flags[0], err = 0.0, e
+    dist.broadcast(flags, 0)  # the other ranks must not wait for a vocabulary that never comes
+    if not flags[0].item():
         dist.destroy_process_group()
-        raise err or PipelineError("rank 0 could not prepare the run; see its message")
-    if rank != 0:
-        v = vocab.Vocabulary.load(out_p / layout.VOCAB, layout.read_json(out_p / layout.VOCAB_STATS))
+        raise err or RankZeroFailed("rank 0 could not prepare the run; see its message")
+    v = vocab.Vocabulary.load(out_p / layout.VOCAB, layout.read_json(out_p / layout.VOCAB_STATS))
     torch.manual_seed(config.seed)
     model = build_model(config, v.rows, len(shards.class_names))
-    ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
     opt_table = torch.optim.Adagrad([model.table.weight], lr=config.lr)
     opt_head = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("table.")], lr=config.head_lr)
-    parts, labels, k = _my_bags(shards, v, config, rank, world)
-    per_rank = max(1, config.batch_size // world)
     history: list[dict] = []
     best = {"epoch": 0, "val_accuracy": -1.0}
-    stale = 0
-    for epoch in range(1, config.epochs + 1):
+    start = 1
+    if flags[1].item():  # every rank restores the same state from rank 0's checkpoint
+        _, history, best, start = load_checkpoint(out_p, model, (opt_table, opt_head), torch.device("cpu"))
+    ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
+    parts, labels, k = _my_bags(shards, v, config, rank, world)
+    per_rank = max(1, config.batch_size // world)
+    if rank == 0:
+        (out_p / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
+    stale = 0 if not history else history[-1]["epoch"] - best["epoch"]
+    for epoch in range(start, config.epochs + 1):
+        if config.patience and stale >= config.patience:
+            break
         model.train()
         t0 = time.time()
+        torch.manual_seed(_epoch_seed(config.seed, epoch, rank))  # patch dropout: a function of (seed, epoch, rank)
         order = np.random.default_rng([config.seed, epoch, rank]).permutation(len(parts))
         stats = torch.zeros(3)  # loss sum, correct, images (this rank)
         with ddp.join():
@@ -103,6 +133,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
                 "train_images": int(stats[2]), "val_images": val["n"], "seconds": round(time.time() - t0, 3), "processes": world,
             }
             best, stale = record_epoch(out_p, model, row, history, best, stale)
+            save_checkpoint(out_p, model, (opt_table, opt_head), epoch, history, best, processes=world)
             _plot(history, out_p / layout.CURVES)
             print(json.dumps(row), flush=True)
             stop[0] = float(bool(config.patience) and stale >= config.patience)
@@ -127,35 +158,51 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (same number of processes)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
     try:
-        train_ranks(a.shards, a.out, TrainConfig(**json.loads(a.config)), a.overwrite)
+        train_ranks(a.shards, a.out, TrainConfig(**json.loads(a.config)), a.overwrite, a.resume)
+    except RankZeroFailed:
+        raise SystemExit(1) from None  # rank 0's line is the message
     except PipelineError as e:
         raise SystemExit(f"Error: {e}") from None
 
 
-def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int, overwrite: bool = False) -> dict:
-    """Run ``torchrun --standalone --nproc-per-node nproc -m pipeline.ddp`` and return the run manifest.
+def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int, overwrite: bool = False, resume: bool = False) -> dict:
+    """Run ``torchrun --standalone --nproc-per-node nproc -m pipeline.ddp`` and return the run manifest
+    (``resume``: continue the interrupted run in ``out``, which rank 0 checks).
 
-    The processes' output (rank 0's epoch lines, one JSON object each, and any messages)
-    goes to this process's stderr.
+    Rank 0's epoch lines (one JSON object each) go to this process's stderr as they come. The
+    processes' own stderr is kept in a log file: when they fail, a rank's one-line error becomes
+    this function's :class:`PipelineError`; anything else names the log.
     """
+    import os
     import subprocess
     import sys
+    import tempfile
 
     if nproc < 1:
         raise PipelineError(f"--nproc {nproc} must be at least 1")
     Shards(shards)  # a bad shard directory fails here with its one-line message
     o = Path(out)
-    if o.exists() and (not o.is_dir() or any(o.iterdir())) and not overwrite:
+    if o.exists() and (not o.is_dir() or any(o.iterdir())) and not (overwrite or resume):
         raise PipelineError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.ddp",
-           str(shards), "--out", str(out), "--config", json.dumps(config.to_dict())] + (["--overwrite"] if overwrite else [])
-    r = subprocess.run(cmd, stdout=2)  # rank 0 reports epochs on stdout: keep them off our own stdout
-    if r.returncode != 0 or not (Path(out) / layout.RUN_MANIFEST).exists():
-        raise PipelineError(f"the {nproc}-process training failed (exit {r.returncode}); its processes' messages are above")
-    return layout.read_json(Path(out) / layout.RUN_MANIFEST)
+           str(shards), "--out", str(out), "--config", json.dumps(config.to_dict())]
+    cmd += (["--overwrite"] if overwrite else []) + (["--resume"] if resume else [])
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # torchrun warns when it has to choose
+    with tempfile.NamedTemporaryFile("w+", prefix="patchhash-torchrun-", suffix=".log", delete=False) as log_file:
+        r = subprocess.run(cmd, stdout=2, stderr=log_file, env=env)
+    if r.returncode == 0 and (o / layout.RUN_MANIFEST).exists():
+        os.unlink(log_file.name)
+        return layout.read_json(o / layout.RUN_MANIFEST)
+    errors = [ln[len("Error: "):] for ln in Path(log_file.name).read_text(errors="replace").splitlines() if ln.startswith("Error: ")]
+    if errors:
+        os.unlink(log_file.name)
+        raise PipelineError(errors[0])
+    raise PipelineError(f"the {nproc}-process training failed (exit {r.returncode}); its processes' messages are in {log_file.name}")
 
 
 if __name__ == "__main__":

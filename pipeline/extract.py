@@ -198,9 +198,10 @@ def _finished(out: Path, total: int) -> dict[int, dict]:
 
 
 def _tasks(source: Source, per_shard: int, done: dict, make: Callable[[int, list[RawImage]], ShardTask]) -> Iterator[ShardTask]:
-    """One task per unfinished shard, in order; raw images of finished shards are not even read."""
+    """One task per unfinished shard, in order; raw images of finished shards are not even read,
+    and files a worker can open itself go as references (the worker reads them)."""
     current, images = -1, []
-    for rank, raw in source.raw_images(lambda r: r // per_shard not in done):
+    for rank, raw in source.raw_images(lambda r: r // per_shard not in done, by_reference=True):
         shard = rank // per_shard
         if shard in done:
             continue
@@ -304,7 +305,7 @@ def extract(
         progress(sum(r["originals"] + len(r["skipped"]) for r in done.values()), sum(r["patches"] for r in done.values()))
 
     def make(index: int, images: list[RawImage]) -> ShardTask:
-        return ShardTask(index, total, str(out), config, height, width, compression, source.skip_bad, images, augment)
+        return ShardTask(index, total, str(out.resolve()), config, height, width, compression, source.skip_bad, images, augment)
 
     tasks = _tasks(source, per_shard, done, make)
     if engine == "ray":

@@ -1,14 +1,17 @@
 """The Ray engine of ``pipe extract --engine ray``: the same shard tasks, run by Ray Data.
 
-The driver reads the source in order and cuts it into the same :class:`ShardTask` ranges as
-the local engine (the split depends only on the settings). Windows of tasks become Ray
-datasets whose ``map_batches`` runs :func:`pipeline.extract.write_shard`, the very function
-the local engine runs, one task per batch, on as many Ray workers as the cluster gives. Each
-task writes its shard file and returns its record; the driver writes the manifest. So the
-shards and manifest are the local engine's, file for file.
+The driver lists the source in order and cuts it into the same :class:`ShardTask` ranges as
+the local engine (the split depends only on the settings). A task carries file references
+(an image folder's files, an uncompressed tar's members) that the worker reads itself, or
+the bytes where only the driver can read them (a compressed tar's stream, in-memory arrays).
+Windows of tasks become Ray datasets whose ``map_batches`` runs
+:func:`pipeline.extract.write_shard`, the very function the local engine runs, one task per
+batch, on as many Ray workers as the cluster gives. Each task reads, hashes and writes its
+shard file and returns its record; the driver writes the manifest. So the shards and
+manifest are the local engine's, file for file.
 
-On a cluster (``--address``), ``--out`` must be a path every node can write (a shared
-filesystem), and ``patchhash`` must be installed on every node.
+On a cluster (``--address``), ``--out`` and the source must be paths every node can reach
+(a shared filesystem), and ``patchhash`` must be installed on every node.
 """
 from __future__ import annotations
 

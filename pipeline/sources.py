@@ -51,6 +51,7 @@ class _Item:
     name: str
     load: Callable[[], bytes] | None = None  # encoded file bytes
     array: np.ndarray | None = None  # already decoded H x W x C
+    ref: tuple | None = None  # where a worker can read the same bytes itself (see read_ref)
 
 
 @dataclass
@@ -63,6 +64,24 @@ class RawImage:
     data: bytes | None = None  # encoded file
     array: np.ndarray | None = None  # already decoded H x W x C
     error: str | None = None  # why it could not even be read (then data and array are None)
+    ref: tuple | None = None  # not read yet: where the bytes are (see read_ref)
+
+
+def read_ref(ref: tuple) -> bytes:
+    """The bytes a reference points at: ``("file", path)`` or ``("tar", archive, offset, size)``
+    (a member of an uncompressed tar); raises BadImage when they cannot be read."""
+    try:
+        if ref[0] == "file":
+            return Path(ref[1]).read_bytes()
+        _, archive, offset, size = ref
+        with open(archive, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        raise BadImage(f"cannot open the file ({e.strerror})") from None
+    if len(data) != size:
+        raise BadImage(f"{archive} ends inside this member; the archive is truncated")
+    return data
 
 
 def decode_raw(raw: RawImage, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
@@ -73,7 +92,7 @@ def decode_raw(raw: RawImage, channels: int | None, resize: tuple[int, int] | No
         arr = as_nhwc(raw.array[None])
         arr = to_channels(arr, channels or (1 if arr.shape[-1] == 1 else 3))[0]
         return resize_array(arr, resize) if resize else arr
-    return decode(raw.data, channels, resize)
+    return decode(raw.data if raw.data is not None else read_ref(raw.ref), channels, resize)
 
 
 def decode_checked(
@@ -146,9 +165,11 @@ class Source:
         return bad_image_error(item.name, str(e))
 
     @staticmethod
-    def _raw(item: _Item) -> RawImage:
+    def _raw(item: _Item, by_reference: bool = False) -> RawImage:
         if item.array is not None:
             return RawImage(item.index, item.label, item.name, array=item.array)
+        if by_reference and item.ref is not None:
+            return RawImage(item.index, item.label, item.name, ref=item.ref)
         try:
             return RawImage(item.index, item.label, item.name, data=item.load())
         except BadImage as e:
@@ -157,13 +178,19 @@ class Source:
     def _decode(self, item: _Item, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
         return decode_raw(self._raw(item), channels, resize)
 
-    def raw_images(self, wanted: Callable[[int], bool] | None = None) -> Iterator[tuple[int, RawImage | None]]:
+    def raw_images(
+        self, wanted: Callable[[int], bool] | None = None, by_reference: bool = False
+    ) -> Iterator[tuple[int, RawImage | None]]:
         """Yield (rank, image) for every image in source order; ``None`` where ``wanted(rank)`` is False.
 
-        Nothing is decoded here: this is what a parallel extract hands to its workers.
+        Nothing is decoded here: this is what a parallel extract hands to its workers. With
+        ``by_reference``, files a worker can open itself (an image folder's files, the members
+        of an uncompressed tar) are not even read: the image carries a reference
+        (:func:`read_ref`) and the worker reads it. Arrays (digits, CIFAR batches, ``.npz``)
+        and the members of a compressed tar (a stream read in order) come as data.
         """
         for rank, item in enumerate(self._items()):
-            yield rank, (self._raw(item) if wanted is None or wanted(rank) else None)
+            yield rank, (self._raw(item, by_reference) if wanted is None or wanted(rank) else None)
 
     def batches(
         self, batch_size: int, channels: int, resize: tuple[int, int] | None = None, start: int = 0
@@ -360,12 +387,10 @@ def _folder(root: Path, split: str | None):
 
             def load(full=full, rel=rel) -> bytes:
                 _check_image_name(rel, str(root))
-                try:
-                    return full.read_bytes()
-                except OSError as e:
-                    raise BadImage(f"cannot open the file ({e.strerror})") from None
+                return read_ref(("file", str(full)))
 
-            yield _Item(int(i), label, str(full), load=load)
+            ref = ("file", os.path.abspath(full)) if is_image_name(rel) else None  # a bad name is reported by load
+            yield _Item(int(i), label, str(full), load=load, ref=ref)
 
     return "folder", split, classes, [lab for _, lab in entries], items
 
@@ -377,9 +402,21 @@ def _safe_member(name: str, archive: Path) -> str:
     return "/".join(p for p in parts if p not in ("", "."))
 
 
-def _tar_members(archive: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
+def _plain_tar(archive: Path) -> bool:
+    """True for an uncompressed tar, whose members can be read at their offsets in any order."""
     try:
-        with tarfile.open(archive, "r|*") as tf:
+        with open(archive, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return False
+    return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and tarfile.is_tarfile(archive)
+
+
+def _tar_members(archive: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
+    """Members in archive order: an uncompressed tar is listed by seeking from header to header,
+    a compressed one is read as a stream."""
+    try:
+        with tarfile.open(archive, "r:" if _plain_tar(archive) else "r|*") as tf:
             for m in tf:
                 if m.isfile():
                     yield _safe_member(m.name, archive), tf, m
@@ -391,6 +428,7 @@ def _tar(archive: Path, split: str | None):
     rels = [name for name, _, _ in _tar_members(archive)]
     split, classes, entries = _labelled_paths(rels, str(archive), split)
     position = {name: i for i, (name, _) in enumerate(entries)}
+    plain, where = _plain_tar(archive), os.path.abspath(archive)
 
     def items(keep: np.ndarray) -> Iterator[_Item]:
         left = int(keep.sum())
@@ -401,13 +439,14 @@ def _tar(archive: Path, split: str | None):
             if i is None or not keep[i]:
                 continue
             left -= 1
-            data = tf.extractfile(m).read()
+            ref = ("tar", where, m.offset_data, m.size) if plain and is_image_name(name) else None
+            data = None if ref else tf.extractfile(m).read()  # a stream must be read now, in order
 
-            def load(data=data, name=name) -> bytes:
+            def load(data=data, ref=ref, name=name) -> bytes:
                 _check_image_name(name, str(archive))
-                return data
+                return data if ref is None else read_ref(ref)
 
-            yield _Item(i, entries[i][1], f"{archive}:{name}", load=load)
+            yield _Item(i, entries[i][1], f"{archive}:{name}", load=load, ref=ref)
 
     return "tar", split, classes, [lab for _, lab in entries], items
 

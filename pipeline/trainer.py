@@ -102,20 +102,41 @@ def _prepare(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, re
     return False
 
 
-def _save_checkpoint(out: Path, model, opts, epoch: int, history: list[dict], rng: np.random.Generator, best: dict) -> None:
+def save_checkpoint(out: Path, model, opts, epoch: int, history: list[dict], best: dict, **extra) -> None:
+    """Write ``checkpoint.pt`` (atomically): model, both optimizers, history, best, and ``extra``
+    (random states; ``processes`` for a multi-process run)."""
     state = {
         "epoch": epoch,
         "model": model.state_dict(),
         "opt_table": opts[0].state_dict(),
         "opt_head": opts[1].state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": json.dumps(rng.bit_generator.state),
         "history": json.dumps(history),
         "best": json.dumps(best),
+        **extra,
     }
     tmp = layout.tmp_path(out / layout.CHECKPOINT)
     torch.save(state, tmp)
     tmp.replace(out / layout.CHECKPOINT)
+
+
+def check_checkpoint(out: Path, processes: int | None) -> None:
+    """Refuse a checkpoint written by another number of processes (``None``: the single-process
+    trainer, whose optimizer and random states differ from the multi-process one's)."""
+    ck = torch.load(out / layout.CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    had = ck.get("processes")
+    if had != processes:
+        how = "without --nproc" if had is None else f"with --nproc {had}"
+        raise PipelineError(f"--out {out} was trained by {had or 'one'} process{'es' if had else ''}; resume it {how}")
+
+
+def load_checkpoint(out: Path, model, opts, device) -> tuple[dict, list[dict], dict, int]:
+    """Restore model and optimizers from ``checkpoint.pt``; returns (checkpoint, history, best, next epoch)."""
+    ck = torch.load(out / layout.CHECKPOINT, map_location=device, weights_only=True)
+    model.load_state_dict(ck.pop("model"))
+    opts[0].load_state_dict(ck.pop("opt_table"))
+    opts[1].load_state_dict(ck.pop("opt_head"))
+    log.info("resuming %s at epoch %d", out, ck["epoch"] + 1)
+    return ck, json.loads(ck["history"]), json.loads(ck["best"]), ck["epoch"] + 1
 
 
 def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict], best: dict, stale: int) -> tuple[dict, int]:
@@ -171,6 +192,8 @@ def train(
         raise PipelineError(f"{shards.root} has no labels; training needs a labelled source (class folders or y=)")
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     resuming = _prepare(out, shards, config, overwrite, resume)
+    if resuming:
+        check_checkpoint(out, None)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = pick_device(config.device)
@@ -185,16 +208,10 @@ def train(
     best = {"epoch": 0, "val_accuracy": -1.0}
     start = 1
     if resuming:
-        ck = torch.load(out / layout.CHECKPOINT, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opts[0].load_state_dict(ck["opt_table"])
-        opts[1].load_state_dict(ck["opt_head"])
+        ck, history, best, start = load_checkpoint(out, model, opts, device)
         torch.set_rng_state(ck["torch_rng"].cpu())
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
-        history, best = json.loads(ck["history"]), json.loads(ck["best"])
-        start = ck["epoch"] + 1
-        del ck  # a second copy of the table and optimizer state
-        log.info("resuming %s at epoch %d", out, start)
+        del ck
     caches = _Caches(config, shards, v, resuming and start > 1)
     (out / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
     stale = 0 if not history else history[-1]["epoch"] - best["epoch"]
@@ -203,7 +220,8 @@ def train(
             break
         row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches)
         best, stale = record_epoch(out, model, row, history, best, stale)
-        _save_checkpoint(out, model, opts, epoch, history, rng, best)
+        save_checkpoint(out, model, opts, epoch, history, best,
+                        torch_rng=torch.get_rng_state(), numpy_rng=json.dumps(rng.bit_generator.state))
         _plot(history, out / layout.CURVES)
         if on_epoch:
             on_epoch(row)

@@ -294,6 +294,24 @@ def test_ray_engine_writes_the_local_engines_shards(tmp_path):
         assert a.equals(b)  # row order too: each shard is written by one task, in source order
 
 
+def test_ray_engine_workers_read_a_folder_themselves(tmp_path):
+    """From an image folder the Ray tasks carry file references and read the files on the
+    workers; an unreadable file is still skipped by name, and the shards equal the local engine's."""
+    pytest.importorskip("ray")
+    from .conftest import write_folder
+
+    imgs, labels = digits_images("train", 40)
+    root = write_folder(tmp_path / "f", imgs, labels)
+    (root / str(labels[0]) / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    src = pipeline.open_source(str(root), skip_bad=True)
+    local = pipeline.extract(src, tmp_path / "local", images_per_shard=15)
+    ray_m = pipeline.extract(src, tmp_path / "ray", images_per_shard=15, engine="ray", workers=2)
+    assert local["images"] == ray_m["images"] == 40 and [Path(n).name for n in ray_m["skipped"]] == ["zz-broken.png"]
+    assert ray_m["shards"] == local["shards"]
+    for rec in local["shards"]:
+        assert pq.read_table(tmp_path / "local" / rec["file"]).equals(pq.read_table(tmp_path / "ray" / rec["file"]))
+
+
 def test_ray_engine_refuses_address_without_ray_engine(tmp_path):
     with pytest.raises(PipelineError, match="--address goes with --engine ray"):
         pipeline.extract(pipeline.open_source("digits", limit=5), tmp_path / "s", address="auto")

@@ -32,10 +32,10 @@ def test_digits_split_matches_sklearn():
 def test_folder_and_tar_give_the_digits_pixels(tmp_path):
     imgs, labels = digits_images("train", 30)
     root = write_folder(tmp_path / "f", imgs, labels, split="train")
-    tar_path = tmp_path / "f.tar.gz"
-    with tarfile.open(tar_path, "w:gz") as tf:
-        tf.add(root / "train", arcname="train")
-    for spec in (root, tar_path):
+    for name, mode in (("f.tar.gz", "w:gz"), ("f.tar", "w")):
+        with tarfile.open(tmp_path / name, mode) as tf:
+            tf.add(root / "train", arcname="train")
+    for spec in (root, tmp_path / "f.tar.gz", tmp_path / "f.tar"):
         src = pipeline.open_source(str(spec))
         assert src.split == "train" and len(src) == 30
         b = next(src.batches(100, 1))
@@ -43,6 +43,30 @@ def test_folder_and_tar_give_the_digits_pixels(tmp_path):
         for i in range(30):
             img, cls = got[f"{i:04d}.png"]
             assert np.array_equal(img, imgs[i]) and cls == str(labels[i])
+
+
+def test_workers_read_folder_files_and_plain_tar_members_themselves(tmp_path):
+    """By reference, a folder's files and an uncompressed tar's members are not read by the
+    caller: each image carries where its bytes are, and reading that gives the file's bytes."""
+    from pipeline.sources import decode_raw, read_ref
+
+    imgs, labels = digits_images("train", 12)
+    root = write_folder(tmp_path / "f", imgs, labels)
+    for name, mode in (("f.tar", "w"), ("f.tgz", "w:gz")):
+        with tarfile.open(tmp_path / name, mode) as tf:
+            for d in sorted(root.iterdir()):
+                tf.add(d, arcname=d.name)
+    for spec, by_ref in ((root, True), (tmp_path / "f.tar", True), (tmp_path / "f.tgz", False)):
+        src = pipeline.open_source(str(spec))
+        eager = [r for _, r in src.raw_images()]
+        lazy = [r for _, r in src.raw_images(by_reference=True)]
+        assert all(r.data is not None and r.ref is None for r in eager)
+        assert all((r.data is None and r.ref is not None) == by_ref for r in lazy), spec
+        if spec == root:
+            assert all(open(r.ref[1], "rb").read() == e.data for r, e in zip(lazy, eager))
+        for e, z in zip(eager, lazy):
+            assert (read_ref(z.ref) if by_ref else z.data) == e.data
+            assert np.array_equal(decode_raw(z, 1, None), decode_raw(e, 1, None))
 
 
 def test_missing_split_and_empty_sources(tmp_path):

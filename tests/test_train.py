@@ -347,3 +347,52 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(r["train_images"] == rows[0]["train_images"] for r in rows)
     with pytest.raises(PipelineError, match="already exists"):
         launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
+
+
+def _descendants(pid: int) -> list[int]:
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        kids = [c for c, p in parent.items() if p == todo[-1]]
+        todo.pop()
+        found += kids
+        todo += kids
+    return found
+
+
+def test_two_process_run_resumes_after_a_kill_to_the_uninterrupted_metrics(digits_shards, tmp_path):
+    """Rank 0 checkpoints every epoch; killing the whole torchrun group after the first checkpoint
+    and resuming with the same --nproc gives the metrics and model of an uninterrupted 2-process run."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(digits_shards, killed, "--nproc", "2"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    for pid in [*_descendants(proc.pid), proc.pid]:  # the ranks run in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (killed / "run.json").exists()
+    r = subprocess.run(_train_cmd(digits_shards, killed, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "trained by 2 processes; resume it with --nproc 2" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(_train_cmd(digits_shards, killed, "--resume", "--nproc", "3"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith("trained by 2 processes; resume it with --nproc 2"), r.stderr
+    r = subprocess.run(_train_cmd(digits_shards, killed, "--resume", "--nproc", "2"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = tmp_path / "clean"
+    r = subprocess.run(_train_cmd(digits_shards, clean, "--nproc", "2"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got, want = _metrics(killed), _metrics(clean)
+    assert [m["epoch"] for m in want] == [1, 2, 3, 4, 5, 6] and got == want
+    a = torch.load(killed / "model.pt", weights_only=True)
+    b = torch.load(clean / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
