@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cifar_source  # noqa: E402
+from benchmarks.common import cifar_source, measured_config  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
             out = work / f"{engine}{workers}"
             t = time.perf_counter()
-            m = pipeline.extract(src, out, engine=engine, workers=workers)
+            m = pipeline.extract(src, out, measured_config(), engine=engine, workers=workers)
             res["extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
             if first is None:
                 first = (out, m)
@@ -66,7 +66,7 @@ def main() -> None:
         for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
             out = work / f"folder-{engine}{workers}"
             t = time.perf_counter()
-            pipeline.extract(fsrc, out, engine=engine, workers=workers)
+            pipeline.extract(fsrc, out, measured_config(), engine=engine, workers=workers)
             res["folder_extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
             shutil.rmtree(out)
         from pipeline.ddp import launch

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, best_of, child_peak_rss_mb, cifar_images, cifar_source, peak_rss_mb  # noqa: E402
+from benchmarks.common import CIFAR_TAR, MEASURED_EXTRACT, best_of, child_peak_rss_mb, cifar_images, cifar_source, measured_config, peak_rss_mb  # noqa: E402
 
 
 def _single_thread() -> None:
@@ -260,13 +260,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
-    from pipeline import ExtractConfig
 
     t_start = time.time()
     n_load = max(args.images, args.full_images)
     images, labels, decode_rate = cifar_images(n_load)
-    default = ExtractConfig(color="rgb")
-    full = ExtractConfig(color="rgb", max_h=32, max_w=32)
+    default = measured_config(color="rgb")
+    full = measured_config(color="rgb", max_h=32, max_w=32)
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "compression": args.compression}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -281,8 +280,8 @@ def main() -> None:
         res["hashlib_patches_per_s"] = hashlib_patches_per_s(images[:50], default)
         res["peak_rss_mb"] = peak_rss_mb()
         res["workers"] = workers_from_archive(args.worker_images, default, tmp, [int(w) for w in args.workers.split(",")], args.compression)
-    res["rss_default"] = rss([int(n) for n in args.rss_images.split(",")], {"color": "rgb"})
-    res["rss_full"] = rss([int(n) for n in args.full_rss_images.split(",")], {"color": "rgb", "max_h": 32, "max_w": 32})
+    res["rss_default"] = rss([int(n) for n in args.rss_images.split(",")], {**MEASURED_EXTRACT, "color": "rgb"})
+    res["rss_full"] = rss([int(n) for n in args.full_rss_images.split(",")], {**MEASURED_EXTRACT, "color": "rgb", "max_h": 32, "max_w": 32})
     res["seconds"] = round(time.time() - t_start, 1)
     if args.json:
         print(json.dumps(res, indent=None))

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cifar_source  # noqa: E402
+from benchmarks.common import cifar_source, measured_config  # noqa: E402
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -76,7 +76,7 @@ def main() -> None:
     try:
         shards_dir, run_dir = work / "shards", work / "run"
         if not (shards_dir / "manifest.json").exists():
-            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, overwrite=True)
+            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, measured_config(), overwrite=True)
         sh = pipeline.open_shards(shards_dir)
         if not (run_dir / "run.json").exists():  # an existing run in --work is measured as it is
             pipeline.train(sh, run_dir, pipeline.TrainConfig(epochs=a.epochs), overwrite=True)

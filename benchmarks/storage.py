@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_of, cifar_images  # noqa: E402
+from benchmarks.common import best_of, cifar_images, measured_config  # noqa: E402
 
 
 def _table(layout: str, keys: np.ndarray, ids: np.ndarray) -> pa.Table:
@@ -101,13 +101,12 @@ def main() -> None:
 
     import pyarrow
 
-    from pipeline import ExtractConfig
     from pipeline.extract import PATCHES_PER_ROW_GROUP
     from pipeline.hashing import KeyPlan
 
     pyarrow.set_cpu_count(1)
     images, _, _ = cifar_images(args.images)
-    plan = KeyPlan(ExtractConfig(color="rgb"), 32, 32)
+    plan = KeyPlan(measured_config(color="rgb"), 32, 32)
     content = plan.content_keys(plan.symbols(images))
     allkeys = plan.expand(content)
     group = PATCHES_PER_ROW_GROUP // plan.patches_per_image

@@ -4,7 +4,8 @@
     python benchmarks/train.py --per-class 200 --epochs 1
 
 Both sides train on the same shards (the first ``--per-class`` images of each
-class of the shared archive, default extract config) for the same number of
+class of the shared archive, extract settings ``common.MEASURED_EXTRACT``: the
+defaults when the recorded figures were taken) for the same number of
 epochs, and are validated on the same held-out images (bags.is_validation).
 Each side runs in its own process, so each peak memory is its own.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, child_peak_rss_mb  # noqa: E402
+from benchmarks.common import CIFAR_TAR, child_peak_rss_mb, measured_config  # noqa: E402
 
 BASELINE_ROWS = 1 << 22
 
@@ -100,7 +101,7 @@ def main() -> None:
     try:
         t = time.time()
         src = pipeline.open_source(str(CIFAR_TAR), per_class=args.per_class)
-        m = pipeline.extract(src, tmp / "shards", workers=2)
+        m = pipeline.extract(src, tmp / "shards", measured_config(), workers=2)
         extract_seconds = time.time() - t
         shards = str(tmp / "shards")
         base = child_peak_rss_mb(_BASELINE.format(root=root, shards=shards, rows=BASELINE_ROWS, epochs=args.epochs))

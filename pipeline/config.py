@@ -74,11 +74,11 @@ class ExtractConfig:
     max_w: int = 3  # widest patch, in pixels [3]
     shapes: str = "rect"  # 'rect' = every h x w up to the bounds; 'square' = h == w only; or a list 'HxW,HxW,...' [rect]
     stride: int = 1  # step between patch positions, in pixels, on both axes [1]
-    position: str = "both"  # 'none' = key ignores location, 'grid' = key includes grid cell, 'both' = one key of each [both]
+    position: str = "grid"  # 'none' = key ignores location, 'grid' = key includes grid cell, 'both' = one key of each [grid]
     grid: int = 4  # cells per side of the position grid [4]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
-    views: str = "levels"  # quantizations hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour) [levels]
+    views: str = "levels,grad"  # quantizations hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour) [levels,grad]
 
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 256:
@@ -152,6 +152,7 @@ class ExtractConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
         d = dict(d)
+        d.setdefault("views", "levels")  # written before --views existed: one view, whatever today's default
         if d.get("resize") is not None:
             d["resize"] = tuple(d["resize"])
         return cls(**d)
@@ -183,7 +184,7 @@ class TrainConfig:
     drop: str = "0"  # patch dropout: rate of an image's distinct rows dropped in training, or 'auto' (learned) [0]
     pooled_dropout: float = 0.0  # ordinary dropout on the pooled vector [0]
     optimizer: str = "adagrad"  # for the table: 'adagrad', 'sparseadam' or 'sgd' [adagrad]
-    epochs: int = 10  # most passes over the training part [10]
+    epochs: int = 5  # most passes over the training part [5]
     patience: int = 3  # stop after this many epochs without a better validation accuracy; 0 = never [3]
     batch_size: int = 128  # images per step [128]
     lr: float = 0.5  # learning rate of the table [0.5]

@@ -33,6 +33,13 @@ def digits_run(digits_shards, tmp_path_factory) -> Path:
     return out
 
 
+def one_view_config(**kw) -> ExtractConfig:
+    """One ``levels`` view with both position modes (the extract defaults before the ordinal
+    view with grid keys became the default): what the hashing tests, their brute-force
+    references and the golden keys are written for. ``kw`` overrides any field."""
+    return ExtractConfig(**{"views": "levels", "position": "both", **kw})
+
+
 def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, split: str | None = None) -> Path:
     """An image folder ROOT/[split/]<label>/<i>.png of the given images."""
     for i, (img, lab) in enumerate(zip(images, labels)):

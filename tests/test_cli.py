@@ -30,7 +30,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     r = run("extract", "digits", "--out", root / "shards")
     assert r.exit_code == 0, r.output
-    assert "898 images (8x8, 1 channel(s)), 396,018 patches (792,036 keys) in 1 shard(s)" in r.stdout
+    # 441 patches per view of an 8x8 image up to 3x3 ((8+7+6)**2); two views (levels,grad), one grid key each
+    assert "898 images (8x8, 1 channel(s)), 792,036 patches (792,036 keys) in 1 shard(s)" in r.stdout
     r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--dim", "16")
     assert r.exit_code == 0, r.output
     assert "epoch 2: train loss" in r.output and "run written to" in r.stdout and "distinct keys" in r.stdout
@@ -124,7 +125,7 @@ def test_bad_options(trained, tmp_path):
 def test_cifar_archive_end_to_end(tmp_path):
     r = run("extract", CIFAR_TAR, "--per-class", "6", "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
-    assert "60 images (32x32, 3 channel(s)), 518,940 patches" in r.stdout
+    assert "60 images (32x32, 3 channel(s)), 1,037,880 patches" in r.stdout  # 60 x 8,649 per view x 2 views
     r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--val-fraction", "0.2")
     assert r.exit_code == 0, r.output
     r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")

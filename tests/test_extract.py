@@ -20,7 +20,7 @@ from pipeline.hashing import KeyPlan
 from pipeline.pixels import symbols
 from pipeline.sources import from_arrays
 
-from .conftest import digits_images
+from .conftest import digits_images, one_view_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _manifest(d: Path) -> dict:
 
 def test_shards_hold_one_content_key_per_patch_and_read_back_as_keys(tmp_path):
     imgs, labels = digits_images("train", 40)
-    cfg = ExtractConfig(color="gray", shapes="1x1,2x3,3x2", stride=2, position="both")
+    cfg = one_view_config(color="gray", shapes="1x1,2x3,3x2", stride=2, position="both")
     m = pipeline.extract(from_arrays(imgs, labels), tmp_path / "s", cfg, images_per_shard=16)
     plan = KeyPlan(cfg, 8, 8)
     assert m["shapes"] == [[1, 1], [2, 3], [3, 2]] and m["stride"] == 2
@@ -109,10 +109,10 @@ def test_same_settings_resume_and_different_settings_are_refused(tmp_path):
     again = pipeline.extract(src, out, images_per_shard=20)
     assert again["resumed_shards"] == 3 and again["shards"] == m["shards"]
     with pytest.raises(PipelineError, match=r"finished extract with different settings \(config.levels, fingerprint\).*--overwrite"):
-        pipeline.extract(src, out, ExtractConfig(levels=8), images_per_shard=20)
+        pipeline.extract(src, out, pipeline.ExtractConfig(levels=8), images_per_shard=20)
     with pytest.raises(PipelineError, match=r"different settings \(compression\)"):
         pipeline.extract(src, out, images_per_shard=20, compression="zstd")
-    m8 = pipeline.extract(src, out, ExtractConfig(levels=8), images_per_shard=20, overwrite=True)
+    m8 = pipeline.extract(src, out, pipeline.ExtractConfig(levels=8), images_per_shard=20, overwrite=True)
     assert m8["config"]["levels"] == 8 and m8["resumed_shards"] == 0
     # an unfinished extract (job file, no manifest) with other settings is refused too
     (out / "manifest.json").unlink()
@@ -126,7 +126,7 @@ def test_every_codec_reads_back_the_same_keys(tmp_path, codec):
     imgs, labels = digits_images("train", 10)
     pipeline.extract(from_arrays(imgs, labels), tmp_path / codec, compression=codec)
     keys = np.concatenate([b.keys for b in pipeline.open_shards(tmp_path / codec).iter_batches()])
-    assert np.array_equal(keys, KeyPlan(ExtractConfig(color="gray"), 8, 8).image_keys(imgs))
+    assert np.array_equal(keys, KeyPlan(pipeline.ExtractConfig(color="gray"), 8, 8).image_keys(imgs))
 
 
 def test_bad_files_are_skipped_and_counted_per_shard(tmp_path):
@@ -153,10 +153,10 @@ def test_all_images_bad_leaves_nothing_behind(tmp_path):
 
 def test_bad_settings_are_refused():
     with pytest.raises(PipelineError, match="is not a shape"):
-        ExtractConfig(shapes="2x")
+        one_view_config(shapes="2x")
     with pytest.raises(PipelineError, match="--stride 0"):
-        ExtractConfig(stride=0)
-    assert ExtractConfig(shapes="3x1, 1x1,2,1x1").shape_list() == [(1, 1), (2, 2), (3, 1)]
+        one_view_config(stride=0)
+    assert one_view_config(shapes="3x1, 1x1,2,1x1").shape_list() == [(1, 1), (2, 2), (3, 1)]
     with pytest.raises(PipelineError, match="--workers 0"):
         pipeline.extract(pipeline.open_source("digits", limit=2), "/tmp/never", workers=0)
 
@@ -183,7 +183,7 @@ def _brute_force_counts(imgs: np.ndarray, cfg: ExtractConfig, bits: int) -> tupl
 @pytest.mark.parametrize("bits", [64, 12])
 def test_audit_counts_match_brute_force(bits):
     imgs, labels = digits_images("train", 25)
-    cfg = ExtractConfig(color="gray", max_h=4, max_w=3)
+    cfg = one_view_config(color="gray", max_h=4, max_w=3)
     res = audit(from_arrays(imgs, labels), cfg, bits=bits)
     contents, keys = _brute_force_counts(imgs, cfg, bits)
     assert (res["distinct_contents"], res["distinct_keys"]) == (contents, keys)
@@ -199,7 +199,7 @@ def test_audit_with_contents_wider_than_64_bits():
     """Large patches of rgb symbols do not pack into 64 bits: they are compared as bytes, still exactly."""
     rng = np.random.default_rng(0)
     imgs = (rng.integers(0, 2, size=(6, 7, 7, 3)) * 255).astype(np.uint8)
-    cfg = ExtractConfig(color="rgb", levels=16, max_h=7, max_w=7, stride=2)
+    cfg = one_view_config(color="rgb", levels=16, max_h=7, max_w=7, stride=2)
     res = audit(from_arrays(imgs), cfg, bits=16)
     assert (res["distinct_contents"], res["distinct_keys"]) == _brute_force_counts(imgs, cfg, 16)
 
@@ -222,18 +222,19 @@ def test_cli_extract_audit_and_workers(tmp_path):
     r = CliRunner().invoke(main, ["extract", "digits", "--limit", "100", "--workers", "2", "--images-per-shard", "30", "--audit", "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     assert "100 images" in r.stdout and "in 4 shard(s)" in r.stdout
-    assert "audit: 44,100 patches," in r.stdout and "-> 0 collision(s) (expected at 64 bits:" in r.stdout
+    # 100 images x 441 patches per view (8x8 up to 3x3) x 2 views (levels,grad)
+    assert "audit: 88,200 patches," in r.stdout and "-> 0 collision(s) (expected at 64 bits:" in r.stdout
     m = _manifest(tmp_path / "s")
-    assert m["audit"]["collisions"] == 0 and m["audit"]["patches"] == 44100
+    assert m["audit"]["collisions"] == 0 and m["audit"]["patches"] == 88200
 
 
 def test_views_in_shards_and_audit(tmp_path):
     """Two quantizations side by side: shards read back as the plan's keys; the audit counts each view's contents."""
     imgs, labels = digits_images("train", 30)
-    cfg = ExtractConfig(color="gray", max_h=2, max_w=3, views="levels,norm:2")
+    cfg = one_view_config(color="gray", max_h=2, max_w=3, views="levels,norm:2")
     m = pipeline.extract(from_arrays(imgs, labels), tmp_path / "s", cfg, images_per_shard=16)
     plan = KeyPlan(cfg, 8, 8)
-    assert m["patches_per_image"] == plan.patches_per_image == 2 * KeyPlan(ExtractConfig(color="gray", max_h=2, max_w=3), 8, 8).patches_per_image
+    assert m["patches_per_image"] == plan.patches_per_image == 2 * KeyPlan(one_view_config(color="gray", max_h=2, max_w=3), 8, 8).patches_per_image
     keys = np.concatenate([b.keys for b in pipeline.open_shards(tmp_path / "s").iter_batches()])
     assert np.array_equal(keys, plan.image_keys(imgs))
     res = audit(from_arrays(imgs, labels), cfg)
@@ -241,7 +242,7 @@ def test_views_in_shards_and_audit(tmp_path):
     hi = imgs.max(axis=(1, 2, 3), keepdims=True).astype(int)
     stretched = ((imgs.astype(int) - lo) * 255 // np.maximum(hi - lo, 1)).astype(np.uint8)
     single = [
-        audit(from_arrays(x, labels), ExtractConfig(color="gray", max_h=2, max_w=3, levels=lv)) for x, lv in ((imgs, 4), (stretched, 2))
+        audit(from_arrays(x, labels), one_view_config(color="gray", max_h=2, max_w=3, levels=lv)) for x, lv in ((imgs, 4), (stretched, 2))
     ]
     assert res["distinct_contents"] == sum(s["distinct_contents"] for s in single)
     assert res["collisions"] == 0 and len(res["per_shape"]) == 2 * len(single[0]["per_shape"])
@@ -253,7 +254,7 @@ def test_augmented_copies_follow_their_image(tmp_path):
     from pipeline.bags import is_validation, part_batches
 
     imgs, labels = digits_images("train", 12)
-    cfg = ExtractConfig(color="gray", max_h=2, max_w=2)
+    cfg = one_view_config(color="gray", max_h=2, max_w=2)
     m = pipeline.extract(from_arrays(imgs, labels), tmp_path / "s", cfg, augment="flip,shift:1", images_per_shard=5)
     assert m["variants_per_image"] == 1 + 8 and m["images"] == 12 * 10
     sh = pipeline.open_shards(tmp_path / "s")
@@ -284,8 +285,8 @@ def test_ray_engine_writes_the_local_engines_shards(tmp_path):
     import pyarrow.parquet as pq
 
     src = pipeline.open_source("digits", limit=300)
-    local = pipeline.extract(src, tmp_path / "local", ExtractConfig(), images_per_shard=70)
-    ray_m = pipeline.extract(src, tmp_path / "ray", ExtractConfig(), images_per_shard=70, engine="ray", workers=2)
+    local = pipeline.extract(src, tmp_path / "local", one_view_config(), images_per_shard=70)
+    ray_m = pipeline.extract(src, tmp_path / "ray", one_view_config(), images_per_shard=70, engine="ray", workers=2)
     for k in ("images", "keys", "patches", "fingerprint", "shards", "skipped", "source", "config"):
         assert ray_m[k] == local[k], k
     assert len(local["shards"]) == 5

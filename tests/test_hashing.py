@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline import ExtractConfig
 from pipeline.hashing import KeyPlan, reference_key
 from pipeline.pixels import symbols
 
-from .conftest import CIFAR_TAR, digits_images
+from .conftest import CIFAR_TAR, digits_images, one_view_config
 
 CASES = [
     dict(max_h=3, max_w=3, shapes="rect", position="both"),
@@ -38,13 +37,13 @@ def assert_keys_match_reference(plan: KeyPlan, syms: np.ndarray, keys: np.ndarra
 def test_fast_keys_equal_reference(kw):
     rng = np.random.default_rng(1)
     syms = rng.integers(0, 64, size=(2, 6, 7)).astype(np.uint64)
-    plan = KeyPlan(ExtractConfig(color="rgb", **kw), 6, 7)
+    plan = KeyPlan(one_view_config(color="rgb", **kw), 6, 7)
     assert_keys_match_reference(plan, syms, plan.keys(syms), range(plan.keys_per_image))
 
 
 def test_fast_keys_equal_reference_on_real_images():
     imgs, _ = digits_images("train", 3)
-    cfg = ExtractConfig(color="gray", max_h=8, max_w=8, position="both")
+    cfg = one_view_config(color="gray", max_h=8, max_w=8, position="both")
     plan = KeyPlan(cfg, 8, 8)
     syms = symbols(imgs, cfg.levels)
     slots = np.random.default_rng(0).choice(plan.keys_per_image, 300, replace=False)
@@ -61,7 +60,7 @@ def _two_cifar_images() -> np.ndarray:
 def test_fast_keys_equal_reference_on_cifar_images(kw):
     """Default config and full enumeration of real 32x32 images, on a random sample of slots."""
     imgs = _two_cifar_images()
-    cfg = ExtractConfig(color="rgb", **kw)
+    cfg = one_view_config(color="rgb", **kw)
     plan = KeyPlan(cfg, 32, 32)
     syms = symbols(imgs, cfg.levels)
     keys = plan.image_keys(imgs)
@@ -88,7 +87,7 @@ def test_golden_keys(args, key):
     syms = np.arange(16, dtype=np.uint64).reshape(4, 4)
     assert reference_key(syms, *args) == key
     y, x, h, w, cell, seed = args
-    plan = KeyPlan(ExtractConfig(color="gray", max_h=4, max_w=4, position="none" if cell < 0 else "grid", grid=4, seed=seed), 4, 4)
+    plan = KeyPlan(one_view_config(color="gray", max_h=4, max_w=4, position="none" if cell < 0 else "grid", grid=4, seed=seed), 4, 4)
     slot = plan.slot_of("none" if cell < 0 else "grid", y, x, h, w)
     assert plan.slot_table["cell"][slot] == cell
     assert int(plan.keys(syms[None])[0, slot]) == key
@@ -100,7 +99,7 @@ def test_position_none_same_content_same_key_anywhere():
     patch = rng.integers(0, 256, size=(3, 2, 1)).astype(np.uint8)
     img[0, 0:3, 0:2] = patch
     img[0, 7:10, 9:11] = patch
-    cfg = ExtractConfig(color="gray", levels=16, max_h=3, max_w=3, position="both")
+    cfg = one_view_config(color="gray", levels=16, max_h=3, max_w=3, position="both")
     plan = KeyPlan(cfg, 12, 12)
     keys = plan.image_keys(img)[0]
     assert keys[plan.slot_of("none", 0, 0, 3, 2)] == keys[plan.slot_of("none", 7, 9, 3, 2)]
@@ -112,7 +111,7 @@ def test_position_none_same_content_same_key_anywhere():
 
 def test_distinct_contents_give_distinct_keys_on_real_sample():
     imgs, _ = digits_images("train", 200)
-    cfg = ExtractConfig(color="gray", levels=8, max_h=4, max_w=4, position="none")
+    cfg = one_view_config(color="gray", levels=8, max_h=4, max_w=4, position="none")
     plan = KeyPlan(cfg, 8, 8)
     syms = symbols(imgs, cfg.levels)
     keys = plan.keys(syms)
@@ -132,7 +131,7 @@ def test_distinct_contents_give_distinct_keys_on_real_sample():
 
 
 def test_locations_match_brute_force_enumeration():
-    cfg = ExtractConfig(color="gray", max_h=3, max_w=4, position="both", grid=2)
+    cfg = one_view_config(color="gray", max_h=3, max_w=4, position="both", grid=2)
     plan = KeyPlan(cfg, 5, 6)
     expected = []
     for h, w in cfg.shape_list():
@@ -147,7 +146,7 @@ def test_locations_match_brute_force_enumeration():
 
 
 def test_sub_slots_are_exactly_the_smaller_contained_patches():
-    cfg = ExtractConfig(color="gray", max_h=3, max_w=3, position="both")
+    cfg = one_view_config(color="gray", max_h=3, max_w=3, position="both")
     plan = KeyPlan(cfg, 6, 6)
     t = plan.slot_table
     for slot in [plan.slot_of("none", 2, 1, 3, 2), plan.slot_of("grid", 0, 3, 3, 3), plan.slot_of("none", 4, 4, 1, 1)]:
@@ -165,7 +164,7 @@ def test_sub_slots_are_exactly_the_smaller_contained_patches():
 
 def test_max_size_larger_than_image_is_refused():
     with pytest.raises(Exception, match="use at most 8x8"):
-        KeyPlan(ExtractConfig(color="gray", max_h=9, max_w=9), 8, 8)
+        KeyPlan(one_view_config(color="gray", max_h=9, max_w=9), 8, 8)
 
 
 def _norm_symbols_by_hand(img: np.ndarray, levels: int) -> np.ndarray:
@@ -187,8 +186,8 @@ def _norm_symbols_by_hand(img: np.ndarray, levels: int) -> np.ndarray:
 def test_views_hash_each_quantization_side_by_side():
     rng = np.random.default_rng(5)
     imgs = rng.integers(30, 200, size=(2, 6, 7, 3)).astype(np.uint8)
-    single = KeyPlan(ExtractConfig(color="rgb", position="both", grid=2), 6, 7)
-    plan = KeyPlan(ExtractConfig(color="rgb", position="both", grid=2, views="levels,norm:3,levels:2"), 6, 7)
+    single = KeyPlan(one_view_config(color="rgb", position="both", grid=2), 6, 7)
+    plan = KeyPlan(one_view_config(color="rgb", position="both", grid=2, views="levels,norm:3,levels:2"), 6, 7)
     assert plan.patches_per_image == 3 * single.patches_per_image and plan.keys_per_image == 3 * single.keys_per_image
     keys = plan.image_keys(imgs)
     # view 0 is the single-view plan, key for key (so default keys did not change)
@@ -212,16 +211,16 @@ def test_views_config_parsing_and_fingerprint():
 
     from pipeline.config import HASH_VERSION
 
-    cfg = ExtractConfig(color="gray", levels=5, views="levels, norm:5 ,levels:3")
+    cfg = one_view_config(color="gray", levels=5, views="levels, norm:5 ,levels:3")
     assert cfg.views == "levels,norm,levels:3" and cfg.view_list() == [("levels", 5), ("norm", 5), ("levels", 3)]
-    assert cfg.fingerprint() != ExtractConfig(color="gray", levels=5).fingerprint()
-    d = ExtractConfig(color="gray").to_dict()
+    assert cfg.fingerprint() != one_view_config(color="gray", levels=5).fingerprint()
+    d = one_view_config(color="gray").to_dict()
     del d["views"]  # the default view leaves the fingerprint of shards made before views existed
     want = hashlib.sha256(json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True).encode()).hexdigest()[:16]
-    assert ExtractConfig(color="gray").fingerprint() == want
+    assert one_view_config(color="gray").fingerprint() == want
     for bad in ("levels,blur", "norm:1", "levels,levels", "norm:x"):
         with pytest.raises(pipeline.PipelineError, match="--views"):
-            ExtractConfig(views=bad)
+            one_view_config(views=bad)
 
 
 def test_grad_view_is_an_ordinal_code():
@@ -241,7 +240,7 @@ def test_grad_view_is_an_ordinal_code():
     dim = img // 2  # 0..127
     brighter = (dim.astype(int) * 2 + 1).astype(np.uint8)  # a strictly increasing map keeps every order
     assert np.array_equal(ordinal_symbols(brighter), ordinal_symbols(dim))
-    cfg = ExtractConfig(color="rgb", views="levels,grad")
+    cfg = one_view_config(color="rgb", views="levels,grad")
     assert cfg.views == "levels,grad" and cfg.view_list()[1] == ("grad", 2)
     with pytest.raises(pipeline.PipelineError, match="--views"):
-        ExtractConfig(views="grad:3")
+        one_view_config(views="grad:3")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline import ExtractConfig, PipelineError, TrainConfig
+from pipeline import PipelineError, TrainConfig
 from pipeline import index as pattern_index
 from pipeline.hashing import KeyPlan
 from pipeline.bags import is_validation
 
-from .conftest import digits_images, write_folder
+from .conftest import digits_images, write_folder, one_view_config
 
 
 def test_shards_round_trip(digits_shards):
@@ -33,11 +33,11 @@ def test_shards_round_trip(digits_shards):
 
 def test_extract_splits_into_several_shards_and_refuses_to_overwrite(tmp_path):
     src = pipeline.open_source("digits", limit=50)
-    m = pipeline.extract(src, tmp_path / "s", ExtractConfig(), images_per_shard=20)
+    m = pipeline.extract(src, tmp_path / "s", one_view_config(), images_per_shard=20)
     assert [s["file"] for s in m["shards"]] == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     assert [s["rows"] for s in m["shards"]] == [20, 20, 10]
     with pytest.raises(PipelineError, match="pass --overwrite"):
-        pipeline.extract(src, tmp_path / "s", ExtractConfig())
+        pipeline.extract(src, tmp_path / "s", one_view_config())
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(PipelineError, match="did not finish"):
         pipeline.open_shards(tmp_path / "s")
@@ -135,12 +135,12 @@ def test_unseen_patch_vector_is_mean_of_seen_sub_patches(digits_run):
             break
     vectors, seen, composed = run.patch_vectors(keys)
     slot = int(unseen[-1])
-    y, x, h, w, cell = (int(t[c][slot]) for c in ("y", "x", "h", "w", "cell"))
-    # by hand: every smaller patch inside (y, x, h, w), same position mode, whose key is in the pattern table
+    y, x, h, w, cell, view = (int(t[c][slot]) for c in ("y", "x", "h", "w", "cell", "view"))
+    # by hand: every smaller patch inside (y, x, h, w), same position mode and view, whose key is in the pattern table
     known = set(run.patterns["key"].tolist())
     parts = [
         s for s in range(len(keys))
-        if (t["cell"][s] < 0) == (cell < 0) and t["y"][s] >= y and t["x"][s] >= x
+        if (t["cell"][s] < 0) == (cell < 0) and t["view"][s] == view and t["y"][s] >= y and t["x"][s] >= x
         and t["y"][s] + t["h"][s] <= y + h and t["x"][s] + t["w"][s] <= x + w
         and (t["h"][s], t["w"][s]) != (h, w) and int(keys[s]) in known
     ]
@@ -183,7 +183,7 @@ def test_evaluate_source_and_shards_agree(digits_run, digits_shards):
 
 
 def test_evaluate_refuses_shards_of_another_config(digits_run, tmp_path):
-    pipeline.extract(pipeline.open_source("digits", limit=10), tmp_path / "s", ExtractConfig(levels=8))
+    pipeline.extract(pipeline.open_source("digits", limit=10), tmp_path / "s", one_view_config(levels=8))
     with pytest.raises(PipelineError, match="extract the images again"):
         pipeline.load(digits_run).evaluate(pipeline.open_shards(tmp_path / "s"))
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import ExtractConfig, KeyPlan, PipelineError
+from pipeline import KeyPlan, PipelineError
 from pipeline import index as pidx
 from pipeline import unseen
 from pipeline.batch import query_batch, schema
 
-from .conftest import digits_images
+from .conftest import digits_images, one_view_config
 from pipeline.bags import to_bags
 
 from .test_cli import one_line_error
@@ -77,7 +77,7 @@ def test_auto_kind_follows_the_number_of_vectors():
 
 def test_composition_by_hand():
     """A 2x2 image with every patch up to 2x2, position-free: 4 1x1, 2 1x2, 2 2x1, 1 2x2 slots."""
-    plan = KeyPlan(ExtractConfig(max_h=2, max_w=2, position="none", color="gray"), 2, 2)
+    plan = KeyPlan(one_view_config(max_h=2, max_w=2, position="none", color="gray"), 2, 2)
     s = lambda y, x, h, w: plan.slot_of("none", y, x, h, w)  # noqa: E731
     table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [4.0, -4.0], [10.0, 20.0], [-6.0, 6.0]])
     rows = np.full((1, plan.keys_per_image), -1, np.int64)

@@ -18,6 +18,8 @@ from pipeline import PipelineError, TrainConfig
 from pipeline.model import PatchBagModel
 from pipeline.vocab import KeyCounter, build
 
+from .conftest import one_view_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -335,7 +337,9 @@ def test_two_process_training_matches_one_process(tmp_path):
     test accuracy within 1 point, and the run directory is complete and loads."""
     from pipeline.ddp import launch
 
-    pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", images_per_shard=100)  # 9 row groups to share out
+    # 9 row groups to share out; the one-view extract this comparison was calibrated on (4 epochs of
+    # dim 16 are far from converged, so the run-to-run spread depends on the keys)
+    pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", one_view_config(), images_per_shard=100)
     cfg = TrainConfig(epochs=4, dim=16)
     m2 = launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
     m1 = launch(tmp_path / "s", tmp_path / "r1", cfg, 1)
