@@ -47,14 +47,18 @@ def sklearn_baselines() -> dict:
     return out
 
 
+def extract_config(e: dict):
+    """The ExtractConfig of a settings dict like EXTRACT (augment is an extract argument, not config)."""
+    from pipeline import ExtractConfig
+
+    return ExtractConfig(levels=e["levels"], max_h=e["max_size"], max_w=e["max_size"], position=e["position"], grid=e["grid"], views=e["views"])
+
+
 def ours(extract: dict, train: dict, seed: int) -> dict:
     import pipeline
-    from pipeline import ExtractConfig, TrainConfig
+    from pipeline import TrainConfig
 
-    cfg = ExtractConfig(
-        levels=extract["levels"], max_h=extract["max_size"], max_w=extract["max_size"], position=extract["position"], grid=extract["grid"],
-        views=extract["views"],
-    )
+    cfg = extract_config(extract)
     with tempfile.TemporaryDirectory() as d:
         t = time.time()
         pipeline.extract(pipeline.open_source("digits", split="train"), Path(d) / "s", cfg, augment=extract["augment"])
@@ -140,7 +144,7 @@ def search(seed: int, rows: list[tuple[dict, dict]] = SEARCH) -> list[dict]:
     from sklearn.datasets import load_digits
 
     import pipeline
-    from pipeline import ExtractConfig, TrainConfig
+    from pipeline import TrainConfig
 
     d = load_digits()
     x = np.rint(d.images[:898] * 255 / 16).astype(np.uint8)
@@ -150,7 +154,7 @@ def search(seed: int, rows: list[tuple[dict, dict]] = SEARCH) -> list[dict]:
     out = []
     for ex, tr in rows:
         e, t = dict(BASE_EXTRACT, **ex), dict(BASE_TRAIN, **tr)
-        cfg = ExtractConfig(levels=e["levels"], max_h=e["max_size"], max_w=e["max_size"], position=e["position"], grid=e["grid"], views=e["views"])
+        cfg = extract_config(e)
         with tempfile.TemporaryDirectory() as tmp:
             pipeline.extract(pipeline.from_arrays(x[:cut], y[:cut], names), Path(tmp) / "s", cfg, augment=e["augment"])
             m = pipeline.train(pipeline.open_shards(Path(tmp) / "s"), Path(tmp) / "r", TrainConfig(seed=seed, **t))

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.digits import EXTRACT, HELD_OUT, TRAIN  # noqa: E402
+from benchmarks.digits import EXTRACT, HELD_OUT, TRAIN, extract_config  # noqa: E402
 
 
 def _vote(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, cosine: bool = False) -> np.ndarray:
@@ -52,12 +52,11 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, cut: int, work: Path) -> di
     import torch
 
     import pipeline
-    from pipeline import ExtractConfig, TrainConfig
+    from pipeline import TrainConfig
     from pipeline.augment import variants
 
     names = [str(c) for c in range(10)]
-    e = EXTRACT
-    cfg = ExtractConfig(levels=e["levels"], max_h=e["max_size"], max_w=e["max_size"], position=e["position"], grid=e["grid"], views=e["views"])
+    cfg = extract_config(EXTRACT)
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
         pipeline.extract(pipeline.from_arrays(x[:cut], y[:cut], names), shards, cfg)

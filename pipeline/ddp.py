@@ -36,7 +36,7 @@ from .errors import PipelineError
 from .shards import Shards
 from .trainer import (
     _build_vocab, _finish_run, _plot, _prepare, build_model, check_checkpoint, evaluate_bags, load_checkpoint,
-    record_epoch, save_checkpoint,
+    record_epoch, restart_metrics, save_checkpoint,
 )
 
 
@@ -99,9 +99,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
     ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
     parts, labels, k = _my_bags(shards, v, config, rank, world)
     per_rank = max(1, config.batch_size // world)
-    if rank == 0:
-        (out_p / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
-    stale = 0 if not history else history[-1]["epoch"] - best["epoch"]
+    stale = restart_metrics(out_p if rank == 0 else None, history, best)
     for epoch in range(start, config.epochs + 1):
         if config.patience and stale >= config.patience:
             break

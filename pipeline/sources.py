@@ -412,11 +412,11 @@ def _plain_tar(archive: Path) -> bool:
     return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and tarfile.is_tarfile(archive)
 
 
-def _tar_members(archive: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
-    """Members in archive order: an uncompressed tar is listed by seeking from header to header,
-    a compressed one is read as a stream."""
+def _tar_members(archive: Path, plain: bool) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
+    """Members in archive order: an uncompressed tar (``plain``) is listed by seeking from header
+    to header, a compressed one is read as a stream."""
     try:
-        with tarfile.open(archive, "r:" if _plain_tar(archive) else "r|*") as tf:
+        with tarfile.open(archive, "r:" if plain else "r|*") as tf:
             for m in tf:
                 if m.isfile():
                     yield _safe_member(m.name, archive), tf, m
@@ -425,14 +425,14 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.
 
 
 def _tar(archive: Path, split: str | None):
-    rels = [name for name, _, _ in _tar_members(archive)]
+    plain, where = _plain_tar(archive), os.path.abspath(archive)
+    rels = [name for name, _, _ in _tar_members(archive, plain)]
     split, classes, entries = _labelled_paths(rels, str(archive), split)
     position = {name: i for i, (name, _) in enumerate(entries)}
-    plain, where = _plain_tar(archive), os.path.abspath(archive)
 
     def items(keep: np.ndarray) -> Iterator[_Item]:
         left = int(keep.sum())
-        for name, tf, m in _tar_members(archive):
+        for name, tf, m in _tar_members(archive, plain):
             if left == 0:
                 return
             i = position.get(name)

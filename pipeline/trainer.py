@@ -139,6 +139,14 @@ def load_checkpoint(out: Path, model, opts, device) -> tuple[dict, list[dict], d
     return ck, json.loads(ck["history"]), json.loads(ck["best"]), ck["epoch"] + 1
 
 
+def restart_metrics(out: Path | None, history: list[dict], best: dict) -> int:
+    """Rewrite metrics.jsonl from ``history`` (an empty file for a new run; skipped when ``out``
+    is None) and return the epochs since ``best`` (what early stopping counts)."""
+    if out is not None:
+        (out / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
+    return 0 if not history else history[-1]["epoch"] - best["epoch"]
+
+
 def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict], best: dict, stale: int) -> tuple[dict, int]:
     """Keep the model when the epoch improved on ``best``, append ``row`` to the history and
     metrics.jsonl; returns the new best and the count of epochs without improvement."""
@@ -213,8 +221,7 @@ def train(
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
         del ck
     caches = _Caches(config, shards, v, resuming and start > 1)
-    (out / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
-    stale = 0 if not history else history[-1]["epoch"] - best["epoch"]
+    stale = restart_metrics(out, history, best)
     for epoch in range(start, config.epochs + 1):
         if config.patience and stale >= config.patience:
             break
