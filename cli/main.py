@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
+from pipeline.config import OPTIMIZERS
 
 
 class _Group(click.Group):
@@ -79,8 +80,8 @@ def source_options(f):
 @click.option("--max-size", default="3", show_default=True, help="Largest patch, N or HxW (the full image size is allowed).")
 @click.option("--shapes", default="rect", show_default=True, help="rect = every HxW up to --max-size; square = squares only; or a list such as 1x1,2x2,1x3.")
 @click.option("--stride", type=int, default=1, show_default=True, help="Step between patch positions, in pixels.")
-@click.option("--position", type=click.Choice(["none", "grid", "both"]), default=ExtractConfig.position, show_default=True, help="Whether keys include the patch's grid cell (both = one key with it and one without).")
-@click.option("--grid", type=int, default=4, show_default=True, help="Grid cells per side for --position grid/both.")
+@click.option("--position", default=ExtractConfig.position, show_default=True, help="Key kinds per patch, one or more of: none (no location), grid (its grid cell), offset (its cell in the grid moved by half a cell), coarse (its cell in a grid half as fine); both = none,grid.")
+@click.option("--grid", type=int, default=ExtractConfig.grid, show_default=True, help="Grid cells per side for the grid, offset and coarse key kinds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Hash seed.")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
 @click.option("--augment", default="none", show_default=True, help="Extra copies of each image: flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1.")
@@ -167,7 +168,7 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--hidden", "0 = linear head; else one hidden ReLU layer of this width.")
 @_train_option("--drop", "Patch dropout: rate of an image's distinct rows dropped in training, or 'auto' to learn it.")
 @_train_option("--pooled-dropout", "Ordinary dropout on the pooled vector.")
-@_train_option("--optimizer", "Optimizer of the table.", type=click.Choice(["adagrad", "sparseadam", "sgd"]))
+@_train_option("--optimizer", "Optimizer of the table.", type=click.Choice(list(OPTIMIZERS)))
 @_train_option("--epochs", "Most passes over the training images.")
 @_train_option("--patience", "Stop after this many epochs without a better validation accuracy (0 = never).")
 @_train_option("--batch-size", "Images per step.")

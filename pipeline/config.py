@@ -18,7 +18,8 @@ HASH_VERSION = "patchhash-v1"  # bump when the key specification in docs/hashing
 
 COLORS = ("auto", "gray", "rgb")
 SHAPE_SETS = ("rect", "square")
-POSITIONS = ("none", "grid", "both")
+POSITION_MODES = ("none", "grid", "offset", "coarse")  # canonical order of the key kinds per patch
+POSITION_ALIASES = {"both": ("none", "grid")}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,6 +46,21 @@ def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
             raise PipelineError(f"--views {text!r} lists {kind}:{lv} twice")
         out.append((kind, lv))
     return out
+
+
+def canonical_position(text: str) -> str:
+    """``'grid,none'`` -> ``'both'``; any list of POSITION_MODES in canonical order, each once."""
+    parts = POSITION_ALIASES.get(text.strip().lower()) or [p.strip().lower() for p in text.split(",")]
+    bad = [p for p in parts if p not in POSITION_MODES]
+    if bad or not parts:
+        raise PipelineError(
+            f"--position {text!r}: {bad[0] if bad else text!r} is not a key kind; use one or more of "
+            f"{', '.join(POSITION_MODES)} (or both = none,grid), e.g. grid,offset"
+        )
+    modes = tuple(m for m in POSITION_MODES if m in parts)
+    if len(modes) != len(parts):
+        raise PipelineError(f"--position {text!r} lists a key kind twice")
+    return next((alias for alias, ms in POSITION_ALIASES.items() if ms == modes), ",".join(modes))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -74,7 +90,7 @@ class ExtractConfig:
     max_w: int = 3  # widest patch, in pixels [3]
     shapes: str = "rect"  # 'rect' = every h x w up to the bounds; 'square' = h == w only; or a list 'HxW,HxW,...' [rect]
     stride: int = 1  # step between patch positions, in pixels, on both axes [1]
-    position: str = "grid"  # 'none' = key ignores location, 'grid' = key includes grid cell, 'both' = one key of each [grid]
+    position: str = "grid"  # key kinds per patch, a list of: 'none' (no location), 'grid' (grid cell), 'offset' (cell of the grid moved by half a cell), 'coarse' (cell of a grid half as fine); 'both' = none,grid [grid]
     grid: int = 4  # cells per side of the position grid [4]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
@@ -97,10 +113,11 @@ class ExtractConfig:
             raise PipelineError("--max-size must be below 65536 on each side")
         if not 1 <= self.stride < 1 << 16:
             raise PipelineError(f"--stride {self.stride} is out of range; use 1 to 65535")
-        if self.position not in POSITIONS:
-            raise PipelineError(f"--position {self.position!r} is not one of {', '.join(POSITIONS)}")
+        object.__setattr__(self, "position", canonical_position(self.position))
         if not 1 <= self.grid <= 255:
             raise PipelineError(f"--grid {self.grid} is out of range; use 1 to 255")
+        if "offset" in self.position_modes and self.grid > 254:
+            raise PipelineError(f"--grid {self.grid} is too fine for --position offset, whose grid has one more cell per side; use 1 to 254")
         if not 0 <= self.seed < 1 << 32:
             raise PipelineError(f"--seed {self.seed} is out of range; use 0 to 2**32-1")
         views = parse_views(self.views, self.levels)
@@ -120,7 +137,7 @@ class ExtractConfig:
     @property
     def position_modes(self) -> tuple[str, ...]:
         """The key kinds emitted per patch, in canonical order."""
-        return {"none": ("none",), "grid": ("grid",), "both": ("none", "grid")}[self.position]
+        return POSITION_ALIASES.get(self.position) or tuple(self.position.split(","))
 
     def view_list(self) -> list[tuple[str, int]]:
         """Every view (kind, levels), in the order their patches are stored."""
@@ -168,7 +185,7 @@ class ExtractConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-OPTIMIZERS = ("adagrad", "sparseadam", "sgd")
+OPTIMIZERS = ("adagrad", "rowwise-adagrad", "sparseadam", "sgd")
 BAGS = ("mean", "sum", "sqrt")
 
 
@@ -183,7 +200,7 @@ class TrainConfig:
     hidden: int = 0  # 0 = linear head, else one hidden ReLU layer of this width [0]
     drop: str = "0"  # patch dropout: rate of an image's distinct rows dropped in training, or 'auto' (learned) [0]
     pooled_dropout: float = 0.0  # ordinary dropout on the pooled vector [0]
-    optimizer: str = "adagrad"  # for the table: 'adagrad', 'sparseadam' or 'sgd' [adagrad]
+    optimizer: str = "adagrad"  # for the table: 'adagrad', 'rowwise-adagrad' (one accumulator per row), 'sparseadam' or 'sgd' [adagrad]
     epochs: int = 5  # most passes over the training part [5]
     patience: int = 3  # stop after this many epochs without a better validation accuracy; 0 = never [3]
     batch_size: int = 128  # images per step [128]

@@ -8,7 +8,7 @@ training part's row groups (group i goes to rank i mod N) and steps on ``batch_s
 images, so a step sees the same number of images as one process does; ``DDP.join`` covers
 ranks whose part runs out first. The table is updated by torch's sparse Adagrad (the
 single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.table_kernels`,
-the same arithmetic). Rank 0 validates, writes metrics, curves and the best model, and
+the same arithmetic), or torch's SparseAdam or SGD as ``--optimizer`` says. Rank 0 validates, writes metrics, curves and the best model, and
 finishes the run directory exactly as a single-process run does. Rank 0 also writes
 ``checkpoint.pt`` after every epoch (model, optimizers, history: the optimizer state is the
 same on every rank, since DDP all-reduces the gradients), and every epoch's random streams
@@ -62,6 +62,10 @@ class RankZeroFailed(PipelineError):
     """Raised on the other ranks when rank 0 could not prepare the run (rank 0 says why)."""
 
 
+# torch's own optimizers for a sparse gradient; row-wise Adagrad has no torch counterpart
+DDP_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "sparseadam": torch.optim.SparseAdam, "sgd": torch.optim.SGD}
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
@@ -89,7 +93,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
     v = vocab.Vocabulary.load(out_p / layout.VOCAB, layout.read_json(out_p / layout.VOCAB_STATS))
     torch.manual_seed(config.seed)
     model = build_model(config, v.rows, len(shards.class_names))
-    opt_table = torch.optim.Adagrad([model.table.weight], lr=config.lr)
+    opt_table = DDP_OPTIMIZERS[config.optimizer]([model.table.weight], lr=config.lr)
     opt_head = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("table.")], lr=config.head_lr)
     history: list[dict] = []
     best = {"epoch": 0, "val_accuracy": -1.0}
@@ -182,6 +186,8 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
 
     if nproc < 1:
         raise PipelineError(f"--nproc {nproc} must be at least 1")
+    if config.optimizer not in DDP_OPTIMIZERS:
+        raise PipelineError(f"--optimizer {config.optimizer} runs in one process only; use {', '.join(DDP_OPTIMIZERS)} with --nproc, or drop --nproc")
     Shards(shards)  # a bad shard directory fails here with its one-line message
     o = Path(out)
     if o.exists() and (not o.is_dir() or any(o.iterdir())) and not (overwrite or resume):

@@ -14,8 +14,9 @@ One prefix-sum table ``P`` of ``r[i, j] * A**i * B**j`` gives every patch's sum
 with four look-ups; multiplying by ``A**-y * B**-x`` (A and B are odd, so they
 are invertible mod 2**64) removes the dependence on where the patch sits. The
 key is ``fmix64(c ^ fmix64(tag + TAG_SALT * (seed + 1)))`` with
-``tag = h << 32 | w << 16 | (cell + 1)``, where ``cell = -1`` when the key
-ignores position.
+``tag = kind << 48 | h << 32 | w << 16 | (cell + 1)``, where ``cell = -1`` when
+the key ignores position and ``kind`` says which grid the cell belongs to
+(0 = the grid, 1 = the grid moved by half a cell, 2 = the coarse grid).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from functools import cached_property
 import numpy as np
 
 from . import kernels
-from .config import ExtractConfig
+from .config import POSITION_MODES, ExtractConfig
 from .pixels import view_symbols
 
 MASK = (1 << 64) - 1
@@ -52,22 +53,38 @@ def fmix64_int(k: int) -> int:
     return k
 
 
-def tag_of(h: int, w: int, cell: int) -> int:
-    """The shape/position tag: ``h << 32 | w << 16 | (cell + 1)``; ``cell = -1`` means 'no position'."""
-    return (h << 32) | (w << 16) | (cell + 1)
+GRID_KINDS = {"grid": 0, "offset": 1, "coarse": 2}  # the ``kind`` of a position mode's tag
 
 
-def grid_cell(y: int, x: int, h: int, w: int, height: int, width: int, grid: int) -> int:
-    """The grid cell holding the patch's centre: row-major index into a ``grid`` x ``grid`` partition."""
-    cy = ((2 * y + h) * grid) // (2 * height)
-    cx = ((2 * x + w) * grid) // (2 * width)
-    return cy * grid + cx
+def tag_of(h: int, w: int, cell: int, mode: str = "grid") -> int:
+    """The shape/position tag: ``kind << 48 | h << 32 | w << 16 | (cell + 1)``; ``cell = -1`` means 'no position'."""
+    kind = GRID_KINDS[mode] if cell >= 0 else 0
+    return (kind << 48) | (h << 32) | (w << 16) | (cell + 1)
 
 
-def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int, seed: int = 0, view: int = 0) -> int:
+def cells_per_side(mode: str, grid: int) -> int:
+    """Cells per side of a position mode's partition: the grid, the grid moved by half a cell
+    (one more cell, the outer ones half as wide), or the coarse grid (``ceil(grid / 2)``)."""
+    return {"grid": grid, "offset": grid + 1, "coarse": (grid + 1) // 2}[mode]
+
+
+def grid_cell(y: int, x: int, h: int, w: int, height: int, width: int, grid: int, mode: str = "grid") -> int:
+    """The cell holding the patch's centre: row-major index into the partition of position mode ``mode``.
+
+    With the centre at ``c = y + h / 2``, the row is ``floor(c * g / height)`` on a g x g grid
+    and ``floor(c * g / height + 1/2)`` on the grid moved by half a cell (likewise columns).
+    """
+    g = cells_per_side(mode, grid) if mode == "coarse" else grid
+    moved = mode == "offset"  # + 1/2 cell, written as + height / (2 * height)
+    cy = ((2 * y + h) * g + moved * height) // (2 * height)
+    cx = ((2 * x + w) * g + moved * width) // (2 * width)
+    return cy * cells_per_side(mode, grid) + cx
+
+
+def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int, seed: int = 0, view: int = 0, mode: str = "grid") -> int:
     """The key of one patch, computed directly from its definition (slow; for tests and the spec).
 
-    ``symbols`` is the H x W plane of view ``view``.
+    ``symbols`` is the H x W plane of view ``view``; ``mode`` names the grid of ``cell``.
     """
     y, x, h, w, cell = int(y), int(x), int(h), int(w), int(cell)
     salt = (PIXEL_SALT * (seed + 1)) & MASK
@@ -79,7 +96,7 @@ def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int
             s = int(symbols[y + i, x + j])
             r = fmix64_int(s + salt)
             c = (c + r * pow(A, i, 1 << 64) * pow(B, j, 1 << 64)) & MASK
-    t = fmix64_int(tag_of(h, w, cell) + TAG_SALT * (seed + 1))
+    t = fmix64_int(tag_of(h, w, cell, mode) + TAG_SALT * (seed + 1))
     return fmix64_int(c ^ t)
 
 
@@ -115,7 +132,7 @@ class _Block:
 
     h: int
     w: int
-    mode: str  # 'none' or 'grid'
+    mode: str  # a position mode: 'none', 'grid', 'offset' or 'coarse'
     view: int  # index into config.view_list()
     offset: int  # first key slot of the block
     patch_offset: int  # first patch of this shape in the patch order
@@ -179,17 +196,19 @@ class KeyPlan:
 
     # -- hashing
 
-    def _mix(self, h: int, w: int, cell: int) -> int:
-        """fmix64(tag + salt) for one shape and cell (-1 = no position)."""
-        return fmix64_int(tag_of(h, w, cell) + self._tag_salt)
+    def _mix(self, h: int, w: int, cell: int, mode: str = "grid") -> int:
+        """fmix64(tag + salt) for one shape and cell (-1 = no position) of position mode ``mode``."""
+        return fmix64_int(tag_of(h, w, cell, mode) + self._tag_salt)
 
     def _cells(self, block: _Block) -> np.ndarray:
-        g = self.config.grid
+        """The cell of every location of a block (see :func:`grid_cell`)."""
+        grid, mode = self.config.grid, block.mode
+        g = cells_per_side(mode, grid) if mode == "coarse" else grid
         ys = np.arange(block.ny) * self.config.stride
         xs = np.arange(block.nx) * self.config.stride
-        cy = ((2 * ys + block.h) * g) // (2 * self.height)
-        cx = ((2 * xs + block.w) * g) // (2 * self.width)
-        return cy[:, None] * g + cx[None, :]
+        cy = ((2 * ys + block.h) * g + (self.height if mode == "offset" else 0)) // (2 * self.height)
+        cx = ((2 * xs + block.w) * g + (self.width if mode == "offset" else 0)) // (2 * self.width)
+        return cy[:, None] * cells_per_side(mode, grid) + cx[None, :]
 
     @cached_property
     def _expansion(self) -> tuple[np.ndarray, np.ndarray]:
@@ -199,10 +218,11 @@ class KeyPlan:
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
             source[sl] = np.arange(b.patch_offset, b.patch_offset + b.ny * b.nx)
-            if b.mode == "grid":
+            if b.mode != "none":
                 cells = self._cells(b).ravel()
                 base = self._mix(b.h, b.w, -1)
-                table = np.array([base ^ self._mix(b.h, b.w, int(c)) for c in range(self.config.grid**2)], dtype=np.uint64)
+                n_cells = cells_per_side(b.mode, self.config.grid) ** 2
+                table = np.array([base ^ self._mix(b.h, b.w, int(c), b.mode) for c in range(n_cells)], dtype=np.uint64)
                 delta[sl] = table[cells]
         return source, delta
 
@@ -247,8 +267,9 @@ class KeyPlan:
 
     @cached_property
     def slot_table(self) -> dict[str, np.ndarray]:
-        """Per slot: y, x, h, w and cell (-1 for position-free keys), as int32 arrays."""
-        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view")}
+        """Per slot: y, x, h, w, cell (-1 for position-free keys), view and mode (an index into
+        ``config.POSITION_MODES``), as int32 arrays."""
+        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view", "mode")}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
             yy, xx = np.meshgrid(np.arange(b.ny) * self.config.stride, np.arange(b.nx) * self.config.stride, indexing="ij")
@@ -258,10 +279,11 @@ class KeyPlan:
             cols["w"][sl] = b.w
             cols["cell"][sl] = -1 if b.mode == "none" else self._cells(b).ravel()
             cols["view"][sl] = b.view
+            cols["mode"][sl] = POSITION_MODES.index(b.mode)
         return cols
 
     def locate(self, slots: np.ndarray | int) -> dict[str, np.ndarray]:
-        """Location (y, x, h, w, cell, view) of each slot of the canonical order."""
+        """Location (y, x, h, w, cell, view, mode) of each slot of the canonical order."""
         idx = np.asarray(slots, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.keys_per_image):
             raise IndexError(f"slot out of range 0..{self.keys_per_image - 1}")
@@ -279,7 +301,7 @@ class KeyPlan:
         """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode and view."""
         t = self.slot_table
         y, x, h, w, view = (int(t[k][slot]) for k in ("y", "x", "h", "w", "view"))
-        mode = "none" if t["cell"][slot] < 0 else "grid"
+        mode = POSITION_MODES[int(t["mode"][slot])]
         st = self.config.stride
         out = []
         for b in self.blocks:

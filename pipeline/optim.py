@@ -7,6 +7,9 @@ those rows; the optimizers here change exactly those rows:
 * ``adagrad``: lazy Adagrad written with index operations (one gather, one
   scatter of the accumulator, one scatter-add of the step), measured about 2x
   faster than ``torch.optim.Adagrad`` on a sparse gradient (docs/results.md);
+* ``rowwise-adagrad``: the same with one accumulator per row, the mean of the
+  row's squared gradient (FBGEMM's and TorchRec's ``ROWWISE_ADAGRAD``): the
+  optimizer state shrinks from a second table to one number per row;
 * ``sparseadam`` and ``sgd``: torch's own ``SparseAdam`` and ``SGD``, handed the
   gradient as an already coalesced sparse tensor.
 """
@@ -16,16 +19,21 @@ import torch
 
 
 class LazyAdagrad:
-    """Adagrad on the rows a batch touches: ``acc[r] += g**2; w[r] -= lr * g / (sqrt(acc[r]) + eps)``."""
+    """Adagrad on the rows a batch touches: ``acc[r] += g**2; w[r] -= lr * g / (sqrt(acc[r]) + eps)``.
 
-    def __init__(self, weight: torch.Tensor, lr: float, eps: float = 1e-10):
+    ``rowwise``: ``acc`` is one column, and ``acc[r] += mean(g**2)`` over the row's elements.
+    """
+
+    def __init__(self, weight: torch.Tensor, lr: float, eps: float = 1e-10, rowwise: bool = False):
         self.weight = weight
         self.lr = lr
         self.eps = eps
-        self.acc = torch.zeros_like(weight)
+        self.rowwise = rowwise
+        self.acc = weight.new_zeros((weight.shape[0], 1)) if rowwise else torch.zeros_like(weight)
 
     def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        acc = self.acc.index_select(0, rows).addcmul_(grad, grad)
+        sq = grad.square().mean(1, keepdim=True) if self.rowwise else grad * grad
+        acc = self.acc.index_select(0, rows).add_(sq)
         self.acc.index_copy_(0, rows, acc)
         self.weight.index_add_(0, rows, grad.div(acc.sqrt_().add_(self.eps)).mul_(-self.lr))
 
@@ -33,6 +41,8 @@ class LazyAdagrad:
         return {"acc": self.acc, "lr": self.lr, "eps": self.eps}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["acc"].shape != self.acc.shape:
+            raise ValueError(f"optimizer state of shape {tuple(state['acc'].shape)} does not fit {tuple(self.acc.shape)}")
         self.acc.copy_(state["acc"])
         self.lr, self.eps = state["lr"], state["eps"]
 
@@ -57,8 +67,8 @@ class TorchSparse:
 
 
 def table_optimizer(name: str, param: torch.nn.Parameter, lr: float):
-    if name == "adagrad":
-        return LazyAdagrad(param.data, lr)
+    if name in ("adagrad", "rowwise-adagrad"):
+        return LazyAdagrad(param.data, lr, rowwise=name == "rowwise-adagrad")
     if name == "sparseadam":
         return TorchSparse(param, torch.optim.SparseAdam([param], lr=lr))
     return TorchSparse(param, torch.optim.SGD([param], lr=lr))

@@ -134,6 +134,32 @@ def adagrad_rows(table, acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, lr,
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def rowwise_adagrad_rows(table, acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, lr, eps, nu):
+    """:func:`adagrad_rows` with one accumulator per row (``acc`` N x 1): ``acc[r] += mean_k g[r, k]**2``."""
+    d = table.shape[1]
+    blocks = (nu + _BLOCK - 1) // _BLOCK
+    for b in prange(blocks):
+        u0 = b * _BLOCK
+        g = np.zeros((_BLOCK, d), np.float32)
+        for t in range(bstart[b], bstart[b + 1]):
+            wt = occ_w[t]
+            i = occ_image[t]
+            lu = occ_u[t] - u0
+            for k in range(d):
+                g[lu, k] += wt * gpooled[i, k]
+        for lu in range(min(_BLOCK, nu - u0)):
+            r = uniq[u0 + lu]
+            sq = np.float32(0.0)
+            for k in range(d):
+                sq += g[lu, k] * g[lu, k]
+            s = acc[r, 0] + sq / d
+            acc[r, 0] = s
+            step = lr / (np.sqrt(s) + eps)
+            for k in range(d):
+                table[r, k] -= step * g[lu, k]
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def weight_grads(table, rows, offsets, gpooled, out):
     n = offsets.size - 1
     d = table.shape[1]
@@ -151,12 +177,14 @@ class CpuTableStep:
     """Pool and lazy-Adagrad update of a CPU table (float32, C-contiguous) in place.
 
     ``table`` and ``acc`` are numpy views of the model's weight and the optimizer's
-    accumulator, so checkpoints and the torch path see the same numbers.
+    accumulator, so checkpoints and the torch path see the same numbers. An ``acc`` of one
+    column is row-wise Adagrad.
     """
 
     def __init__(self, table: np.ndarray, acc: np.ndarray, lr: float, eps: float):
-        if table.dtype != np.float32 or not table.flags.c_contiguous or acc.shape != table.shape:
-            raise ValueError("the fused CPU step needs a C-contiguous float32 table and an accumulator of the same shape")
+        if table.dtype != np.float32 or not table.flags.c_contiguous or acc.shape not in (table.shape, (table.shape[0], 1)):
+            raise ValueError("the fused CPU step needs a C-contiguous float32 table and an accumulator of its shape or of one column")
+        self._step = rowwise_adagrad_rows if acc.shape[1] == 1 and table.shape[1] != 1 else adagrad_rows
         self.table, self.acc, self.lr, self.eps = table, acc, np.float32(lr), np.float32(eps)
         words = (table.shape[0] + 63) // 64
         self._bits = np.zeros(words, np.uint64)
@@ -175,5 +203,5 @@ class CpuTableStep:
         uniq, bstart = np.empty(n, np.int64), np.empty(n // _BLOCK + 2, np.int64)
         occ_u, occ_image, occ_w = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32)
         nu = group_rows(rows, offsets, w, self._bits, self._prefix, uniq, bstart, occ_u, occ_image, occ_w)
-        adagrad_rows(self.table, self.acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, self.lr, self.eps, nu)
+        self._step(self.table, self.acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, self.lr, self.eps, nu)
         return nu

@@ -119,6 +119,9 @@ def test_bad_options(trained, tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.stderr
     one_line_error(run("train", tmp_path, "--out", tmp_path / "r"), "no manifest.json")
     one_line_error(run("evaluate", tmp_path, "digits"), "not a finished run")
+    one_line_error(run("extract", "digits", "--position", "grid,diagonal", "--out", tmp_path / "o"), "'diagonal' is not a key kind")
+    assert not (tmp_path / "o").exists()
+    one_line_error(run("train", trained / "shards", "--out", tmp_path / "r", "--optimizer", "rowwise-adagrad", "--nproc", "2"), "runs in one process only")
 
 
 @pytest.mark.skipif(not CIFAR_TAR.exists(), reason="shared CIFAR-10 archive not present")

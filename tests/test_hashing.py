@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.hashing import KeyPlan, reference_key
+from pipeline.config import POSITION_MODES, ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.hashing import KeyPlan, grid_cell, reference_key
 from pipeline.pixels import symbols
 
 from .conftest import CIFAR_TAR, digits_images, one_view_config
@@ -21,6 +23,8 @@ CASES = [
     dict(shapes="1x1,3x2,2x5", position="both", grid=3),  # an explicit shape list
     dict(max_h=3, max_w=3, stride=2, position="both", grid=2),  # every other position
     dict(max_h=6, max_w=7, stride=3, position="grid"),
+    dict(max_h=3, max_w=2, position="none,grid,offset,coarse", grid=3),  # every key kind
+    dict(max_h=2, max_w=3, stride=2, position="offset,coarse", grid=5),
 ]
 
 
@@ -29,7 +33,7 @@ def assert_keys_match_reference(plan: KeyPlan, syms: np.ndarray, keys: np.ndarra
     t = plan.slot_table
     for s in slots:
         for n in range(len(syms)):
-            ref = reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s], plan.config.seed)
+            ref = reference_key(syms[n], t["y"][s], t["x"][s], t["h"][s], t["w"][s], t["cell"][s], plan.config.seed, mode=POSITION_MODES[t["mode"][s]])
             assert int(keys[n, s]) == ref, (n, s)
 
 
@@ -244,3 +248,50 @@ def test_grad_view_is_an_ordinal_code():
     assert cfg.views == "levels,grad" and cfg.view_list()[1] == ("grad", 2)
     with pytest.raises(pipeline.PipelineError, match="--views"):
         one_view_config(views="grad:3")
+
+
+def test_offset_and_coarse_cells_by_hand():
+    """8x8 image, --grid 4: the grid has 2-pixel cells, the offset grid 5 cells per side whose
+    inner boundaries sit at 1, 3, 5, 7, the coarse grid 2 cells of 4 pixels."""
+    cell = functools.partial(grid_cell, height=8, width=8, grid=4)
+    assert [cell(y, 0, 1, 1, mode="offset") for y in range(8)] == [0, 5, 5, 10, 10, 15, 15, 20]  # centres 0.5 .. 7.5
+    assert cell(7, 7, 1, 1, mode="offset") == 24  # the last of 5 x 5 cells
+    assert cell(0, 1, 1, 2, mode="offset") == 1  # centre (0.5, 2): the first row, the second column
+    assert cell(0, 1, 2, 2, mode="offset") == 6  # centre (1, 2): on a boundary, so the cell below it
+    assert [cell(y, 0, 1, 1, mode="coarse") for y in range(8)] == [0, 0, 0, 0, 2, 2, 2, 2]
+    assert [cell(y, 0, 1, 1) for y in range(8)] == [0, 0, 4, 4, 8, 8, 12, 12]
+    plan = KeyPlan(one_view_config(color="gray", max_h=2, max_w=2, position="grid,offset,coarse"), 8, 8)
+    t = plan.slot_table
+    for mode in ("grid", "offset", "coarse"):
+        for y, x, h, w in ((0, 0, 1, 1), (3, 6, 2, 1), (6, 6, 2, 2)):
+            assert t["cell"][plan.slot_of(mode, y, x, h, w)] == cell(y, x, h, w, mode=mode)
+
+
+def test_a_one_pixel_move_keeps_exactly_one_of_the_grid_and_offset_keys():
+    """Grid and offset boundaries interleave a pixel apart (--grid 4 on 8 x 8): a patch moved down by
+    one pixel crosses exactly one of them, so exactly one of its two position keys survives."""
+    rng = np.random.default_rng(4)
+    img = np.zeros((2, 8, 8, 1), np.uint8)
+    img[0, :7] = rng.integers(0, 256, (7, 8, 1))
+    img[1, 1:] = img[0, :7]  # the same content one pixel lower
+    plan = KeyPlan(one_view_config(color="gray", levels=16, max_h=2, max_w=2, position="grid,offset"), 8, 8)
+    keys = plan.image_keys(img)
+    kept = {"grid": 0, "offset": 0}
+    for h, w in plan.config.shape_list():
+        for y in range(7 - h + 1):
+            for x in range(8 - w + 1):
+                same = {m: keys[0, plan.slot_of(m, y, x, h, w)] == keys[1, plan.slot_of(m, y + 1, x, h, w)] for m in kept}
+                assert sum(same.values()) == 1, (y, x, h, w)
+                kept = {m: kept[m] + same[m] for m in kept}
+    assert kept["grid"] > 0 and kept["offset"] > 0
+
+
+@pytest.mark.parametrize("text,canonical", [("grid", "grid"), ("grid,none", "both"), ("both", "both"), ("coarse, Offset ,grid", "grid,offset,coarse")])
+def test_position_lists_are_stored_in_canonical_order(text, canonical):
+    assert ExtractConfig(position=text).position == canonical
+
+
+@pytest.mark.parametrize("text", ["diagonal", "grid,grid", "", "grid,,none"])
+def test_bad_position_lists_are_refused_in_one_line(text):
+    with pytest.raises(PipelineError, match="--position"):
+        ExtractConfig(position=text)

@@ -195,7 +195,7 @@ def test_lazy_adagrad_equals_torch_adagrad_on_the_touched_rows():
         assert torch.allclose(w, w_ref.detach(), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["adagrad", "sparseadam", "sgd"])
+@pytest.mark.parametrize("name", ["adagrad", "rowwise-adagrad", "sparseadam", "sgd"])
 def test_a_step_changes_exactly_the_rows_of_the_batch(name):
     from pipeline.optim import table_optimizer
 
@@ -213,6 +213,25 @@ def test_a_step_changes_exactly_the_rows_of_the_batch(name):
     assert changed == {1, 5, 7, 9}
 
 
+def test_rowwise_adagrad_against_a_hand_written_dense_step():
+    """One accumulator per row, grown by the mean of the row's squared gradient; other rows untouched."""
+    from pipeline.optim import LazyAdagrad
+
+    torch.manual_seed(0)
+    w0 = torch.randn(20, 6)
+    w, acc = w0.clone(), torch.zeros(20)
+    opt = LazyAdagrad(w0.clone(), lr=0.3, rowwise=True)
+    for rows in (torch.tensor([2, 5, 11]), torch.tensor([5, 19]), torch.tensor([0, 2, 5])):
+        g = torch.randn(len(rows), 6)
+        opt.step(rows, g)
+        for r, gr in zip(rows.tolist(), g):
+            acc[r] += float((gr**2).sum()) / 6
+            w[r] -= 0.3 * gr / (acc[r].sqrt() + 1e-10)
+        assert torch.allclose(opt.weight, w, atol=1e-6)
+        assert torch.allclose(opt.acc.ravel(), acc, atol=1e-6)
+    assert opt.acc.shape == (20, 1)  # one number per row, not a second table
+
+
 def _random_bags(rng: np.random.Generator, rows: int, images: int):
     from pipeline.bags import Bags
 
@@ -223,13 +242,14 @@ def _random_bags(rng: np.random.Generator, rows: int, images: int):
     return Bags(np.concatenate(parts).astype(np.int64), offsets, counts, rng.integers(0, 3, images), int(offsets[-1]))
 
 
-@pytest.mark.parametrize("drop", ["0", "0.3", "auto"])
-@pytest.mark.parametrize("bag", ["mean", "sqrt"])
-def test_compiled_cpu_step_equals_the_torch_step(drop, bag):
+@pytest.mark.parametrize("drop,bag,optimizer", [
+    (drop, bag, "adagrad") for drop in ("0", "0.3", "auto") for bag in ("mean", "sqrt")
+] + [("0.3", "mean", "rowwise-adagrad"), ("auto", "sqrt", "rowwise-adagrad")])
+def test_compiled_cpu_step_equals_the_torch_step(drop, bag, optimizer):
     """The compiled pool + grouped Adagrad (table_kernels) against autograd + LazyAdagrad, step by step."""
     from pipeline.trainer import _fused_step, _optimizers, _torch_step, build_model
 
-    cfg = TrainConfig(dim=8, bag=bag, drop=drop, hidden=5, lr=0.2)
+    cfg = TrainConfig(dim=8, bag=bag, drop=drop, hidden=5, lr=0.2, optimizer=optimizer)
     models, optims = [], []
     for _ in range(2):
         torch.manual_seed(0)
