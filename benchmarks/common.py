@@ -17,6 +17,9 @@ CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 # were measured with: the defaults before issue 4 made the ordinal view with grid keys the
 # default (--views levels,grad --position grid). Kept explicit so those figures stay reproducible.
 MEASURED_EXTRACT = {"views": "levels", "position": "both"}
+# and the pipe train setting those figures (and options.py's table) were measured with, before
+# --lr 1.0 became the default
+MEASURED_TRAIN = {"lr": 0.5}
 
 
 def measured_config(**changes):
@@ -24,6 +27,21 @@ def measured_config(**changes):
     from pipeline import ExtractConfig
 
     return ExtractConfig(**{**MEASURED_EXTRACT, **changes})
+
+
+def bench_train(current: bool, **changes):
+    """TrainConfig of today's defaults (``current``) or of MEASURED_TRAIN, with ``changes`` applied."""
+    from pipeline import TrainConfig
+
+    return TrainConfig(**({} if current else MEASURED_TRAIN), **changes)
+
+
+def bench_config(current: bool, **changes):
+    """Today's ExtractConfig defaults (``current``, a benchmark's ``--current-defaults``) or
+    :func:`measured_config`, with ``changes`` applied."""
+    from pipeline import ExtractConfig
+
+    return ExtractConfig(**changes) if current else measured_config(**changes)
 
 
 def cifar_source(n: int | None, path: Path = CIFAR_TAR, **kw):

@@ -1,6 +1,7 @@
 """Digits: other ways to read a trained run, scored on held-out writers only (never the test split).
 
     python benchmarks/digits_readers.py --json
+    python benchmarks/digits_readers.py --json --set position=grid,offset   # other settings, same readers
 
 Trains ``benchmarks/digits.py``'s settings (EXTRACT, TRAIN) on the first 600 images of
 the train split with each of ``--seeds`` and scores the last 298 (other writers, the
@@ -13,7 +14,15 @@ same shift as the test split; see ``digits.py --search``) with:
 * ``knn5_shifted_index``: the vote over the training images plus their 8 shifts;
 * ``knn5_cosine``: the vote by cosine instead of L2 distance;
 * ``head_plus_knn5``: head probabilities plus vote shares;
-* ``ensemble_*``: the sum over the seeds' runs.
+* ``knn5_all_labelled``: the vote over every labelled image, the run's validation part included;
+* ``svc_pooled`` / ``logreg_pooled``: scikit-learn's RBF SVC (C = 1) and logistic regression
+  (C = 1, on vectors scaled by their standard deviation) fitted to the training images'
+  pooled vectors;
+* ``ensemble_*``: the sum over the seeds' runs;
+* ``raw_pixels_svc`` / ``raw_pixels_1nn``: ``digits.py``'s SVC and 1-NN baselines on the raw
+  pixels of the same 600 / 298 images, for scale.
+
+``--set KEY=VALUE`` (repeatable) changes one of EXTRACT or TRAIN for every seed.
 
 Each figure is the share of the 298 images read correctly; one image is 0.34 points.
 """
@@ -30,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.digits import EXTRACT, HELD_OUT, TRAIN, extract_config  # noqa: E402
+from pipeline import TrainConfig  # noqa: E402
 
 
 def _vote(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, cosine: bool = False) -> np.ndarray:
@@ -47,20 +57,22 @@ def _vote(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, 
     return votes / votes.sum(1, keepdims=True)
 
 
-def readers(seed: int, x: np.ndarray, y: np.ndarray, cut: int, work: Path) -> dict[str, np.ndarray]:
+def readers(seed: int, x: np.ndarray, y: np.ndarray, cut: int, work: Path, extract: dict, train: dict) -> dict[str, np.ndarray]:
     """Class scores of the held-out images under each reader, for one seed's run."""
     import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
 
     import pipeline
     from pipeline import TrainConfig
     from pipeline.augment import variants
 
     names = [str(c) for c in range(10)]
-    cfg = extract_config(EXTRACT)
+    cfg = extract_config(extract)
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
-        pipeline.extract(pipeline.from_arrays(x[:cut], y[:cut], names), shards, cfg)
-    pipeline.train(pipeline.open_shards(shards), work / f"run{seed}", TrainConfig(seed=seed, **TRAIN))
+        pipeline.extract(pipeline.from_arrays(x[:cut], y[:cut], names), shards, cfg, augment=extract["augment"])
+    pipeline.train(pipeline.open_shards(shards), work / f"run{seed}", TrainConfig(seed=seed, **train))
     run = pipeline.load(work / f"run{seed}")
 
     def pooled(imgs: np.ndarray) -> torch.Tensor:
@@ -89,6 +101,12 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, cut: int, work: Path) -> di
         "knn5_cosine": _vote(tv, train_labels, p.numpy(), 5, cosine=True),
     }
     out["head_plus_knn5"] = out["head"] + out["knn5"]
+    every = pooled(x[:cut]).numpy()
+    out["knn5_all_labelled"] = _vote(every, y[:cut], p.numpy(), 5)
+    eye = np.eye(10)
+    out["svc_pooled"] = eye[SVC(C=1.0, gamma="scale").fit(tv, train_labels).predict(p.numpy())]
+    sd = tv.std()
+    out["logreg_pooled"] = LogisticRegression(C=1.0, max_iter=3000).fit(tv / sd, train_labels).predict_proba(p.numpy() / sd)
     assert np.allclose(out["knn5"], run.classify_pooled(p, "knn", 5), atol=1e-5)  # our vote is the run's
     return out
 
@@ -96,8 +114,16 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, cut: int, work: Path) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change EXTRACT or TRAIN, e.g. position=grid,offset")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    extract, train = dict(EXTRACT), dict(TRAIN)
+    for item in a.set:
+        key, _, value = item.partition("=")
+        target = extract if key in extract else train if key in train or key in TrainConfig.__dataclass_fields__ else None
+        if target is None:
+            ap.error(f"--set {item}: {key!r} is not a setting of EXTRACT or TRAIN")
+        target[key] = type(TrainConfig.__dataclass_fields__[key].default)(value) if target is train else type(extract[key])(value)
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -106,16 +132,22 @@ def main() -> None:
     cut = 898 - HELD_OUT
     seeds = [int(s) for s in a.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        scores = [readers(s, x, y, cut, Path(tmp)) for s in seeds]
+        scores = [readers(s, x, y, cut, Path(tmp), extract, train) for s in seeds]
     truth = y[cut:]
 
     def acc(p: np.ndarray) -> float:
         return round(float((p.argmax(1) == truth).mean()), 4)
 
-    res = {"seeds": seeds, "held_out_images": len(truth)}
+    res = {"seeds": seeds, "held_out_images": len(truth), "changes": a.set}
     for name in scores[0]:
         per_seed = [acc(s[name]) for s in scores]
         res[name] = {"per_seed": per_seed, "mean": round(float(np.mean(per_seed)), 4)}
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    raw = d.data[:898]  # scikit-learn's baselines of digits.py, on the same held-out writers
+    res["raw_pixels_svc"] = round(float(SVC(gamma=0.001).fit(raw[:cut], y[:cut]).score(raw[cut:], truth)), 4)
+    res["raw_pixels_1nn"] = round(float(KNeighborsClassifier(n_neighbors=1).fit(raw[:cut], y[:cut]).score(raw[cut:], truth)), 4)
     res["ensemble_head"] = acc(sum(s["head"] for s in scores))
     res["ensemble_knn5"] = acc(sum(s["knn5"] for s in scores))
     print(json.dumps(res) if a.json else json.dumps(res, indent=1))

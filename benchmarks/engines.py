@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cifar_source, measured_config  # noqa: E402
+from benchmarks.common import MEASURED_TRAIN, cifar_source, measured_config  # noqa: E402
 
 
 def main() -> None:
@@ -74,11 +74,11 @@ def main() -> None:
         res["train_s"], res["train_val_accuracy"] = {}, {}
         for nproc in (1, 2):
             t = time.perf_counter()
-            m = launch(first[0], work / f"ddp{nproc}", TrainConfig(epochs=a.epochs), nproc)
+            m = launch(first[0], work / f"ddp{nproc}", TrainConfig(epochs=a.epochs, **MEASURED_TRAIN), nproc)
             res["train_s"][f"torchrun_{nproc}"] = round(time.perf_counter() - t, 2)
             res["train_val_accuracy"][f"torchrun_{nproc}"] = m["final"]["val_accuracy"]
         t = time.perf_counter()
-        m = pipeline.train(pipeline.open_shards(first[0]), work / "run", TrainConfig(epochs=a.epochs), overwrite=True)
+        m = pipeline.train(pipeline.open_shards(first[0]), work / "run", TrainConfig(epochs=a.epochs, **MEASURED_TRAIN), overwrite=True)
         res["train_s"]["pipe_train"] = round(time.perf_counter() - t, 2)
         res["train_val_accuracy"]["pipe_train"] = m["final"]["val_accuracy"]
         run = pipeline.load(work / "run")

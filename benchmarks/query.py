@@ -4,7 +4,9 @@
     python benchmarks/query.py --per-class 200 --epochs 2 --kinds ivf      # a quick look
 
 One run: extract the first ``--per-class`` images of each class of the shared archive
-(default settings), train with the default settings (index ``auto``), then
+(``common.MEASURED_EXTRACT``, or today's defaults with ``--current-defaults``), train
+with the default settings (``common.MEASURED_TRAIN``'s learning rate unless
+``--current-defaults``; index ``auto``), then
 
 * **search**: the queries are what ``pipe query`` searches for: the composed vectors of
   unseen patches of held-out images (``--queries`` of them, at random). Exact search
@@ -38,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cifar_source, measured_config  # noqa: E402
+from benchmarks.common import bench_config, bench_train, cifar_source  # noqa: E402
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="ivf,ivfpq,hnsw", help="index kinds swept for the curve (hnsw builds slowly on 2 cores)")
     ap.add_argument("--work", type=Path, default=None, help="keep shards and run here [a temporary folder]")
     ap.add_argument("--png", type=Path, default=None, help="write the recall / throughput curve here")
+    ap.add_argument("--current-defaults", action="store_true", help="extract with today's pipe extract defaults, not common.MEASURED_EXTRACT")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -76,10 +79,10 @@ def main() -> None:
     try:
         shards_dir, run_dir = work / "shards", work / "run"
         if not (shards_dir / "manifest.json").exists():
-            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, measured_config(), overwrite=True)
+            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, bench_config(a.current_defaults), overwrite=True)
         sh = pipeline.open_shards(shards_dir)
         if not (run_dir / "run.json").exists():  # an existing run in --work is measured as it is
-            pipeline.train(sh, run_dir, pipeline.TrainConfig(epochs=a.epochs), overwrite=True)
+            pipeline.train(sh, run_dir, bench_train(a.current_defaults, epochs=a.epochs), overwrite=True)
         run = pipeline.load(run_dir)
         vectors = np.ascontiguousarray(run.table[: run.vocab.size], np.float32)
         info = run.index_info

@@ -5,15 +5,17 @@
 
 Both sides train on the same shards (the first ``--per-class`` images of each
 class of the shared archive, extract settings ``common.MEASURED_EXTRACT``: the
-defaults when the recorded figures were taken) for the same number of
+defaults when the first recorded figures were taken, and ``MEASURED_TRAIN``'s
+learning rate; ``--current-defaults`` uses today's defaults) for the same number of
 epochs, and are validated on the same held-out images (bags.is_validation).
 Each side runs in its own process, so each peak memory is its own.
 
 * baseline: the plain loop. ``EmbeddingBag(mode="mean", sparse=True)`` over each
   image's raw key list (hashing trick, 4M rows, dimension 64), SparseAdam for the
   table and Adam for the head, batch 128.
-* ours: ``pipeline.train`` with the default TrainConfig: a vocabulary of frequent
-  keys, images as bags of distinct rows with counts, a reader thread.
+* ours: ``pipeline.train`` with the default TrainConfig (``--optimizer`` changes its
+  table optimizer): a vocabulary of frequent keys, images as bags of distinct rows
+  with counts, a reader thread.
 
 ``ids_per_s`` counts raw keys of training images per second of training (what
 the images hold, before any deduplication), the same unit for both sides.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, child_peak_rss_mb, measured_config  # noqa: E402
+from benchmarks.common import CIFAR_TAR, bench_config, bench_train, child_peak_rss_mb  # noqa: E402
 
 BASELINE_ROWS = 1 << 22
 
@@ -77,7 +79,7 @@ sys.path.insert(0, {root!r})
 import pipeline
 from pipeline import TrainConfig
 t = time.time()
-m = pipeline.train(pipeline.open_shards({shards!r}), {out!r}, TrainConfig(epochs={epochs}, patience=0))
+m = pipeline.train(pipeline.open_shards({shards!r}), {out!r}, TrainConfig(epochs={epochs}, patience=0, optimizer={optimizer!r}, lr={lr!r}))
 wall = time.time() - t
 rows = [json.loads(l) for l in open({out!r} + "/metrics.jsonl")]
 seconds = sum(r["seconds"] for r in rows)
@@ -91,6 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-class", type=int, default=500, help="images per class from the shared archive [500]")
     ap.add_argument("--epochs", type=int, default=2, help="epochs for both sides [2]")
+    ap.add_argument("--current-defaults", action="store_true", help="extract with today's pipe extract defaults, not common.MEASURED_EXTRACT")
+    ap.add_argument("--optimizer", default="adagrad", help="our side's table optimizer [adagrad]")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
@@ -101,17 +105,20 @@ def main() -> None:
     try:
         t = time.time()
         src = pipeline.open_source(str(CIFAR_TAR), per_class=args.per_class)
-        m = pipeline.extract(src, tmp / "shards", measured_config(), workers=2)
+        m = pipeline.extract(src, tmp / "shards", bench_config(args.current_defaults), workers=2)
         extract_seconds = time.time() - t
         shards = str(tmp / "shards")
         base = child_peak_rss_mb(_BASELINE.format(root=root, shards=shards, rows=BASELINE_ROWS, epochs=args.epochs))
-        ours = child_peak_rss_mb(_OURS.format(root=root, shards=shards, out=str(tmp / "run"), epochs=args.epochs))
+        ours = child_peak_rss_mb(_OURS.format(root=root, shards=shards, out=str(tmp / "run"), epochs=args.epochs, optimizer=args.optimizer,
+                                                lr=bench_train(args.current_defaults).lr))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {
         "images": m["images"],
         "keys_per_image": m["keys_per_image"],
         "epochs": args.epochs,
+        "extract": m["config"],
+        "optimizer": args.optimizer,
         "ids_per_s": ours["ids_per_s"],
         "baseline_ids_per_s": base["ids_per_s"],
         "ratio": ours["ids_per_s"] / base["ids_per_s"],

@@ -204,7 +204,7 @@ class TrainConfig:
     epochs: int = 5  # most passes over the training part [5]
     patience: int = 3  # stop after this many epochs without a better validation accuracy; 0 = never [3]
     batch_size: int = 128  # images per step [128]
-    lr: float = 0.5  # learning rate of the table [0.5]
+    lr: float = 1.0  # learning rate of the table [1.0]
     head_lr: float = 0.01  # Adam learning rate of the head [0.01]
     init_std: float = 0.001  # standard deviation of the table's initial values [0.001]
     vocab_mb: int = 4096  # memory for counting keys; past it the count is split into passes over key ranges [4096]
