@@ -30,10 +30,11 @@ def measured_config(**changes):
 
 
 def bench_train(current: bool, **changes):
-    """TrainConfig of today's defaults (``current``) or of MEASURED_TRAIN, with ``changes`` applied."""
+    """TrainConfig of today's defaults (``current``) or of MEASURED_TRAIN, with ``changes`` applied
+    (a change may override MEASURED_TRAIN's own settings)."""
     from pipeline import TrainConfig
 
-    return TrainConfig(**({} if current else MEASURED_TRAIN), **changes)
+    return TrainConfig(**{**({} if current else MEASURED_TRAIN), **changes})
 
 
 def bench_config(current: bool, **changes):

@@ -64,7 +64,6 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, cut: int, work: Path, extra
     from sklearn.svm import SVC
 
     import pipeline
-    from pipeline import TrainConfig
     from pipeline.augment import variants
 
     names = [str(c) for c in range(10)]
@@ -120,10 +119,13 @@ def main() -> None:
     extract, train = dict(EXTRACT), dict(TRAIN)
     for item in a.set:
         key, _, value = item.partition("=")
-        target = extract if key in extract else train if key in train or key in TrainConfig.__dataclass_fields__ else None
-        if target is None:
+        fields = TrainConfig.__dataclass_fields__
+        if key in extract:
+            extract[key] = type(extract[key])(value)
+        elif key in fields:
+            train[key] = type(fields[key].default)(value)
+        else:
             ap.error(f"--set {item}: {key!r} is not a setting of EXTRACT or TRAIN")
-        target[key] = type(TrainConfig.__dataclass_fields__[key].default)(value) if target is train else type(extract[key])(value)
     from sklearn.datasets import load_digits
 
     d = load_digits()

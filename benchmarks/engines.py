@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import MEASURED_TRAIN, cifar_source, measured_config  # noqa: E402
+from benchmarks.common import bench_train, cifar_source, measured_config  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,6 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     import pipeline
-    from pipeline import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="engines-"))
     try:
@@ -74,11 +73,11 @@ def main() -> None:
         res["train_s"], res["train_val_accuracy"] = {}, {}
         for nproc in (1, 2):
             t = time.perf_counter()
-            m = launch(first[0], work / f"ddp{nproc}", TrainConfig(epochs=a.epochs, **MEASURED_TRAIN), nproc)
+            m = launch(first[0], work / f"ddp{nproc}", bench_train(False, epochs=a.epochs), nproc)
             res["train_s"][f"torchrun_{nproc}"] = round(time.perf_counter() - t, 2)
             res["train_val_accuracy"][f"torchrun_{nproc}"] = m["final"]["val_accuracy"]
         t = time.perf_counter()
-        m = pipeline.train(pipeline.open_shards(first[0]), work / "run", TrainConfig(epochs=a.epochs, **MEASURED_TRAIN), overwrite=True)
+        m = pipeline.train(pipeline.open_shards(first[0]), work / "run", bench_train(False, epochs=a.epochs), overwrite=True)
         res["train_s"]["pipe_train"] = round(time.perf_counter() - t, 2)
         res["train_val_accuracy"]["pipe_train"] = m["final"]["val_accuracy"]
         run = pipeline.load(work / "run")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, MEASURED_EXTRACT, MEASURED_TRAIN, measured_config  # noqa: E402
+from benchmarks.common import CIFAR_TAR, MEASURED_EXTRACT, bench_train, measured_config  # noqa: E402
 
 # (group, extract flags, train flags): one change per row from MEASURED_EXTRACT (the extract defaults
 # before issue 4 made the "candidate" rows the defaults; fixed so the table stays reproducible) and
@@ -84,7 +84,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import pipeline
-    from pipeline import TrainConfig
 
     rows = [r for r in ROWS if args.only in (None, r[0]) or r[0] == "default"]
     tmp = Path(tempfile.mkdtemp())
@@ -98,10 +97,10 @@ def main() -> None:
                 src = pipeline.open_source(str(CIFAR_TAR), per_class=args.per_class)
                 pipeline.extract(src, shards[key], _extract_config(ex), workers=2, augment=ex.get("augment", "none"))
             t = time.time()
-            m = pipeline.train(pipeline.open_shards(shards[key]), tmp / "run", TrainConfig(**{**MEASURED_TRAIN, "epochs": args.epochs, "patience": 0, **tr}), overwrite=True)
+            cfg = bench_train(False, **{"epochs": args.epochs, "patience": 0, **tr})
+            m = pipeline.train(pipeline.open_shards(shards[key]), tmp / "run", cfg, overwrite=True)
             wall = time.time() - t
             hist = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-            dim = tr.get("dim", TrainConfig().dim)
             res = {
                 "group": group,
                 "change": " ".join(x for x in (_flags(ex), _flags(tr)) if x) or "(none)",
@@ -112,7 +111,7 @@ def main() -> None:
                 "wall_seconds": round(wall, 1),
                 "ids_per_s": round(sum(h["ids_per_s"] * h["seconds"] for h in hist) / sum(h["seconds"] for h in hist)),
                 "rows": m["rows"],
-                "table_mb": round(m["rows"] * dim * 4 / 2**20, 1),
+                "table_mb": round(m["rows"] * cfg.dim * 4 / 2**20, 1),
                 "drop_rate": hist[-1].get("drop_rate"),
             }
             results.append(res)

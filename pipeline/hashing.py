@@ -69,7 +69,8 @@ def cells_per_side(mode: str, grid: int) -> int:
 
 
 def grid_cell(y: int, x: int, h: int, w: int, height: int, width: int, grid: int, mode: str = "grid") -> int:
-    """The cell holding the patch's centre: row-major index into the partition of position mode ``mode``.
+    """The cell holding the patch's centre: row-major index into the partition of position mode ``mode``
+    (``y`` and ``x`` may be integer arrays that broadcast).
 
     With the centre at ``c = y + h / 2``, the row is ``floor(c * g / height)`` on a g x g grid
     and ``floor(c * g / height + 1/2)`` on the grid moved by half a cell (likewise columns).
@@ -201,14 +202,10 @@ class KeyPlan:
         return fmix64_int(tag_of(h, w, cell, mode) + self._tag_salt)
 
     def _cells(self, block: _Block) -> np.ndarray:
-        """The cell of every location of a block (see :func:`grid_cell`)."""
-        grid, mode = self.config.grid, block.mode
-        g = cells_per_side(mode, grid) if mode == "coarse" else grid
-        ys = np.arange(block.ny) * self.config.stride
-        xs = np.arange(block.nx) * self.config.stride
-        cy = ((2 * ys + block.h) * g + (self.height if mode == "offset" else 0)) // (2 * self.height)
-        cx = ((2 * xs + block.w) * g + (self.width if mode == "offset" else 0)) // (2 * self.width)
-        return cy[:, None] * cells_per_side(mode, grid) + cx[None, :]
+        """The cell of every location of a block: :func:`grid_cell` over arrays (ny x nx)."""
+        ys = np.arange(block.ny)[:, None] * self.config.stride
+        xs = np.arange(block.nx)[None, :] * self.config.stride
+        return grid_cell(ys, xs, block.h, block.w, self.height, self.width, self.config.grid, block.mode)
 
     @cached_property
     def _expansion(self) -> tuple[np.ndarray, np.ndarray]:

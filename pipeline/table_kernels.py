@@ -112,8 +112,11 @@ def group_rows(rows, offsets, w, bits, prefix, uniq, bstart, occ_u, occ_image, o
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def adagrad_rows(table, acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, lr, eps, nu):
-    """Per block of distinct rows: sum each row's gradient in a small (cache-resident) buffer, then step."""
+def adagrad_rows(table, acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, lr, eps, nu, rowwise):
+    """Per block of distinct rows: sum each row's gradient in a small (cache-resident) buffer, then step.
+
+    ``rowwise``: ``acc`` is N x 1 and grows by the mean of the row's squared gradient.
+    """
     d = table.shape[1]
     blocks = (nu + _BLOCK - 1) // _BLOCK
     for b in prange(blocks):
@@ -127,36 +130,20 @@ def adagrad_rows(table, acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, lr,
                 g[lu, k] += wt * gpooled[i, k]
         for lu in range(min(_BLOCK, nu - u0)):
             r = uniq[u0 + lu]
-            for k in range(d):
-                s = acc[r, k] + g[lu, k] * g[lu, k]
-                acc[r, k] = s
-                table[r, k] -= lr * g[lu, k] / (np.sqrt(s) + eps)
-
-
-@njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def rowwise_adagrad_rows(table, acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, lr, eps, nu):
-    """:func:`adagrad_rows` with one accumulator per row (``acc`` N x 1): ``acc[r] += mean_k g[r, k]**2``."""
-    d = table.shape[1]
-    blocks = (nu + _BLOCK - 1) // _BLOCK
-    for b in prange(blocks):
-        u0 = b * _BLOCK
-        g = np.zeros((_BLOCK, d), np.float32)
-        for t in range(bstart[b], bstart[b + 1]):
-            wt = occ_w[t]
-            i = occ_image[t]
-            lu = occ_u[t] - u0
-            for k in range(d):
-                g[lu, k] += wt * gpooled[i, k]
-        for lu in range(min(_BLOCK, nu - u0)):
-            r = uniq[u0 + lu]
-            sq = np.float32(0.0)
-            for k in range(d):
-                sq += g[lu, k] * g[lu, k]
-            s = acc[r, 0] + sq / d
-            acc[r, 0] = s
-            step = lr / (np.sqrt(s) + eps)
-            for k in range(d):
-                table[r, k] -= step * g[lu, k]
+            if rowwise:
+                sq = np.float32(0.0)
+                for k in range(d):
+                    sq += g[lu, k] * g[lu, k]
+                s = acc[r, 0] + sq / d
+                acc[r, 0] = s
+                step = lr / (np.sqrt(s) + eps)
+                for k in range(d):
+                    table[r, k] -= step * g[lu, k]
+            else:
+                for k in range(d):
+                    s = acc[r, k] + g[lu, k] * g[lu, k]
+                    acc[r, k] = s
+                    table[r, k] -= lr * g[lu, k] / (np.sqrt(s) + eps)
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
@@ -184,7 +171,7 @@ class CpuTableStep:
     def __init__(self, table: np.ndarray, acc: np.ndarray, lr: float, eps: float):
         if table.dtype != np.float32 or not table.flags.c_contiguous or acc.shape not in (table.shape, (table.shape[0], 1)):
             raise ValueError("the fused CPU step needs a C-contiguous float32 table and an accumulator of its shape or of one column")
-        self._step = rowwise_adagrad_rows if acc.shape[1] == 1 and table.shape[1] != 1 else adagrad_rows
+        self._rowwise = acc.shape[1] != table.shape[1]
         self.table, self.acc, self.lr, self.eps = table, acc, np.float32(lr), np.float32(eps)
         words = (table.shape[0] + 63) // 64
         self._bits = np.zeros(words, np.uint64)
@@ -203,5 +190,5 @@ class CpuTableStep:
         uniq, bstart = np.empty(n, np.int64), np.empty(n // _BLOCK + 2, np.int64)
         occ_u, occ_image, occ_w = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32)
         nu = group_rows(rows, offsets, w, self._bits, self._prefix, uniq, bstart, occ_u, occ_image, occ_w)
-        self._step(self.table, self.acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, self.lr, self.eps, nu)
+        adagrad_rows(self.table, self.acc, uniq, bstart, occ_u, occ_image, occ_w, gpooled, self.lr, self.eps, nu, self._rowwise)
         return nu
