@@ -60,6 +60,10 @@ ROWS: list[tuple[str, dict, dict]] = [
     # position kinds on top of the defaults: a 2x2 pyramid level, the grid moved by half a cell
     ("pyramid", {"views": "levels,grad", "position": "grid,coarse"}, {}),
     ("pyramid", {"views": "levels,grad", "position": "grid,offset"}, {}),
+    # the grid's fineness on today's defaults (--lr 1.0): digits gained from --grid 3 on held-out writers
+    ("grid", {"views": "levels,grad", "position": "grid", "grid": 3}, {"lr": 1.0}),
+    ("grid", {"views": "levels,grad", "position": "grid", "grid": 6}, {"lr": 1.0}),
+    ("grid", {"views": "levels,grad", "position": "grid", "grid": 8}, {"lr": 1.0}),
 ]
 
 
