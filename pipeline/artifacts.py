@@ -22,6 +22,7 @@ from .bags import part_batches, to_bags
 from .errors import PipelineError
 from .hashing import KeyPlan
 from .model import PatchBagModel
+from .memory import release_unused
 from .shards import Shards
 from .sources import reopen
 from .vocab import Vocabulary, pattern_stats
@@ -102,6 +103,7 @@ def write_lookups(
     pixels, missing = example_pixels(stats["example_image"], stats["slot"], plan, shards)
     patterns.write(patterns.to_table(stats, plan, pixels), out / layout.PATTERNS)
     vectors = model.table.weight.detach().numpy()[: v.size]
+    release_unused()  # before the index copies the vectors: the run's peak is there
     info = pattern_index.build(vectors, out / layout.PATTERN_INDEX, index_kind, nprobe, ef_search, seed)
     if vecs:
         ivec, iids, ilab = np.concatenate(vecs), np.concatenate(ids), np.concatenate(labels)

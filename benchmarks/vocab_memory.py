@@ -1,0 +1,63 @@
+"""What stays resident after the vocabulary pass of ``pipe train``, and what giving memory back frees.
+
+    python benchmarks/vocab_memory.py SHARDS --json
+
+Counts the vocabulary of ``SHARDS`` with the default train settings in this process, then
+reports resident memory (``/proc/self/status``) and pyarrow's pool at each step: after the
+count; after ``pyarrow``'s pool releases its unused pages; after glibc's ``malloc_trim``
+(the two steps of ``pipeline.memory.release_unused``, which ``pipe train`` now calls after
+each pass over the shards). The vocabulary's own arrays are listed for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def status() -> dict:
+    f = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(f[k].split()[0]) >> 10 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("shards", type=Path)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    import numpy as np
+    import pyarrow as pa
+    import torch  # noqa: F401  (loaded as in pipe train, so the baseline includes it)
+
+    import pipeline
+    from pipeline import TrainConfig, vocab
+    from pipeline.bags import part_batches
+
+    pool = pa.default_memory_pool()
+    steps = {"start": status()}
+    shards = pipeline.open_shards(a.shards)
+    cfg = TrainConfig()
+    t = time.time()
+    v = vocab.build(lambda: (k for k, _, _ in part_batches(shards, False, cfg.val_fraction)), cfg.min_count, cfg.buckets, None, cfg.vocab_mb)
+    seconds = round(time.time() - t, 1)
+    gc.collect()
+    steps["after_vocabulary"] = dict(status(), pyarrow_pool_max_mb=pool.max_memory() >> 20)
+    pool.release_unused()
+    steps["after_pyarrow_release"] = status()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    steps["after_malloc_trim"] = status()
+    arrays = {name: round(arr.nbytes / 2**20) for name, arr in vars(v).items() if isinstance(arr, np.ndarray)}
+    res = {"shards": str(a.shards), "keys": int(v.size), "count_s": seconds, "pyarrow_backend": pool.backend_name,
+           "vocabulary_arrays_mb": arrays, "steps_mb": steps}
+    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
