@@ -72,12 +72,21 @@ def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     return best, out
 
 
+def proc_status_kb(pid: int | str = "self") -> dict[str, int] | None:
+    """The memory fields (``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``, ...) of ``/proc/PID/status``
+    in kB; None once the process is gone or where there is no /proc."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines if ":" in line) if v.strip().endswith("kB")}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not count the parent's before exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    status = proc_status_kb()
+    if status and "VmHWM" in status:
+        return status["VmHWM"] / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

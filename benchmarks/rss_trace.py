@@ -19,15 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import proc_status_kb  # noqa: E402
+
 
 def sample(pid: int) -> tuple[int, int] | None:
     """(VmRSS, RssFile) of ``pid`` in kB, or None once it is gone."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    kb = lambda name: int(fields.get(name, "0 kB").split()[0])  # noqa: E731
-    return kb("VmRSS"), kb("RssFile")
+    status = proc_status_kb(pid)
+    return None if status is None else (status.get("VmRSS", 0), status.get("RssFile", 0))
 
 
 def main() -> None:

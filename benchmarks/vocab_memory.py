@@ -5,14 +5,12 @@
 Counts the vocabulary of ``SHARDS`` with the default train settings in this process, then
 reports resident memory (``/proc/self/status``) and pyarrow's pool at each step: after the
 count; after ``pyarrow``'s pool releases its unused pages; after glibc's ``malloc_trim``
-(the two steps of ``pipeline.memory.release_unused``, which ``pipe train`` now calls after
+(``pipeline.memory.release_read_pool`` and ``trim_heap``, the two steps of ``release_unused``, which ``pipe train`` now calls after
 each pass over the shards). The vocabulary's own arrays are listed for comparison.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import sys
@@ -21,10 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import proc_status_kb  # noqa: E402
+
 
 def status() -> dict:
-    f = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {k: int(f[k].split()[0]) >> 10 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+    kb = proc_status_kb()
+    return {k: kb[k] >> 10 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     import torch  # noqa: F401  (loaded as in pipe train, so the baseline includes it)
 
     import pipeline
-    from pipeline import TrainConfig, vocab
+    from pipeline import TrainConfig, memory, vocab
     from pipeline.bags import part_batches
 
     pool = pa.default_memory_pool()
@@ -49,9 +49,9 @@ def main() -> None:
     seconds = round(time.time() - t, 1)
     gc.collect()
     steps["after_vocabulary"] = dict(status(), pyarrow_pool_max_mb=pool.max_memory() >> 20)
-    pool.release_unused()
+    memory.release_read_pool()
     steps["after_pyarrow_release"] = status()
-    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    memory.trim_heap()
     steps["after_malloc_trim"] = status()
     arrays = {name: round(arr.nbytes / 2**20) for name, arr in vars(v).items() if isinstance(arr, np.ndarray)}
     res = {"shards": str(a.shards), "keys": int(v.size), "count_s": seconds, "pyarrow_backend": pool.backend_name,

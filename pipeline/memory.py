@@ -26,10 +26,20 @@ def _malloc_trim():
         return None
 
 
-def release_unused() -> None:
-    """Collect garbage, then hand pyarrow's pooled pages and glibc's free heap pages back to the OS."""
-    gc.collect()
+def release_read_pool() -> None:
+    """Hand pyarrow's pooled pages (kept from reading the shards) back to the OS."""
     pa.default_memory_pool().release_unused()
+
+
+def trim_heap() -> None:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim``); a no-op without glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def release_unused() -> None:
+    """Collect garbage, then give back pyarrow's pooled pages and glibc's free heap pages."""
+    gc.collect()
+    release_read_pool()
+    trim_heap()
