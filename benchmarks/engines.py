@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bench_train, cifar_source, measured_config  # noqa: E402
+from benchmarks.common import MEASURED_AUGMENT, bench_train, cifar_source, measured_config  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
         for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
             out = work / f"{engine}{workers}"
             t = time.perf_counter()
-            m = pipeline.extract(src, out, measured_config(), engine=engine, workers=workers)
+            m = pipeline.extract(src, out, measured_config(), engine=engine, workers=workers, augment=MEASURED_AUGMENT)
             res["extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
             if first is None:
                 first = (out, m)
@@ -65,7 +65,7 @@ def main() -> None:
         for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
             out = work / f"folder-{engine}{workers}"
             t = time.perf_counter()
-            pipeline.extract(fsrc, out, measured_config(), engine=engine, workers=workers)
+            pipeline.extract(fsrc, out, measured_config(), engine=engine, workers=workers, augment=MEASURED_AUGMENT)
             res["folder_extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
             shutil.rmtree(out)
         from pipeline.ddp import launch

@@ -15,6 +15,16 @@ files); the benchmark checks that the files hold identical keys.
 Single-core figures (torch and Arrow limited to one thread) come first; then the
 full pipeline from the tar (decode included) with 1 and 2 worker processes; then
 the peak memory of separate processes extracting 10x more images.
+
+``--codes`` measures the code view's coding alone (both cores), on the first
+``--code-images`` images with the default code settings: our blocked BLAS product and
+compiled k-nearest selection against a straightforward numpy version of the same
+coding (matrix product, ``np.argpartition``, triangle weights), with the GFLOP/s the
+distance product achieves next to what a bare numpy matmul of the same block shape
+reaches in the same run:
+
+    python benchmarks/extract.py --codes --json
+    python benchmarks/extract.py --codes --smoke --json     # seconds, on digits (what CI runs)
 """
 from __future__ import annotations
 
@@ -183,7 +193,7 @@ def compare(images, labels, config, tmp: Path, tag: str, repeat: int, compressio
     ours_dir, base_dir = tmp / f"{tag}-ours", tmp / f"{tag}-baseline"
 
     def ours():
-        return pipeline.extract(from_arrays(images, labels), ours_dir, config, overwrite=True, compression=compression)
+        return pipeline.extract(from_arrays(images, labels), ours_dir, config, overwrite=True, compression=compression, augment="none")
 
     def base():
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -219,7 +229,7 @@ def workers_from_archive(n: int, config, tmp: Path, workers: list[int], compress
     for w in workers:
         src = cifar_source(n)
         t = time.perf_counter()
-        m = pipeline.extract(src, tmp / f"w{w}", config, overwrite=True, workers=w, compression=compression)
+        m = pipeline.extract(src, tmp / f"w{w}", config, overwrite=True, workers=w, compression=compression, augment="none")
         dt = time.perf_counter() - t
         out[str(w)] = {"images": m["images"], "seconds": round(dt, 3), "patches_per_s": m["patches"] / dt, "images_per_s": m["images"] / dt}
         shutil.rmtree(tmp / f"w{w}")
@@ -236,10 +246,76 @@ import pipeline
 from pipeline import ExtractConfig
 src = pipeline.open_source({tar!r}, limit={n})
 d = tempfile.mkdtemp()
-m = pipeline.extract(src, d + "/s", ExtractConfig(**{cfg!r}), workers={workers})
+m = pipeline.extract(src, d + "/s", ExtractConfig(**{cfg!r}), workers={workers}, augment="none")
 shutil.rmtree(d)
 RESULT = dict(images=m["images"], patches=m["patches"], bytes=m["bytes"])
 """
+
+
+def numpy_codes(images: np.ndarray, d, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline coding: whole-block numpy (distances, np.argpartition, sort of the k, triangle weights)."""
+    from pipeline import codes
+
+    atoms, weights = [], []
+    for s in d.shapes:
+        p, ny, nx = codes.patch_matrix(images, s.h, s.w, 1)
+        codes.normalise(p)
+        out_a, out_w = [], []
+        for b in range(0, len(p), codes.BLOCK_PATCHES):
+            z = (p[b : b + codes.BLOCK_PATCHES] - s.mean) @ s.whiten
+            dist = np.sqrt(np.maximum((z * z).sum(1, keepdims=True) - 2 * z @ s.atoms.T + (s.atoms**2).sum(1), 0))
+            part = np.argpartition(dist, k - 1, axis=1)[:, :k]
+            near = np.take_along_axis(dist, part, 1)
+            order = np.argsort(near, axis=1, kind="stable")
+            out_a.append(np.take_along_axis(part, order, 1))
+            out_w.append(np.maximum(dist.mean(1, keepdims=True) - np.take_along_axis(near, order, 1), 0))
+        n = len(images)
+        atoms.append(np.concatenate(out_a).reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+        weights.append(np.concatenate(out_w).reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+    return np.concatenate(atoms, 1), np.concatenate(weights, 1)
+
+
+def code_throughput(images: np.ndarray, repeat: int, atoms: int | None = None, sample: int | None = None) -> dict:
+    """Images/s of the code view's coding (ours against :func:`numpy_codes`) and GFLOP/s of its distance product."""
+    from pipeline import ExtractConfig, codes
+
+    cfg = ExtractConfig(**({"atoms": atoms} if atoms else {}))
+    shapes = codes.auto_shapes(*images.shape[1:3])
+    dic = codes.fit([images[:1000]], shapes, cfg.atoms, cfg.whiten, sample or 50000, 0, images.shape[-1])
+    dic.encode(images[:2], cfg.code_stride, cfg.code_k, cfg.code_weight)  # compiles the selection loop outside the timing
+    t_ours, (a, w) = best_of(lambda: dic.encode(images, cfg.code_stride, cfg.code_k, cfg.code_weight), repeat)
+    t_base, (ba, bw) = best_of(lambda: numpy_codes(images, dic, cfg.code_k), repeat)
+    dims = [s.h * s.w * images.shape[-1] for s in dic.shapes]
+    patches = [len(images) * (images.shape[1] - s.h + 1) * (images.shape[2] - s.w + 1) for s in dic.shapes]
+    flops = sum(2 * p * dd * cfg.atoms + 2 * p * dd * dd for p, dd in zip(patches, dims))  # distances + whitening
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((codes.BLOCK_PATCHES, dims[0]), dtype=np.float32)
+    c = rng.standard_normal((cfg.atoms, dims[0]), dtype=np.float32)
+    t_mm, _ = best_of(lambda: z @ c.T, 3 * repeat)
+    return {
+        "code_images": len(images), "code_shapes": [f"{s.h}x{s.w}" for s in dic.shapes], "atoms": cfg.atoms, "code_k": cfg.code_k,
+        "ours_images_per_s": round(len(images) / t_ours, 1), "numpy_images_per_s": round(len(images) / t_base, 1),
+        "ratio": round(t_base / t_ours, 2), "ours_gflops": round(flops / t_ours / 1e9, 2),
+        "numpy_matmul_gflops": round(2 * codes.BLOCK_PATCHES * dims[0] * cfg.atoms / t_mm / 1e9, 1),
+        "same_atoms": float((a.astype(np.int64) == ba).mean()), "max_weight_difference": float(np.abs(w - bw).max()),
+    }
+
+
+def codes_main(args) -> None:
+    if args.smoke:
+        from tests.conftest import digits_images
+
+        images, _ = digits_images("train")
+        res = code_throughput(images[:200], 1, atoms=16, sample=2000)
+    else:
+        images, _, _ = cifar_images(args.code_images)
+        res = code_throughput(images, args.repeat)
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"{res['code_images']} images, code shapes {','.join(res['code_shapes'])}, {res['atoms']} atoms, k {res['code_k']}, both cores:")
+    print(f"  ours  {res['ours_images_per_s']:8.1f} images/s  {res['ours_gflops']:6.1f} GFLOP/s (bare numpy matmul of one block: {res['numpy_matmul_gflops']:.1f})")
+    print(f"  numpy {res['numpy_images_per_s']:8.1f} images/s  ratio {res['ratio']:.2f}  same atoms {res['same_atoms']:.4f}")
 
 
 def rss(counts: list[int], cfg: dict, workers: int = 1) -> list[dict]:
@@ -258,7 +334,13 @@ def main() -> None:
     ap.add_argument("--rss-images", default="1000,10000", help="image counts for peak memory at the default config [1000,10000]")
     ap.add_argument("--full-rss-images", default="100,1000", help="image counts for peak memory at full enumeration [100,1000]")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--codes", action="store_true", help="measure the code view's coding only (see above)")
+    ap.add_argument("--code-images", type=int, default=2000, help="with --codes: images coded [2000]")
+    ap.add_argument("--smoke", action="store_true", help="with --codes: 200 digits images, seconds (checks the benchmark runs)")
     args = ap.parse_args()
+    if args.codes or args.smoke:
+        codes_main(args)
+        return
 
 
     t_start = time.time()

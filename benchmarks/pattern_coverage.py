@@ -42,7 +42,7 @@ def main() -> None:
         hit = np.zeros(len(names))
         tot = np.zeros(len(names))
         n = 0
-        for keys, _, _ in part_batches(shards, val, frac):
+        for keys, _, _, _ in part_batches(shards, val, frac):
             keys = keys[: args.images - n]
             rows = run.vocab.rows_of(keys)
             own = (rows >= 0) & (rows < run.vocab.size)

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bench_config, bench_train, cifar_source  # noqa: E402
+from benchmarks.common import bench_augment, bench_config, bench_train, cifar_source  # noqa: E402
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -79,7 +79,7 @@ def main() -> None:
     try:
         shards_dir, run_dir = work / "shards", work / "run"
         if not (shards_dir / "manifest.json").exists():
-            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, bench_config(a.current_defaults), overwrite=True)
+            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, bench_config(a.current_defaults), overwrite=True, augment=bench_augment(a.current_defaults))
         sh = pipeline.open_shards(shards_dir)
         if not (run_dir / "run.json").exists():  # an existing run in --work is measured as it is
             pipeline.train(sh, run_dir, bench_train(a.current_defaults, epochs=a.epochs), overwrite=True)
@@ -89,7 +89,7 @@ def main() -> None:
 
         # held-out images: their keys, labels, and the composed vectors of their unseen patches
         keys, labels = [], []
-        for k, y, _ in part_batches(sh, True, run.train_config.val_fraction):
+        for k, y, _, _ in part_batches(sh, True, run.train_config.val_fraction):
             keys.append(k)
             labels.append(y)
         keys, labels = np.concatenate(keys), np.concatenate(labels)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, bench_config, bench_train, child_peak_rss_mb  # noqa: E402
+from benchmarks.common import CIFAR_TAR, bench_augment, bench_config, bench_train, child_peak_rss_mb  # noqa: E402
 
 BASELINE_ROWS = 1 << 22
 
@@ -53,7 +53,7 @@ o2 = torch.optim.Adam(head.parameters(), lr=0.01)
 raw = 0; seconds = 0.0
 for epoch in range({epochs}):
     keys = []; labels = []
-    for k, y, _ in part_batches(sh, False, 0.1):
+    for k, y, _, _ in part_batches(sh, False, 0.1):
         keys.append(k); labels.append(y)
     keys = np.concatenate(keys); labels = np.concatenate(labels)
     perm = rng.permutation(len(keys))
@@ -67,7 +67,7 @@ for epoch in range({epochs}):
     seconds += time.time() - t
 correct = n = 0
 with torch.no_grad():
-    for k, y, _ in part_batches(sh, True, 0.1):
+    for k, y, _, _ in part_batches(sh, True, 0.1):
         x = torch.from_numpy((k % np.uint64(rows)).astype(np.int64))
         correct += (head(table(x)).argmax(1).numpy() == y).sum(); n += len(y)
 RESULT = dict(ids_per_s=raw / seconds, train_seconds=seconds, val_accuracy=correct / n, val_images=n)
@@ -105,7 +105,7 @@ def main() -> None:
     try:
         t = time.time()
         src = pipeline.open_source(str(CIFAR_TAR), per_class=args.per_class)
-        m = pipeline.extract(src, tmp / "shards", bench_config(args.current_defaults), workers=2)
+        m = pipeline.extract(src, tmp / "shards", bench_config(args.current_defaults), workers=2, augment=bench_augment(args.current_defaults))
         extract_seconds = time.time() - t
         shards = str(tmp / "shards")
         base = child_peak_rss_mb(_BASELINE.format(root=root, shards=shards, rows=BASELINE_ROWS, epochs=args.epochs))

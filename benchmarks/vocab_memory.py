@@ -45,7 +45,7 @@ def main() -> None:
     shards = pipeline.open_shards(a.shards)
     cfg = TrainConfig()
     t = time.time()
-    v = vocab.build(lambda: (k for k, _, _ in part_batches(shards, False, cfg.val_fraction)), cfg.min_count, cfg.buckets, None, cfg.vocab_mb)
+    v = vocab.build(lambda: (k for k, _, _, _ in part_batches(shards, False, cfg.val_fraction)), cfg.min_count, cfg.buckets, None, cfg.vocab_mb)
     seconds = round(time.time() - t, 1)
     gc.collect()
     steps["after_vocabulary"] = dict(status(), pyarrow_pool_max_mb=pool.max_memory() >> 20)

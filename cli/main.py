@@ -75,16 +75,24 @@ def source_options(f):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/shards"), show_default=True, help="Shard directory to write.")
 @source_options
 @click.option("--levels", type=int, default=4, show_default=True, help="Quantization levels per channel.")
-@click.option("--views", default=ExtractConfig.views, show_default=True, help="Quantizations hashed side by side: levels (--levels), norm (each image's contrast stretched first), grad (ordinal: brighter than the right / lower neighbour); ':N' sets a view's levels, e.g. levels,norm:3.")
+@click.option("--views", default=ExtractConfig.views, show_default=True, help="Exact views hashed side by side: levels (--levels), norm (each image's contrast stretched first), grad (ordinal: brighter than the right / lower neighbour); ':N' sets a view's levels, e.g. levels,norm:3; none = code view only; auto = levels,grad on gray images, levels on RGB.")
 @click.option("--color", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True, help="Channels hashed; auto = as the first image.")
-@click.option("--max-size", default="3", show_default=True, help="Largest patch, N or HxW (the full image size is allowed).")
+@click.option("--max-size", default="auto", show_default=True, help="Largest exact-view patch, N or HxW (the full image size is allowed); auto = the largest square whose possible contents number at most 2**24 (3 on gray, 2 on RGB at 4 levels).")
 @click.option("--shapes", default="rect", show_default=True, help="rect = every HxW up to --max-size; square = squares only; or a list such as 1x1,2x2,1x3.")
 @click.option("--stride", type=int, default=1, show_default=True, help="Step between patch positions, in pixels.")
 @click.option("--position", default=ExtractConfig.position, show_default=True, help="Key kinds per patch, one or more of: none (no location), grid (its grid cell), offset (its cell in the grid moved by half a cell), coarse (its cell in a grid half as fine); both = none,grid.")
-@click.option("--grid", type=int, default=ExtractConfig.grid, show_default=True, help="Grid cells per side for the grid, offset and coarse key kinds.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Hash seed.")
+@click.option("--grid", type=int, default=ExtractConfig.grid, show_default=True, help="Grid cells per side for the grid, offset and coarse key kinds; 0 = auto: cells of about 8 pixels, at least 3 per side (3 on 8x8, 4 on 32x32).")
+@click.option("--code-shapes", default=ExtractConfig.code_shapes, show_default=True, help="Shapes of the code view (each patch keyed by its nearest learned atoms): a list such as 6x6,4x8; none = no code view; auto = one square of side min(6, half the shorter side) (4x4 on 8x8, 6x6 on 32x32).")
+@click.option("--atoms", type=int, default=ExtractConfig.atoms, show_default=True, help="Code view: dictionary atoms per shape (FAISS k-means on sampled training patches).")
+@click.option("--code-k", type=int, default=ExtractConfig.code_k, show_default=True, help="Code view: nearest atoms kept per patch, each a key with a weight.")
+@click.option("--code-weight", type=click.Choice(["triangle", "hard"]), default=ExtractConfig.code_weight, show_default=True, help="Code view: weight of a kept atom: triangle (mean distance to all atoms minus its distance) or hard (1).")
+@click.option("--whiten", type=float, default=ExtractConfig.whiten, show_default=True, help="Code view: ZCA regularisation of the normalised patches; 0 = no whitening.")
+@click.option("--code-stride", type=int, default=ExtractConfig.code_stride, show_default=True, help="Code view: step between patch positions, in pixels.")
+@click.option("--code-sample", type=int, default=ExtractConfig.code_sample, show_default=True, help="Code view: patches per shape sampled to fit the dictionary.")
+@click.option("--dictionary", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Code view: use this dictionary.npz (e.g. the training shards') instead of fitting one on SOURCE.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Hash seed (also seeds the dictionary fit).")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
-@click.option("--augment", default="none", show_default=True, help="Extra copies of each image: flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1.")
+@click.option("--augment", default="auto", show_default=True, help="Extra copies of each image: none, flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1; auto = flip for colour images, none for grayscale.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes that decode, hash and write shards (with --engine ray: CPUs of the local Ray instance).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run the shard tasks in local processes, or on Ray (pip install 'patchhash[ray]').")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to use (e.g. ray://head:10001 or auto) [a local instance].")
@@ -93,7 +101,7 @@ def source_options(f):
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
+def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, whiten, code_stride, code_sample, dictionary, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -104,16 +112,17 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     Example:
       pipe extract ../shared/data/cifar10-train-jpg.tar.gz --workers 2 --out artifacts/cifar/shards
     """
-    mh, mw = _size(max_size, "--max-size")
+    mh, mw = (0, 0) if max_size == "auto" else _size(max_size, "--max-size")
     config = ExtractConfig(
         levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
-        resize=_size(resize, "--resize"),
+        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_weight=code_weight, whiten=whiten,
+        code_stride=code_stride, code_sample=code_sample,
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
-    with _bar(len(src), "img", "extract") as bar:
+    with _bar(len(src), "img", "dictionary") as fit_bar, _bar(len(src), "img", "extract") as bar:
         m = pipeline.extract(
             src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers, engine=engine, address=address,
-            compression=compression, progress=_patch_progress(bar), augment=augment,
+            compression=compression, progress=_patch_progress(bar), augment=augment, dictionary=dictionary, on_fit=fit_bar.update,
         )
     resumed = m["resumed_shards"]
     note = " (already complete)" if resumed == len(m["shards"]) else (f" ({resumed} shard(s) kept from an interrupted run)" if resumed else "")

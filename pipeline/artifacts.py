@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -72,14 +73,37 @@ def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, 
     return arr, None
 
 
+def code_atoms(keys: np.ndarray, plan: KeyPlan) -> np.ndarray:
+    """The atom of each pattern key of the code view, -1 for exact-view keys."""
+    table = plan.code_key_table()
+    order = np.argsort(table["key"])
+    sorted_keys = table["key"][order]
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+    hit = (sorted_keys[pos] == keys) if len(sorted_keys) else np.zeros(len(keys), bool)
+    return np.where(hit, table["atom"][order][pos] if len(sorted_keys) else -1, -1)
+
+
+def atom_pictures(atoms: np.ndarray, shape_of: np.ndarray, pixels: pa.Array, dictionary, channels: int) -> pa.Array:
+    """``pixels`` with each code pattern's entry replaced by its atom drawn as pixels (un-whitened)."""
+    code = np.flatnonzero(atoms >= 0)
+    if not len(code):
+        return pixels
+    drawn = [s.pixels(channels) for s in dictionary.shapes]
+    values = [drawn[int(shape_of[i])][int(atoms[i])].tobytes() for i in code]
+    mask = np.zeros(len(atoms), bool)
+    mask[code] = True
+    return pc.replace_with_mask(pixels.cast(pa.large_binary()), pa.array(mask), pa.array(values, pa.large_binary()))
+
+
 def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list, labels: list):
     """Pass ``batches`` (keys, labels, image_ids) through unchanged, collecting the pooled vectors,
     ids and labels of their original images (no augmented copies) on the way."""
     model.eval()
-    for keys, lab, img in batches:
+    for keys, lab, img, weights in batches:
         keep = img < VARIANT_STRIDE
         if keep.any():
-            rows, offsets, counts, _ = to_bags(v, keys[keep], lab[keep]).tensors(torch.device("cpu"))
+            w = None if weights is None else weights[keep]
+            rows, offsets, counts, _ = to_bags(v, keys[keep], lab[keep], w).tensors(torch.device("cpu"))
             with torch.no_grad():
                 vecs.append(model.pooled(rows, offsets, counts).numpy())
             ids.append(img[keep])
@@ -101,6 +125,12 @@ def write_lookups(
     labels: list = []
     stats = pattern_stats(v, _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels), len(shards.class_names))
     pixels, missing = example_pixels(stats["example_image"], stats["slot"], plan, shards)
+    stats["atom"] = code_atoms(stats["key"], plan)
+    if plan.code_slots:
+        shape_of = {hw: i for i, hw in enumerate(plan.code_shapes)}
+        loc = plan.locate(stats["slot"])
+        shape_idx = np.array([shape_of.get((int(h), int(w)), -1) for h, w in zip(loc["h"], loc["w"])], np.int64)
+        pixels = atom_pictures(stats["atom"], shape_idx, pixels, shards.dictionary(), shards.config.channels)
     patterns.write(patterns.to_table(stats, plan, pixels), out / layout.PATTERNS)
     vectors = model.table.weight.detach().numpy()[: v.size]
     release_unused()  # before the index copies the vectors: the run's peak is there

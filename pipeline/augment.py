@@ -19,6 +19,17 @@ from .errors import PipelineError
 VARIANT_STRIDE = 1 << 40  # image ids of originals stay below it
 
 
+def resolve(spec: str, channels: int) -> str:
+    """``'auto'`` -> ``'flip'`` for colour images, ``'none'`` for grayscale ones (other specs unchanged).
+
+    Colour images are most often photographs, where a mirrored scene is the same scene;
+    grayscale ones are as often glyphs (digits, letters), where a mirrored shape is another
+    symbol. A heuristic on the image alone: pass ``--augment`` to decide yourself."""
+    if spec != "auto":
+        return spec
+    return "flip" if channels == 3 else "none"
+
+
 def parse(spec: str) -> list[tuple[str, int]]:
     """``'none'`` or a list such as ``'flip,shift:1'`` -> [(kind, n)], in the order variants are written."""
     if spec in ("", "none"):

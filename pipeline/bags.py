@@ -26,28 +26,18 @@ import numpy as np
 import torch
 
 from . import augment, vocab
-from .hashing import fmix64
 from .shards import Shards
+from .split import is_validation
 
-VAL_SALT = 0x5BD1E9955BD1E995
 SHUFFLE_IMAGES = 8192  # images held in the shuffle buffer when streaming (about 500 MB of bags for CIFAR-10)
 PREFETCH_BATCHES = 8  # batches prepared ahead by the reader thread
 
 
-def is_validation(image_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """True for the images held out for validation: ``fmix64(id + VAL_SALT) % 10000 < fraction * 10000``.
-
-    ``id`` is the original image's id, so augmented copies (:mod:`pipeline.augment`) fall
-    on the same side as their image.
-    """
-    h = fmix64(augment.base_ids(image_ids).astype(np.uint64) + np.uint64(VAL_SALT))
-    return (h % np.uint64(10000)) < np.uint64(round(fraction * 10000))
-
-
 def part_groups(
     shards: Shards, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
-) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """(index of the row group in ``groups``, (keys, labels, image_ids)) of the training (or validation) images.
+) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]]:
+    """(index of the row group in ``groups``, (keys, labels, image_ids, weights)) of the training (or
+    validation) images; ``weights`` is None when every key weighs 1 (no code view).
 
     Validation is scored on original images only, not on augmented copies.
     """
@@ -57,13 +47,13 @@ def part_groups(
         if val:
             m &= augment.is_original(b.image_ids)
         if m.any():
-            yield g, (b.keys[m], b.labels[m], b.image_ids[m])
+            yield g, (b.keys[m], b.labels[m], b.image_ids[m], None if b.weights is None else b.weights[m])
 
 
 def part_batches(
     shards: Shards, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(keys, labels, image_ids) of the training (or validation) images, row group by row group."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(keys, labels, image_ids, weights) of the training (or validation) images, row group by row group."""
     for _, part in part_groups(shards, val, fraction, groups):
         yield part
 
@@ -86,8 +76,9 @@ class Bags:
         return self.rows.nbytes + self.offsets.nbytes + self.counts.nbytes + self.labels.nbytes
 
 
-def to_bags(v: vocab.Vocabulary, keys: np.ndarray, labels: np.ndarray) -> Bags:
-    rows, offsets, counts = v.bags(keys)
+def to_bags(v: vocab.Vocabulary, keys: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> Bags:
+    """Images' keys (N x K, with per-key weights or all 1) as bags of distinct rows with summed weights."""
+    rows, offsets, counts = v.bags(keys, weights)
     return Bags(rows, offsets, counts, labels, keys.size)
 
 
@@ -157,8 +148,8 @@ class BagCache:
 
     def fill(self, shards: Shards, v: vocab.Vocabulary, val: bool, fraction: float) -> None:
         """Read the whole part into the cache (a resumed run refilling it before its next epoch)."""
-        for g, (keys, labels, _) in part_groups(shards, val, fraction):
-            self.add(g, to_bags(v, keys, labels))
+        for g, (keys, labels, _, weights) in part_groups(shards, val, fraction):
+            self.add(g, to_bags(v, keys, labels, weights))
             if self.overflow:
                 break
         self.seal()
@@ -190,8 +181,8 @@ def shuffled_bags(
         rest = perm[full:]
         buf, buf_labels = [buf[i] for i in rest], [buf_labels[i] for i in rest]
 
-    for g, (keys, labels, _) in part_groups(shards, False, fraction, [groups[i] for i in order]):
-        b = to_bags(v, keys, labels)
+    for g, (keys, labels, _, weights) in part_groups(shards, False, fraction, [groups[i] for i in order]):
+        b = to_bags(v, keys, labels, weights)
         if cache is not None:
             cache.add(int(order[g]), b)
         for a in range(len(labels)):
@@ -209,8 +200,8 @@ def validation_bags(shards: Shards, v: vocab.Vocabulary, fraction: float, batch_
     if cache is not None and cache.complete:
         yield from cache.batches(batch_size)
         return
-    for g, (keys, labels, _) in part_groups(shards, True, fraction):
-        b = to_bags(v, keys, labels)
+    for g, (keys, labels, _, weights) in part_groups(shards, True, fraction):
+        b = to_bags(v, keys, labels, weights)
         if cache is not None:
             cache.add(g, b)
         for s in range(0, len(labels), batch_size):

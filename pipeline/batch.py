@@ -53,15 +53,18 @@ def _score(table: pa.Table, labels: np.ndarray) -> tuple[int, int]:
 
 def result_table(
     run: Run, keys: np.ndarray, labels: np.ndarray, image_ids: np.ndarray, names: list[str] | None,
-    k: int, patches: int, rule: str | None, classifier: str,
+    k: int, patches: int, rule: str | None, classifier: str, weights: np.ndarray | None = None,
 ) -> pa.Table:
-    """The result rows (see :func:`schema`) of one batch of images given as keys."""
+    """The result rows (see :func:`schema`) of one batch of images given as keys (and their weights)."""
     cls = run.class_names
-    pooled = run.pooled_keys(keys, rule)
+    pooled = run.pooled_keys(keys, rule, weights)
     probs = run.classify_pooled(pooled, classifier)
     near = run.neighbours(pooled.numpy(), k)
     pred = probs.argmax(1)
-    looks = [run.lookup_keys(keys[i], probs[i], k, patches) if patches else None for i in range(len(pred))]
+    looks = [
+        run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i]) if patches else None
+        for i in range(len(pred))
+    ]
     cols = {
         "image_id": np.asarray(image_ids, np.int64),
         "name": list(names) if names is not None else [None] * len(pred),
@@ -123,7 +126,7 @@ def query_batch(
         tables = query_tables(str(run.root.resolve()), remember(batches), rule or run.unseen_rule, k, patches, classifier, workers, address)
         pairs = ((t, labels_of.pop(0)) for t in tables)
     else:
-        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, rule, classifier), b.labels) for b in batches)
+        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, rule, classifier, b.weights), b.labels) for b in batches)
     try:
         for table, labels in pairs:
             writer.write_table(table)

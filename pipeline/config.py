@@ -24,10 +24,14 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 VIEW_KINDS = ("levels", "norm", "grad")
+CODE_WEIGHTS = ("triangle", "hard")
+CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_weight", "whiten", "code_stride", "code_sample", "dictionary")
 
 
 def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
     """Parse ``'levels,norm:3'`` into (kind, levels) pairs; a bare kind uses ``levels``."""
+    if text.strip().lower() == "none":
+        return []
     out = []
     for part in text.split(","):
         kind, _, n = part.strip().lower().partition(":")
@@ -40,7 +44,7 @@ def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
         if kind not in VIEW_KINDS or not 2 <= lv <= 256 or (kind == "grad" and lv != 2):
             raise PipelineError(
                 f"--views {text!r}: {part.strip()!r} is not a view; use levels or norm, optionally with :N levels (2..256), "
-                "or grad, e.g. levels,norm:3,grad"
+                "or grad, e.g. levels,norm:3,grad; or none (code view only)"
             )
         if (kind, lv) in out:
             raise PipelineError(f"--views {text!r} lists {kind}:{lv} twice")
@@ -63,7 +67,7 @@ def canonical_position(text: str) -> str:
     return next((alias for alias, ms in POSITION_ALIASES.items() if ms == modes), ",".join(modes))
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
+def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
     """Parse an explicit shape list ``'1x1,2x3,4'`` (N means NxN) into sorted unique (h, w) pairs."""
     shapes = set()
     for part in text.split(","):
@@ -74,7 +78,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             nums = []
         if len(nums) not in (1, 2) or min(nums) < 1:
             raise PipelineError(
-                f"--shapes {text!r}: {part.strip()!r} is not a shape; use rect, square, or a list such as 1x1,2x2,1x3"
+                f"{option} {text!r}: {part.strip()!r} is not a shape; use "
+                + ("rect, square, or " if option == "--shapes" else "none, auto, or ")
+                + "a list such as 1x1,2x2,1x3"
             )
         shapes.add((nums[0], nums[-1]))
     return sorted(shapes)
@@ -86,15 +92,23 @@ class ExtractConfig:
 
     levels: int = 4  # quantization levels per channel: value v -> floor(v * levels / 256) [4]
     color: str = "auto"  # 'gray', 'rgb', or 'auto' = taken from the source's first image [auto]
-    max_h: int = 3  # tallest patch, in pixels [3]
-    max_w: int = 3  # widest patch, in pixels [3]
+    max_h: int = 0  # tallest exact-view patch, in pixels; 0 = auto: the largest square whose possible contents number at most 2**24 (3 on gray, 2 on RGB at 4 levels) [auto]
+    max_w: int = 0  # widest exact-view patch, in pixels; 0 = auto, with max_h [auto]
     shapes: str = "rect"  # 'rect' = every h x w up to the bounds; 'square' = h == w only; or a list 'HxW,HxW,...' [rect]
     stride: int = 1  # step between patch positions, in pixels, on both axes [1]
     position: str = "grid"  # key kinds per patch, a list of: 'none' (no location), 'grid' (grid cell), 'offset' (cell of the grid moved by half a cell), 'coarse' (cell of a grid half as fine); 'both' = none,grid [grid]
-    grid: int = 4  # cells per side of the position grid [4]
+    grid: int = 0  # cells per side of the position grid; 0 = auto: cells of about 8 pixels, at least 3 per side (3 on 8x8, 4 on 32x32) [auto]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
-    views: str = "levels,grad"  # quantizations hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour) [levels,grad]
+    code_shapes: str = "auto"  # shapes of the code view, a list 'HxW,HxW,...', 'none' (no code view) or 'auto' = chosen from the image size (docs/extract.md) [auto]
+    atoms: int = 1024  # dictionary atoms per code shape (FAISS k-means) [1024]
+    code_k: int = 5  # nearest atoms kept per patch of the code view [5]
+    code_weight: str = "triangle"  # weight of a kept atom: 'triangle' (mean distance minus its distance, at least 0) or 'hard' (1) [triangle]
+    whiten: float = 0.1  # ZCA regularisation added to the eigenvalues of the normalised patches; 0 = no whitening [0.1]
+    code_stride: int = 1  # step between code-view patch positions, in pixels [1]
+    code_sample: int = 200000  # patches per code shape sampled from the training images to fit the dictionary [200000]
+    dictionary: str = ""  # SHA-256 of the dictionary the code view was made with (set by pipe extract) []
+    views: str = "auto"  # exact views hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour); 'none'; 'auto' = levels,grad on gray images, levels on RGB [auto]
 
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 256:
@@ -107,21 +121,37 @@ class ExtractConfig:
             object.__setattr__(self, "shapes", ",".join(f"{h}x{w}" for h, w in listed))
             object.__setattr__(self, "max_h", max(h for h, _ in listed))
             object.__setattr__(self, "max_w", max(w for _, w in listed))
-        if self.max_h < 1 or self.max_w < 1:
-            raise PipelineError(f"--max-size {self.max_h}x{self.max_w} must be at least 1x1")
+        if (self.max_h == 0) != (self.max_w == 0) or self.max_h < 0 or self.max_w < 0:
+            raise PipelineError(f"--max-size {self.max_h}x{self.max_w} must be at least 1x1 (or auto)")
         if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
             raise PipelineError("--max-size must be below 65536 on each side")
         if not 1 <= self.stride < 1 << 16:
             raise PipelineError(f"--stride {self.stride} is out of range; use 1 to 65535")
         object.__setattr__(self, "position", canonical_position(self.position))
-        if not 1 <= self.grid <= 255:
-            raise PipelineError(f"--grid {self.grid} is out of range; use 1 to 255")
+        if not 0 <= self.grid <= 255:
+            raise PipelineError(f"--grid {self.grid} is out of range; use 1 to 255, or 0 (auto)")
         if "offset" in self.position_modes and self.grid > 254:
             raise PipelineError(f"--grid {self.grid} is too fine for --position offset, whose grid has one more cell per side; use 1 to 254")
         if not 0 <= self.seed < 1 << 32:
             raise PipelineError(f"--seed {self.seed} is out of range; use 0 to 2**32-1")
-        views = parse_views(self.views, self.levels)
-        object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views))
+        if self.code_shapes not in ("auto", "none"):
+            listed = parse_shapes(self.code_shapes, "--code-shapes")
+            object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
+        if not 2 <= self.atoms <= 65535:
+            raise PipelineError(f"--atoms {self.atoms} is out of range; use 2 to 65535")
+        if not 1 <= self.code_k <= self.atoms:
+            raise PipelineError(f"--code-k {self.code_k} must be from 1 to --atoms ({self.atoms})")
+        if self.code_weight not in CODE_WEIGHTS:
+            raise PipelineError(f"--code-weight {self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
+        if not 0 <= self.whiten < 1e6:
+            raise PipelineError(f"--whiten {self.whiten} must be 0 (no whitening) or a positive regularisation such as 0.1")
+        if not 1 <= self.code_stride < 1 << 16:
+            raise PipelineError(f"--code-stride {self.code_stride} is out of range; use 1 to 65535")
+        if self.code_sample < 1:
+            raise PipelineError(f"--code-sample {self.code_sample} must be at least 1")
+        if self.views != "auto":
+            views = parse_views(self.views, self.levels)
+            object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views) or "none")
         if self.resize is not None:
             h, w = self.resize
             if h < 1 or w < 1:
@@ -139,12 +169,27 @@ class ExtractConfig:
         """The key kinds emitted per patch, in canonical order."""
         return POSITION_ALIASES.get(self.position) or tuple(self.position.split(","))
 
+    @property
+    def has_code(self) -> bool:
+        """True when the config has a code view (its shapes resolved, not 'none')."""
+        if self.code_shapes == "auto":
+            raise PipelineError("the code shapes are still 'auto'; resolve them against a source first")
+        return self.code_shapes != "none"
+
+    def code_shape_list(self) -> list[tuple[int, int]]:
+        """The code view's shapes, in canonical order (empty without a code view)."""
+        return parse_shapes(self.code_shapes, "--code-shapes") if self.has_code else []
+
     def view_list(self) -> list[tuple[str, int]]:
         """Every view (kind, levels), in the order their patches are stored."""
+        if self.views == "auto":
+            raise PipelineError("the views are still 'auto'; resolve them against a source first")
         return parse_views(self.views, self.levels)
 
     def shape_list(self) -> list[tuple[int, int]]:
         """Every patch shape (h, w), in canonical order: h ascending, then w ascending."""
+        if self.max_h == 0:
+            raise PipelineError("the largest patch is still 'auto'; resolve it against a source first")
         if self.shapes not in SHAPE_SETS:
             return parse_shapes(self.shapes)
         return [
@@ -160,6 +205,9 @@ class ExtractConfig:
                 f"--max-size {self.max_h}x{self.max_w} is larger than the {height}x{width} images; "
                 f"use at most {height}x{width}"
             )
+        for h, w in self.code_shape_list() if self.code_shapes != "auto" else []:  # noqa: E501
+            if h > height or w > width:
+                raise PipelineError(f"--code-shapes {h}x{w} is larger than the {height}x{width} images; use shapes of at most {height}x{width}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -170,15 +218,21 @@ class ExtractConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
         d = dict(d)
         d.setdefault("views", "levels")  # written before --views existed: one view, whatever today's default
+        d.setdefault("code_shapes", "none")  # written before the code view existed
         if d.get("resize") is not None:
             d["resize"] = tuple(d["resize"])
         return cls(**d)
 
     def fingerprint(self) -> str:
         """A short stable digest of everything that decides the keys."""
-        if self.color == "auto":
-            raise PipelineError("cannot fingerprint an extract config whose color is still 'auto'")
+        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h):
+            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes or grid are still 'auto'")
+        if self.has_code and not self.dictionary:
+            raise PipelineError("cannot fingerprint a code view without its dictionary's digest")
         d = self.to_dict()
+        if not self.has_code:  # configs without a code view hash as before it existed
+            for k in CODE_FIELDS:
+                del d[k]
         if d["views"] == "levels":  # the single default view hashes as before views existed
             del d["views"]
         payload = json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True)

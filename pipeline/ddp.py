@@ -47,8 +47,8 @@ def _my_bags(shards: Shards, v: vocab.Vocabulary, config: TrainConfig, rank: int
     groups = shards.row_groups()
     by_group = len(groups) >= world
     parts, labels, seen = [], [], 0
-    for _, (keys, lab, _) in part_groups(shards, False, config.val_fraction, groups[rank::world] if by_group else groups):
-        b = to_bags(v, keys, lab)
+    for _, (keys, lab, _, weights) in part_groups(shards, False, config.val_fraction, groups[rank::world] if by_group else groups):
+        b = to_bags(v, keys, lab, weights)
         mine = range(len(lab)) if by_group else range((rank - seen) % world, len(lab), world)
         seen += len(lab)
         for i in mine:

@@ -28,13 +28,14 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import augment as augment_mod
-from . import layout
+from . import codes, layout
 from .config import HASH_VERSION, ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
 from .ray_engine import check_engine
 from .shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
 from .sources import RawImage, Source, decode_checked
+from .split import DEFAULT_VAL_FRACTION, is_validation
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,28 @@ def resolve(config: ExtractConfig, source: Source) -> ExtractConfig:
     if config.color != "auto":
         return config
     return dataclasses.replace(config, color="gray" if source.first_channels() == 1 else "rgb")
+
+
+def resolve_size(config: ExtractConfig, height: int, width: int) -> ExtractConfig:
+    """Replace ``code_shapes='auto'`` and ``grid=0`` by what the image size gives (:func:`pipeline.codes.auto_shapes`,
+    :func:`pipeline.hashing.auto_grid`), as :class:`KeyPlan` does."""
+    return KeyPlan(config, height, width).config
+
+
+def fit_dictionary(source: Source, config: ExtractConfig, progress: Callable[[int], None] | None = None) -> codes.Dictionary:
+    """Fit the code view's dictionary on a seeded, evenly spread sample of the source's images,
+    leaving out the images training holds out for validation by default (so the held-out
+    accuracy is measured on images the dictionary never saw)."""
+    want = min(len(source), max(codes.FIT_MIN_IMAGES, -(-config.code_sample // codes.FIT_PATCHES_PER_IMAGE)))
+    step = max(1, len(source) // want)
+    picked = []
+    for b in source.batches(256, config.channels, config.resize):
+        keep = (b.ids % step == 0) & ~is_validation(b.ids, DEFAULT_VAL_FRACTION)
+        if keep.any():
+            picked.append(b.images[keep])
+        if progress:
+            progress(len(b.ids))
+    return codes.fit(picked, config.code_shape_list(), config.atoms, config.whiten, config.code_sample, config.seed, config.channels)
 
 
 # ------------------------------------------------------------------ one shard (runs in a worker)
@@ -70,17 +93,19 @@ class ShardTask:
 
 
 @lru_cache(maxsize=4)
-def _plan(config: ExtractConfig, height: int, width: int) -> KeyPlan:
-    return KeyPlan(config, height, width)  # one plan per worker process, not one per shard
+def _plan(config: ExtractConfig, height: int, width: int, out: str) -> KeyPlan:
+    """One plan per worker process, not one per shard; a code view's dictionary is read from ``out``."""
+    dictionary = codes.Dictionary.load(Path(out) / layout.DICTIONARY, config.dictionary) if config.has_code else None
+    return KeyPlan(config, height, width, dictionary)
 
 
 def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     """Decode, hash and write the images of one shard; returns the shard's record."""
-    plan = _plan(task.config, task.height, task.width)
+    plan = _plan(task.config, task.height, task.width, task.out)
     config = plan.config
     out = Path(task.out)
     path = out / layout.shard_name(task.index, task.total)
-    writer = ShardWriter(path, schema(plan.patches_per_image, config), task.compression)
+    writer = ShardWriter(path, schema(plan.exact_patches, config, plan.code_slots), task.compression)
     per_group = max(1, PATCHES_PER_ROW_GROUP // plan.patches_per_image)
     skipped: list[str] = []
     buf: list[tuple[int, int, str]] = []  # (image id, label, name) of each row
@@ -90,10 +115,12 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     def flush() -> None:
         nonlocal originals, written
         written += originals
-        keys = plan.content_keys(plan.symbols(np.stack(pixels)))
-        writer.write(np.array([b[0] for b in buf], np.int64), np.array([b[1] for b in buf], np.int32), [b[2] for b in buf], keys)
+        images = np.stack(pixels)
+        keys = plan.content_keys(plan.symbols(images))
+        atoms, weights = plan.codes(images) if plan.code_slots else (None, None)
+        writer.write(np.array([b[0] for b in buf], np.int64), np.array([b[1] for b in buf], np.int32), [b[2] for b in buf], keys, atoms, weights)
         if progress:
-            progress(originals, keys.size)
+            progress(originals, keys.size + (atoms.size if atoms is not None else 0))
         buf.clear()
         pixels.clear()
         originals = 0
@@ -123,6 +150,46 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     record.update(index=task.index, skipped=skipped, originals=written)
     layout.write_json(_progress_path(out, task.index), record)
     return record
+
+
+def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit) -> tuple[codes.Dictionary, ExtractConfig]:
+    """The code view's dictionary and the config carrying its digest: the one ``given``, the one an
+    unfinished (or finished) extract into ``out`` with the same settings already fitted, or a new fit."""
+    if given is not None:
+        d = codes.Dictionary.load(given)
+    else:
+        d = _existing_dictionary(out, config)
+        if d is None:
+            d = fit_dictionary(source, config, on_fit)
+    if [(s.h, s.w) for s in d.shapes] != config.code_shape_list() or d.channels != config.channels:
+        have = ",".join(f"{s.h}x{s.w}" for s in d.shapes)
+        raise PipelineError(
+            f"--dictionary {given} has {have} atoms on {d.channels} channel(s), but this extract codes "
+            f"{config.code_shapes} on {config.channels}; pass the same --code-shapes and --color as the training extract"
+        )
+    if given is not None and len(d.shapes[0].atoms) != config.atoms:
+        config = dataclasses.replace(config, atoms=len(d.shapes[0].atoms))
+    return d, dataclasses.replace(config, dictionary=d.digest())
+
+
+def _existing_dictionary(out: Path, config: ExtractConfig) -> codes.Dictionary | None:
+    """The dictionary already in ``out`` when its job (unfinished or finished) has these settings:
+    a resumed extract keeps the dictionary its first shards were coded with."""
+    path = out / layout.DICTIONARY
+    if not path.is_file():
+        return None
+    for name in (layout.EXTRACT_JOB, layout.MANIFEST):
+        try:
+            job = layout.read_json(out / name)
+        except (ValueError, OSError):
+            continue
+        old = dict(job.get("job", job).get("config", {}))
+        if old.get("dictionary") and {**old, "dictionary": ""} == {**config.to_dict(), "dictionary": ""}:
+            try:
+                return codes.Dictionary.load(path, old["dictionary"])
+            except PipelineError:
+                return None
+    return None
 
 
 def _progress_path(out: Path, index: int) -> Path:
@@ -255,9 +322,11 @@ def extract(
     workers: int = 1,
     compression: str = DEFAULT_CODEC,
     progress: Progress | None = None,
-    augment: str = "none",
+    augment: str = "auto",
     engine: str = "local",
     address: str | None = None,
+    dictionary: Path | str | None = None,
+    on_fit: Callable[[int], None] | None = None,
 ) -> dict:
     """Hash every patch of every image of ``source`` into shards under ``out``; returns the manifest.
 
@@ -267,6 +336,13 @@ def extract(
     needs the usual ``if __name__ == "__main__":`` guard. ``engine="ray"`` runs the same
     shard tasks on Ray (:mod:`pipeline.ray_engine`): a local Ray instance of ``workers``
     CPUs, or the cluster at ``address``.
+
+    ``augment`` = ``auto`` mirrors colour images (``flip``) and leaves grayscale ones alone
+    (:func:`pipeline.augment.resolve`).
+
+    With a code view the dictionary is fitted on ``source`` (``on_fit`` is told of each batch
+    of images read for it) and saved as ``out/dictionary.npz``, unless ``dictionary`` names
+    one to use instead (a test set coded with the training shards' dictionary).
     """
     if address is not None and engine != "ray":
         raise PipelineError("--address goes with --engine ray")
@@ -275,11 +351,19 @@ def extract(
         raise PipelineError(f"--workers {workers} must be at least 1")
     if images_per_shard is not None and images_per_shard < 1:
         raise PipelineError(f"--images-per-shard {images_per_shard} must be at least 1")
-    copies = 1 + augment_mod.count(augment)  # validates the spec
     out = Path(out)
     t0 = time.time()
     config = resolve(config, source)
+    augment = augment_mod.resolve(augment, config.channels)
+    copies = 1 + augment_mod.count(augment)  # validates the spec
     height, width = _first_size(source, config)
+    config = resolve_size(config, height, width)
+    config.check_image_size(height, width)
+    if dictionary is not None and not config.has_code:
+        raise PipelineError("--dictionary goes with a code view; leave it out, or set --code-shapes")
+    dict_obj = None
+    if config.has_code:
+        dict_obj, config = _dictionary(source, config, out, dictionary, on_fit)
     plan = KeyPlan(config, height, width)
     p = plan.patches_per_image
     per_shard = images_per_shard or max(1, min(len(source), PATCHES_PER_SHARD // (p * copies)))
@@ -300,6 +384,8 @@ def extract(
     if finished_manifest is not None:
         log.info("%s already holds this extract; nothing to do", out)
         return dict(finished_manifest, resumed_shards=len(finished_manifest["shards"]))
+    if dict_obj is not None and not (out / layout.DICTIONARY).is_file():
+        dict_obj.save(out / layout.DICTIONARY)
     done = _finished(out, total)
     if done and progress:
         progress(sum(r["originals"] + len(r["skipped"]) for r in done.values()), sum(r["patches"] for r in done.values()))
@@ -343,6 +429,8 @@ def extract(
         "skipped": [name for r in shards for name in r["skipped"]],
         "keys_per_image": plan.keys_per_image,
         "patches_per_image": p,
+        "code_slots": plan.code_slots,
+        "code_shapes": [list(s) for s in config.code_shape_list()],
         "keys": images * plan.keys_per_image,
         "patches": images * p,
         "compression": compression,

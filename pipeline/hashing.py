@@ -20,13 +20,16 @@ the key ignores position and ``kind`` says which grid the cell belongs to
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from . import kernels
+from .codes import auto_shapes
 from .config import POSITION_MODES, ExtractConfig
+from .errors import PipelineError
 from .pixels import view_symbols
 
 MASK = (1 << 64) - 1
@@ -34,6 +37,7 @@ A = 0x9E3779B97F4A7C15  # row multiplier (odd)
 B = 0xC2B2AE3D27D4EB4F  # column multiplier (odd)
 PIXEL_SALT = 0x165667B19E3779F9
 TAG_SALT = 0x27D4EB2F165667C5
+CODE_SALT = 0x9FB21C651E98DF25  # the code view's content value: fmix64(atom + CODE_SALT * (seed + 1))
 FMIX_C1 = 0xFF51AFD7ED558CCD
 FMIX_C2 = 0xC4CEB9FE1A85EC53
 A_INV = pow(A, -1, 1 << 64)
@@ -60,6 +64,32 @@ def tag_of(h: int, w: int, cell: int, mode: str = "grid") -> int:
     """The shape/position tag: ``kind << 48 | h << 32 | w << 16 | (cell + 1)``; ``cell = -1`` means 'no position'."""
     kind = GRID_KINDS[mode] if cell >= 0 else 0
     return (kind << 48) | (h << 32) | (w << 16) | (cell + 1)
+
+
+def auto_grid(height: int, width: int) -> int:
+    """``--grid auto``: cells of about 8 pixels, at least 3 per side: ``max(3, round(min(height, width) / 8))``
+    (3 on 8x8 images, 4 on 32x32)."""
+    return max(3, round(min(height, width) / 8))
+
+
+def auto_views(channels: int) -> str:
+    """``--views auto``: the levels and ordinal views on gray images, the levels view alone on colour ones
+    (whose ordinal 2x2 patterns, 64 symbols a pixel, nearly never recur and would mostly add rows)."""
+    return "levels,grad" if channels == 1 else "levels"
+
+
+MAX_CONTENTS = 1 << 24  # --max-size auto: the most possible contents a patch of an exact view may have
+
+
+def auto_max_size(views: list[tuple[str, int]], channels: int, height: int, width: int) -> int:
+    """``--max-size auto``: the largest square side s whose possible contents, ``alphabet ** (s * s)`` for the
+    views' largest per-pixel alphabet, number at most MAX_CONTENTS (so exact patterns can recur); at least 1,
+    at most the image. 3 on gray images at 4 levels (4**9), 2 on RGB (64**4)."""
+    alphabet = max([4**channels if kind == "grad" else lv**channels for kind, lv in views] or [2])
+    s = 1
+    while (s + 1) <= min(height, width) and alphabet ** ((s + 1) ** 2) <= MAX_CONTENTS:
+        s += 1
+    return s
 
 
 def cells_per_side(mode: str, grid: int) -> int:
@@ -101,6 +131,18 @@ def reference_key(symbols: np.ndarray, y: int, x: int, h: int, w: int, cell: int
     return fmix64_int(c ^ t)
 
 
+def code_value(atom: int, seed: int = 0) -> int:
+    """The code view's stand-in for a content hash: ``fmix64(atom + CODE_SALT * (seed + 1))``."""
+    return fmix64_int(int(atom) + CODE_SALT * (seed + 1))
+
+
+def reference_code_key(atom: int, h: int, w: int, cell: int, seed: int = 0, mode: str = "grid") -> int:
+    """The key of a code-view patch of shape h x w assigned to ``atom`` in ``cell`` (the spec, in code):
+    the exact keys' formula with :func:`code_value` in place of the content hash."""
+    t = fmix64_int(tag_of(h, w, cell, mode) + TAG_SALT * (seed + 1))
+    return fmix64_int(code_value(atom, seed) ^ t)
+
+
 # ---------------------------------------------------------------- fast path (numpy)
 
 _U = np.uint64
@@ -134,11 +176,13 @@ class _Block:
     h: int
     w: int
     mode: str  # a position mode: 'none', 'grid', 'offset' or 'coarse'
-    view: int  # index into config.view_list()
+    view: int  # index into config.view_list(); len(view_list()) for the code view
     offset: int  # first key slot of the block
     patch_offset: int  # first patch of this shape in the patch order
     ny: int  # locations down: (height - h) // stride + 1
     nx: int  # locations across: (width - w) // stride + 1
+    stride: int = 1  # step between locations
+    rank: int = -1  # code view: which of a patch's nearest atoms (0 = nearest); -1 for exact views
 
 
 class KeyPlan:
@@ -154,9 +198,25 @@ class KeyPlan:
 
     View 0 hashes with the pixel salt of docs/hashing.md; view v > 0 with
     ``fmix64(salt + v)``, so the same symbols in two views give unrelated keys.
+
+    A code view (``config.code_shapes``) comes after the exact views, as view
+    ``len(views)``: for each code shape, for each rank r < ``code_k`` (the patch's
+    r-th nearest atom), every location in steps of ``code_stride``. Its content
+    values are :func:`code_value` of the atom, stored in shards as atom ids with a
+    weight each (:mod:`pipeline.codes`); coding images needs ``dictionary``.
     """
 
-    def __init__(self, config: ExtractConfig, height: int, width: int):
+    def __init__(self, config: ExtractConfig, height: int, width: int, dictionary=None):
+        if config.code_shapes == "auto":  # resolved the way pipe extract resolves it
+            shapes = auto_shapes(height, width)
+            config = dataclasses.replace(config, code_shapes=",".join(f"{h}x{w}" for h, w in shapes) or "none")
+        if config.grid == 0:
+            config = dataclasses.replace(config, grid=auto_grid(height, width))
+        if config.views == "auto":
+            config = dataclasses.replace(config, views=auto_views(config.channels))
+        if config.max_h == 0:
+            side = auto_max_size(config.view_list(), config.channels, height, width)
+            config = dataclasses.replace(config, max_h=side, max_w=side)
         config.check_image_size(height, width)
         self.config = config
         self.height = height
@@ -172,15 +232,31 @@ class KeyPlan:
             for h, w in shapes:
                 ny, nx = (height - h) // stride + 1, (width - w) // stride + 1
                 for mode in config.position_modes:
-                    blocks.append(_Block(h, w, mode, view, offset, patch_offset, ny, nx))
+                    blocks.append(_Block(h, w, mode, view, offset, patch_offset, ny, nx, stride))
                     offset += ny * nx
                 if view == 0:
                     shape_offsets.append(patch_offset)
                 patch_offset += ny * nx
+        self.exact_patches = patch_offset  # content keys stored per image in ``patch_keys``
+        self.patches_per_view = patch_offset // max(1, len(self.views))
+        self.code_view = len(self.views)
+        self.code_shapes = config.code_shape_list()
+        self.code_k = config.code_k if self.code_shapes else 0
+        cst = config.code_stride
+        for h, w in self.code_shapes:
+            ny, nx = (height - h) // cst + 1, (width - w) // cst + 1
+            for mode in config.position_modes:
+                for r in range(self.code_k):
+                    blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
+                    offset += ny * nx
+            patch_offset += self.code_k * ny * nx
+        self.code_slots = patch_offset - self.exact_patches  # atom ids (and weights) stored per image
         self.blocks: list[_Block] = blocks
         self.keys_per_image = offset
         self.patches_per_image = patch_offset
-        self.patches_per_view = patch_offset // len(self.views)
+        self.dictionary = dictionary
+        if dictionary is not None and self.code_shapes and [(s.h, s.w) for s in dictionary.shapes] != self.code_shapes:
+            raise ValueError("the dictionary's shapes are not the config's code shapes")
         seed = config.seed
         base = (PIXEL_SALT * (seed + 1)) & MASK
         self._pixel_salts = [_U(base if v == 0 else fmix64_int(base + v)) for v in range(len(self.views))]
@@ -189,7 +265,15 @@ class KeyPlan:
         self._pow_b = _powers(B, width + 1)
         self._inv_a = _powers(A_INV, height + 1)
         self._inv_b = _powers(B_INV, width + 1)
-        self._block_index = {(b.view, b.h, b.w, b.mode): b for b in blocks}
+        self._block_index = {(b.view, b.h, b.w, b.mode, max(b.rank, 0)): b for b in blocks}
+        # content value of every (code shape, atom), mixed with the shape's tag: index shape * atoms + atom
+        mix = np.array([self._mix(h, w, -1) for h, w in self.code_shapes], dtype=np.uint64)
+        values = fmix64(np.arange(config.atoms, dtype=np.uint64) + _U((CODE_SALT * (seed + 1)) & MASK)) if self.code_shapes else np.zeros(0, np.uint64)
+        self._code_values = values
+        self._code_content = fmix64((values[None, :] ^ mix[:, None]).ravel()) if self.code_shapes else np.zeros(0, np.uint64)
+        self._code_shape_of_slot = np.concatenate(
+            [np.full(self.code_k * ((height - h) // cst + 1) * ((width - w) // cst + 1), i, np.int64) for i, (h, w) in enumerate(self.code_shapes)]
+        ) if self.code_shapes else np.zeros(0, np.int64)
         self._shape_h = np.array([h for h, _ in shapes], dtype=np.int64)
         self._shape_w = np.array([w for _, w in shapes], dtype=np.int64)
         self._shape_offsets = np.array(shape_offsets, dtype=np.int64)
@@ -203,8 +287,8 @@ class KeyPlan:
 
     def _cells(self, block: _Block) -> np.ndarray:
         """The cell of every location of a block: :func:`grid_cell` over arrays (ny x nx)."""
-        ys = np.arange(block.ny)[:, None] * self.config.stride
-        xs = np.arange(block.nx)[None, :] * self.config.stride
+        ys = np.arange(block.ny)[:, None] * block.stride
+        xs = np.arange(block.nx)[None, :] * block.stride
         return grid_cell(ys, xs, block.h, block.w, self.height, self.width, self.config.grid, block.mode)
 
     @cached_property
@@ -228,12 +312,13 @@ class KeyPlan:
         return view_symbols(images, self.views)
 
     def content_keys(self, syms: np.ndarray) -> np.ndarray:
-        """One position-free key per patch: N x V x H x W symbols (N x H x W with one view) -> N x patches_per_image uint64."""
+        """One position-free key per patch of the exact views: N x V x H x W symbols (N x H x W with one
+        view) -> N x exact_patches uint64."""
         if syms.ndim == 3 and len(self.views) == 1:
             syms = syms[:, None]
         if syms.ndim != 4 or syms.shape[1:] != (len(self.views), self.height, self.width):
             raise ValueError(f"symbols of shape {syms.shape[1:]} do not match the plan's {len(self.views)} x {self.height}x{self.width}")
-        out = np.empty((syms.shape[0], self.patches_per_image), dtype=np.uint64)
+        out = np.empty((syms.shape[0], self.exact_patches), dtype=np.uint64)
         for v, salt in enumerate(self._pixel_salts):
             kernels.content_keys(
                 np.ascontiguousarray(syms[:, v], dtype=np.uint64), salt, self._pow_a, self._pow_b,
@@ -242,34 +327,74 @@ class KeyPlan:
             )
         return out
 
-    def expand(self, content: np.ndarray) -> np.ndarray:
-        """Keys in key order (N x keys_per_image) from content keys (N x patches_per_image)."""
-        if content.ndim != 2 or content.shape[1] != self.patches_per_image:
-            raise ValueError(f"content keys of shape {content.shape} do not have {self.patches_per_image} patches per row")
+    def code_content(self, atoms: np.ndarray) -> np.ndarray:
+        """Position-free code keys (N x code_slots uint64) of stored atom ids (N x code_slots)."""
+        idx = self._code_shape_of_slot[None, :] * self.config.atoms + atoms.astype(np.int64)
+        return self._code_content[idx]
+
+    def codes(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Atom ids (N x code_slots uint16) and weights (float32) of N x H x W x C uint8 images."""
+        if self.dictionary is None:
+            raise PipelineError("this key plan has a code view but no dictionary to code images with")
+        c = self.config
+        return self.dictionary.encode(images, c.code_stride, c.code_k, c.code_weight)
+
+    def expand(self, content: np.ndarray, atoms: np.ndarray | None = None) -> np.ndarray:
+        """Keys in key order (N x keys_per_image) from exact content keys (N x exact_patches) and,
+        with a code view, the stored atom ids (N x code_slots)."""
+        if content.ndim != 2 or content.shape[1] != self.exact_patches:
+            raise ValueError(f"content keys of shape {content.shape} do not have {self.exact_patches} patches per row")
+        if self.code_slots:
+            if atoms is None or atoms.shape != (content.shape[0], self.code_slots):
+                raise ValueError(f"a code view needs {self.code_slots} atom ids per image")
+            content = np.concatenate([content, self.code_content(atoms)], axis=1)
         if self.config.position_modes == ("none",):
-            return content
+            return np.ascontiguousarray(content)
         source, delta = self._expansion
         out = np.empty((content.shape[0], self.keys_per_image), dtype=np.uint64)
         return kernels.expand_keys(np.ascontiguousarray(content), source, delta, out)
 
+    def expand_weights(self, code_weights: np.ndarray | None) -> np.ndarray | None:
+        """Per-key weights in key order (N x keys_per_image float32; 1 for exact views) from the code
+        view's stored weights (N x code_slots); None without a code view (every weight is 1)."""
+        if not self.code_slots:
+            return None
+        source, _ = self._expansion
+        full = np.ones((code_weights.shape[0], self.patches_per_image), np.float32)
+        full[:, self.exact_patches :] = code_weights
+        return np.ascontiguousarray(full[:, source])
+
     def keys(self, syms: np.ndarray) -> np.ndarray:
-        """Keys of every patch of every image in key order: N x H x W symbols -> N x keys_per_image uint64."""
+        """Keys of every exact-view patch in key order: N x H x W symbols -> N x keys_per_image uint64
+        (a plan with a code view needs the images: :meth:`encode`)."""
+        if self.code_slots:
+            raise ValueError("a code view needs the images, not symbols; use encode()")
         return self.expand(self.content_keys(syms))
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Keys in key order and their weights (None when all are 1) of N x H x W x C uint8 images
+        already in the config's channel count."""
+        content = self.content_keys(self.symbols(images))
+        if not self.code_slots:
+            return self.expand(content), None
+        atoms, weights = self.codes(images)
+        return self.expand(content, atoms), self.expand_weights(weights)
 
     def image_keys(self, images: np.ndarray) -> np.ndarray:
         """Keys in key order of N x H x W x C uint8 images already in the config's channel count."""
-        return self.keys(self.symbols(images))
+        return self.encode(images)[0]
 
     # -- locations
 
     @cached_property
     def slot_table(self) -> dict[str, np.ndarray]:
-        """Per slot: y, x, h, w, cell (-1 for position-free keys), view and mode (an index into
-        ``config.POSITION_MODES``), as int32 arrays."""
-        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view", "mode")}
+        """Per slot: y, x, h, w, cell (-1 for position-free keys), view (``len(views)`` for the code view),
+        mode (an index into ``config.POSITION_MODES``) and rank (code view: 0 = the patch's nearest
+        atom; -1 for exact views), as int32 arrays."""
+        cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view", "mode", "rank")}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
-            yy, xx = np.meshgrid(np.arange(b.ny) * self.config.stride, np.arange(b.nx) * self.config.stride, indexing="ij")
+            yy, xx = np.meshgrid(np.arange(b.ny) * b.stride, np.arange(b.nx) * b.stride, indexing="ij")
             cols["y"][sl] = yy.ravel()
             cols["x"][sl] = xx.ravel()
             cols["h"][sl] = b.h
@@ -277,7 +402,30 @@ class KeyPlan:
             cols["cell"][sl] = -1 if b.mode == "none" else self._cells(b).ravel()
             cols["view"][sl] = b.view
             cols["mode"][sl] = POSITION_MODES.index(b.mode)
+            cols["rank"][sl] = b.rank
         return cols
+
+    def code_key_table(self) -> dict[str, np.ndarray]:
+        """Every key the code view can make: ``key`` (uint64) with its ``shape`` (index into
+        ``code_shapes``), ``atom``, ``cell`` (-1 without position) and ``mode`` (index into POSITION_MODES)."""
+        cols: dict[str, list] = {"key": [], "shape": [], "atom": [], "cell": [], "mode": []}
+        atoms = np.arange(self.config.atoms, dtype=np.int64)
+        for i, (h, w) in enumerate(self.code_shapes):
+            for mode in self.config.position_modes:
+                cells = [-1] if mode == "none" else range(cells_per_side(mode, self.config.grid) ** 2)
+                for c in cells:
+                    mix = _U(self._mix(h, w, int(c), mode if c >= 0 else "grid"))
+                    cols["key"].append(fmix64(self._code_values ^ mix))
+                    for name, value in (("shape", i), ("cell", c), ("mode", POSITION_MODES.index(mode))):
+                        cols[name].append(np.full(len(atoms), value, np.int64))
+                    cols["atom"].append(atoms)
+        if not cols["key"]:
+            return {"key": np.zeros(0, np.uint64), **{k: np.zeros(0, np.int64) for k in ("shape", "atom", "cell", "mode")}}
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+    def is_code(self, slots: np.ndarray) -> np.ndarray:
+        """True for the slots of the code view."""
+        return self.slot_table["view"][np.asarray(slots, np.int64)] == self.code_view
 
     def locate(self, slots: np.ndarray | int) -> dict[str, np.ndarray]:
         """Location (y, x, h, w, cell, view, mode) of each slot of the canonical order."""
@@ -286,18 +434,22 @@ class KeyPlan:
             raise IndexError(f"slot out of range 0..{self.keys_per_image - 1}")
         return {k: v[idx] for k, v in self.slot_table.items()}
 
-    def slot_of(self, mode: str, y: int, x: int, h: int, w: int, view: int = 0) -> int:
-        """The slot of the patch (y, x, h, w) in position mode ``mode`` of view ``view``."""
-        b = self._block_index[(view, h, w, mode)]
-        st = self.config.stride
+    def slot_of(self, mode: str, y: int, x: int, h: int, w: int, view: int = 0, rank: int = 0) -> int:
+        """The slot of the patch (y, x, h, w) in position mode ``mode`` of view ``view`` (and, in the
+        code view, of its ``rank``-th nearest atom)."""
+        b = self._block_index[(view, h, w, mode, rank)]
+        st = b.stride
         if y % st or x % st or not (0 <= y // st < b.ny and 0 <= x // st < b.nx):
             raise IndexError(f"no {h}x{w} patch starts at ({y}, {x}) with stride {st}")
         return b.offset + (y // st) * b.nx + x // st
 
     def sub_slots(self, slot: int) -> np.ndarray:
-        """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode and view."""
+        """Slots of every strictly smaller patch of the shape set inside the patch at ``slot``, same mode and view
+        (none for the code view, whose keys are atoms, not contents built of parts)."""
         t = self.slot_table
         y, x, h, w, view = (int(t[k][slot]) for k in ("y", "x", "h", "w", "view"))
+        if view == self.code_view:
+            return np.zeros(0, np.int64)
         mode = POSITION_MODES[int(t["mode"][slot])]
         st = self.config.stride
         out = []

@@ -181,8 +181,10 @@ def lookup_rows(keys, slots, n_vocab, buckets, out):
 
 
 @njit(cache=True, nogil=True)
-def bag_rows(keys, slots, n_vocab, buckets, local, stamp, where):
+def bag_rows(keys, weights, slots, n_vocab, buckets, local, stamp, where):
     """Each image's keys (N x K) as a bag of distinct rows with counts, in CSR form.
+
+    ``weights`` (N x K, or 0 x 0 for all ones) is what each key adds to its row's count.
 
     Returns (rows, offsets N+1, counts); keys with no row (-1) are left out. Each image's
     keys are first counted in ``local``, a small table (at least 2K slots, all zero on
@@ -198,21 +200,23 @@ def bag_rows(keys, slots, n_vocab, buckets, local, stamp, where):
     dkeys = np.empty(k, np.uint64)
     dslot = np.empty(k, np.int64)
     dcount = np.zeros(k, np.float32)
+    weighted = weights.shape[0] > 0
     m = 0
     for a in range(n):
         nd = 0
         for j in range(k):
             key = keys[a, j]
+            wj = weights[a, j] if weighted else np.float32(1.0)
             i = _probe(local, key)
             if local[i, 1] == 0:
                 local[i, 0] = key
                 local[i, 1] = np.uint64(nd + 1)
                 dkeys[nd] = key
                 dslot[nd] = i
-                dcount[nd] = 1.0
+                dcount[nd] = wj
                 nd += 1
             else:
-                dcount[np.int64(local[i, 1]) - 1] += 1.0
+                dcount[np.int64(local[i, 1]) - 1] += wj
         start = m
         for d in range(nd):
             local[dslot[d], 1] = 0

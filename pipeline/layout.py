@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{index:05d}-of-{total:05d}.parquet"
 EXTRACT_JOB = "extract-job.json"  # the settings of an unfinished extract, for resuming
 PROGRESS_DIR = "_progress"  # one small JSON per finished shard, for resuming
+DICTIONARY = "dictionary.npz"  # the code view's whitening and atoms (pipeline.codes); also copied into a run
 
 # run directory (pipe train)
 RUN_MANIFEST = "run.json"
@@ -51,6 +52,13 @@ def write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically."""
+    tmp = tmp_path(dst)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def read_json(path: Path) -> Any:

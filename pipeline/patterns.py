@@ -16,8 +16,10 @@ from . import layout
 from .hashing import KeyPlan
 
 def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | None = None) -> pa.Table:
-    """The Parquet table of patterns: ids, keys, shape and location of the first example, counts,
-    and the example's pixels (``example_pixels``: h*w*C bytes, row-major HWC; null when unknown)."""
+    """The Parquet table of patterns: ids, keys, shape and location of the first example, the atom of
+    a code-view pattern (-1 for exact views), counts, and the pattern's pixels (``example_pixels``:
+    h*w*C bytes, row-major HWC; the first example for exact views, the atom drawn for the code view;
+    null when unknown)."""
     if pixels is None:
         pixels = pa.nulls(len(stats["key"]), pa.large_binary())
     loc = plan.locate(stats["slot"])
@@ -30,6 +32,7 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | Non
             "w": pa.array(loc["w"]),
             "cell": pa.array(loc["cell"]),
             "view": pa.array(loc["view"]),
+            "atom": pa.array(stats["atom"] if "atom" in stats else np.full(len(stats["key"]), -1, np.int64)),
             "count": pa.array(stats["count"]),
             "class_counts": pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), cc.shape[1]),
             "example_image": pa.array(stats["example_image"]),

@@ -54,7 +54,8 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         own = fig.add_subplot(grid[r, 1])
         _show(own, img[y : y + h, x : x + w])
         state = "seen" if lookup.seen[r] else ("composed" if lookup.composed[r] else "unmatched")
-        own.set_title(f"#{r + 1} {state}\n{lookup.contribution[r]:+.3f}", fontsize=6, color=color)
+        view = run.view_name(int(lookup.location["view"][r]))
+        own.set_title(f"#{r + 1} {view} {h}x{w} {state}\n{lookup.contribution[r]:+.3f}", fontsize=6, color=color)
         for j in range(k):
             ax = fig.add_subplot(grid[r, j + 2])
             pid = int(lookup.ids[r, j])
@@ -64,7 +65,9 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
             _show(ax, pix.get(pid))
             cc = pats["class_counts"][pid]
             top = run.class_names[int(cc.argmax())] if cc.sum() else "-"
-            ax.set_title(f"d={lookup.distances[r, j]:.2f}\nx{int(pats['count'][pid])} {top}", fontsize=6)
+            atom = int(pats["atom"][pid]) if "atom" in pats else -1
+            what = f"atom {atom}" if atom >= 0 else f"x{int(pats['count'][pid])}"
+            ax.set_title(f"d={lookup.distances[r, j]:.2f}\n{what} {top}", fontsize=6)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -134,10 +134,10 @@ class _Querier:
         self.run = load(root, rule)
         self.args = (k, patches, rule, classifier)
 
-    def table(self, keys, labels, image_ids, names):
+    def table(self, keys, labels, image_ids, names, weights):
         from .batch import result_table
 
-        return result_table(self.run, keys, labels, image_ids, names, *self.args)
+        return result_table(self.run, keys, labels, image_ids, names, *self.args, weights)
 
 
 def query_tables(root: str, batches: Iterator, rule: str | None, k: int, patches: int, classifier: str,
@@ -148,7 +148,7 @@ def query_tables(root: str, batches: Iterator, rule: str | None, k: int, patches
         pool = [actor.remote(root, rule, k, patches, classifier) for _ in range(workers)]
         pending: list = []
         for i, b in enumerate(batches):
-            pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names))
+            pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names, b.weights))
             if len(pending) >= 2 * len(pool):  # bounded: two batches per actor in flight
                 yield _get(ray, pending.pop(0))
         while pending:

@@ -51,10 +51,10 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     """
     if k < 1:
         raise PipelineError(f"--k {k} must be at least 1")
-    keys = run.images_to_keys(image)  # hashed and pooled once for every part of the answer
-    pooled = run.pooled_keys(keys)
+    keys, weights = run.encode(image)  # hashed and pooled once for every part of the answer
+    pooled = run.pooled_keys(keys, weights=weights)
     head = run.classify_pooled(pooled)[0]
-    lookup = run.lookup_keys(keys[0], head, k, top or None)
+    lookup = run.lookup_keys(keys[0], head, k, top or None, None if weights is None else weights[0])
     probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
     near = run.neighbours(pooled.numpy(), k)
     order = np.argsort(-lookup.contribution, kind="stable")

@@ -20,6 +20,7 @@ from . import index as pattern_index
 from . import layout, patterns, unseen
 from .config import ExtractConfig, TrainConfig
 from .errors import PipelineError
+from .codes import Dictionary
 from .hashing import KeyPlan
 from .pixels import as_nhwc, to_channels
 from .shards import KeyBatch, Shards
@@ -75,7 +76,10 @@ class Run:
         self.height: int = self.manifest["height"]
         self.width: int = self.manifest["width"]
         self.class_names: list[str] = self.manifest["class_names"]
-        self.plan = KeyPlan(self.extract_config, self.height, self.width)
+        self.dictionary = (
+            Dictionary.load(self.root / layout.DICTIONARY, self.extract_config.dictionary) if self.extract_config.has_code else None
+        )
+        self.plan = KeyPlan(self.extract_config, self.height, self.width, self.dictionary)
         self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
         self.model = build_model(self.train_config, self.vocab.rows, len(self.class_names))
         state = torch.load(self.root / layout.MODEL, map_location="cpu", weights_only=True)
@@ -116,6 +120,11 @@ class Run:
         t = pq.read_table(path)
         return {c: t.column(c).to_numpy() for c in t.column_names}
 
+    def view_name(self, view: int) -> str:
+        """The name of view ``view`` of a slot (``locate()``'s ``view``): an exact view of ``--views``, or ``code``."""
+        views = [] if self.extract_config.views == "none" else self.extract_config.views.split(",")
+        return views[view] if view < len(views) else "code"
+
     @property
     def table(self) -> np.ndarray:
         return self.model.table.weight.detach().numpy()
@@ -124,6 +133,11 @@ class Run:
 
     def images_to_keys(self, images: np.ndarray) -> np.ndarray:
         """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""
+        return self.encode(images)[0]
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Keys (N x K) of uint8 images hashed the run's way, and their weights (N x K float32; None
+        when every key weighs 1, i.e. the run has no code view)."""
         arr = np.asarray(images)
         if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[:2] == (self.height, self.width):
             arr = arr[None]
@@ -133,7 +147,7 @@ class Run:
                 f"images are {arr.shape[1]}x{arr.shape[2]} but the run was trained on "
                 f"{self.height}x{self.width}; resize them to {self.height}x{self.width}"
             )
-        return self.plan.image_keys(to_channels(arr, self.extract_config.channels))
+        return self.plan.encode(to_channels(arr, self.extract_config.channels))
 
     def nearest_keys(self, keys: np.ndarray) -> tuple[np.ndarray, unseen.Unseen]:
         """``keys`` with each unseen patch's key replaced by its nearest learned pattern's key.
@@ -151,8 +165,9 @@ class Run:
             out[u.image[has][ok], u.slot[has][ok]] = self.vocab.keys[ids[ok, 0]]
         return out, u
 
-    def pooled_keys(self, keys: np.ndarray, rule: str | None = None) -> torch.Tensor:
-        """Pooled image vectors (N x d, the model's bag reduction) for key arrays (N x K).
+    def pooled_keys(self, keys: np.ndarray, rule: str | None = None, weights: np.ndarray | None = None) -> torch.Tensor:
+        """Pooled image vectors (N x d, the model's bag reduction) for key arrays (N x K) with their
+        weights (from :meth:`encode`; None = all 1).
 
         ``rule`` says what unseen patches do (:mod:`pipeline.unseen`); default: the run's
         :attr:`unseen_rule`.
@@ -161,7 +176,7 @@ class Run:
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         if rule == "nearest":
             keys, _ = self.nearest_keys(keys)
-        b = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64))
+        b = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64), weights)
         rows, offsets, counts, _ = b.tensors(torch.device("cpu"))
         weight = self.model.table.weight.detach()
         with torch.no_grad():
@@ -173,13 +188,15 @@ class Run:
                 sums, n = sums + extra, n + m
         return sums / bag_divisor(n, self.train_config.bag)[:, None]
 
-    def predict_keys(self, keys: np.ndarray, rule: str | None = None, classifier: str = "head", k: int = 10) -> np.ndarray:
-        """Class probabilities (N x C) for key arrays (N x K).
+    def predict_keys(
+        self, keys: np.ndarray, rule: str | None = None, classifier: str = "head", k: int = 10, weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Class probabilities (N x C) for key arrays (N x K) and their weights (None = all 1).
 
         ``classifier`` = ``head`` (the trained linear head) or ``knn`` (a vote of the ``k``
         nearest training images by pooled vector; probabilities are vote shares).
         """
-        return self.classify_pooled(self.pooled_keys(keys, rule), classifier, k)
+        return self.classify_pooled(self.pooled_keys(keys, rule, weights), classifier, k)
 
     def classify_pooled(self, pooled: torch.Tensor, classifier: str = "head", k: int = 10) -> np.ndarray:
         """Class probabilities (N x C) of pooled vectors (see :meth:`predict_keys`)."""
@@ -201,7 +218,8 @@ class Run:
 
     def predict(self, images: np.ndarray, rule: str | None = None, classifier: str = "head") -> tuple[np.ndarray, np.ndarray]:
         """(labels N, probabilities N x C) for uint8 images."""
-        probs = self.predict_keys(self.images_to_keys(images), rule, classifier)
+        keys, weights = self.encode(images)
+        probs = self.predict_keys(keys, rule, classifier, weights=weights)
         return probs.argmax(1), probs
 
     # ------------------------------------------------------------ patterns
@@ -231,7 +249,8 @@ class Run:
         """The k nearest training images of each image by pooled vector."""
         if k < 1:
             raise PipelineError(f"--k {k} must be at least 1")
-        return self.neighbours(self.pooled_keys(self.images_to_keys(images), rule).numpy(), k)
+        keys, weights = self.encode(images)
+        return self.neighbours(self.pooled_keys(keys, rule, weights).numpy(), k)
 
     def neighbours(self, pooled: np.ndarray, k: int) -> ImageLookup:
         """The k nearest training images of pooled vectors (N x d, from :meth:`pooled_keys`)."""
@@ -262,16 +281,19 @@ class Run:
             ok = pid >= 0
             d[ok], ids[ok] = pattern_index.search(self.index, self.table[pid[ok]], k)
             return d, ids
-        keys = self.images_to_keys(arr)
+        keys, weights = self.encode(arr)
         if len(keys) != 1:
             raise PipelineError("nearest_patterns takes one image; call it once per image")
-        return self.lookup_keys(keys[0], self.predict_keys(keys)[0], k, top)
+        w = None if weights is None else weights[0]
+        return self.lookup_keys(keys[0], self.predict_keys(keys, weights=weights)[0], k, top, w)
 
-    def lookup_keys(self, keys: np.ndarray, probs: np.ndarray, k: int, top: int | None) -> PatchLookup:
-        """:meth:`nearest_patterns` for one image's keys (K) whose class probabilities are known."""
+    def lookup_keys(self, keys: np.ndarray, probs: np.ndarray, k: int, top: int | None, weights: np.ndarray | None = None) -> PatchLookup:
+        """:meth:`nearest_patterns` for one image's keys (K) and weights whose class probabilities are known."""
         vectors, seen, composed = self.patch_vectors(keys)
         has = seen | composed
-        contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) / len(keys), 0.0)
+        w = np.ones(len(keys), np.float32) if weights is None else weights
+        share = w / max(float(w.sum()), 1e-12)
+        contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) * share, 0.0)
         slots = np.arange(len(keys)) if top is None else np.argsort(-contribution, kind="stable")[:top]
         d = np.full((len(slots), k), np.inf, np.float32)
         ids = np.full((len(slots), k), -1, np.int64)
@@ -319,13 +341,15 @@ class Run:
                     sl = slice(i, i + batch_size)
                     if progress:
                         progress(len(b.labels[sl]))
-                    yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], b.names[sl])
+                    w = None if b.weights is None else b.weights[sl]
+                    yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], b.names[sl], w)
             return
         mapping = self._label_map(data.class_names, data.path)
         for b in data.batches(batch_size, self.extract_config.channels, self.extract_config.resize):
             if progress:
                 progress(len(b.labels))
-            yield KeyBatch(b.ids, mapping[b.labels], self.images_to_keys(b.images), b.names)
+            keys, weights = self.encode(b.images)
+            yield KeyBatch(b.ids, mapping[b.labels], keys, b.names, weights)
 
     def evaluate(
         self,
@@ -341,7 +365,7 @@ class Run:
             ok = b.labels >= 0
             if not ok.any():
                 continue
-            probs = self.predict_keys(b.keys[ok], rule, classifier, k)
+            probs = self.predict_keys(b.keys[ok], rule, classifier, k, None if b.weights is None else b.weights[ok])
             y = b.labels[ok]
             loss_sum += float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).sum())
             correct += int((probs.argmax(1) == y).sum())

@@ -5,7 +5,10 @@ Each row holds ``image_id`` (int64, position in the source order), ``label``
 binary value holding the image's keys as little-endian uint64, one
 position-free content key per patch in the patch order of
 :class:`pipeline.hashing.KeyPlan` (key j of every row is the same shape and
-location). Keys that include the grid cell are derived from these when read
+location). With a code view (format v3) two more fixed-size columns hold, per
+code slot, the atom id (``code_atoms``, little-endian uint16) and its weight
+(``code_weights``, little-endian float32). Keys that include the grid cell, and
+the code view's keys, are derived from these when read
 (:meth:`Shards.iter_batches`), so they cost no disk. Files are named
 ``part-00000-of-00004.parquet``; the manifest, written last, is the commit point.
 The layout and codec were chosen by ``benchmarks/storage.py``; see docs/format.md.
@@ -27,12 +30,13 @@ from .config import ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
 
-FORMAT = "patchhash-shards-v2"
+FORMAT = "patchhash-shards-v3"
+READABLE_FORMATS = ("patchhash-shards-v2", FORMAT)  # v2: no code view
 CODECS = ("snappy", "lz4", "zstd", "none")
 DEFAULT_CODEC = "snappy"  # chosen by benchmarks/storage.py (docs/format.md)
 
 
-def schema(patches_per_image: int, config: ExtractConfig) -> pa.Schema:
+def schema(patches_per_image: int, config: ExtractConfig, code_slots: int = 0) -> pa.Schema:
     meta = {
         b"patchhash.format": FORMAT.encode(),
         b"patchhash.fingerprint": config.fingerprint().encode(),
@@ -43,14 +47,31 @@ def schema(patches_per_image: int, config: ExtractConfig) -> pa.Schema:
             pa.field("image_id", pa.int64(), nullable=False),
             pa.field("label", pa.int32(), nullable=False),
             pa.field("name", pa.string(), nullable=False),
-            # one fixed-size blob per image: no per-key levels to encode, the fastest layout measured
-            pa.field(
-                "patch_keys",
-                pa.binary(8 * patches_per_image),
-                nullable=False,
-                metadata={b"patchhash.encoding": f"little-endian uint64 x {patches_per_image}, patch order".encode()},
-            ),
-        ],
+        ]
+        # one fixed-size blob per image: no per-key levels to encode, the fastest layout measured
+        # (left out when there are no exact views: Parquet has no zero-width values)
+        + (
+            [
+                pa.field(
+                    "patch_keys",
+                    pa.binary(8 * patches_per_image),
+                    nullable=False,
+                    metadata={b"patchhash.encoding": f"little-endian uint64 x {patches_per_image}, patch order".encode()},
+                )
+            ]
+            if patches_per_image
+            else []
+        )
+        + (
+            [
+                pa.field("code_atoms", pa.binary(2 * code_slots), nullable=False,
+                         metadata={b"patchhash.encoding": f"little-endian uint16 x {code_slots}, code slot order".encode()}),
+                pa.field("code_weights", pa.binary(4 * code_slots), nullable=False,
+                         metadata={b"patchhash.encoding": f"little-endian float32 x {code_slots}, code slot order".encode()}),
+            ]
+            if code_slots
+            else []
+        ),
         metadata=meta,
     )
 
@@ -75,24 +96,26 @@ class ShardWriter:
             write_statistics=["image_id", "label"],
         )
 
-    def write(self, image_ids: np.ndarray, labels: np.ndarray, names: list[str], patch_keys: np.ndarray) -> None:
-        """Append one row group: one row per image, ``patch_keys`` N x patches_per_image uint64."""
-        blob_type = self.schema.field("patch_keys").type
-        keys = np.ascontiguousarray(patch_keys, dtype="<u8")
-        if keys.shape[1] * 8 != blob_type.byte_width:
-            raise ValueError(f"{keys.shape[1]} keys per image do not fit the shard's {blob_type.byte_width // 8}")
-        table = pa.Table.from_arrays(
-            [
-                pa.array(image_ids, pa.int64()),
-                pa.array(labels, pa.int32()),
-                pa.array(names, pa.string()),
-                pa.FixedSizeBinaryArray.from_buffers(blob_type, len(keys), [None, pa.py_buffer(keys)]),
-            ],
-            schema=self.schema,
-        )
+    def write(
+        self, image_ids: np.ndarray, labels: np.ndarray, names: list[str], patch_keys: np.ndarray,
+        code_atoms: np.ndarray | None = None, code_weights: np.ndarray | None = None,
+    ) -> None:
+        """Append one row group: one row per image, ``patch_keys`` N x patches_per_image uint64 and,
+        with a code view, ``code_atoms`` / ``code_weights`` N x code_slots."""
+        blobs = [("patch_keys", patch_keys, "<u8")] if "patch_keys" in self.schema.names else []
+        if "code_atoms" in self.schema.names:
+            blobs += [("code_atoms", code_atoms, "<u2"), ("code_weights", code_weights, "<f4")]
+        arrays = [pa.array(image_ids, pa.int64()), pa.array(labels, pa.int32()), pa.array(names, pa.string())]
+        for name, values, dtype in blobs:
+            blob_type = self.schema.field(name).type
+            a = np.ascontiguousarray(values, dtype=dtype)
+            if a.ndim != 2 or a.shape[1] * a.itemsize != blob_type.byte_width:
+                raise ValueError(f"{name}: {a.shape[1:]} values per image do not fit the shard's {blob_type.byte_width // a.itemsize}")
+            arrays.append(pa.FixedSizeBinaryArray.from_buffers(blob_type, len(a), [None, pa.py_buffer(a)]))
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._writer.write_table(table)
         self.rows += len(image_ids)
-        self.patches += patch_keys.size
+        self.patches += patch_keys.size + (code_atoms.size if code_atoms is not None else 0)
 
     def close(self) -> dict:
         self._writer.close()
@@ -112,6 +135,8 @@ class KeyBatch:
     labels: np.ndarray  # int64
     keys: np.ndarray  # N x keys_per_image uint64, key order (position keys derived)
     names: list[str] | None = None  # file names, when read (``names=True``)
+    weights: np.ndarray | None = None  # N x keys_per_image float32 in key order; None = every weight 1
+    atoms: np.ndarray | None = None  # content batches only: N x code_slots uint16 atom ids of the code view
 
 
 class Shards:
@@ -131,7 +156,7 @@ class Shards:
             self.manifest = layout.read_json(mpath)
         except (ValueError, OSError) as e:
             raise PipelineError(f"{mpath} is not valid JSON ({e}); run pipe extract again") from None
-        if self.manifest.get("format") != FORMAT:
+        if self.manifest.get("format") not in READABLE_FORMATS:
             raise PipelineError(f"{root} was written in format {self.manifest.get('format')!r}, expected {FORMAT!r}; extract again")
         self.config = ExtractConfig.from_dict(self.manifest["config"])
         self.fingerprint: str = self.manifest["fingerprint"]
@@ -152,7 +177,18 @@ class Shards:
         return int(self.manifest["patches_per_image"])
 
     def plan(self) -> KeyPlan:
+        """The key plan of these shards (without the dictionary: the stored codes need none)."""
         return KeyPlan(self.config, self.height, self.width)
+
+    @property
+    def dictionary_path(self) -> Path:
+        return self.root / layout.DICTIONARY
+
+    def dictionary(self):
+        """The code view's dictionary, checked against the config's digest; None without a code view."""
+        from .codes import Dictionary
+
+        return Dictionary.load(self.dictionary_path, self.config.dictionary) if self.config.has_code else None
 
     def files(self) -> list[Path]:
         return [self.root / s["file"] for s in self.manifest["shards"]]
@@ -161,7 +197,9 @@ class Shards:
         if self.fingerprint != expected:
             raise PipelineError(
                 f"{self.root} was extracted with config {self.fingerprint}, but {what} expects {expected}; "
-                "extract the images again with the run's settings (or pass the image source instead)"
+                "extract the images again with the run's settings"
+                + (" and --dictionary RUN/dictionary.npz" if self.config.has_code else "")
+                + " (or pass the image source instead)"
             )
 
     def _open(self, path: Path) -> pq.ParquetFile:
@@ -177,7 +215,9 @@ class Shards:
     def iter_content(
         self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None, names: bool = False
     ) -> Iterator[KeyBatch]:
-        """Yield one :class:`KeyBatch` per Parquet row group with the stored content keys (patch order).
+        """Yield one :class:`KeyBatch` per Parquet row group with the stored content keys (exact patches,
+        patch order), and with a code view the stored atom ids (``atoms``) and weights (``weights``,
+        code slot order).
 
         ``groups`` reads exactly those (file, row group) pairs in that order; else every row
         group of ``files`` (default all shards) in order.
@@ -185,14 +225,19 @@ class Shards:
         if groups is None:
             groups = [(path, rg) for path in (files if files is not None else self.files()) for rg in range(self._open(path).num_row_groups)]
         opened: dict[Path, pq.ParquetFile] = {}
+        code = self.code_slots
+        exact = self.patches_per_image - code
         for path, rg in groups:
             pf = opened.get(path) or opened.setdefault(path, self._open(path))
-            t = pf.read_row_group(rg, columns=["image_id", "label", "patch_keys"] + (["name"] if names else []))
+            cols = ["image_id", "label"] + (["patch_keys"] if exact else []) + (["code_atoms", "code_weights"] if code else [])
+            t = pf.read_row_group(rg, columns=cols + (["name"] if names else []))
             yield KeyBatch(
                 t.column("image_id").to_numpy().astype(np.int64),
                 t.column("label").to_numpy().astype(np.int64),
-                patch_matrix(t.column("patch_keys"), self.patches_per_image),
+                patch_matrix(t.column("patch_keys"), exact) if exact else np.empty((len(t), 0), np.uint64),
                 t.column("name").to_pylist() if names else None,
+                patch_matrix(t.column("code_weights"), code, "<f4") if code else None,
+                patch_matrix(t.column("code_atoms"), code, "<u2") if code else None,
             )
 
     def iter_batches(
@@ -201,14 +246,21 @@ class Shards:
         """Yield one :class:`KeyBatch` per Parquet row group with keys in key order (see :meth:`iter_content`)."""
         plan = self.plan()
         for b in self.iter_content(files, groups, names):
-            yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys), b.names)
+            yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys, b.atoms), b.names, plan.expand_weights(b.weights))
+
+    @property
+    def code_slots(self) -> int:
+        """Atom ids (and weights) stored per image for the code view; 0 without one."""
+        return int(self.manifest.get("code_slots", 0))
 
 
-def patch_matrix(column: pa.ChunkedArray, patches_per_image: int) -> np.ndarray:
-    """The ``patch_keys`` column as an N x patches_per_image uint64 array (zero-copy for one chunk)."""
+def patch_matrix(column: pa.ChunkedArray, per_image: int, dtype: str = "<u8") -> np.ndarray:
+    """A fixed-size binary column as an N x per_image array of ``dtype`` (zero-copy for one chunk;
+    ``patch_keys`` by default, as uint64)."""
     col = column.combine_chunks()
+    native = np.dtype(dtype).newbyteorder("=")
     if len(col) == 0:
-        return np.empty((0, patches_per_image), np.uint64)
-    flat = np.frombuffer(col.buffers()[1], dtype="<u8")
-    flat = flat[col.offset * patches_per_image : (col.offset + len(col)) * patches_per_image]
-    return flat.reshape(len(col), patches_per_image).astype(np.uint64, copy=False)
+        return np.empty((0, per_image), native)
+    flat = np.frombuffer(col.buffers()[1], dtype=dtype)
+    flat = flat[col.offset * per_image : (col.offset + len(col)) * per_image]
+    return flat.reshape(len(col), per_image).astype(native, copy=False)

@@ -98,7 +98,11 @@ def _prepare(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, re
             what = ", ".join(diffs) or "the shards"
             raise PipelineError(f"--out {out} was trained with different settings ({what}); resume with the same settings or start a new run")
         return True
+    if shards.config.has_code:
+        shards.dictionary()  # refuses a dictionary file that is not the config's, before anything is written
     layout.prepare_output_dir(out, overwrite, layout.RUN_MANIFEST, "run")
+    if shards.config.has_code:  # queries code new images with the dictionary the shards were coded with
+        layout.copy_file(shards.dictionary_path, out / layout.DICTIONARY)
     layout.write_json(out / layout.TRAIN_JOB, job)
     return False
 
@@ -172,7 +176,7 @@ def _save_model(out: Path, model: PatchBagModel) -> None:
 
 def _build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
     v = vocab.build(
-        lambda: (keys for keys, _, _ in part_batches(shards, False, config.val_fraction)),
+        lambda: (keys for keys, _, _, _ in part_batches(shards, False, config.val_fraction)),
         config.min_count, config.buckets, progress, config.vocab_mb,
     )
     if v.size == 0:

@@ -106,15 +106,20 @@ class Vocabulary:
         out = np.empty(keys.shape, np.int64)
         return kernels.lookup_rows(keys, self._slots, len(self.keys), self.buckets, out)
 
-    def bags(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def bags(self, keys: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each image's keys (N x K) as distinct rows with counts: (rows, offsets N+1, counts float32).
 
-        Not thread-safe (it uses scratch arrays of the vocabulary); one reader at a time.
+        With ``weights`` (N x K float32) a row's count is the sum of its keys' weights instead of
+        how many there are. Not thread-safe (it uses scratch arrays of the vocabulary); one
+        reader at a time.
         """
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        w = np.zeros((0, 0), np.float32) if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+        if weights is not None and w.shape != keys.shape:
+            raise ValueError(f"weights of shape {w.shape} do not match keys of shape {keys.shape}")
         if self._local is None or len(self._local) < 2 * keys.shape[1]:
             self._local = np.zeros((_table_size(keys.shape[1]), 2), np.uint64)
-        return kernels.bag_rows(keys, self._slots, len(self.keys), self.buckets, self._local, self._stamp, self._where)
+        return kernels.bag_rows(keys, w, self._slots, len(self.keys), self.buckets, self._local, self._stamp, self._where)
 
     def save(self, path: Path) -> None:
         from . import layout

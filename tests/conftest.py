@@ -36,8 +36,9 @@ def digits_run(digits_shards, tmp_path_factory) -> Path:
 def one_view_config(**kw) -> ExtractConfig:
     """One ``levels`` view with both position modes (the extract defaults before the ordinal
     view with grid keys became the default): what the hashing tests, their brute-force
-    references and the golden keys are written for. ``kw`` overrides any field."""
-    return ExtractConfig(**{"views": "levels", "position": "both", **kw})
+    references and the golden keys are written for, without the code view, with the 4x4 grid and
+    patches up to 3x3 that were the defaults then. ``kw`` overrides any field."""
+    return ExtractConfig(**{"views": "levels", "position": "both", "code_shapes": "none", "max_h": 3, "max_w": 3, "grid": 4, **kw})
 
 
 def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, split: str | None = None) -> Path:

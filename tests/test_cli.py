@@ -30,8 +30,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     r = run("extract", "digits", "--out", root / "shards")
     assert r.exit_code == 0, r.output
-    # 441 patches per view of an 8x8 image up to 3x3 ((8+7+6)**2); two views (levels,grad), one grid key each
-    assert "898 images (8x8, 1 channel(s)), 792,036 patches (792,036 keys) in 1 shard(s)" in r.stdout
+    # 441 patches per view of an 8x8 image up to 3x3 ((8+7+6)**2); two exact views (levels,grad), one grid key each;
+    # and the code view: 25 4x4 patches x 5 nearest atoms
+    assert "898 images (8x8, 1 channel(s)), 904,286 patches (904,286 keys) in 1 shard(s)" in r.stdout
     r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--dim", "16")
     assert r.exit_code == 0, r.output
     assert "epoch 2: train loss" in r.output and "run written to" in r.stdout and "distinct keys" in r.stdout
@@ -59,15 +60,15 @@ def test_query_text_and_json(trained, tmp_path):
         paths.append(p)
     r = run("query", trained / "run", *paths, "--k", "2", "--patches", "3")
     assert r.exit_code == 0, r.output
-    assert r.stdout.count("patches: 882 (") == 2 and "nearest: #" in r.stdout
+    assert r.stdout.count("patches: 1007 (") == 2 and "nearest: #" in r.stdout
     r = run("query", trained / "run", *paths, "--k", "2", "--patches", "0", "--json")
     objs = [json.loads(l) for l in r.stdout.splitlines()]
     assert len(objs) == 2
     o = objs[0]
     assert o["prediction"] in [str(c) for c in range(10)]
     assert abs(sum(o["probabilities"].values()) - 1) < 1e-5
-    assert len(o["top_patches"]) == 882 == o["patches"]["total"]
-    assert o["patches"]["seen"] + o["patches"]["composed"] + o["patches"]["unmatched"] == 882
+    assert len(o["top_patches"]) == 1007 == o["patches"]["total"]
+    assert o["patches"]["seen"] + o["patches"]["composed"] + o["patches"]["unmatched"] == 1007
     assert sum(not p["seen"] for p in o["top_patches"]) == o["patches"]["total"] - o["patches"]["seen"]
     assert all(len(p["nearest"]) == 2 for p in o["top_patches"] if p["seen"] or p["composed"])
 
@@ -128,7 +129,8 @@ def test_bad_options(trained, tmp_path):
 def test_cifar_archive_end_to_end(tmp_path):
     r = run("extract", CIFAR_TAR, "--per-class", "6", "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
-    assert "60 images (32x32, 3 channel(s)), 1,037,880 patches" in r.stdout  # 60 x 8,649 per view x 2 views
+    # 60 images and their mirrors (--augment auto on colour) x (3,969 levels patches up to 2x2 + 729 6x6 code patches x 5 atoms)
+    assert "120 images (with 1 augmented copies each) (32x32, 3 channel(s)), 913,680 patches" in r.stdout
     r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--val-fraction", "0.2")
     assert r.exit_code == 0, r.output
     r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")

@@ -96,7 +96,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert _manifest(killed) == _manifest(clean)
     files = sorted(p.name for p in clean.iterdir())
-    assert files == sorted(p.name for p in killed.iterdir()) and len(files) == 899
+    # 898 shards, the manifest and the code view's dictionary (the resumed extract kept the one it had fitted)
+    assert files == sorted(p.name for p in killed.iterdir()) and len(files) == 900
     for name in files:
         if name.endswith(".parquet"):
             assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
@@ -108,7 +109,8 @@ def test_same_settings_resume_and_different_settings_are_refused(tmp_path):
     m = pipeline.extract(src, out, images_per_shard=20)
     again = pipeline.extract(src, out, images_per_shard=20)
     assert again["resumed_shards"] == 3 and again["shards"] == m["shards"]
-    with pytest.raises(PipelineError, match=r"finished extract with different settings \(config.levels, fingerprint\).*--overwrite"):
+    # (--levels 8 also changes what --max-size auto resolves to: 8**4 possible 2x2 contents fit 2**24, 8**9 do not)
+    with pytest.raises(PipelineError, match=r"finished extract with different settings \(config.levels, config.max_h, config.max_w, fingerprint\).*--overwrite"):
         pipeline.extract(src, out, pipeline.ExtractConfig(levels=8), images_per_shard=20)
     with pytest.raises(PipelineError, match=r"different settings \(compression\)"):
         pipeline.extract(src, out, images_per_shard=20, compression="zstd")
@@ -125,8 +127,9 @@ def test_same_settings_resume_and_different_settings_are_refused(tmp_path):
 def test_every_codec_reads_back_the_same_keys(tmp_path, codec):
     imgs, labels = digits_images("train", 10)
     pipeline.extract(from_arrays(imgs, labels), tmp_path / codec, compression=codec)
-    keys = np.concatenate([b.keys for b in pipeline.open_shards(tmp_path / codec).iter_batches()])
-    assert np.array_equal(keys, KeyPlan(pipeline.ExtractConfig(color="gray"), 8, 8).image_keys(imgs))
+    sh = pipeline.open_shards(tmp_path / codec)
+    keys = np.concatenate([b.keys for b in sh.iter_batches()])
+    assert np.array_equal(keys, KeyPlan(sh.config, 8, 8, sh.dictionary()).image_keys(imgs))
 
 
 def test_bad_files_are_skipped_and_counted_per_shard(tmp_path):
@@ -273,7 +276,7 @@ def test_augmented_copies_follow_their_image(tmp_path):
                 want.append(shifted)
     assert np.array_equal(keys[30:40], plan.content_keys(symbols(np.stack(want), cfg.levels)))
     assert np.array_equal(is_validation(ids, 0.3).reshape(12, 10), np.repeat(is_validation(np.arange(12), 0.3)[:, None], 10, 1))
-    val_ids = np.concatenate([i for _, _, i in part_batches(sh, True, 0.3)])
+    val_ids = np.concatenate([i for _, _, i, _ in part_batches(sh, True, 0.3)])
     assert (val_ids < augment.VARIANT_STRIDE).all() and len(val_ids) == is_validation(np.arange(12), 0.3).sum()
     with pytest.raises(pipeline.PipelineError, match="--augment"):
         pipeline.extract(from_arrays(imgs, labels), tmp_path / "t", cfg, augment="rotate")

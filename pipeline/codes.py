@@ -1,0 +1,276 @@
+"""The code view: patches assigned to their nearest atoms of a learned dictionary, with a weight each.
+
+For every code shape (h x w) a patch of ``h*w*C`` pixel values ``p`` (0..255) is
+
+1. normalised for brightness and contrast: ``n = (p - mean(p)) / sqrt(var(p) + CONTRAST)``;
+2. whitened: ``z = (n - mu) @ W`` with ``W`` the ZCA matrix ``V diag(1 / sqrt(lambda + eps)) V^T``
+   of the normalised patches' covariance (``eps`` = ``--whiten``; 0 turns whitening off);
+3. compared with the shape's K atoms ``c_j`` (FAISS k-means on whitened sample patches):
+   ``d_j = ||z - c_j||``. The patch keeps its ``k`` nearest atoms, nearest first, with weight
+   ``max(0, mean_j d_j - d_a)`` (``triangle``, the soft code of Coates, Lee & Ng 2011, kept
+   to the k nearest) or 1 (``hard``).
+
+A :class:`Dictionary` holds, per shape, ``mu``, ``W`` and the atoms; it is saved as a plain
+``.npz`` (no pickle) whose SHA-256 is recorded in the extract config, so shards, runs and
+queries coded with another dictionary are refused. The distances are one matrix product
+per block of patches (BLAS through numpy); choosing the k nearest is a compiled loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from numba import njit, prange
+from numpy.lib.stride_tricks import sliding_window_view
+
+from . import layout
+from .errors import PipelineError
+
+CONTRAST = 10.0  # added to each patch's variance (pixel values 0..255) before dividing by its square root
+BLOCK_PATCHES = 16384  # patches per matrix product: 64 MiB of distances at K = 1024
+WEIGHTS = ("triangle", "hard")
+FIT_PATCHES_PER_IMAGE = 20  # the fit's sample takes about this many patches from each image it reads
+FIT_MIN_IMAGES = 1000  # ... from at least this many images (all, when the source has fewer)
+
+
+def auto_shapes(height: int, width: int) -> list[tuple[int, int]]:
+    """The code view's shapes for ``--code-shapes auto``: one square of side ``min(6, min(height, width) // 2)``
+    (4x4 on 8x8 images, 6x6 from 12x12 up); none for images smaller than 4 pixels on a side."""
+    side = min(height, width)
+    if side < 4:
+        return []
+    s = min(6, side // 2)
+    return [(s, s)]
+DICTIONARY_FORMAT = "patchhash-dictionary-v1"
+
+
+def patch_matrix(images: np.ndarray, h: int, w: int, stride: int) -> tuple[np.ndarray, int, int]:
+    """Every h x w patch of N x H x W x C uint8 images as float32 rows (N * ny * nx x h*w*C, row-major HWC),
+    locations in row-major order with steps of ``stride``; returns (patches, ny, nx)."""
+    view = sliding_window_view(images, (h, w), axis=(1, 2))[:, ::stride, ::stride]  # N x ny x nx x C x h x w
+    n, ny, nx = view.shape[:3]
+    return np.ascontiguousarray(view.transpose(0, 1, 2, 4, 5, 3), dtype=np.float32).reshape(n * ny * nx, -1), ny, nx
+
+
+def normalise(patches: np.ndarray) -> np.ndarray:
+    """Brightness and contrast normalisation of each row, in place; returns it."""
+    patches -= patches.mean(1, keepdims=True)
+    patches /= np.sqrt(patches.var(1, keepdims=True) + CONTRAST)
+    return patches
+
+
+def zca(sample: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, ZCA matrix) of normalised sample rows; ``eps`` regularises the eigenvalues, 0 = identity."""
+    mu = sample.mean(0)
+    if eps == 0:
+        return mu.astype(np.float32), np.eye(sample.shape[1], dtype=np.float32)
+    cov = np.cov(sample - mu, rowvar=False).astype(np.float64)
+    lam, vec = np.linalg.eigh(cov)
+    w = (vec / np.sqrt(np.maximum(lam, 0) + eps)) @ vec.T
+    return mu.astype(np.float32), w.astype(np.float32)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"})  # no nnan/ninf: inf marks empty places
+def _select(zc, z2, c2, k, hard, atoms, weights, row0):
+    """For each patch r of a block, from ``zc = z @ atoms.T`` (B x K) and the squared norms of the
+    patches (``z2``) and atoms (``c2``): the k nearest atoms (nearest first, ties to the lower id)
+    and their weights, written to rows row0.. of ``atoms`` / ``weights``. Rows run in parallel."""
+    b, n = zc.shape
+    for r in prange(b):
+        dist = np.empty(n, np.float32)
+        zr = z2[r]
+        total = np.float32(0.0)
+        for j in range(n):  # a loop without branches, so it vectorizes
+            dist[j] = np.sqrt(max(zr + c2[j] - np.float32(2.0) * zc[r, j], np.float32(0.0)))
+            total += dist[j]
+        best_d = np.full(k, np.inf, np.float32)
+        best_i = np.full(k, n, np.int64)
+        for j in range(n):
+            d = dist[j]
+            if d < best_d[k - 1]:
+                q = k - 1
+                while q > 0 and best_d[q - 1] > d:
+                    best_d[q] = best_d[q - 1]
+                    best_i[q] = best_i[q - 1]
+                    q -= 1
+                best_d[q] = d
+                best_i[q] = j
+        mean = total / n
+        for j in range(k):
+            atoms[row0 + r, j] = best_i[j]
+            if hard:
+                weights[row0 + r, j] = 1.0
+            else:
+                wv = mean - best_d[j]
+                weights[row0 + r, j] = wv if wv > 0 else 0.0
+
+
+@dataclass
+class ShapeCode:
+    """One shape's dictionary: whitening and atoms."""
+
+    h: int
+    w: int
+    mean: np.ndarray  # d float32: mean of the normalised sample patches
+    whiten: np.ndarray  # d x d float32
+    atoms: np.ndarray  # K x d float32, whitened space
+
+    @property
+    def size(self) -> int:
+        return len(self.atoms)
+
+    def encode(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised-and-whitened codes of raw patch rows (P x d float32, changed in place):
+        (atoms P x k int64, weights P x k float32)."""
+        normalise(patches)
+        atoms = np.empty((len(patches), k), np.int64)
+        weights = np.empty((len(patches), k), np.float32)
+        c2 = (self.atoms.astype(np.float32) ** 2).sum(1)
+        for s in range(0, len(patches), BLOCK_PATCHES):
+            z = (patches[s : s + BLOCK_PATCHES] - self.mean) @ self.whiten
+            _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
+        return atoms, weights
+
+    def pixels(self, channels: int) -> np.ndarray:
+        """Every atom shown as pixels (K x h x w x C uint8): un-whitened back to a normalised patch,
+        then each stretched linearly to 0..255."""
+        inv = np.linalg.pinv(self.whiten.astype(np.float64))
+        x = self.atoms.astype(np.float64) @ inv + self.mean
+        lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
+        x = (x - lo) * (255.0 / np.maximum(hi - lo, 1e-9))
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(len(x), self.h, self.w, channels)
+
+
+@dataclass
+class Dictionary:
+    """The code view's dictionaries, one per code shape, in the config's shape order."""
+
+    shapes: list[ShapeCode]
+    channels: int
+
+    def shape(self, h: int, w: int) -> ShapeCode:
+        for s in self.shapes:
+            if (s.h, s.w) == (h, w):
+                return s
+        raise PipelineError(f"the dictionary has no {h}x{w} atoms; extract again with this shape in --code-shapes")
+
+    def encode(self, images: np.ndarray, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of N x H x W x C uint8 images: (atoms N x S uint16, weights N x S float32) over the
+        code slots, for each shape then each rank (nearest first) then each location (row-major)."""
+        n = len(images)
+        atoms, weights = [], []
+        for s in self.shapes:
+            p, ny, nx = patch_matrix(images, s.h, s.w, stride)
+            a, wt = s.encode(p, k, weighting == "hard")
+            atoms.append(a.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+            weights.append(wt.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+        return np.concatenate(atoms, 1).astype(np.uint16), np.ascontiguousarray(np.concatenate(weights, 1))
+
+    def to_bytes(self) -> bytes:
+        arrays = {"format": np.array(DICTIONARY_FORMAT), "channels": np.int64(self.channels),
+                  "shapes": np.array([[s.h, s.w] for s in self.shapes], np.int64)}
+        for i, s in enumerate(self.shapes):
+            arrays[f"mean_{i}"], arrays[f"whiten_{i}"], arrays[f"atoms_{i}"] = s.mean, s.whiten, s.atoms
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    def digest(self) -> str:
+        """SHA-256 of the saved form (what the extract config records)."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: Path) -> str:
+        """Write the dictionary atomically; returns its digest."""
+        data = self.to_bytes()
+        tmp = layout.tmp_path(path)
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def load(cls, path: Path | str, expected: str | None = None) -> "Dictionary":
+        """Read a dictionary; ``expected`` (a digest) refuses any other dictionary in one line."""
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"dictionary {path} is missing; extract again (or pass --dictionary with the training shards' {layout.DICTIONARY})")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if expected is not None and digest != expected:
+            raise PipelineError(
+                f"dictionary {path} ({digest[:12]}) is not the one these keys were made with ({expected[:12]}); "
+                "use the dictionary of the training shards, or extract again"
+            )
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                if str(z["format"]) != DICTIONARY_FORMAT:
+                    raise ValueError(f"format {z['format']}")
+                shapes = [
+                    ShapeCode(int(h), int(w), z[f"mean_{i}"], z[f"whiten_{i}"], z[f"atoms_{i}"])
+                    for i, (h, w) in enumerate(z["shapes"])
+                ]
+                return cls(shapes, int(z["channels"]))
+        except (ValueError, KeyError, OSError) as e:
+            raise PipelineError(f"{path} is not a patchhash dictionary ({e}); extract again") from None
+
+
+def fit(
+    images: Iterable[np.ndarray],
+    shapes: list[tuple[int, int]],
+    atoms: int,
+    eps: float,
+    sample: int,
+    seed: int,
+    channels: int,
+) -> Dictionary:
+    """Fit each shape's whitening and atoms on patches sampled from ``images`` (batches of
+    N x H x W x C uint8): up to ``sample`` patches per shape, drawn uniformly from every image
+    with a seeded generator, then ``faiss.Kmeans`` (seeded) in the whitened space."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    batches = list(images)
+    n_images = sum(len(b) for b in batches)
+    if n_images == 0:
+        raise PipelineError("no images to fit the code dictionary on")
+    out = []
+    for h, w in shapes:
+        per = max(1, -(-sample // n_images))
+        rows = []
+        for b in batches:
+            p, ny, nx = patch_matrix(b, h, w, 1)
+            pick = rng.integers(0, ny * nx, size=(len(b), per)) + (np.arange(len(b)) * ny * nx)[:, None]
+            rows.append(p[pick.ravel()])
+        x = normalise(np.concatenate(rows)[:sample])
+        if len(x) < atoms:
+            raise PipelineError(
+                f"--atoms {atoms} is more than the {len(x)} {h}x{w} patches sampled to fit them; use fewer atoms or more images"
+            )
+        mu, wz = zca(x, eps)
+        z = np.ascontiguousarray((x - mu) @ wz, dtype=np.float32)
+        km = faiss.Kmeans(z.shape[1], atoms, niter=20, seed=seed + 1, max_points_per_centroid=max(256, len(z) // atoms + 1))
+        km.train(z)
+        out.append(ShapeCode(h, w, mu, wz, np.ascontiguousarray(km.centroids, dtype=np.float32)))
+    return Dictionary(out, channels)
+
+
+def brute_force(images: np.ndarray, d: Dictionary, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Dictionary.encode` written directly in float64 numpy (for tests): same layout and ties."""
+    n = len(images)
+    atoms, weights = [], []
+    for s in d.shapes:
+        view = sliding_window_view(images.astype(np.float64), (s.h, s.w), axis=(1, 2))[:, ::stride, ::stride]
+        ny, nx = view.shape[1:3]
+        p = view.transpose(0, 1, 2, 4, 5, 3).reshape(n * ny * nx, -1)
+        p = (p - p.mean(1, keepdims=True)) / np.sqrt(p.var(1, keepdims=True) + CONTRAST)
+        z = (p - s.mean) @ s.whiten.astype(np.float64)
+        dist = np.sqrt(((z[:, None, :] - s.atoms[None].astype(np.float64)) ** 2).sum(-1))
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        near = np.take_along_axis(dist, order, 1)
+        wt = np.ones_like(near) if weighting == "hard" else np.maximum(0, dist.mean(1, keepdims=True) - near)
+        atoms.append(order.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+        weights.append(wt.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+    return np.concatenate(atoms, 1), np.concatenate(weights, 1)

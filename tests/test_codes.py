@@ -1,0 +1,253 @@
+"""The code view: dictionary fit, coding against brute force, whitening, golden keys, weights through
+shards, training and query on a code-view run, and refused dictionary mismatches."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import pipeline
+from cli.main import main
+from pipeline import ExtractConfig, TrainConfig, codes
+from pipeline.config import POSITION_MODES
+from pipeline.errors import PipelineError
+from pipeline.hashing import KeyPlan, reference_code_key
+from pipeline.images import encode_png
+
+from .conftest import digits_images
+
+# code-view keys by their definition (docs/hashing.md, "Code view"): (atom, h, w, cell, seed, mode) -> key
+GOLDEN = [
+    ((0, 6, 6, -1, 0, "grid"), 0x18942BDA82B00424),
+    ((5, 6, 6, 3, 0, "grid"), 0x0F6843BFDA3CB64E),
+    ((1023, 4, 8, 0, 7, "offset"), 0x8ECD1243ACE18AB0),
+]
+
+
+def small_dictionary(shapes=((2, 2), (2, 3)), atoms=8, eps=0.1, seed=0, channels=1):
+    imgs, _ = digits_images("train", 200)
+    if channels == 3:
+        imgs = np.repeat(imgs, 3, -1)
+    return codes.fit([imgs[:100], imgs[100:]], list(shapes), atoms, eps, 3000, seed, channels), imgs
+
+
+def test_fit_is_deterministic_for_a_seed():
+    a, _ = small_dictionary(seed=3)
+    b, _ = small_dictionary(seed=3)
+    c, _ = small_dictionary(seed=4)
+    assert a.digest() == b.digest()
+    assert a.digest() != c.digest()
+    assert [(s.h, s.w, s.atoms.shape) for s in a.shapes] == [(2, 2, (8, 4)), (2, 3, (8, 6))]
+
+
+@pytest.mark.parametrize("weighting", ["triangle", "hard"])
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (8, 2)])
+def test_coding_equals_brute_force(weighting, k, stride):
+    d, imgs = small_dictionary()
+    atoms, weights = d.encode(imgs[:20], stride, k, weighting)
+    ref_atoms, ref_weights = codes.brute_force(imgs[:20], d, stride, k, weighting)
+    assert atoms.dtype == np.uint16 and atoms.shape == ref_atoms.shape
+    assert np.array_equal(atoms.astype(np.int64), ref_atoms)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-4)
+    if weighting == "hard":
+        assert (weights == 1).all()
+    else:
+        assert (weights >= 0).all() and (weights > 0).any()
+
+
+def test_coding_in_blocks_equals_one_block(monkeypatch):
+    d, imgs = small_dictionary()
+    whole = d.encode(imgs[:30], 1, 3, "triangle")
+    monkeypatch.setattr(codes, "BLOCK_PATCHES", 37)  # many blocks, the last one partial
+    parts = d.encode(imgs[:30], 1, 3, "triangle")
+    assert np.array_equal(whole[0], parts[0])
+    np.testing.assert_allclose(whole[1], parts[1], rtol=1e-6)
+
+
+def test_whitening_on_a_known_covariance():
+    # points +-sqrt(d * lambda_i) along the axes of a rotation: mean 0, covariance exactly R diag(lambda) R^T
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    lam = np.array([9.0, 4.0, 0.25])
+    pts = np.concatenate([np.sqrt(3 * lam)[:, None] * np.eye(3), -np.sqrt(3 * lam)[:, None] * np.eye(3)]) @ q.T
+    cov = np.cov(pts, rowvar=False)
+    mu, w = codes.zca(pts, 0.01)
+    np.testing.assert_allclose(mu, 0, atol=1e-6)
+    lam_sample = lam * len(pts) / (len(pts) - 1)  # np.cov divides by n - 1
+    expect = q @ np.diag(1 / np.sqrt(lam_sample + 0.01)) @ q.T
+    np.testing.assert_allclose(w, expect, rtol=1e-4, atol=1e-5)
+    # whitened covariance: lambda / (lambda + eps) along each axis, so near 1 where lambda >> eps
+    np.testing.assert_allclose(w @ cov @ w, q @ np.diag(lam_sample / (lam_sample + 0.01)) @ q.T, atol=1e-5)
+    _, off = codes.zca(pts, 0.0)
+    assert np.array_equal(off, np.eye(3, dtype=np.float32))  # --whiten 0 is no whitening
+
+
+@pytest.mark.parametrize("args,key", GOLDEN)
+def test_golden_code_keys(args, key):
+    assert reference_code_key(*args) == key
+
+
+@pytest.mark.parametrize("position,grid", [("grid", 3), ("none,grid,offset", 2)])
+def test_plan_code_keys_equal_the_reference(position, grid):
+    d, imgs = small_dictionary()
+    cfg = ExtractConfig(views="levels", max_h=2, max_w=2, position=position, grid=grid, code_shapes="2x2,2x3",
+                        atoms=8, code_k=3, seed=5, dictionary=d.digest())
+    plan = KeyPlan(cfg, 8, 8, d)
+    keys, weights = plan.encode(imgs[:4])
+    atoms, w = d.encode(imgs[:4], 1, 3, "triangle")
+    t = plan.slot_table
+    code = np.flatnonzero(plan.is_code(np.arange(plan.keys_per_image)))
+    assert len(code) == len(cfg.position_modes) * 3 * (7 * 7 + 7 * 6)
+    shape_base = {(2, 2): 0, (2, 3): 3 * 49}
+    for s in code[::7]:
+        h, wd, rank = int(t["h"][s]), int(t["w"][s]), int(t["rank"][s])
+        n_loc = 7 * (9 - wd)
+        loc = (t["y"][s]) * (9 - wd) + t["x"][s]
+        col = shape_base[(h, wd)] + rank * n_loc + loc
+        for n in range(4):
+            ref = reference_code_key(int(atoms[n, col]), h, wd, int(t["cell"][s]), 5, POSITION_MODES[t["mode"][s]])
+            assert int(keys[n, s]) == ref
+            assert weights[n, s] == w[n, col]
+    exact = np.setdiff1d(np.arange(plan.keys_per_image), code)
+    assert (weights[:, exact] == 1).all()
+    table = plan.code_key_table()
+    assert np.isin(keys[:, code], table["key"]).all() and len(np.unique(table["key"])) == len(table["key"])
+
+
+@pytest.fixture(scope="module")
+def code_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("code")
+    cfg = ExtractConfig(views="levels", max_h=2, max_w=2, code_shapes="3x3", atoms=32, code_k=3, grid=2, code_sample=5000)
+    m = pipeline.extract(pipeline.open_source("digits", split="train"), root / "shards", cfg)
+    pipeline.train(pipeline.open_shards(root / "shards"), root / "run", TrainConfig(epochs=2, dim=16))
+    return root, m
+
+
+def test_weights_round_trip_through_shards(code_run):
+    root, m = code_run
+    sh = pipeline.open_shards(root / "shards")
+    d = sh.dictionary()
+    imgs, _ = digits_images("train")
+    content = np.concatenate([b.atoms for b in sh.iter_content()])
+    stored_w = np.concatenate([b.weights for b in sh.iter_content()])
+    atoms, weights = d.encode(imgs, 1, 3, "triangle")
+    assert np.array_equal(content, atoms)
+    np.testing.assert_allclose(stored_w, weights, rtol=1e-6)
+    plan = KeyPlan(sh.config, 8, 8, d)
+    keys, w = plan.encode(imgs[:50])
+    read = next(sh.iter_batches())
+    assert np.array_equal(read.keys[:50], keys) and np.array_equal(read.weights[:50], w)
+    assert m["code_slots"] == 3 * 36 and m["format"] == "patchhash-shards-v3"
+
+
+def test_bags_sum_weights_per_distinct_key(code_run):
+    root, _ = code_run
+    run = pipeline.load(root / "run")
+    imgs, _ = digits_images("test", 3)
+    keys, weights = run.encode(imgs)
+    rows, offsets, counts = run.vocab.bags(keys, weights)
+    for n in range(3):
+        r = run.vocab.rows_of(keys[n])
+        expect = {}
+        for row, wt in zip(r, weights[n]):
+            if row >= 0:
+                expect[int(row)] = expect.get(int(row), 0.0) + float(wt)
+        got = dict(zip(rows[offsets[n] : offsets[n + 1]].tolist(), counts[offsets[n] : offsets[n + 1]].tolist()))
+        assert got.keys() == expect.keys()
+        np.testing.assert_allclose([got[k] for k in expect], list(expect.values()), rtol=1e-5)
+
+
+def test_code_patterns_show_their_atom(code_run):
+    root, _ = code_run
+    run = pipeline.load(root / "run")
+    p = run.patterns
+    code = np.flatnonzero(p["atom"] >= 0)
+    assert len(code) and (p["atom"][p["view"] == 1] >= 0).all() and (p["atom"][p["view"] == 0] == -1).all()
+    drawn = run.dictionary.shapes[0].pixels(1)
+    pix = run.pattern_pixels(code[:5])
+    for i, img in zip(code[:5], pix):
+        assert np.array_equal(img, drawn[p["atom"][i]])
+
+
+def test_query_and_evaluate_match_predict(code_run, tmp_path):
+    root, _ = code_run
+    run = pipeline.load(root / "run")
+    imgs, labels = digits_images("test", 40)
+    pred, _ = run.predict(imgs)
+    r = CliRunner().invoke(main, ["evaluate", str(root / "run"), "digits", "--split", "test", "--limit", "40", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(float((pred == labels).mean()))
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(encode_png(imgs[i]))
+    r = CliRunner().invoke(main, ["query", str(root / "run"), *map(str, paths), "--json", "--patches", "3"])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["prediction"] for o in out] == [run.class_names[p] for p in pred[:3]]
+
+
+def test_dictionary_mismatch_is_refused(code_run, tmp_path):
+    root, _ = code_run
+    other, _ = small_dictionary(shapes=((3, 3),), atoms=32)
+    bad = tmp_path / "other.npz"
+    other.save(bad)
+    run_copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(root / "run", run_copy)
+    shutil.copyfile(bad, run_copy / "dictionary.npz")
+    with pytest.raises(PipelineError, match="is not the one these keys were made with"):
+        pipeline.load(run_copy)
+    r = CliRunner().invoke(main, ["evaluate", str(run_copy), "digits", "--split", "test"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("Error: dictionary ")
+    shards_copy = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards_copy)
+    shutil.copyfile(bad, shards_copy / "dictionary.npz")
+    r = CliRunner().invoke(main, ["train", str(shards_copy), "--out", str(tmp_path / "run2"), "--epochs", "1"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: dictionary ") and "Traceback" not in r.output
+
+
+def test_test_set_coded_with_the_training_dictionary(code_run, tmp_path):
+    root, m = code_run
+    cfg = ExtractConfig(views="levels", max_h=2, max_w=2, code_shapes="3x3", atoms=32, code_k=3, grid=2, code_sample=5000)
+    mt = pipeline.extract(pipeline.open_source("digits", split="test"), tmp_path / "test", cfg, dictionary=root / "shards" / "dictionary.npz")
+    assert mt["fingerprint"] == m["fingerprint"]  # same keys: the run accepts these shards
+    run = pipeline.load(root / "run")
+    a = run.evaluate(pipeline.open_shards(tmp_path / "test"))
+    b = run.evaluate(pipeline.open_source("digits", split="test"))
+    assert a["accuracy"] == b["accuracy"] and a["n"] == 899
+    with pytest.raises(PipelineError, match="--code-shapes"):
+        pipeline.extract(pipeline.open_source("digits", split="test"), tmp_path / "t2",
+                         ExtractConfig(code_shapes="2x2", atoms=32), dictionary=root / "shards" / "dictionary.npz")
+
+
+def test_shards_of_format_v2_still_load(tmp_path):
+    # a v2 directory is a v3 one without code columns, recorded as v2 (no code fields in its config)
+    imgs, labels = digits_images("train", 30)
+    cfg = ExtractConfig(code_shapes="none", grid=3)
+    m = pipeline.extract(pipeline.from_arrays(imgs, labels), tmp_path / "s", cfg, augment="none")
+    path = tmp_path / "s" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["format"] = "patchhash-shards-v2"
+    for k in ("code_shapes", "atoms", "code_k", "code_weight", "whiten", "code_stride", "code_sample", "dictionary"):
+        del old["config"][k]
+    path.write_text(json.dumps(old))
+    sh = pipeline.open_shards(tmp_path / "s")
+    assert sh.fingerprint == m["fingerprint"] == sh.config.fingerprint() and sh.code_slots == 0
+    keys = np.concatenate([b.keys for b in sh.iter_batches()])
+    assert np.array_equal(keys, KeyPlan(sh.config, 8, 8).image_keys(imgs)) and next(sh.iter_batches()).weights is None
+
+
+def test_auto_settings_follow_the_image_size():
+    assert codes.auto_shapes(8, 8) == [(4, 4)] and codes.auto_shapes(32, 32) == [(6, 6)] and codes.auto_shapes(3, 9) == []
+    from pipeline.hashing import auto_grid
+
+    assert (auto_grid(8, 8), auto_grid(32, 32), auto_grid(64, 48)) == (3, 4, 6)
+    plan = KeyPlan(ExtractConfig(views="none", color="rgb"), 32, 32)
+    assert plan.config.code_shapes == "6x6" and plan.config.grid == 4 and plan.code_slots == 5 * 27 * 27
+    from pipeline.augment import resolve
+
+    assert (resolve("auto", 3), resolve("auto", 1), resolve("shift:1", 3)) == ("flip", "none", "shift:1")
