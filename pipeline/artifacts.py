@@ -73,14 +73,20 @@ def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, 
     return arr, None
 
 
-def code_atoms(keys: np.ndarray, plan: KeyPlan) -> np.ndarray:
-    """The atom of each pattern key of the code view, -1 for exact-view keys."""
+def code_patterns(keys: np.ndarray, plan: KeyPlan) -> tuple[np.ndarray, np.ndarray]:
+    """The atom and code shape (index into ``plan.code_shapes``) of each pattern key of the code view;
+    -1 for both where the key is an exact view's."""
     table = plan.code_key_table()
+    atom, shape = np.full(len(keys), -1, np.int64), np.full(len(keys), -1, np.int64)
+    if not len(table["key"]):
+        return atom, shape
     order = np.argsort(table["key"])
     sorted_keys = table["key"][order]
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
-    hit = (sorted_keys[pos] == keys) if len(sorted_keys) else np.zeros(len(keys), bool)
-    return np.where(hit, table["atom"][order][pos] if len(sorted_keys) else -1, -1)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    hit = sorted_keys[pos] == keys
+    atom[hit] = table["atom"][order][pos[hit]]
+    shape[hit] = table["shape"][order][pos[hit]]
+    return atom, shape
 
 
 def atom_pictures(atoms: np.ndarray, shape_of: np.ndarray, pixels: pa.Array, dictionary, channels: int) -> pa.Array:
@@ -125,12 +131,9 @@ def write_lookups(
     labels: list = []
     stats = pattern_stats(v, _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels), len(shards.class_names))
     pixels, missing = example_pixels(stats["example_image"], stats["slot"], plan, shards)
-    stats["atom"] = code_atoms(stats["key"], plan)
+    stats["atom"], code_shape = code_patterns(stats["key"], plan)
     if plan.code_slots:
-        shape_of = {hw: i for i, hw in enumerate(plan.code_shapes)}
-        loc = plan.locate(stats["slot"])
-        shape_idx = np.array([shape_of.get((int(h), int(w)), -1) for h, w in zip(loc["h"], loc["w"])], np.int64)
-        pixels = atom_pictures(stats["atom"], shape_idx, pixels, shards.dictionary(), shards.config.channels)
+        pixels = atom_pictures(stats["atom"], code_shape, pixels, shards.dictionary(), shards.config.channels)
     patterns.write(patterns.to_table(stats, plan, pixels), out / layout.PATTERNS)
     vectors = model.table.weight.detach().numpy()[: v.size]
     release_unused()  # before the index copies the vectors: the run's peak is there

@@ -32,9 +32,9 @@ from .errors import PipelineError
 
 CONTRAST = 10.0  # added to each patch's variance (pixel values 0..255) before dividing by its square root
 BLOCK_PATCHES = 16384  # patches per matrix product: 64 MiB of distances at K = 1024
-WEIGHTS = ("triangle", "hard")
 FIT_PATCHES_PER_IMAGE = 20  # the fit's sample takes about this many patches from each image it reads
 FIT_MIN_IMAGES = 1000  # ... from at least this many images (all, when the source has fewer)
+DICTIONARY_FORMAT = "patchhash-dictionary-v1"
 
 
 def auto_shapes(height: int, width: int) -> list[tuple[int, int]]:
@@ -45,7 +45,6 @@ def auto_shapes(height: int, width: int) -> list[tuple[int, int]]:
         return []
     s = min(6, side // 2)
     return [(s, s)]
-DICTIONARY_FORMAT = "patchhash-dictionary-v1"
 
 
 def patch_matrix(images: np.ndarray, h: int, w: int, stride: int) -> tuple[np.ndarray, int, int]:
@@ -119,17 +118,13 @@ class ShapeCode:
     whiten: np.ndarray  # d x d float32
     atoms: np.ndarray  # K x d float32, whitened space
 
-    @property
-    def size(self) -> int:
-        return len(self.atoms)
-
     def encode(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
         """Normalised-and-whitened codes of raw patch rows (P x d float32, changed in place):
         (atoms P x k int64, weights P x k float32)."""
         normalise(patches)
         atoms = np.empty((len(patches), k), np.int64)
         weights = np.empty((len(patches), k), np.float32)
-        c2 = (self.atoms.astype(np.float32) ** 2).sum(1)
+        c2 = (self.atoms**2).sum(1)
         for s in range(0, len(patches), BLOCK_PATCHES):
             z = (patches[s : s + BLOCK_PATCHES] - self.mean) @ self.whiten
             _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
@@ -151,12 +146,6 @@ class Dictionary:
 
     shapes: list[ShapeCode]
     channels: int
-
-    def shape(self, h: int, w: int) -> ShapeCode:
-        for s in self.shapes:
-            if (s.h, s.w) == (h, w):
-                return s
-        raise PipelineError(f"the dictionary has no {h}x{w} atoms; extract again with this shape in --code-shapes")
 
     def encode(self, images: np.ndarray, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
         """Codes of N x H x W x C uint8 images: (atoms N x S uint16, weights N x S float32) over the

@@ -205,7 +205,7 @@ class ExtractConfig:
                 f"--max-size {self.max_h}x{self.max_w} is larger than the {height}x{width} images; "
                 f"use at most {height}x{width}"
             )
-        for h, w in self.code_shape_list() if self.code_shapes != "auto" else []:  # noqa: E501
+        for h, w in self.code_shape_list() if self.code_shapes != "auto" else []:
             if h > height or w > width:
                 raise PipelineError(f"--code-shapes {h}x{w} is larger than the {height}x{width} images; use shapes of at most {height}x{width}")
 

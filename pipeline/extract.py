@@ -53,8 +53,8 @@ def resolve(config: ExtractConfig, source: Source) -> ExtractConfig:
 
 
 def resolve_size(config: ExtractConfig, height: int, width: int) -> ExtractConfig:
-    """Replace ``code_shapes='auto'`` and ``grid=0`` by what the image size gives (:func:`pipeline.codes.auto_shapes`,
-    :func:`pipeline.hashing.auto_grid`), as :class:`KeyPlan` does."""
+    """Replace the settings left to the image (``code_shapes``, ``views``: 'auto'; ``grid``, ``max_h``/``max_w``: 0)
+    by what its size and channels give, as :class:`KeyPlan` resolves them; refuses shapes larger than the images."""
     return KeyPlan(config, height, width).config
 
 
@@ -358,7 +358,6 @@ def extract(
     copies = 1 + augment_mod.count(augment)  # validates the spec
     height, width = _first_size(source, config)
     config = resolve_size(config, height, width)
-    config.check_image_size(height, width)
     if dictionary is not None and not config.has_code:
         raise PipelineError("--dictionary goes with a code view; leave it out, or set --code-shapes")
     dict_obj = None

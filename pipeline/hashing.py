@@ -243,13 +243,15 @@ class KeyPlan:
         self.code_shapes = config.code_shape_list()
         self.code_k = config.code_k if self.code_shapes else 0
         cst = config.code_stride
+        slots_per_shape = []
         for h, w in self.code_shapes:
             ny, nx = (height - h) // cst + 1, (width - w) // cst + 1
             for mode in config.position_modes:
                 for r in range(self.code_k):
                     blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
                     offset += ny * nx
-            patch_offset += self.code_k * ny * nx
+            slots_per_shape.append(self.code_k * ny * nx)
+            patch_offset += slots_per_shape[-1]
         self.code_slots = patch_offset - self.exact_patches  # atom ids (and weights) stored per image
         self.blocks: list[_Block] = blocks
         self.keys_per_image = offset
@@ -266,14 +268,11 @@ class KeyPlan:
         self._inv_a = _powers(A_INV, height + 1)
         self._inv_b = _powers(B_INV, width + 1)
         self._block_index = {(b.view, b.h, b.w, b.mode, max(b.rank, 0)): b for b in blocks}
-        # content value of every (code shape, atom), mixed with the shape's tag: index shape * atoms + atom
+        # code_value of every atom, and the position-free key of every (code shape, atom) at index shape * atoms + atom
+        self._code_values = fmix64(np.arange(config.atoms, dtype=np.uint64) + _U((CODE_SALT * (seed + 1)) & MASK))
         mix = np.array([self._mix(h, w, -1) for h, w in self.code_shapes], dtype=np.uint64)
-        values = fmix64(np.arange(config.atoms, dtype=np.uint64) + _U((CODE_SALT * (seed + 1)) & MASK)) if self.code_shapes else np.zeros(0, np.uint64)
-        self._code_values = values
-        self._code_content = fmix64((values[None, :] ^ mix[:, None]).ravel()) if self.code_shapes else np.zeros(0, np.uint64)
-        self._code_shape_of_slot = np.concatenate(
-            [np.full(self.code_k * ((height - h) // cst + 1) * ((width - w) // cst + 1), i, np.int64) for i, (h, w) in enumerate(self.code_shapes)]
-        ) if self.code_shapes else np.zeros(0, np.int64)
+        self._code_content = fmix64((self._code_values[None, :] ^ mix[:, None]).ravel())
+        self._code_shape_of_slot = np.repeat(np.arange(len(self.code_shapes)), slots_per_shape)
         self._shape_h = np.array([h for h, _ in shapes], dtype=np.int64)
         self._shape_w = np.array([w for _, w in shapes], dtype=np.int64)
         self._shape_offsets = np.array(shape_offsets, dtype=np.int64)
@@ -414,7 +413,7 @@ class KeyPlan:
             for mode in self.config.position_modes:
                 cells = [-1] if mode == "none" else range(cells_per_side(mode, self.config.grid) ** 2)
                 for c in cells:
-                    mix = _U(self._mix(h, w, int(c), mode if c >= 0 else "grid"))
+                    mix = _U(self._mix(h, w, int(c), mode))
                     cols["key"].append(fmix64(self._code_values ^ mix))
                     for name, value in (("shape", i), ("cell", c), ("mode", POSITION_MODES.index(mode))):
                         cols[name].append(np.full(len(atoms), value, np.int64))

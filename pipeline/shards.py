@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
+from .codes import Dictionary
 from .config import ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
@@ -186,8 +187,6 @@ class Shards:
 
     def dictionary(self):
         """The code view's dictionary, checked against the config's digest; None without a code view."""
-        from .codes import Dictionary
-
         return Dictionary.load(self.dictionary_path, self.config.dictionary) if self.config.has_code else None
 
     def files(self) -> list[Path]:
