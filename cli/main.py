@@ -18,6 +18,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import OPTIMIZERS
+from pipeline.errors import environment_message
 
 
 class _Group(click.Group):
@@ -28,6 +29,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PipelineError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            message = environment_message(e)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
 
 def _size(value: str | None, option: str) -> tuple[int, int] | None:
@@ -112,6 +118,10 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     Example:
       pipe extract ../shared/data/cifar10-train-jpg.tar.gz --workers 2 --out artifacts/cifar/shards
     """
+    if audit_images is not None and not audit:
+        raise click.ClickException("--audit-images goes with --audit")
+    if audit_images is not None and audit_images < 1:
+        raise click.ClickException(f"--audit-images {audit_images} must be at least 1")
     mh, mw = (0, 0) if max_size == "auto" else _size(max_size, "--max-size")
     config = ExtractConfig(
         levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
@@ -133,6 +143,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
         f"({m['keys']:,} keys) in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB "
         f"({m['bytes_per_patch']:.2f} B/patch) -> {out}{note}"
         + (f" ({len(m['skipped'])} unreadable file(s) skipped)" if m["skipped"] else "")
+        + (f" ({m['unlabelled']} image(s) without a label: kept for query, left out of training and validation)" if m.get("unlabelled") else "")
     )
     if audit:
         from pipeline import audit as audits
@@ -319,16 +330,18 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
       pipe query artifacts/digits/run artifacts/digits/test-0.png --k 3 --png artifacts/png
       pipe query artifacts/digits/run --batch digits --split test --out artifacts/results.parquet
     """
+    from pipeline.batch import check_counts
     from pipeline.report import query_one, read_image
 
     if bool(images) == bool(batch_source):
         raise click.ClickException("give image files, or --batch SOURCE, not both")
-    if not batch_source and (out or split or limit or per_class or skip_bad or engine != "local" or address):
-        raise click.ClickException("--out, --split, --limit, --per-class, --skip-bad, --engine and --address go with --batch")
+    if not batch_source and (out or split or limit or per_class or skip_bad or engine != "local" or address or workers != 1):
+        raise click.ClickException("--out, --split, --limit, --per-class, --skip-bad, --engine, --workers and --address go with --batch")
+    check_counts(k, top)
     if batch_source and png_dir:
         raise click.ClickException("--png draws the image files given as IMAGES; it does not go with --batch")
     r = pipeline.load(run, rule)
-    if nprobe or ef_search:
+    if nprobe is not None or ef_search is not None:
         r.tune(nprobe, ef_search)
     if batch_source:
         src = pipeline.open_data(batch_source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import index as pattern_index
-from . import layout, patterns
+from . import layout, outputs, patterns, torchfiles
 from .augment import VARIANT_STRIDE
 from .bags import part_batches, to_bags
 from .errors import PipelineError
@@ -155,9 +155,16 @@ def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | N
     Only the query-time knobs change (no rebuild) when ``kind`` is what the run already has.
     """
     root = Path(root)
+    pattern_index.check_params(nprobe, ef_search)
     mpath = root / layout.RUN_MANIFEST
     if not mpath.exists():
         raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
+    with outputs.locked(root, "pipe index"):
+        return _rebuild(root, mpath, kind, nprobe, ef_search, seed)
+
+
+def _rebuild(root: Path, mpath: Path, kind: str, nprobe: int | None, ef_search: int | None, seed: int) -> dict:
+    """:func:`rebuild_index` with the run locked."""
     manifest = layout.read_json(mpath)
     old = pattern_index.IndexInfo.from_dict(manifest["index"])
     dim = old.dim
@@ -170,7 +177,7 @@ def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | N
             ef_search=old.ef_search and (ef_search or old.ef_search),
         )
     else:
-        state = torch.load(root / layout.MODEL, map_location="cpu", weights_only=True, mmap=True)
+        state = torchfiles.load(root / layout.MODEL, "train the run again", mmap=True)
         vectors = state["table.weight"].numpy()[: old.vectors]
         info = pattern_index.build(vectors, root / layout.PATTERN_INDEX, kind, nprobe, ef_search, seed)
     manifest["index"] = info.to_dict()

@@ -52,6 +52,20 @@ def count(spec: str) -> int:
     return sum(1 if kind == "flip" else (2 * n + 1) ** 2 - 1 for kind, n in parse(spec))
 
 
+MAX_COPIES = 100  # variants per image: beyond this the shards grow past any use
+
+
+def check_size(spec: str, height: int, width: int) -> None:
+    """Refuse shifts that move an image by more than a quarter of its side, and more than
+    :data:`MAX_COPIES` variants per image."""
+    limit = max(1, min(height, width) // 4)
+    for kind, n in parse(spec):
+        if kind == "shift" and n > limit:
+            raise PipelineError(f"--augment shift:{n} moves {height}x{width} images by more than a quarter of their side; use shift:{limit} or less")
+    if count(spec) > MAX_COPIES:
+        raise PipelineError(f"--augment {spec!r} makes {count(spec)} copies of every image, more than {MAX_COPIES}; use a smaller shift")
+
+
 def variants(image: np.ndarray, spec: str) -> list[np.ndarray]:
     """The variants of one H x W x C image, in id order (v = 1, 2, ...)."""
     out = []

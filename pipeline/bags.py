@@ -39,11 +39,12 @@ def part_groups(
     """(index of the row group in ``groups``, (keys, labels, image_ids, weights)) of the training (or
     validation) images; ``weights`` is None when every key weighs 1 (no code view).
 
-    Validation is scored on original images only, not on augmented copies.
+    Validation is scored on original images only, not on augmented copies; images without a
+    label (-1) are in neither part.
     """
     groups = shards.row_groups() if groups is None else groups
     for g, b in enumerate(shards.iter_batches(groups=groups)):
-        m = is_validation(b.image_ids, fraction) == val
+        m = (is_validation(b.image_ids, fraction) == val) & (b.labels >= 0)
         if val:
             m &= augment.is_original(b.image_ids)
         if m.any():

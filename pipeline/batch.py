@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
+from . import layout, outputs
 from .errors import PipelineError
 from .ray_engine import check_engine
 from .run import Run
@@ -102,12 +102,31 @@ def query_batch(
     cluster at ``address``), each loading the run once; rows keep the source order.
     """
     check_engine(engine)
-    if k < 1 or patches < 0:
-        raise PipelineError("--k must be at least 1 and --patches 0 or more")
+    if engine != "ray" and workers != 1:
+        raise PipelineError(f"--workers {workers} goes with --engine ray; leave it out to answer in this process")
+    check_counts(k, patches)
     out = Path(out)
     if out.suffix != ".parquet":
         raise PipelineError(f"--out {out} must end in .parquet")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise PipelineError(f"--out {out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
+    with outputs.locked(out, "pipe query --batch", file=True):
+        return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address)
+
+
+MAX_K = 1024  # nearest patterns or images asked per patch or image
+
+
+def check_counts(k: int, patches: int) -> None:
+    """Refuse a --k or --patches that is out of range, before anything is loaded or written."""
+    if not 1 <= k <= MAX_K:
+        raise PipelineError(f"--k {k} must be between 1 and {MAX_K}")
+    if patches < 0:
+        raise PipelineError(f"--patches {patches} must be 0 or more")
+
+
+def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progress, engine, workers, address) -> dict:
+    """:func:`query_batch` with ``out`` locked."""
     names = run.class_names
     tmp = layout.tmp_path(out)
     writer = pq.ParquetWriter(tmp, schema(len(names)), compression="zstd")

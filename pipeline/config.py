@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,21 @@ SHAPE_SETS = ("rect", "square")
 POSITION_MODES = ("none", "grid", "offset", "coarse")  # canonical order of the key kinds per patch
 POSITION_ALIASES = {"both": ("none", "grid")}
 DEVICES = ("auto", "cpu", "cuda")
+
+
+MAX_SIDE = 8192  # --resize bound, per side
+MAX_LR = 1000.0
+MAX_INIT_STD = 10.0
+MAX_DIM = 4096
+MAX_BATCH = 1 << 20
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 VIEW_KINDS = ("levels", "norm", "grad")
@@ -156,6 +173,8 @@ class ExtractConfig:
             h, w = self.resize
             if h < 1 or w < 1:
                 raise PipelineError(f"--resize {h}x{w} must be at least 1x1")
+            if h > MAX_SIDE or w > MAX_SIDE:
+                raise PipelineError(f"--resize {h}x{w} is past {MAX_SIDE} pixels on a side; resize to a smaller size")
             object.__setattr__(self, "resize", (int(h), int(w)))
 
     @property
@@ -299,10 +318,18 @@ class TrainConfig:
             raise PipelineError(f"--patience {self.patience} must be 0 (never stop early) or more")
         if self.batch_size < 1:
             raise PipelineError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.lr <= 0 or self.head_lr <= 0:
-            raise PipelineError("learning rates must be positive")
-        if self.init_std < 0:
-            raise PipelineError(f"--init-std {self.init_std} must be 0 or more")
+        for flag, value in (("--lr", self.lr), ("--head-lr", self.head_lr)):
+            if not (math.isfinite(value) and 0 < value <= MAX_LR):
+                raise PipelineError(f"{flag} {value} must be a positive number up to {MAX_LR:g}")
+        if not (math.isfinite(self.init_std) and 0 <= self.init_std <= MAX_INIT_STD):
+            raise PipelineError(f"--init-std {self.init_std} must be a number from 0 to {MAX_INIT_STD:g}")
+        if self.dim > MAX_DIM:
+            raise PipelineError(f"--dim {self.dim} is past {MAX_DIM}; use a smaller dimension")
+        if self.hidden > MAX_DIM * 16:
+            raise PipelineError(f"--hidden {self.hidden} is past {MAX_DIM * 16}; use a smaller hidden layer")
+        if self.batch_size > MAX_BATCH:
+            raise PipelineError(f"--batch-size {self.batch_size} is past {MAX_BATCH:,}")
+        self.check_table(self.buckets, "--buckets")
         if self.vocab_mb < 64:
             raise PipelineError(f"--vocab-mb {self.vocab_mb} must be at least 64")
         if self.cache_mb < 0:
@@ -315,6 +342,20 @@ class TrainConfig:
             raise PipelineError("--nprobe and --ef-search must be at least 1")
         if self.device not in DEVICES:
             raise PipelineError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+
+    def table_bytes(self, rows: int) -> int:
+        """Memory for a table of ``rows`` rows while training: the vectors, their gradients and the
+        optimizer's state (two more tables' worth at most)."""
+        return int(rows) * self.dim * 4 * 4
+
+    def check_table(self, rows: int, what: str) -> None:
+        """Refuse a table that cannot fit in this machine's memory, before it is allocated."""
+        need, have = self.table_bytes(rows), physical_memory()
+        if have and need > have:
+            raise PipelineError(
+                f"{what} gives a table of {rows:,} rows x --dim {self.dim}, which needs about {need / 2**30:.1f} GiB to train; "
+                f"this machine has {have / 2**30:.1f} GiB: lower --dim, --buckets or raise --min-count"
+            )
 
     @property
     def drop_rate(self) -> float | str:

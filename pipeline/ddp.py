@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,13 +32,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import layout, vocab
+from . import layout, outputs, torchfiles, vocab
 from .bags import concat_bags, part_groups, to_bags, validation_bags
 from .config import TrainConfig
 from .errors import PipelineError
 from .shards import Shards
 from .trainer import (
-    _build_vocab, _finish_run, _plot, _prepare, build_model, check_checkpoint, evaluate_bags, load_checkpoint,
+    _build_vocab, _finish_run, _plot, _prepare, build_model, check_checkpoint, check_loss, evaluate_bags, load_checkpoint,
     record_epoch, restart_metrics, save_checkpoint,
 )
 
@@ -119,9 +122,10 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
                 rows, offsets, counts, y = b.tensors(torch.device("cpu"))
                 logits = ddp(rows, offsets, counts)
                 loss = nn.functional.cross_entropy(logits, y)
+                check_loss(loss.item(), epoch)
                 opt_table.zero_grad()
                 opt_head.zero_grad()
-                loss.backward()
+                (loss + model.penalty()).backward()
                 opt_table.step()
                 opt_head.step()
                 stats += torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))])
@@ -144,7 +148,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
             break
     manifest = None
     if rank == 0:
-        state = torch.load(out_p / layout.MODEL, map_location="cpu", weights_only=True)
+        state = torchfiles.load(out_p / layout.MODEL, "start the run again with --overwrite")
         model.load_state_dict(state)
         manifest = _finish_run(out_p, shards, config, model, v, history, best)
         manifest["processes"] = world
@@ -179,19 +183,24 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
     processes' own stderr is kept in a log file: when they fail, a rank's one-line error becomes
     this function's :class:`PipelineError`; anything else names the log.
     """
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     if nproc < 1:
         raise PipelineError(f"--nproc {nproc} must be at least 1")
     if config.optimizer not in DDP_OPTIMIZERS:
         raise PipelineError(f"--optimizer {config.optimizer} runs in one process only; use {', '.join(DDP_OPTIMIZERS)} with --nproc, or drop --nproc")
+    default = TrainConfig()
+    for name, flag in (("device", "--device"), ("cache_mb", "--cache-mb")):
+        if getattr(config, name) != getattr(default, name) and not (name == "device" and config.device == "cpu"):
+            raise PipelineError(f"{flag} goes with one process (--nproc runs on the CPU and keeps every bag in memory); leave it out or drop --nproc")
     Shards(shards)  # a bad shard directory fails here with its one-line message
     o = Path(out)
-    if o.exists() and (not o.is_dir() or any(o.iterdir())) and not (overwrite or resume):
-        raise PipelineError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
+    outputs.check_out(o, [shards])
+    with outputs.locked(o, "pipe train"):
+        return _launch(shards, o, config, nproc, overwrite, resume)
+
+
+def _launch(shards, o: Path, config: TrainConfig, nproc: int, overwrite: bool, resume: bool) -> dict:
+    """:func:`launch` with ``o`` locked."""
+    out = o
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.ddp",
            str(shards), "--out", str(out), "--config", json.dumps(config.to_dict())]
     cmd += (["--overwrite"] if overwrite else []) + (["--resume"] if resume else [])

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import augment as augment_mod
-from . import codes, layout
+from . import codes, layout, outputs
 from .config import HASH_VERSION, ExtractConfig
 from .errors import PipelineError
 from .hashing import KeyPlan
@@ -36,6 +36,7 @@ from .ray_engine import check_engine
 from .shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
 from .sources import RawImage, Source, decode_checked
 from .split import DEFAULT_VAL_FRACTION, is_validation
+from .workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     skipped: list[str] = []
     buf: list[tuple[int, int, str]] = []  # (image id, label, name) of each row
     pixels: list[np.ndarray] = []
-    originals = written = 0
+    originals = written = unlabelled = 0
 
     def flush() -> None:
         nonlocal originals, written
@@ -136,6 +137,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
             buf.append((raw.index, raw.label, raw.name))
             pixels.append(arr)
             originals += 1
+            unlabelled += raw.label < 0
             for v, var in enumerate(augment_mod.variants(arr, task.augment), start=1):
                 buf.append((raw.index + v * augment_mod.VARIANT_STRIDE, raw.label, f"{raw.name}#{v}"))
                 pixels.append(var)
@@ -147,7 +149,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     except BaseException:
         writer.abort()
         raise
-    record.update(index=task.index, skipped=skipped, originals=written)
+    record.update(index=task.index, skipped=skipped, originals=written, unlabelled=unlabelled)
     layout.write_json(_progress_path(out, task.index), record)
     return record
 
@@ -216,11 +218,10 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _prepare(out: Path, job: dict, overwrite: bool) -> dict | None:
+def _prepare(out: Path, job: dict, overwrite: bool, inputs: list) -> dict | None:
     """Create or check ``out``; returns the finished manifest when the same job is already complete."""
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    outputs.check_out(out, inputs)
+    if outputs.contents(out) and not overwrite:
         for name, state in ((layout.MANIFEST, "a finished"), (layout.EXTRACT_JOB, "an unfinished")):
             if not (out / name).exists():
                 continue
@@ -231,14 +232,20 @@ def _prepare(out: Path, job: dict, overwrite: bool) -> dict | None:
             old = old.get("job", old) if name == layout.MANIFEST else old
             if old == job:
                 return layout.read_json(out / name) if name == layout.MANIFEST else None
-            diffs = ", ".join(_differences(old, job)) or "format"
+            changed = _differences(old, job)
+            if changed and all(d.startswith("source.identity") for d in changed):
+                raise PipelineError(
+                    f"{job['source']['path']} has changed since {state} extract into --out {out} read it; "
+                    "its shards would mix two datasets: pass --overwrite to extract the new images from the start"
+                )
+            diffs = ", ".join(changed) or "format"
             raise PipelineError(
                 f"--out {out} holds {state} extract with different settings ({diffs}); "
                 "pass --overwrite to replace it, rerun with the same arguments, or choose another directory"
             )
         raise PipelineError(f"--out {out} already holds other files; pass --overwrite to replace them or choose another directory")
     if not (out / layout.EXTRACT_JOB).exists() or overwrite:
-        layout.prepare_output_dir(out, overwrite, layout.MANIFEST, "extract")
+        outputs.prepare(out, overwrite, layout.MANIFEST, "extract", inputs)
     (out / layout.PROGRESS_DIR).mkdir(exist_ok=True)
     if not (out / layout.EXTRACT_JOB).exists():
         layout.write_json(out / layout.EXTRACT_JOB, job)
@@ -285,7 +292,7 @@ def _run_pool(tasks: Iterator[ShardTask], workers: int, progress: Progress | Non
     """Write shards in ``workers`` processes, at most two tasks per worker in flight (bounded memory)."""
     records = []
     ctx = multiprocessing.get_context("spawn")  # portable; the workers import only what extraction needs
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent) as pool:
         pending: set[Future] = set()
         try:
             for task in tasks:
@@ -352,11 +359,21 @@ def extract(
     if images_per_shard is not None and images_per_shard < 1:
         raise PipelineError(f"--images-per-shard {images_per_shard} must be at least 1")
     out = Path(out)
+    inputs = [p for p in (source.describe()["location"], dictionary) if p is not None and Path(p).exists()]
+    outputs.check_out(out, inputs)
+    with outputs.locked(out, "pipe extract"):
+        return _extract(source, out, config, overwrite, images_per_shard, workers, compression, progress, augment, engine,
+                        address, dictionary, on_fit, inputs)
+
+
+def _extract(source, out, config, overwrite, images_per_shard, workers, compression, progress, augment, engine, address, dictionary, on_fit, inputs) -> dict:
+    """:func:`extract` with ``out`` locked."""
     t0 = time.time()
     config = resolve(config, source)
     augment = augment_mod.resolve(augment, config.channels)
     copies = 1 + augment_mod.count(augment)  # validates the spec
     height, width = _first_size(source, config)
+    augment_mod.check_size(augment, height, width)
     config = resolve_size(config, height, width)
     if dictionary is not None and not config.has_code:
         raise PipelineError("--dictionary goes with a code view; leave it out, or set --code-shapes")
@@ -379,7 +396,7 @@ def extract(
         "compression": compression,
         "augment": augment,
     }
-    finished_manifest = _prepare(out, job, overwrite)
+    finished_manifest = _prepare(out, job, overwrite, inputs)
     if finished_manifest is not None:
         log.info("%s already holds this extract; nothing to do", out)
         return dict(finished_manifest, resumed_shards=len(finished_manifest["shards"]))
@@ -426,6 +443,7 @@ def extract(
         "augment": augment,
         "variants_per_image": copies - 1,
         "skipped": [name for r in shards for name in r["skipped"]],
+        "unlabelled": sum(r.get("unlabelled", 0) for r in shards),  # kept for query; out of training and validation
         "keys_per_image": plan.keys_per_image,
         "patches_per_image": p,
         "code_slots": plan.code_slots,

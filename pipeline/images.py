@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from .pixels import to_channels
 
 _SUPPORTED = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}
+MAX_PIXELS = 1 << 26  # an image larger than 8192 x 8192 is refused from its header, before decoding
+MAX_FILE_BYTES = 1 << 28  # an image file larger than 256 MiB is refused before it is read
 
 
 class BadImage(Exception):
@@ -52,7 +54,10 @@ def decode(data: bytes, channels: int | None, resize: tuple[int, int] | None = N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise BadImage(f"is {w}x{h} = {w * h:,} pixels, more than the {MAX_PIXELS:,} decoded; shrink it first")
             img.load()
             if resize is not None and img.size != (resize[1], resize[0]):
                 if img.mode not in _SUPPORTED:
@@ -62,7 +67,7 @@ def decode(data: bytes, channels: int | None, resize: tuple[int, int] | None = N
             arr = _to_array(img)
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"not a readable image ({e.__class__.__name__}: {e})") from None
     arr = arr[None]
     if channels is None:

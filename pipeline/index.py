@@ -22,6 +22,7 @@ visible (Flat and IVF kinds; HNSW has no GPU form and stays on the CPU).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -64,6 +65,7 @@ class IndexInfo:
     ef_search: int | None = None
     build_s: float = 0.0
     metric: str = "L2"
+    digest: str = ""  # file_digest of the saved file: another run's index of the same size is told apart
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,8 +116,16 @@ def check_kind(kind: str, dim: int = 64) -> None:
     _validate(choose(kind, 1_000_000, dim)[1], dim)
 
 
+def check_params(nprobe: int | None, ef_search: int | None) -> None:
+    """Refuse a --nprobe or --ef-search below 1 (None = as recorded)."""
+    for flag, v in (("--nprobe", nprobe), ("--ef-search", ef_search)):
+        if v is not None and not 1 <= v <= 1 << 20:
+            raise PipelineError(f"{flag} {v} must be from 1 to {1 << 20:,}")
+
+
 def apply_params(idx, nprobe: int | None = None, ef_search: int | None = None) -> None:
     """Set the query-time knobs of an index that has them (others are left alone)."""
+    check_params(nprobe, ef_search)
     faiss = _faiss()
     base = idx
     if nprobe is not None:
@@ -168,20 +178,58 @@ def build(
     if hnsw_like:  # efSearch is stored with the graph
         apply_params(idx, ef_search=info.ef_search)
     tmp = layout.tmp_path(path)
-    _faiss().write_index(idx, str(tmp))
+    try:
+        _faiss().write_index(idx, str(tmp))
+    except RuntimeError as e:
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write {path} ({_faiss_reason(e)}); is the disk full? free space and run again") from None
     tmp.replace(path)
+    info.digest = file_digest(path)
     return info
 
 
-def load(path: Path, info: IndexInfo | None = None, gpu: bool = True):
-    """Read a saved index memory-mapped (on the GPU when faiss-gpu and a GPU are present)."""
+DIGEST_BYTES = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's size and its first and last MiB: constant time however large the index,
+    and different for any two runs (the stored vectors or centroids differ)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(DIGEST_BYTES))
+        f.seek(max(0, size - DIGEST_BYTES))
+        h.update(f.read(DIGEST_BYTES))
+    return h.hexdigest()
+
+
+def _faiss_reason(e: RuntimeError) -> str:
+    """FAISS's C++ message without its source location and stack lines."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    msg = next((ln for ln in lines if ln.startswith("Error:")), lines[-1] if lines else "unknown error")
+    return msg.removeprefix("Error:").strip().strip("'")
+
+
+def load(path: Path, info: IndexInfo | None = None, gpu: bool = True, check: bool = False):
+    """Read a saved index memory-mapped (on the GPU when faiss-gpu and a GPU are present); with
+    ``check``, refuse one whose size or dimension is not ``info``'s (a file from another run)."""
     faiss = _faiss()
     if not path.exists():
         raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
     try:
-        idx = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        idx = faiss.read_index(str(path))  # index types without a memory-mapped reader
+        try:
+            idx = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            idx = faiss.read_index(str(path))  # index types without a memory-mapped reader
+    except RuntimeError as e:
+        raise PipelineError(f"{path} is not a readable FAISS index ({_faiss_reason(e)}); train the run again, or rebuild it with pipe index") from None
+    if check and info is not None and (idx.ntotal != info.vectors or idx.d != info.dim or (info.digest and file_digest(path) != info.digest)):
+        raise PipelineError(
+            f"{path} holds {idx.ntotal:,} vectors of dimension {idx.d}, but the run records {info.vectors:,} of {info.dim}"
+            f"{' and another file digest' if idx.ntotal == info.vectors and idx.d == info.dim else ''}: "
+            "it is another run's file; train the run again, or rebuild it with pipe index"
+        )
     if info is not None:
         apply_params(idx, info.nprobe, info.ef_search)
     if gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError
 
 # shard directory (pipe extract)
 MANIFEST = "manifest.json"
@@ -48,32 +47,27 @@ def tmp_path(path: Path) -> Path:
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as pretty JSON, atomically."""
     tmp = tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing that looks written
+        raise
     os.replace(tmp, path)
 
 
 def copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` atomically."""
     tmp = tmp_path(dst)
-    shutil.copyfile(src, tmp)
+    try:
+        shutil.copyfile(src, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dst)
 
 
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def prepare_output_dir(out: Path, overwrite: bool, commit_file: str, what: str) -> None:
-    """Create an empty output directory; an existing non-empty one is replaced only with ``overwrite``.
-    """
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
-            raise PipelineError(f"--out {out} already holds {state}; pass --overwrite to replace it or choose another directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)

@@ -8,17 +8,18 @@ import numpy as np
 from .errors import PipelineError
 from .images import BadImage, decode
 from .run import PatchLookup, Run
+from .sources import read_ref
 
 
 def read_image(run: Run, path: Path | str) -> np.ndarray:
     """One image file as H x W x C uint8 in the run's channel count (and resize, if the run has one)."""
     cfg = run.extract_config
+    if not Path(path).exists():
+        raise PipelineError(f"{path} does not exist; check the path")
     try:
-        return decode(Path(path).read_bytes(), cfg.channels, cfg.resize)
+        return decode(read_ref(("file", str(path))), cfg.channels, cfg.resize)
     except BadImage as e:
         raise PipelineError(f"cannot read {path}: {e}") from None
-    except OSError as e:
-        raise PipelineError(f"cannot open {path}: {e.strerror}; check the path") from None
 
 
 def _pattern(run: Run, pid: int, distance: float) -> dict:

@@ -28,6 +28,7 @@ from .sources import Source
 from .bags import to_bags
 from .model import bag_divisor, bag_totals
 from .trainer import RUN_FORMAT, build_model
+from . import torchfiles
 from .vocab import Vocabulary
 
 
@@ -65,25 +66,40 @@ class Run:
         mpath = self.root / layout.RUN_MANIFEST
         if not mpath.exists():
             raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
-        self.manifest = layout.read_json(mpath)
-        if self.manifest.get("format") != RUN_FORMAT:
-            raise PipelineError(f"{root} is in format {self.manifest.get('format')!r}, expected {RUN_FORMAT!r}; train again")
-        self.extract_config = ExtractConfig.from_dict(self.manifest["extract_config"])
-        self.train_config = TrainConfig.from_dict(self.manifest["train_config"])
-        self.fingerprint: str = self.manifest["extract_fingerprint"]
+        try:
+            self.manifest = layout.read_json(mpath)
+        except (ValueError, OSError) as e:
+            raise PipelineError(f"{mpath} is not valid JSON ({e}); train the run again") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != RUN_FORMAT:
+            got = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise PipelineError(f"{root} is in format {got!r}, expected {RUN_FORMAT!r}; train again")
+        try:
+            self.extract_config = ExtractConfig.from_dict(self.manifest["extract_config"])
+            self.train_config = TrainConfig.from_dict(self.manifest["train_config"])
+            self.fingerprint: str = str(self.manifest["extract_fingerprint"])
+            self.height: int = int(self.manifest["height"])
+            self.width: int = int(self.manifest["width"])
+            self.class_names: list[str] = [str(c) for c in self.manifest["class_names"]]
+            self.index_info = pattern_index.IndexInfo.from_dict(self.manifest["index"])
+            self.image_index_info = pattern_index.IndexInfo.from_dict(self.manifest["image_index"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PipelineError(f"{mpath} is damaged ({e.__class__.__name__}: {e}); train the run again") from None
         if self.extract_config.fingerprint() != self.fingerprint:
             raise PipelineError(f"{mpath} is inconsistent (extract config does not match its fingerprint); train again")
-        self.height: int = self.manifest["height"]
-        self.width: int = self.manifest["width"]
-        self.class_names: list[str] = self.manifest["class_names"]
         self.dictionary = (
             Dictionary.load(self.root / layout.DICTIONARY, self.extract_config.dictionary) if self.extract_config.has_code else None
         )
         self.plan = KeyPlan(self.extract_config, self.height, self.width, self.dictionary)
         self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
+        if self.index_info.vectors != self.vocab.size:
+            raise PipelineError(f"{mpath} records {self.index_info.vectors:,} indexed patterns but the vocabulary has {self.vocab.size:,}; train the run again")
         self.model = build_model(self.train_config, self.vocab.rows, len(self.class_names))
-        state = torch.load(self.root / layout.MODEL, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
+        state = torchfiles.load(self.root / layout.MODEL, "train the run again")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[-1].strip()
+            raise PipelineError(f"{self.root / layout.MODEL} does not fit this run's vocabulary and settings ({first}); train the run again") from None
         self.model.eval()
         self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
 
@@ -95,13 +111,9 @@ class Run:
         return patterns.read(self.root / layout.PATTERNS)
 
     @cached_property
-    def index_info(self) -> pattern_index.IndexInfo:
-        return pattern_index.IndexInfo.from_dict(self.manifest["index"])
-
-    @cached_property
     def index(self):
         """The pattern index (memory-mapped); ``nprobe`` / ``ef_search`` as recorded, see :meth:`tune`."""
-        return pattern_index.load(self.root / layout.PATTERN_INDEX, self.index_info)
+        return pattern_index.load(self.root / layout.PATTERN_INDEX, self.index_info, check=True)
 
     def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change the pattern index's query-time knobs (recall against speed) for this session."""
@@ -109,7 +121,10 @@ class Run:
 
     @cached_property
     def image_index(self):
-        return pattern_index.load(self.root / layout.IMAGE_INDEX)
+        idx = pattern_index.load(self.root / layout.IMAGE_INDEX, self.image_index_info, check=True)
+        if idx.ntotal != len(self.images["image_id"]):
+            raise PipelineError(f"{self.root / layout.IMAGE_INDEX} holds {idx.ntotal:,} images but {layout.IMAGES} lists {len(self.images['image_id']):,}; train the run again")
+        return idx
 
     @cached_property
     def images(self) -> dict[str, np.ndarray]:

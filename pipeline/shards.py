@@ -95,6 +95,7 @@ class ShardWriter:
             use_dictionary=["label"],
             # min/max of random keys help no reader; computing them costs a pass over every key
             write_statistics=["image_id", "label"],
+            write_page_checksum=True,  # verified on read: a flipped bit is an error, not a wrong key
         )
 
     def write(
@@ -157,13 +158,40 @@ class Shards:
             self.manifest = layout.read_json(mpath)
         except (ValueError, OSError) as e:
             raise PipelineError(f"{mpath} is not valid JSON ({e}); run pipe extract again") from None
-        if self.manifest.get("format") not in READABLE_FORMATS:
-            raise PipelineError(f"{root} was written in format {self.manifest.get('format')!r}, expected {FORMAT!r}; extract again")
-        self.config = ExtractConfig.from_dict(self.manifest["config"])
-        self.fingerprint: str = self.manifest["fingerprint"]
-        self.height: int = self.manifest["height"]
-        self.width: int = self.manifest["width"]
-        self.class_names: list[str] = self.manifest["class_names"]
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") not in READABLE_FORMATS:
+            got = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise PipelineError(f"{root} was written in format {got!r}, expected {FORMAT!r}; extract again")
+        try:
+            self.config = ExtractConfig.from_dict(self.manifest["config"])
+            self.fingerprint: str = str(self.manifest["fingerprint"])
+            self.height: int = int(self.manifest["height"])
+            self.width: int = int(self.manifest["width"])
+            self.class_names: list[str] = [str(c) for c in self.manifest["class_names"]]
+            self._entries = [(str(e["file"]), int(e["rows"]), int(e["bytes"])) for e in self.manifest["shards"]]
+            images = int(self.manifest["images"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PipelineError(f"{mpath} is damaged ({e.__class__.__name__}: {e}); run pipe extract again") from None
+        if self.config.fingerprint() != self.fingerprint:
+            raise PipelineError(f"{mpath} is inconsistent (its config does not give its fingerprint); run pipe extract again")
+        self._check_files(mpath, images)
+
+    def _check_files(self, mpath: Path, images: int) -> None:
+        """Every shard the manifest lists is a file inside the directory with the recorded size and
+        row count, and the rows add up to the manifest's image count."""
+        root = self.root.resolve()
+        for name, rows, size in self._entries:
+            path = (self.root / name).resolve()
+            if path.parent != root:
+                raise PipelineError(f"{mpath} lists the shard {name!r}, which is outside {self.root}; the manifest is not pipe's: extract again")
+            if not path.is_file():
+                raise PipelineError(f"shard {name} of {self.root} is missing; extract again (the data would be incomplete)")
+            if path.stat().st_size != size:
+                raise PipelineError(f"shard {name} of {self.root} is {path.stat().st_size:,} bytes, the manifest says {size:,}; extract again")
+            got = self._open(self.root / name).metadata.num_rows
+            if got != rows:
+                raise PipelineError(f"shard {name} of {self.root} holds {got:,} rows, the manifest says {rows:,}; extract again")
+        if sum(r for _, r, _ in self._entries) != images:
+            raise PipelineError(f"the shards of {self.root} hold {sum(r for _, r, _ in self._entries):,} images, the manifest says {images:,}; extract again")
 
     @property
     def num_images(self) -> int:
@@ -190,7 +218,7 @@ class Shards:
         return Dictionary.load(self.dictionary_path, self.config.dictionary) if self.config.has_code else None
 
     def files(self) -> list[Path]:
-        return [self.root / s["file"] for s in self.manifest["shards"]]
+        return [self.root / name for name, _, _ in self._entries]
 
     def check_fingerprint(self, expected: str, what: str) -> None:
         if self.fingerprint != expected:
@@ -203,7 +231,7 @@ class Shards:
 
     def _open(self, path: Path) -> pq.ParquetFile:
         try:
-            return pq.ParquetFile(path)
+            return pq.ParquetFile(path, page_checksum_verification=True)
         except (OSError, pa.ArrowInvalid) as e:
             raise PipelineError(f"cannot read shard {path} ({e}); extract again") from None
 
@@ -229,7 +257,10 @@ class Shards:
         for path, rg in groups:
             pf = opened.get(path) or opened.setdefault(path, self._open(path))
             cols = ["image_id", "label"] + (["patch_keys"] if exact else []) + (["code_atoms", "code_weights"] if code else [])
-            t = pf.read_row_group(rg, columns=cols + (["name"] if names else []))
+            try:
+                t = pf.read_row_group(rg, columns=cols + (["name"] if names else []))
+            except (OSError, pa.ArrowInvalid) as e:
+                raise PipelineError(f"shard {path} is damaged ({e}); extract again") from None
             yield KeyBatch(
                 t.column("image_id").to_numpy().astype(np.int64),
                 t.column("label").to_numpy().astype(np.int64),

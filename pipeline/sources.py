@@ -13,8 +13,11 @@ archive order for a tar, stored order for arrays.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -26,7 +29,7 @@ import numpy as np
 
 from . import layout
 from .errors import PipelineError
-from .images import BadImage, decode, is_image_name, resize_array
+from .images import MAX_FILE_BYTES, BadImage, decode, is_image_name, resize_array
 from .pixels import as_nhwc, to_channels
 
 SPLITS = ("train", "test")
@@ -72,8 +75,10 @@ def read_ref(ref: tuple) -> bytes:
     (a member of an uncompressed tar); raises BadImage when they cannot be read."""
     try:
         if ref[0] == "file":
-            return Path(ref[1]).read_bytes()
+            return read_regular_file(Path(ref[1]))
         _, archive, offset, size = ref
+        if size > MAX_FILE_BYTES:
+            raise BadImage(f"is {size:,} bytes, more than the {MAX_FILE_BYTES:,} an image file may have")
         with open(archive, "rb") as f:
             f.seek(offset)
             data = f.read(size)
@@ -82,6 +87,18 @@ def read_ref(ref: tuple) -> bytes:
     if len(data) != size:
         raise BadImage(f"{archive} ends inside this member; the archive is truncated")
     return data
+
+
+def read_regular_file(path: Path) -> bytes:
+    """A regular file's bytes: FIFOs, devices (a link to /dev/zero) and oversized files are refused
+    before anything is read, so they can neither hang nor exhaust memory."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage("is not a regular file (a FIFO, device or directory)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise BadImage(f"is {st.st_size:,} bytes, more than the {MAX_FILE_BYTES:,} an image file may have")
+        return f.read()
 
 
 def decode_raw(raw: RawImage, channels: int | None, resize: tuple[int, int] | None) -> np.ndarray:
@@ -136,13 +153,22 @@ class Source:
     skipped: list[str] = field(default_factory=list)
     limit: int | None = None
     per_class: int | None = None
+    _identity: Callable[[], dict] | None = field(default=None, repr=False)
+    _identity_cache: dict | None = field(default=None, repr=False)
+
+    def identity(self) -> dict:
+        """What identifies the source's content (see :func:`file_identity`); {} for in-memory images."""
+        if self._identity_cache is None:
+            self._identity_cache = self._identity() if self._identity else {}
+        return self._identity_cache
 
     def describe(self) -> dict:
-        """What the source is, enough for :func:`reopen` to read the same images again."""
+        """What the source is, enough for :func:`reopen` to read the same images again and to
+        tell whether they are still the same (``identity``)."""
         where = self.path if self.kind in ("digits", "arrays") else str(Path(self.path).resolve())
         return {
             "kind": self.kind, "path": self.path, "split": self.split, "images": self.count,
-            "location": where, "limit": self.limit, "per_class": self.per_class,
+            "location": where, "limit": self.limit, "per_class": self.per_class, "identity": self.identity(),
         }
 
     def __len__(self) -> int:
@@ -285,7 +311,44 @@ def open_source(
     count = int(keep.sum())
     if count == 0:
         raise PipelineError(f"{spec} holds no images{' in split ' + repr(split) if split else ''}; check the path and --split")
-    return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad, limit=limit, per_class=per_class)
+    return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad, limit=limit, per_class=per_class,
+                  _identity=lambda: _identity(kind, path))
+
+
+def file_identity(path: Path) -> dict:
+    """Size, modification time and SHA-256 of one file."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def _identity(kind: str, path: Path) -> dict:
+    """A source's content identity: each archive or array file hashed whole; for an image folder,
+    the names, sizes and modification times of its files (reading every image twice would
+    double the cost of an extract)."""
+    if kind == "digits":
+        return {"digits": "scikit-learn load_digits"}
+    if kind in ("tar", "npz"):
+        return file_identity(path)
+    h = hashlib.sha256()
+    n = 0
+    for dp, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            full = Path(dp, f)
+            try:
+                st = full.stat()
+            except OSError:
+                continue
+            if kind == "cifar":
+                h.update(json.dumps([f, file_identity(full)["sha256"]]).encode())
+            else:
+                h.update(json.dumps([str(full.relative_to(path)), st.st_size, st.st_mtime_ns]).encode())
+            n += 1
+    return {"files": n, "sha256": h.hexdigest()}
 
 
 def reopen(described: dict) -> Source:
@@ -301,6 +364,8 @@ def reopen(described: dict) -> Source:
     src = open_source(spec, described.get("split"), described.get("limit"), described.get("per_class"), skip_bad=True)
     if len(src) != described.get("images"):
         raise PipelineError(f"{spec} now holds {len(src)} images, not {described.get('images')}")
+    if described.get("identity") and src.identity() != described["identity"]:
+        raise PipelineError(f"{spec} has changed since the images were read from it")
     return src
 
 
@@ -420,8 +485,20 @@ def _tar_members(archive: Path, plain: bool) -> Iterator[tuple[str, tarfile.TarF
             for m in tf:
                 if m.isfile():
                     yield _safe_member(m.name, archive), tf, m
+            end = tf.offset
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise PipelineError(f"{archive} is truncated or not a tar archive ({e}); download or pack it again") from None
+    if plain and not _has_end_marker(archive, end):
+        raise PipelineError(f"{archive} is truncated (it ends without the tar end-of-archive marker); download or pack it again")
+
+
+def _has_end_marker(archive: Path, offset: int) -> bool:
+    """True when a zero block follows the last member, as every tar writer ends an archive; a tar
+    cut at a member boundary (a partial download) has nothing there."""
+    with open(archive, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
 def _tar(archive: Path, split: str | None):
@@ -440,7 +517,10 @@ def _tar(archive: Path, split: str | None):
                 continue
             left -= 1
             ref = ("tar", where, m.offset_data, m.size) if plain and is_image_name(name) else None
-            data = None if ref else tf.extractfile(m).read()  # a stream must be read now, in order
+            too_big = m.size > MAX_FILE_BYTES
+            data = None if ref or too_big else tf.extractfile(m).read()  # a stream must be read now, in order
+            if too_big and not ref:
+                ref = ("tar", where, m.offset_data, m.size)  # read_ref refuses it by its size
 
             def load(data=data, ref=ref, name=name) -> bytes:
                 _check_image_name(name, str(archive))
@@ -477,7 +557,22 @@ def _load_batch(path: Path) -> dict:
             d = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
         raise PipelineError(f"{path} is not a readable CIFAR batch ({e}); download the python version again") from None
+    if not isinstance(d, dict):
+        raise PipelineError(f"{path} holds a {type(d).__name__}, not a CIFAR batch dict; download the python version again")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _batch_part(path: Path, key: str) -> np.ndarray:
+    """One entry of a CIFAR batch: ``data`` as N x 32 x 32 x 3 uint8, or a label list as a 1-D array."""
+    d = _load_batch(path)
+    if key not in d:
+        raise PipelineError(f"{path} has no {key!r} entry; it is not a CIFAR batch: download the python version again")
+    try:
+        if key == "data":
+            return np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.asarray(list(d[key]))
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{path}: its {key!r} entry is malformed ({e}); download the python version again") from None
 
 
 def _is_cifar(path: Path) -> bool:
@@ -487,26 +582,26 @@ def _is_cifar(path: Path) -> bool:
 def _cifar(root: Path, split: str | None):
     split = split or "train"
     if (root / "batches.meta").exists():  # CIFAR-10
-        meta = _load_batch(root / "batches.meta")
-        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _batch_part(root / "batches.meta", "label_names")]
         files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
         label_key = "labels"
     else:  # CIFAR-100
-        meta = _load_batch(root / "meta")
-        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["fine_label_names"]]
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _batch_part(root / "meta", "fine_label_names")]
         files = [root / split]
         label_key = "fine_labels"
     files = [f for f in files if f.exists()]
     if not files:
         raise PipelineError(f"{root} has no {split} batches; check the folder or --split")
 
-    labels = np.concatenate([np.asarray(_load_batch(f)[label_key], dtype=np.int64) for f in files])
+    per_file = [check_labels(_batch_part(f, label_key), f"{f} {label_key}", classes) for f in files]
+    labels = np.concatenate(per_file)
 
     def items(keep: np.ndarray) -> Iterator[_Item]:
         n = 0
-        for f in files:
-            d = _load_batch(f)
-            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        for f, lab in zip(files, per_file):
+            x = _batch_part(f, "data")
+            if len(x) != len(lab):
+                raise PipelineError(f"{f} holds {len(x)} images but {len(lab)} labels; download the python version again")
             for i in range(len(x)):
                 if keep[n]:
                     yield _Item(n, int(labels[n]), f"{root}:{split}:{n}", array=x[i])
@@ -552,9 +647,13 @@ def _npz(path: Path, split: str | None):
     shape, dtype, rows = _npy_rows(zf, f"{xk}.npy")
     if dtype != np.uint8 or len(shape) not in (3, 4):
         raise PipelineError(f"{path}: {xk} must be uint8 N x H x W or N x H x W x C, got {dtype} {shape}")
-    with np.load(path, allow_pickle=False) as z:
-        y = np.asarray(z[yk]).astype(np.int64)
-        classes = [str(c) for c in z["class_names"]] if "class_names.npy" in names else None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw_y = np.asarray(z[yk])
+            classes = [str(c) for c in z["class_names"]] if "class_names.npy" in names else None
+    except (ValueError, OSError, zipfile.BadZipFile, zlib.error) as e:
+        raise PipelineError(f"{path}: cannot read {yk} or class_names ({e}); save plain numeric arrays with np.savez") from None
+    y = check_labels(raw_y, f"{path}: {yk}", classes)
     if len(y) != shape[0]:
         raise PipelineError(f"{path}: {xk} has {shape[0]} images but {yk} has {len(y)} labels")
     if classes is None:
@@ -568,10 +667,38 @@ def _npz(path: Path, split: str | None):
     return "npz", split, classes, y, items
 
 
+MAX_CLASSES = 1 << 16  # without class names, labels above this are taken for a mistake, not for classes
+
+
+def check_labels(labels, where: str, class_names: list[str] | None) -> np.ndarray:
+    """Labels as int64: one whole number per image, -1 for unknown, each below the number of
+    ``class_names`` (or :data:`MAX_CLASSES` without them); anything else is refused in one line."""
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise PipelineError(f"{where} must hold one label per image (1-D), got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            raise PipelineError(f"{where} holds labels that are not whole numbers; labels are class indices 0, 1, ... (-1 = unknown)")
+    elif y.dtype.kind not in "iub":
+        raise PipelineError(f"{where} holds {y.dtype} labels; labels are integer class indices 0, 1, ... (-1 = unknown)")
+    y = y.astype(np.int64)
+    if (y < -1).any():
+        raise PipelineError(f"{where} holds the label {int(y.min())}; labels are class indices 0, 1, ..., and -1 for unknown")
+    bound = len(class_names) if class_names is not None else MAX_CLASSES
+    if len(y) and y.max() >= bound:
+        what = f"only {bound} class names" if class_names is not None else f"the most this tool takes without class_names ({bound:,})"
+        raise PipelineError(f"{where} holds the label {int(y.max())}, past {what}; relabel the classes 0 .. C-1 or fix class_names")
+    return y
+
+
 def open_data(spec: str, split: str | None = None, limit: int | None = None, per_class: int | None = None, skip_bad: bool = False):
     """Shards (a directory with a shard manifest) or else an image source (:func:`open_source`)."""
     if Path(spec).is_dir() and (Path(spec) / layout.MANIFEST).exists():
         from .shards import Shards
 
+        given = [flag for flag, v in (("--split", split), ("--limit", limit), ("--per-class", per_class), ("--skip-bad", skip_bad)) if v]
+        if given:
+            raise PipelineError(f"{spec} is a shard directory: {', '.join(given)} choose images of a source and do nothing here; "
+                                "leave them out, or pass the image source instead")
         return Shards(spec)
     return open_source(spec, split, limit, per_class, skip_bad)

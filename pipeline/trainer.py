@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import artifacts, layout, optim, vocab
+from . import artifacts, layout, optim, outputs, torchfiles, vocab
 from . import index as pattern_index
 from .config import TrainConfig
 from .errors import PipelineError
@@ -45,6 +46,7 @@ from .shards import Shards
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "patchhash-run-v2"
+RESTART = "start the run again with --overwrite"
 
 StepProgress = Callable[[int, int], None]  # (images in this step, raw keys in this step)
 EpochReport = Callable[[dict], None]
@@ -87,12 +89,23 @@ def _job(shards: Shards, config: TrainConfig) -> dict:
 def _prepare(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool) -> bool:
     """Create or check the run directory; True when a checkpoint is there to resume from."""
     job = _job(shards, config)
+    inputs = [shards.root]
+    outputs.check_out(out, inputs)
+    unstarted = (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
     if resume and not overwrite:
         if (out / layout.RUN_MANIFEST).exists():
             raise PipelineError(f"--out {out} holds a finished run; nothing to resume (pass --overwrite to train again)")
-        if not (out / layout.TRAIN_JOB).exists() or not (out / layout.CHECKPOINT).exists():
-            raise PipelineError(f"--out {out} has no checkpoint to resume from; leave out --resume to start a new run")
-        old = layout.read_json(out / layout.TRAIN_JOB)
+        if unstarted:
+            raise PipelineError(
+                f"--out {out} stopped before its first epoch ended, so there is no checkpoint to resume from; "
+                "run the same command without --resume to start it again"
+            )
+        if not (out / layout.TRAIN_JOB).exists():
+            raise PipelineError(f"--out {out} has no checkpoint to resume from (no interrupted run is there); leave out --resume to start a new run")
+        try:
+            old = layout.read_json(out / layout.TRAIN_JOB)
+        except (ValueError, OSError) as e:
+            raise PipelineError(f"{out / layout.TRAIN_JOB} is unreadable ({e}); start again with --overwrite") from None
         if old != job:
             diffs = sorted(k for k in set(old["config"]) | set(job["config"]) if old["config"].get(k) != job["config"].get(k))
             what = ", ".join(diffs) or "the shards"
@@ -100,7 +113,8 @@ def _prepare(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, re
         return True
     if shards.config.has_code:
         shards.dictionary()  # refuses a dictionary file that is not the config's, before anything is written
-    layout.prepare_output_dir(out, overwrite, layout.RUN_MANIFEST, "run")
+    # an unfinished run with no checkpoint has nothing to keep: it starts again without --overwrite
+    outputs.prepare(out, overwrite or unstarted, layout.RUN_MANIFEST, "run", inputs)
     if shards.config.has_code:  # queries code new images with the dictionary the shards were coded with
         layout.copy_file(shards.dictionary_path, out / layout.DICTIONARY)
     layout.write_json(out / layout.TRAIN_JOB, job)
@@ -119,15 +133,13 @@ def save_checkpoint(out: Path, model, opts, epoch: int, history: list[dict], bes
         "best": json.dumps(best),
         **extra,
     }
-    tmp = layout.tmp_path(out / layout.CHECKPOINT)
-    torch.save(state, tmp)
-    tmp.replace(out / layout.CHECKPOINT)
+    torchfiles.save(state, out / layout.CHECKPOINT)
 
 
 def check_checkpoint(out: Path, processes: int | None) -> None:
     """Refuse a checkpoint written by another number of processes (``None``: the single-process
     trainer, whose optimizer and random states differ from the multi-process one's)."""
-    ck = torch.load(out / layout.CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    ck = torchfiles.load(out / layout.CHECKPOINT, RESTART, mmap=True)
     had = ck.get("processes")
     if had != processes:
         how = "without --nproc" if had is None else f"with --nproc {had}"
@@ -136,7 +148,7 @@ def check_checkpoint(out: Path, processes: int | None) -> None:
 
 def load_checkpoint(out: Path, model, opts, device) -> tuple[dict, list[dict], dict, int]:
     """Restore model and optimizers from ``checkpoint.pt``; returns (checkpoint, history, best, next epoch)."""
-    ck = torch.load(out / layout.CHECKPOINT, map_location=device, weights_only=True)
+    ck = torchfiles.load(out / layout.CHECKPOINT, RESTART, map_location=device)
     model.load_state_dict(ck.pop("model"))
     opts[0].load_state_dict(ck.pop("opt_table"))
     opts[1].load_state_dict(ck.pop("opt_head"))
@@ -169,9 +181,7 @@ def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict]
 
 
 def _save_model(out: Path, model: PatchBagModel) -> None:
-    tmp = layout.tmp_path(out / layout.MODEL)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(out / layout.MODEL)
+    torchfiles.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / layout.MODEL)
 
 
 def _build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
@@ -204,18 +214,26 @@ def train(
     if not labels_seen or not shards.class_names:
         raise PipelineError(f"{shards.root} has no labels; training needs a labelled source (class folders or y=)")
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
+    device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
+    outputs.check_out(out, [shards.root])
+    with outputs.locked(out, "pipe train"):
+        return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device)
+
+
+def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device) -> dict:
+    """:func:`train` with ``out`` locked."""
     resuming = _prepare(out, shards, config, overwrite, resume)
     if resuming:
         check_checkpoint(out, None)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    device = pick_device(config.device)
     num_classes = len(shards.class_names)
     if resuming:
         v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
     else:
         v = _build_vocab(shards, config, out, on_vocab)
         release_unused()
+    config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
     model = build_model(config, v.rows, num_classes).to(device)
     opts = _optimizers(model, config)
     history: list[dict] = []
@@ -245,7 +263,7 @@ def train(
     release_unused()  # the bag cache's blocks stay in the C heap otherwise (full CIFAR: the final step began at 11.6 GB, now 2.2)
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
     # (a 26.9 M-row run was killed for memory here when it did)
-    state = torch.load(out / layout.MODEL, map_location="cpu", weights_only=True, mmap=True)
+    state = torchfiles.load(out / layout.MODEL, RESTART, mmap=True)
     with torch.device("meta"):
         final = build_model(config, v.rows, num_classes)
     final.load_state_dict(state, assign=True)
@@ -280,7 +298,8 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches:
         batches = shuffled_bags(shards, v, config.val_fraction, config.batch_size, rng, caches.train)
     for b in prefetch(batches):
         loss, logits, y = (_fused_step if fused else _torch_step)(model, opts, b, device, fused)
-        loss_sum += loss.item() * len(y)
+        value = check_loss(loss.item(), epoch)
+        loss_sum += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
         raw += b.raw_keys
@@ -308,6 +327,15 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches:
     if model.auto_drop is not None:
         row["drop_rate"] = float(model.auto_drop.rate.item())
     return row
+
+
+def check_loss(value: float, epoch: int) -> float:
+    """``value``, or a one-line stop when training has diverged (the run keeps its last good epoch)."""
+    if not math.isfinite(value):
+        raise PipelineError(
+            f"training diverged in epoch {epoch} (the loss became {value}); lower --lr or --head-lr (or --init-std) and train again"
+        )
+    return value
 
 
 def _torch_step(model, opts, b: Bags, device, _fused) -> tuple:

@@ -365,7 +365,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert a1 > 0.85 and abs(a2 - a1) <= 0.01, (a1, a2)
     rows = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5] and all(r["train_images"] == rows[0]["train_images"] for r in rows)
-    with pytest.raises(PipelineError, match="already exists"):
+    with pytest.raises(PipelineError, match="already holds a finished run"):
         launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
 
 

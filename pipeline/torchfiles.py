@@ -1,0 +1,42 @@
+"""Tensor files (``model.pt``, ``checkpoint.pt``): written atomically, read without unpickling.
+
+``torch.load(weights_only=True)`` refuses anything but tensors and plain
+containers; that refusal, a truncated file and a full disk each become one
+:class:`PipelineError` line naming the file.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import layout
+from .errors import PipelineError
+
+
+def load(path: Path, fix: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """The tensors of ``path``; ``fix`` says what to do when it cannot be read."""
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; {fix}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise PipelineError(f"{path} holds objects other than tensors, which are never loaded; it was not written by pipe: {fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise PipelineError(f"{path} is damaged or truncated ({first}); {fix}") from None
+
+
+def save(obj: Any, path: Path) -> None:
+    """Write ``obj`` with ``torch.save`` to ``path.tmp``, then move it into place."""
+    tmp = layout.tmp_path(path)
+    try:
+        torch.save(obj, tmp)
+    except (RuntimeError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and run again with --resume") from None
+    tmp.replace(path)
