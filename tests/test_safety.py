@@ -488,6 +488,17 @@ def test_11_a_full_disk_is_one_line_and_leaves_nothing_that_looks_complete(small
     monkeypatch.setattr(faiss, "write_index", failing)
     one_line_error(cli("train", small_run[0], "--out", tmp_path / "r", "--epochs", "1", "--dim", "8"), "basic_ios::clear")
     assert not (tmp_path / "r" / layout.RUN_MANIFEST).exists() and not list((tmp_path / "r").glob("*.faiss.tmp"))
+    monkeypatch.undo()
+
+    import torch
+
+    def torch_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK")  # what got out before the disk filled
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", torch_full)
+    one_line_error(cli("train", small_run[0], "--out", tmp_path / "r2", "--epochs", "1", "--dim", "8"), "is the disk full?")
+    assert not list((tmp_path / "r2").glob("*.pt")) and not list((tmp_path / "r2").glob("*.tmp"))
 
 
 def test_11_damaged_run_files_are_one_line(small_run, tmp_path):
