@@ -4,10 +4,10 @@
     python benchmarks/codes.py --per-class 300 --only grid --json
     python benchmarks/codes.py --smoke --json             # seconds: two tiny rows (what CI runs)
 
-Each row is a full ``pipeline.extract`` + ``pipeline.train`` in a fresh child process
+Each row is a full ``pipeline.extraction.stage`` + ``pipeline.train`` in a fresh child process
 (so its peak RSS is its own) with today's defaults and one group of changes; the
 accuracy is the best validation accuracy of the run, on the images the trainer holds
-out (``pipeline.split.is_validation``), which the dictionary fit also leaves out.
+out (``pipeline.data.split.is_validation``), which the dictionary fit also leaves out.
 Rows: exact views only / code view only / both, dictionary size, k nearest and the
 weighting, whitening, code shapes, grid cells, the head, and no augmentation (the
 default mirrors colour images). ``--out FILE``

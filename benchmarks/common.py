@@ -40,7 +40,7 @@ def bench_train(current: bool, **changes):
 
 
 def bench_augment(current: bool) -> str:
-    """The ``augment`` of pipeline.extract for today's defaults (``current``) or the measured figures."""
+    """The ``augment`` of pipeline.extraction.stage for today's defaults (``current``) or the measured figures."""
     return "auto" if current else MEASURED_AUGMENT
 
 

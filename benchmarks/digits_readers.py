@@ -68,7 +68,7 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, held: np.ndarray, work: Pat
     from sklearn.svm import SVC
 
     import pipeline
-    from pipeline.augment import variants
+    from pipeline.data.augment import variants
 
     names = [str(c) for c in range(10)]
     cfg = extract_config(extract)

@@ -68,7 +68,7 @@ def main() -> None:
             pipeline.extract(fsrc, out, measured_config(), engine=engine, workers=workers, augment=MEASURED_AUGMENT)
             res["folder_extract_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)
             shutil.rmtree(out)
-        from pipeline.ddp import launch
+        from pipeline.training.ddp import launch
 
         res["train_s"], res["train_val_accuracy"] = {}, {}
         for nproc in (1, 2):

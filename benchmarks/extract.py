@@ -7,7 +7,7 @@ Both sides start from the same decoded images (the first N of the shared
 CIFAR-10 archive) and write the same shards (same schema, codec, row groups and
 files); the benchmark checks that the files hold identical keys.
 
-* ours: ``pipeline.extract`` (prefix-sum rolling hash, compiled with numba, O(1) per patch);
+* ours: ``pipeline.extraction.stage`` (prefix-sum rolling hash, compiled with numba, O(1) per patch);
 * baseline: ``torch.Tensor.unfold`` per shape, then one vectorized wrapping dot product
   of each patch's pixel values with the fixed 64-bit multipliers ``A**i * B**j``, then the
   same final mixing (numpy). That dot product *is* our content hash, so the keys match.
@@ -61,9 +61,9 @@ def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, 
     import torch
 
     from pipeline import layout
-    from pipeline.extract import PATCHES_PER_ROW_GROUP, PATCHES_PER_SHARD
-    from pipeline.hashing import A, B, MASK, PIXEL_SALT, KeyPlan, fmix64
-    from pipeline.shards import ShardWriter, schema
+    from pipeline.extraction.stage import PATCHES_PER_ROW_GROUP, PATCHES_PER_SHARD
+    from pipeline.extraction.hashing import A, B, MASK, PIXEL_SALT, KeyPlan, fmix64
+    from pipeline.extraction.shards import ShardWriter, schema
 
     n, height, width = images.shape[:3]
     plan = KeyPlan(config, height, width)
@@ -108,7 +108,7 @@ def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, 
 
 def numpy_content_keys(syms: np.ndarray, plan) -> np.ndarray:
     """The same prefix-sum hash as ours, as whole-array numpy passes (the implementation numba replaced)."""
-    from pipeline.hashing import fmix64
+    from pipeline.extraction.hashing import fmix64
 
     n, hh, ww = syms.shape
     r = syms.astype(np.uint64, copy=True)
@@ -135,9 +135,9 @@ def numpy_content_keys(syms: np.ndarray, plan) -> np.ndarray:
 
 def breakdown(images: np.ndarray, config, tmp: Path, repeat: int, compression: str) -> dict:
     """Where the time goes: hashing alone (ours, numpy, torch unfold) and Parquet writing alone, per row group."""
-    from pipeline.extract import PATCHES_PER_ROW_GROUP
-    from pipeline.hashing import KeyPlan
-    from pipeline.shards import ShardWriter, schema
+    from pipeline.extraction.stage import PATCHES_PER_ROW_GROUP
+    from pipeline.extraction.hashing import KeyPlan
+    from pipeline.extraction.shards import ShardWriter, schema
 
     plan = KeyPlan(config, images.shape[1], images.shape[2])
     step = max(1, PATCHES_PER_ROW_GROUP // plan.patches_per_image)
@@ -159,7 +159,7 @@ def breakdown(images: np.ndarray, config, tmp: Path, repeat: int, compression: s
 
 def hashlib_patches_per_s(images: np.ndarray, config, seconds: float = 1.0) -> float:
     """Per-patch blake2b over each patch's symbols (for reference only; not the ratio's baseline)."""
-    from pipeline.hashing import KeyPlan
+    from pipeline.extraction.hashing import KeyPlan
 
     plan = KeyPlan(config, images.shape[1], images.shape[2])
     done, t0 = 0, time.perf_counter()
@@ -188,7 +188,7 @@ def _same_keys(a: Path, b: Path) -> bool:
 
 def compare(images, labels, config, tmp: Path, tag: str, repeat: int, compression: str) -> dict:
     import pipeline
-    from pipeline.sources import from_arrays
+    from pipeline.data.sources import from_arrays
 
     ours_dir, base_dir = tmp / f"{tag}-ours", tmp / f"{tag}-baseline"
 
@@ -254,7 +254,7 @@ RESULT = dict(images=m["images"], patches=m["patches"], bytes=m["bytes"])
 
 def numpy_codes(images: np.ndarray, d, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The baseline coding: whole-block numpy (distances, np.argpartition, sort of the k, triangle weights)."""
-    from pipeline import codes
+    from pipeline.extraction import codes
 
     atoms, weights = [], []
     for s in d.shapes:
@@ -277,7 +277,8 @@ def numpy_codes(images: np.ndarray, d, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def code_throughput(images: np.ndarray, repeat: int, atoms: int | None = None, sample: int | None = None) -> dict:
     """Images/s of the code view's coding (ours against :func:`numpy_codes`) and GFLOP/s of its distance product."""
-    from pipeline import ExtractConfig, codes
+    from pipeline import ExtractConfig
+    from pipeline.extraction import codes
 
     cfg = ExtractConfig(**({"atoms": atoms} if atoms else {}))
     shapes = codes.auto_shapes(*images.shape[1:3])

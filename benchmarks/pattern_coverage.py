@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import pipeline
-    from pipeline.bags import part_batches
+    from pipeline.training.bags import part_batches
 
     run = pipeline.load(args.run)
     shards = pipeline.open_shards(args.shards)

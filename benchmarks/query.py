@@ -72,8 +72,8 @@ def main() -> None:
 
     import pipeline
     from pipeline import index as pidx
-    from pipeline import unseen
-    from pipeline.bags import part_batches
+    from pipeline.query import unseen
+    from pipeline.training.bags import part_batches
 
     work = a.work or Path(tempfile.mkdtemp(prefix="query-bench-"))
     try:

@@ -101,8 +101,8 @@ def main() -> None:
 
     import pyarrow
 
-    from pipeline.extract import PATCHES_PER_ROW_GROUP
-    from pipeline.hashing import KeyPlan
+    from pipeline.extraction.stage import PATCHES_PER_ROW_GROUP
+    from pipeline.extraction.hashing import KeyPlan
 
     pyarrow.set_cpu_count(1)
     images, _, _ = cifar_images(args.images)

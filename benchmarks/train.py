@@ -40,7 +40,7 @@ _BASELINE = """
 import sys, time, numpy as np, torch
 sys.path.insert(0, {root!r})
 import pipeline
-from pipeline.bags import part_batches
+from pipeline.training.bags import part_batches
 sh = pipeline.open_shards({shards!r})
 torch.manual_seed(0)
 rng = np.random.default_rng(0)

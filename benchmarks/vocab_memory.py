@@ -37,8 +37,9 @@ def main() -> None:
     import torch  # noqa: F401  (loaded as in pipe train, so the baseline includes it)
 
     import pipeline
-    from pipeline import TrainConfig, memory, vocab
-    from pipeline.bags import part_batches
+    from pipeline import TrainConfig, memory
+    from pipeline.training import vocab
+    from pipeline.training.bags import part_batches
 
     pool = pa.default_memory_pool()
     steps = {"start": status()}

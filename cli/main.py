@@ -146,7 +146,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
         + (f" ({m['unlabelled']} image(s) without a label: kept for query, left out of training and validation)" if m.get("unlabelled") else "")
     )
     if audit:
-        from pipeline import audit as audits
+        from pipeline.extraction import audit as audits
 
         src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
         with _bar(min(len(src), audit_images or len(src)), "img", "audit") as bar:
@@ -218,7 +218,7 @@ def train(shards, out, nproc, resume, overwrite, **options):
     """
     config = TrainConfig(**options)
     if nproc != 1:
-        from pipeline.ddp import launch
+        from pipeline.training.ddp import launch
 
         m = launch(shards, out, config, nproc, overwrite, resume)
         click.echo(f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
@@ -330,8 +330,8 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
       pipe query artifacts/digits/run artifacts/digits/test-0.png --k 3 --png artifacts/png
       pipe query artifacts/digits/run --batch digits --split test --out artifacts/results.parquet
     """
-    from pipeline.batch import check_counts
-    from pipeline.report import query_one, read_image
+    from pipeline.query.batch import check_counts
+    from pipeline.query.report import query_one, read_image
 
     if bool(images) == bool(batch_source):
         raise click.ClickException("give image files, or --batch SOURCE, not both")

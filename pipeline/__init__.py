@@ -13,23 +13,25 @@ The verbs::
 """
 from importlib import import_module
 
-from .config import ExtractConfig, TrainConfig
-from .errors import PipelineError
-from .extract import extract
-from .hashing import KeyPlan
-from .shards import Shards
-from .sources import Source, from_arrays, open_data, open_source
+from pipeline.config import ExtractConfig, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.extraction.stage import extract
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.extraction.shards import Shards
+from pipeline.data.sources import Source, from_arrays, open_source
+from pipeline.query.inputs import open_data
 
 # torch-backed parts load on first use, so extract workers and `pipe extract` never import torch
 _LAZY = {
-    "PatchLookup": ".run", "ImageLookup": ".run", "Run": ".run", "load": ".run", "train": ".trainer",
-    "query_batch": ".batch", "rebuild_index": ".artifacts", "query_png": ".pictures",
+    "PatchLookup": "pipeline.query.run", "ImageLookup": "pipeline.query.run", "Run": "pipeline.query.run",
+    "load": "pipeline.query.run", "train": "pipeline.training.loop", "query_batch": "pipeline.query.batch",
+    "rebuild_index": "pipeline.training.artifacts", "query_png": "pipeline.query.pictures",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 HASH_VERSION = "patchhash-v1"  # bump when the key specification in docs/hashing.md changes
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
-from .errors import PipelineError
+from pipeline import layout
+from pipeline.errors import PipelineError
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 EXACT_UP_TO = 100_000  # auto: exact search below this many vectors
@@ -177,13 +177,11 @@ def build(
     )
     if hnsw_like:  # efSearch is stored with the graph
         apply_params(idx, ef_search=info.ef_search)
-    tmp = layout.tmp_path(path)
     try:
-        _faiss().write_index(idx, str(tmp))
+        with layout.atomic(path) as tmp:
+            _faiss().write_index(idx, str(tmp))
     except RuntimeError as e:
-        tmp.unlink(missing_ok=True)
         raise PipelineError(f"cannot write {path} ({_faiss_reason(e)}); is the disk full? free space and run again") from None
-    tmp.replace(path)
     info.digest = file_digest(path)
     return info
 

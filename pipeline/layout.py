@@ -1,8 +1,8 @@
 """File names of every artifact, and the atomic-write helpers that create them.
 
 A shard directory is complete only once ``manifest.json`` exists; a run
-directory only once ``run.json`` exists. Every file is written to
-``name.tmp`` and moved into place with ``os.replace``.
+directory only once ``run.json`` exists. Every file is written
+through :func:`atomic`: to ``name.tmp``, moved into place with ``os.replace``.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 # shard directory (pipe extract)
@@ -18,9 +19,10 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{index:05d}-of-{total:05d}.parquet"
 EXTRACT_JOB = "extract-job.json"  # the settings of an unfinished extract, for resuming
 PROGRESS_DIR = "_progress"  # one small JSON per finished shard, for resuming
-DICTIONARY = "dictionary.npz"  # the code view's whitening and atoms (pipeline.codes); also copied into a run
+DICTIONARY = "dictionary.npz"  # the code view's whitening and atoms (pipeline.extraction.codes); also copied into a run
 
 # run directory (pipe train)
+RUN_FORMAT = "patchhash-run-v2"  # run.json "format"
 RUN_MANIFEST = "run.json"
 MODEL = "model.pt"
 METRICS = "metrics.jsonl"
@@ -44,28 +46,32 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as pretty JSON, atomically."""
+@contextmanager
+def atomic(path: Path | str) -> Iterator[Path]:
+    """The one way every artifact is written: the block writes the yielded ``name.tmp``, which
+    replaces ``path`` only when the block ends without an error (and is removed when it fails),
+    so a file under its real name is always complete."""
+    path = Path(path)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        yield tmp
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves nothing that looks written
+        tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` atomically."""
-    tmp = tmp_path(dst)
-    try:
+    with atomic(dst) as tmp:
         shutil.copyfile(src, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dst)
 
 
 def read_json(path: Path) -> Any:

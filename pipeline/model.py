@@ -22,6 +22,9 @@ import math
 import torch
 from torch import nn
 
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+
 BAGS = ("mean", "sum", "sqrt")
 
 
@@ -123,7 +126,7 @@ class PatchBagModel(nn.Module):
 
         The batch's distinct rows are gathered into a small dense leaf tensor, so backward
         yields one gradient row per distinct row (already coalesced) instead of one per
-        occurrence; :func:`pipeline.optim.step_table` applies it to those rows alone.
+        occurrence; :func:`pipeline.training.optim.step_table` applies it to those rows alone.
         """
         unique, local = torch.unique(rows, return_inverse=True)
         sub = self.table.weight.detach().index_select(0, unique).requires_grad_(True)
@@ -139,7 +142,13 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import PipelineError
-
         raise PipelineError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
     return torch.device(name)
+
+
+def build_model(config: TrainConfig, rows: int, num_classes: int) -> PatchBagModel:
+    """The model a run's settings describe, its table initialised from N(0, ``init_std``): what
+    training starts from and what a run is loaded into."""
+    model = PatchBagModel(rows, config.dim, num_classes, config.bag, config.hidden, config.drop_rate, config.pooled_dropout)
+    nn.init.normal_(model.table.weight, std=config.init_std)
+    return model

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import layout
-from .errors import PipelineError
+from pipeline import layout
+from pipeline.errors import PipelineError
 
 LOCK = ".patchhash.lock"
 # a directory holding one of these was written by pipe extract or pipe train (finished or not)

@@ -2,7 +2,7 @@
 
 Pattern ids are row numbers of this table: the vocabulary keys, ascending, so
 pattern id = table row = FAISS id of :mod:`pipeline.index`. The statistics come
-from :func:`pipeline.vocab.pattern_stats`.
+from :func:`pipeline.training.vocab.pattern_stats`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
-from .hashing import KeyPlan
+from pipeline import layout
+from pipeline.extraction.hashing import KeyPlan
 
 def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | None = None) -> pa.Table:
     """The Parquet table of patterns: ids, keys, shape and location of the first example, the atom of
@@ -44,9 +44,8 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | Non
 
 
 def write(table: pa.Table, path: Path) -> None:
-    tmp = layout.tmp_path(path)
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    with layout.atomic(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def read(path: Path) -> dict[str, np.ndarray]:

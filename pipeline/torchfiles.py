@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from . import layout
-from .errors import PipelineError
+from pipeline import layout
+from pipeline.errors import PipelineError
 
 
 def load(path: Path, fix: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
@@ -31,12 +31,10 @@ def load(path: Path, fix: str, map_location: Any = "cpu", mmap: bool = False) ->
 
 
 def save(obj: Any, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` to ``path.tmp``, then move it into place."""
-    tmp = layout.tmp_path(path)
+    """Write ``obj`` with ``torch.save``, atomically."""
     try:
-        torch.save(obj, tmp)
+        with layout.atomic(path) as tmp:
+            torch.save(obj, tmp)
     except (RuntimeError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and run again with --resume") from None
-    tmp.replace(path)

@@ -8,7 +8,7 @@ import pytest
 
 import pipeline
 from pipeline import ExtractConfig, TrainConfig
-from pipeline.images import encode_png
+from pipeline.data.images import encode_png
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from pipeline.images import encode_png
+from pipeline.data.images import encode_png
 
 from .conftest import CIFAR_TAR, digits_images
 

@@ -10,11 +10,12 @@ from click.testing import CliRunner
 
 import pipeline
 from cli.main import main
-from pipeline import ExtractConfig, TrainConfig, codes
+from pipeline import ExtractConfig, TrainConfig
+from pipeline.extraction import codes
 from pipeline.config import POSITION_MODES
 from pipeline.errors import PipelineError
-from pipeline.hashing import KeyPlan, reference_code_key
-from pipeline.images import encode_png
+from pipeline.extraction.hashing import KeyPlan, reference_code_key
+from pipeline.data.images import encode_png
 
 from .conftest import digits_images
 
@@ -243,11 +244,11 @@ def test_shards_of_format_v2_still_load(tmp_path):
 
 def test_auto_settings_follow_the_image_size():
     assert codes.auto_shapes(8, 8) == [(4, 4)] and codes.auto_shapes(32, 32) == [(6, 6)] and codes.auto_shapes(3, 9) == []
-    from pipeline.hashing import auto_grid
+    from pipeline.extraction.hashing import auto_grid
 
     assert (auto_grid(8, 8), auto_grid(32, 32), auto_grid(64, 48)) == (3, 4, 6)
     plan = KeyPlan(ExtractConfig(views="none", color="rgb"), 32, 32)
     assert plan.config.code_shapes == "6x6" and plan.config.grid == 4 and plan.code_slots == 5 * 27 * 27
-    from pipeline.augment import resolve
+    from pipeline.data.augment import resolve
 
     assert (resolve("auto", 3), resolve("auto", 1), resolve("shift:1", 3)) == ("flip", "none", "shift:1")

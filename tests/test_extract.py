@@ -15,10 +15,10 @@ import pytest
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError
-from pipeline.audit import audit, expected_collisions
-from pipeline.hashing import KeyPlan
-from pipeline.pixels import symbols
-from pipeline.sources import from_arrays
+from pipeline.extraction.audit import audit, expected_collisions
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.data.pixels import symbols
+from pipeline.data.sources import from_arrays
 
 from .conftest import digits_images, one_view_config
 
@@ -253,8 +253,8 @@ def test_views_in_shards_and_audit(tmp_path):
 
 def test_augmented_copies_follow_their_image(tmp_path):
     """Each image is followed by its flipped and shifted copies (checked pixel by pixel); ids keep the split together."""
-    from pipeline import augment
-    from pipeline.bags import is_validation, part_batches
+    from pipeline.data import augment
+    from pipeline.training.bags import is_validation, part_batches
 
     imgs, labels = digits_images("train", 12)
     cfg = one_view_config(color="gray", max_h=2, max_w=2)

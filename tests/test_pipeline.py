@@ -11,8 +11,8 @@ import pytest
 import pipeline
 from pipeline import PipelineError, TrainConfig
 from pipeline import index as pattern_index
-from pipeline.hashing import KeyPlan
-from pipeline.bags import is_validation
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.training.bags import is_validation
 
 from .conftest import digits_images, write_folder, one_view_config
 
@@ -44,7 +44,7 @@ def test_extract_splits_into_several_shards_and_refuses_to_overwrite(tmp_path):
 
 
 def test_png_query_gives_the_same_keys_as_the_source(digits_run, tmp_path):
-    from pipeline.report import read_image
+    from pipeline.query.report import read_image
 
     run = pipeline.load(digits_run)
     imgs, labels = digits_images("test", 3)

@@ -13,11 +13,11 @@ import torch
 import pipeline
 from pipeline import KeyPlan, PipelineError
 from pipeline import index as pidx
-from pipeline import unseen
-from pipeline.batch import query_batch, schema
+from pipeline.query import unseen
+from pipeline.query.batch import query_batch, schema
 
 from .conftest import digits_images, one_view_config
-from pipeline.bags import to_bags
+from pipeline.training.bags import to_bags
 
 from .test_cli import one_line_error
 from .test_cli import run as cli
@@ -224,7 +224,7 @@ def test_cli_batch_png_and_index(digits_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert "25 images queried" in r.stdout and "accuracy" in r.stdout and pq.read_table(out).num_rows == 25
     imgs, _ = digits_images("test", 1)
-    from pipeline.images import encode_png
+    from pipeline.data.images import encode_png
 
     (tmp_path / "a.png").write_bytes(encode_png(imgs[0]))
     r = cli("query", digits_run, tmp_path / "a.png", "--png", tmp_path / "pics", "--unseen", "compose", "--classifier", "knn")

@@ -26,13 +26,13 @@ from click.testing import CliRunner
 import pipeline
 from cli.main import main
 from pipeline import ExtractConfig, PipelineError, TrainConfig, layout, outputs
-from pipeline.images import encode_png
+from pipeline.data.images import encode_png
 
 from .conftest import digits_images
 
 ROOT = Path(__file__).resolve().parents[1]
-extract_mod = importlib.import_module("pipeline.extract")
-trainer_mod = importlib.import_module("pipeline.trainer")
+extract_mod = importlib.import_module("pipeline.extraction.stage")
+trainer_mod = importlib.import_module("pipeline.training.loop")
 
 
 def cli(*args):
@@ -153,14 +153,14 @@ def test_2_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(small_
 SLOW_EXTRACT = """
 import sys, time, importlib
 import pipeline
-ex = importlib.import_module("pipeline.extract")
+ex = importlib.import_module("pipeline.extraction.stage")
 real = ex.write_shard
 def slow(task, progress=None):
     print("writing", flush=True)
     time.sleep(0.2)
     return real(task, progress)
 ex.write_shard = slow
-pipeline.extract(pipeline.open_source("digits", limit=100), sys.argv[1], pipeline.ExtractConfig(levels=2, max_h=2, max_w=2, code_shapes="none"),
+pipeline.extract(pipeline.open_source("digits", limit=20), sys.argv[1], pipeline.ExtractConfig(levels=2, max_h=2, max_w=2, code_shapes="none"),
                  images_per_shard=1)
 """
 
@@ -172,11 +172,11 @@ def test_2_two_real_extracts_into_one_directory(tmp_path):
     a = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACT, str(tmp_path / "s")], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert a.stdout.readline().strip() == "writing"
-    b = subprocess.run([sys.executable, "-m", "cli.main", "extract", "digits", "--limit", "100", "--images-per-shard", "1",
+    b = subprocess.run([sys.executable, "-m", "cli.main", "extract", "digits", "--limit", "20", "--images-per-shard", "1",
                         "--out", str(tmp_path / "s"), *SMALL], cwd=ROOT, env=env, capture_output=True, text=True)
     a.communicate(timeout=120)
     assert b.returncode == 1 and b.stderr.count("\n") == 1 and "being written by another pipe extract" in b.stderr, b.stderr
-    assert a.returncode == 0 and pipeline.open_shards(tmp_path / "s").num_images == 100
+    assert a.returncode == 0 and pipeline.open_shards(tmp_path / "s").num_images == 20
 
 
 # ------------------------------------------------------------------ 3. resume after the source changed

@@ -13,8 +13,8 @@ from sklearn.model_selection import train_test_split
 
 import pipeline
 from pipeline import PipelineError
-from pipeline.images import encode_png
-from pipeline.pixels import to_channels
+from pipeline.data.images import encode_png
+from pipeline.data.pixels import to_channels
 
 from .conftest import digits_images, write_folder
 
@@ -48,7 +48,7 @@ def test_folder_and_tar_give_the_digits_pixels(tmp_path):
 def test_workers_read_folder_files_and_plain_tar_members_themselves(tmp_path):
     """By reference, a folder's files and an uncompressed tar's members are not read by the
     caller: each image carries where its bytes are, and reading that gives the file's bytes."""
-    from pipeline.sources import decode_raw, read_ref
+    from pipeline.data.sources import decode_raw, read_ref
 
     imgs, labels = digits_images("train", 12)
     root = write_folder(tmp_path / "f", imgs, labels)
@@ -178,7 +178,7 @@ def test_limit_and_per_class():
 
 
 def test_truncated_jpeg_and_unknown_mode_are_named_with_a_fix(tmp_path):
-    from pipeline.images import BadImage, decode
+    from pipeline.data.images import BadImage, decode
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()

@@ -16,7 +16,7 @@ import torch
 import pipeline
 from pipeline import PipelineError, TrainConfig
 from pipeline.model import PatchBagModel
-from pipeline.vocab import KeyCounter, build
+from pipeline.training.vocab import KeyCounter, build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +178,7 @@ def test_resume_refuses_other_settings_and_finished_runs(digits_shards, tmp_path
 
 
 def test_lazy_adagrad_equals_torch_adagrad_on_the_touched_rows():
-    from pipeline.optim import LazyAdagrad
+    from pipeline.training.optim import LazyAdagrad
 
     torch.manual_seed(0)
     w_ref = torch.randn(50, 4, requires_grad=True)
@@ -197,7 +197,7 @@ def test_lazy_adagrad_equals_torch_adagrad_on_the_touched_rows():
 
 @pytest.mark.parametrize("name", ["adagrad", "rowwise-adagrad", "sparseadam", "sgd"])
 def test_a_step_changes_exactly_the_rows_of_the_batch(name):
-    from pipeline.optim import table_optimizer
+    from pipeline.training.optim import table_optimizer
 
     torch.manual_seed(0)
     m = PatchBagModel(100, 4, 3)
@@ -215,7 +215,7 @@ def test_a_step_changes_exactly_the_rows_of_the_batch(name):
 
 def test_rowwise_adagrad_against_a_hand_written_dense_step():
     """One accumulator per row, grown by the mean of the row's squared gradient; other rows untouched."""
-    from pipeline.optim import LazyAdagrad
+    from pipeline.training.optim import LazyAdagrad
 
     torch.manual_seed(0)
     w0 = torch.randn(20, 6)
@@ -233,7 +233,7 @@ def test_rowwise_adagrad_against_a_hand_written_dense_step():
 
 
 def _random_bags(rng: np.random.Generator, rows: int, images: int):
-    from pipeline.bags import Bags
+    from pipeline.training.bags import Bags
 
     parts = [np.unique(rng.integers(0, rows, rng.integers(1, 40))) for _ in range(images)]
     offsets = np.zeros(images + 1, np.int64)
@@ -247,7 +247,8 @@ def _random_bags(rng: np.random.Generator, rows: int, images: int):
 ] + [("0.3", "mean", "rowwise-adagrad"), ("auto", "sqrt", "rowwise-adagrad")])
 def test_compiled_cpu_step_equals_the_torch_step(drop, bag, optimizer):
     """The compiled pool + grouped Adagrad (table_kernels) against autograd + LazyAdagrad, step by step."""
-    from pipeline.trainer import _fused_step, _optimizers, _torch_step, build_model
+    from pipeline.model import build_model
+    from pipeline.training.loop import _fused_step, _optimizers, _torch_step
 
     cfg = TrainConfig(dim=8, bag=bag, drop=drop, hidden=5, lr=0.2, optimizer=optimizer)
     models, optims = [], []
@@ -259,7 +260,7 @@ def test_compiled_cpu_step_equals_the_torch_step(drop, bag, optimizer):
             m.table.weight.copy_(torch.randn(700, 8, generator=nn_init))
         models.append(m.train())
         optims.append(_optimizers(m, cfg))
-    from pipeline.optim import cpu_table_step
+    from pipeline.training.optim import cpu_table_step
 
     fused = cpu_table_step(optims[1][0], torch.device("cpu"))
     assert fused is not None
@@ -281,7 +282,7 @@ def test_compiled_cpu_step_equals_the_torch_step(drop, bag, optimizer):
 
 def test_group_rows_against_numpy():
     """Blocks of distinct rows: every occurrence once, in its row's block, rows ascending."""
-    from pipeline.table_kernels import _BLOCK, group_rows
+    from pipeline.training.table_kernels import _BLOCK, group_rows
 
     rng = np.random.default_rng(3)
     rows_total = 5000
@@ -312,7 +313,7 @@ def _image_bags(batches) -> list[tuple]:
 
 
 def test_bag_cache_serves_every_training_image_once_as_read(digits_shards):
-    from pipeline.bags import BagCache, part_batches, shuffled_bags, to_bags, validation_bags
+    from pipeline.training.bags import BagCache, part_batches, shuffled_bags, to_bags, validation_bags
 
     sh = pipeline.open_shards(digits_shards)
     v = build(lambda: (k for k, _, _, _ in part_batches(sh, False, 0.1)), 2, 0)
@@ -332,7 +333,7 @@ def test_bag_cache_serves_every_training_image_once_as_read(digits_shards):
 
 
 def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tmp_path):
-    from pipeline.bags import BagCache, part_batches, shuffled_bags
+    from pipeline.training.bags import BagCache, part_batches, shuffled_bags
 
     sh = pipeline.open_shards(digits_shards)
     v = build(lambda: (k for k, _, _, _ in part_batches(sh, False, 0.1)), 2, 0)
@@ -353,7 +354,7 @@ def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tm
 def test_two_process_training_matches_one_process(tmp_path):
     """torchrun with 2 processes (DDP, gloo) against 1 process of the same path, same epochs:
     test accuracy within 1 point, and the run directory is complete and loads."""
-    from pipeline.ddp import launch
+    from pipeline.training.ddp import launch
 
     pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", images_per_shard=100)  # 9 row groups to share out
     cfg = TrainConfig()  # the defaults: 5 epochs of dim 64

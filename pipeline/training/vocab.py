@@ -17,9 +17,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import kernels
-from .augment import VARIANT_STRIDE
-from .errors import PipelineError
+from pipeline import layout
+from pipeline.training import count_tables
+from pipeline.data.augment import VARIANT_STRIDE
+from pipeline.errors import PipelineError
 
 
 def _table_size(n: int) -> int:
@@ -53,7 +54,7 @@ class KeyCounter:
             raise OverBudget
         keys, counts = self._items()
         self.slots = np.zeros((size, 2), np.uint64)
-        kernels.add_counts(keys, counts, self.slots)
+        count_tables.add_counts(keys, counts, self.slots)
 
     def _items(self) -> tuple[np.ndarray, np.ndarray]:
         used = self.slots[:, 1] != 0
@@ -62,7 +63,7 @@ class KeyCounter:
     def add(self, keys: np.ndarray) -> None:
         if 2 * (self.distinct + keys.size) > len(self.slots):  # room even if every key is new: never more than half full
             self._grow(self.distinct + keys.size)
-        self.distinct += kernels.count_keys(np.ascontiguousarray(keys), self.slots, self.part_mask, self.part_value)
+        self.distinct += count_tables.count_keys(np.ascontiguousarray(keys), self.slots, self.part_mask, self.part_value)
         self.total += keys.size
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +85,7 @@ class Vocabulary:
 
     def __post_init__(self) -> None:
         self._slots = np.zeros((_table_size(len(self.keys)), 2), np.uint64)
-        kernels.fill_table(self.keys, np.arange(len(self.keys), dtype=np.int64), self._slots)
+        count_tables.fill_table(self.keys, np.arange(len(self.keys), dtype=np.int64), self._slots)
         self._local: np.ndarray | None = None
         # merge scratch for keys sharing a bucket row; bag_rows reads it only when buckets > 0
         scratch = self.rows if self.buckets else 1
@@ -104,7 +105,7 @@ class Vocabulary:
         """The table row of each key (same shape, int64): own row, shared bucket, or -1 (dropped)."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         out = np.empty(keys.shape, np.int64)
-        return kernels.lookup_rows(keys, self._slots, len(self.keys), self.buckets, out)
+        return count_tables.lookup_rows(keys, self._slots, len(self.keys), self.buckets, out)
 
     def bags(self, keys: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each image's keys (N x K) as distinct rows with counts: (rows, offsets N+1, counts float32).
@@ -119,15 +120,11 @@ class Vocabulary:
             raise ValueError(f"weights of shape {w.shape} do not match keys of shape {keys.shape}")
         if self._local is None or len(self._local) < 2 * keys.shape[1]:
             self._local = np.zeros((_table_size(keys.shape[1]), 2), np.uint64)
-        return kernels.bag_rows(keys, w, self._slots, len(self.keys), self.buckets, self._local, self._stamp, self._where)
+        return count_tables.bag_rows(keys, w, self._slots, len(self.keys), self.buckets, self._local, self._stamp, self._where)
 
     def save(self, path: Path) -> None:
-        from . import layout
-
-        tmp = layout.tmp_path(path)
-        with open(tmp, "wb") as f:
+        with layout.atomic(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, keys=self.keys, counts=self.counts, buckets=np.int64(self.buckets), min_count=np.int64(self.min_count))
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path, stats: dict | None = None) -> "Vocabulary":
@@ -216,7 +213,7 @@ def pattern_stats(vocab: Vocabulary, batches: Iterable[tuple[np.ndarray, np.ndar
     first_image = np.full(v, -1, np.int64)
     first_slot = np.zeros(v, np.int64)
     for keys, labels, ids in batches:
-        kernels.pattern_stats(
+        count_tables.pattern_stats(
             np.ascontiguousarray(keys, dtype=np.uint64), labels.astype(np.int64), ids.astype(np.int64),
             vocab._slots, cc, first_image, first_slot, VARIANT_STRIDE,
         )

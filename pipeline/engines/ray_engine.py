@@ -4,9 +4,9 @@ The driver lists the source in order and cuts it into the same :class:`ShardTask
 the local engine (the split depends only on the settings). A task carries file references
 (an image folder's files, an uncompressed tar's members) that the worker reads itself, or
 the bytes where only the driver can read them (a compressed tar's stream, in-memory arrays).
-Windows of tasks become Ray datasets whose ``map_batches`` runs
-:func:`pipeline.extract.write_shard`, the very function the local engine runs, one task per
-batch, on as many Ray workers as the cluster gives. Each task reads, hashes and writes its
+Windows of tasks become Ray datasets whose ``map_batches`` runs the function the caller
+passes (extract passes :func:`pipeline.extraction.stage.write_shard`, the very function the
+local engine runs), one task per batch, on as many Ray workers as the cluster gives. Each task reads, hashes and writes its
 shard file and returns its record; the driver writes the manifest. So the shards and
 manifest are the local engine's, file for file.
 
@@ -19,9 +19,9 @@ import json
 import logging
 import pickle
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 
 def _quiet() -> None:
@@ -64,10 +64,12 @@ def check_engine(engine: str) -> None:
         require_ray()
 
 
-def _write_batch(batch: dict) -> dict:
-    from .extract import write_shard
-
-    records = [write_shard(pickle.loads(bytes(b))) for b in batch["task"]]
+def _run_batch(batch: dict) -> dict:
+    """Run each pickled (function, task) pair of a Ray Data batch; the records come back as JSON."""
+    records = []
+    for b in batch["task"]:
+        fn, task = pickle.loads(bytes(b))
+        records.append(fn(task))
     return {"record": [json.dumps(r) for r in records]}
 
 
@@ -83,8 +85,10 @@ def _user_error(e: BaseException) -> PipelineError | None:
     return None
 
 
-def run_tasks(tasks: Iterator, workers: int, address: str | None, progress=None) -> list[dict]:
-    """Run shard tasks on Ray (a local instance of ``workers`` CPUs, or the cluster at ``address``)."""
+def run_tasks(fn: Callable[[Any], dict], tasks: Iterator, workers: int, address: str | None, progress=None) -> list[dict]:
+    """``fn(task)`` for every task on Ray (a local instance of ``workers`` CPUs, or the cluster at
+    ``address``); ``fn`` is a module-level function (sent by reference) returning a JSON-able
+    record with ``originals``, ``skipped`` and ``patches`` (what ``progress`` is told)."""
     with _session(workers, address) as ray:
         ray.data.DataContext.get_current().enable_progress_bars = False
         slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
@@ -93,20 +97,20 @@ def run_tasks(tasks: Iterator, workers: int, address: str | None, progress=None)
         for task in tasks:
             window.append(task)
             if len(window) >= 2 * slots:  # bounded memory: at most two tasks' images per worker in flight
-                records += _run_window(ray, window, slots, progress)
+                records += _run_window(ray, fn, window, slots, progress)
                 window = []
         if window:
-            records += _run_window(ray, window, slots, progress)
+            records += _run_window(ray, fn, window, slots, progress)
         return records
 
 
-def _run_window(ray, window: list, slots: int, progress) -> list[dict]:
-    ds = ray.data.from_items([{"task": pickle.dumps(t)} for t in window], override_num_blocks=len(window))
+def _run_window(ray, fn, window: list, slots: int, progress) -> list[dict]:
+    ds = ray.data.from_items([{"task": pickle.dumps((fn, t))} for t in window], override_num_blocks=len(window))
     size = min(slots, len(window))
     if hasattr(ray.data, "TaskPoolStrategy"):  # Ray >= 2.51 replaced concurrency= by compute=
-        ds = ds.map_batches(_write_batch, batch_size=1, compute=ray.data.TaskPoolStrategy(size=size), num_cpus=1)
+        ds = ds.map_batches(_run_batch, batch_size=1, compute=ray.data.TaskPoolStrategy(size=size), num_cpus=1)
     else:
-        ds = ds.map_batches(_write_batch, batch_size=1, concurrency=size, num_cpus=1)
+        ds = ds.map_batches(_run_batch, batch_size=1, concurrency=size, num_cpus=1)
     out = []
     try:
         for row in ds.iter_rows():
@@ -123,29 +127,28 @@ def _run_window(ray, window: list, slots: int, progress) -> list[dict]:
 
 
 class _Querier:
-    """One Ray actor: loads the run (model, memory-mapped indexes) once, then answers batches."""
+    """One Ray actor: loads the run once (``load(root, rule)``), then answers batches with
+    ``answer(run, keys, labels, image_ids, names, *args, weights)``."""
 
-    def __init__(self, root: str, rule: str | None, k: int, patches: int, classifier: str):
-        import torch
-
-        from .run import load
+    def __init__(self, load: Callable, answer: Callable, root: str, rule: str | None, args: tuple):
+        import torch  # in the actor's own process
 
         torch.set_num_threads(1)  # one CPU per actor
         self.run = load(root, rule)
-        self.args = (k, patches, rule, classifier)
+        self.answer = answer
+        self.args = args
 
     def table(self, keys, labels, image_ids, names, weights):
-        from .batch import result_table
-
-        return result_table(self.run, keys, labels, image_ids, names, *self.args, weights)
+        return self.answer(self.run, keys, labels, image_ids, names, *self.args, weights)
 
 
-def query_tables(root: str, batches: Iterator, rule: str | None, k: int, patches: int, classifier: str,
+def query_tables(load: Callable, answer: Callable, root: str, batches: Iterator, rule: str | None, args: tuple,
                  workers: int, address: str | None) -> Iterator:
-    """Result tables of key batches (KeyBatch), in order, computed by ``workers`` Ray actors."""
+    """``answer``'s result tables of key batches (KeyBatch), in order, computed by ``workers`` Ray
+    actors that each ``load`` the run once (both module-level functions, sent by reference)."""
     with _session(workers, address) as ray:
         actor = ray.remote(num_cpus=1)(_Querier)
-        pool = [actor.remote(root, rule, k, patches, classifier) for _ in range(workers)]
+        pool = [actor.remote(load, answer, root, rule, args) for _ in range(workers)]
         pending: list = []
         for i, b in enumerate(batches):
             pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names, b.weights))

@@ -22,8 +22,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .errors import PipelineError
-from .hashing import KeyPlan
+from pipeline.errors import PipelineError
+from pipeline.extraction.hashing import KeyPlan
 
 RULES = ("drop", "compose", "nearest")
 DEFAULT_RULE = "drop"  # measured by benchmarks/query.py: the other rules do not help (docs/query.md)

@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout, outputs
-from .errors import PipelineError
-from .ray_engine import check_engine
-from .run import Run
-from .shards import Shards
-from .sources import Source
+from pipeline import layout, outputs
+from pipeline.errors import PipelineError
+from pipeline.engines.ray_engine import check_engine, query_tables
+from pipeline.query.run import Run, load
+from pipeline.extraction.shards import Shards
+from pipeline.data.sources import Source
 
 
 def schema(num_classes: int) -> pa.Schema:
@@ -128,13 +128,9 @@ def check_counts(k: int, patches: int) -> None:
 def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progress, engine, workers, address) -> dict:
     """:func:`query_batch` with ``out`` locked."""
     names = run.class_names
-    tmp = layout.tmp_path(out)
-    writer = pq.ParquetWriter(tmp, schema(len(names)), compression="zstd")
     rows = correct = labelled = 0
     batches = run.key_batches(data, batch_size, progress)
     if engine == "ray":
-        from .ray_engine import query_tables
-
         labels_of: list[np.ndarray] = []
 
         def remember(bs):
@@ -142,19 +138,14 @@ def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progr
                 labels_of.append(b.labels)
                 yield b
 
-        tables = query_tables(str(run.root.resolve()), remember(batches), rule or run.unseen_rule, k, patches, classifier, workers, address)
+        tables = query_tables(load, result_table, str(run.root.resolve()), remember(batches), rule or run.unseen_rule,
+                              (k, patches, rule, classifier), workers, address)
         pairs = ((t, labels_of.pop(0)) for t in tables)
     else:
         pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, rule, classifier, b.weights), b.labels) for b in batches)
-    try:
+    with layout.atomic(out) as tmp, pq.ParquetWriter(tmp, schema(len(names)), compression="zstd") as writer:
         for table, labels in pairs:
             writer.write_table(table)
             n, c = _score(table, labels)
             rows, labelled, correct = rows + table.num_rows, labelled + n, correct + c
-        writer.close()
-        tmp.replace(out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return {"images": rows, "labelled": labelled, "accuracy": correct / labelled if labelled else None, "out": str(out)}

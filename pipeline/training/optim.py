@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.training.table_kernels import CpuTableStep
+
 
 class LazyAdagrad:
     """Adagrad on the rows a batch touches: ``acc[r] += g**2; w[r] -= lr * g / (sqrt(acc[r]) + eps)``.
@@ -75,9 +77,7 @@ def table_optimizer(name: str, param: torch.nn.Parameter, lr: float):
 
 
 def cpu_table_step(opt, device: torch.device):
-    """The compiled CPU step for ``opt`` (:mod:`pipeline.table_kernels`) when it applies: Adagrad on the CPU."""
+    """The compiled CPU step for ``opt`` (:mod:`pipeline.training.table_kernels`) when it applies: Adagrad on the CPU."""
     if not isinstance(opt, LazyAdagrad) or device.type != "cpu":
         return None
-    from .table_kernels import CpuTableStep
-
     return CpuTableStep(opt.weight.numpy(), opt.acc.numpy(), opt.lr, opt.eps)

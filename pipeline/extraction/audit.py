@@ -15,15 +15,17 @@ contents), so audit a sample (``limit``) when the shapes are large.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .config import ExtractConfig
-from .extract import resolve
-from .hashing import KeyPlan
-from .sources import Source
+from pipeline import layout
+from pipeline.config import ExtractConfig
+from pipeline.extraction.stage import resolve
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.data.sources import Source
 
 Progress = Callable[[int, int], None]
 
@@ -158,10 +160,6 @@ def audit(
 
 def save(shards_dir, result: dict) -> None:
     """Record an audit in the shard directory's manifest (atomically)."""
-    from pathlib import Path
-
-    from . import layout
-
     path = Path(shards_dir) / layout.MANIFEST
     manifest = layout.read_json(path)
     manifest["audit"] = result

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 
 def as_nhwc(images: np.ndarray) -> np.ndarray:

@@ -27,16 +27,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import augment as augment_mod
-from . import codes, layout, outputs
-from .config import HASH_VERSION, ExtractConfig
-from .errors import PipelineError
-from .hashing import KeyPlan
-from .ray_engine import check_engine
-from .shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
-from .sources import RawImage, Source, decode_checked
-from .split import DEFAULT_VAL_FRACTION, is_validation
-from .workers import die_with_parent
+from pipeline.data import augment as augment_mod
+from pipeline.extraction import codes
+from pipeline import layout, outputs
+from pipeline.config import HASH_VERSION, ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.engines.ray_engine import check_engine, run_tasks
+from pipeline.extraction.shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
+from pipeline.data.sources import RawImage, Source, decode_checked
+from pipeline.data.split import DEFAULT_VAL_FRACTION, is_validation
+from pipeline.extraction.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     config = plan.config
     out = Path(task.out)
     path = out / layout.shard_name(task.index, task.total)
-    writer = ShardWriter(path, schema(plan.exact_patches, config, plan.code_slots), task.compression)
     per_group = max(1, PATCHES_PER_ROW_GROUP // plan.patches_per_image)
     skipped: list[str] = []
     buf: list[tuple[int, int, str]] = []  # (image id, label, name) of each row
@@ -126,29 +126,32 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
         pixels.clear()
         originals = 0
 
-    try:
-        for raw in task.images:
-            arr = decode_checked(raw, config.channels, config.resize, task.skip_bad, (task.height, task.width))
-            if arr is None:
-                skipped.append(raw.name)
-                if progress:
-                    progress(1, 0)
-                continue
-            buf.append((raw.index, raw.label, raw.name))
-            pixels.append(arr)
-            originals += 1
-            unlabelled += raw.label < 0
-            for v, var in enumerate(augment_mod.variants(arr, task.augment), start=1):
-                buf.append((raw.index + v * augment_mod.VARIANT_STRIDE, raw.label, f"{raw.name}#{v}"))
-                pixels.append(var)
-            if len(buf) >= per_group:
+    with layout.atomic(path) as tmp:
+        writer = ShardWriter(tmp, schema(plan.exact_patches, config, plan.code_slots), task.compression)
+        try:
+            for raw in task.images:
+                arr = decode_checked(raw, config.channels, config.resize, task.skip_bad, (task.height, task.width))
+                if arr is None:
+                    skipped.append(raw.name)
+                    if progress:
+                        progress(1, 0)
+                    continue
+                buf.append((raw.index, raw.label, raw.name))
+                pixels.append(arr)
+                originals += 1
+                unlabelled += raw.label < 0
+                for v, var in enumerate(augment_mod.variants(arr, task.augment), start=1):
+                    buf.append((raw.index + v * augment_mod.VARIANT_STRIDE, raw.label, f"{raw.name}#{v}"))
+                    pixels.append(var)
+                if len(buf) >= per_group:
+                    flush()
+            if buf:
                 flush()
-        if buf:
-            flush()
-        record = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+            record = writer.close()
+        except BaseException:
+            writer.close()  # the file handle; atomic() removes the partial file
+            raise
+    record = dict(file=path.name, bytes=path.stat().st_size, **record)
     record.update(index=task.index, skipped=skipped, originals=written, unlabelled=unlabelled)
     layout.write_json(_progress_path(out, task.index), record)
     return record
@@ -341,11 +344,11 @@ def extract(
     returned as is (``resumed_shards`` in the result says how many shards were reused).
     ``workers > 1`` starts processes with the ``spawn`` method, so a script that calls this
     needs the usual ``if __name__ == "__main__":`` guard. ``engine="ray"`` runs the same
-    shard tasks on Ray (:mod:`pipeline.ray_engine`): a local Ray instance of ``workers``
+    shard tasks on Ray (:mod:`pipeline.engines.ray_engine`): a local Ray instance of ``workers``
     CPUs, or the cluster at ``address``.
 
     ``augment`` = ``auto`` mirrors colour images (``flip``) and leaves grayscale ones alone
-    (:func:`pipeline.augment.resolve`).
+    (:func:`pipeline.data.augment.resolve`).
 
     With a code view the dictionary is fitted on ``source`` (``on_fit`` is told of each batch
     of images read for it) and saved as ``out/dictionary.npz``, unless ``dictionary`` names
@@ -411,9 +414,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
 
     tasks = _tasks(source, per_shard, done, make)
     if engine == "ray":
-        from .ray_engine import run_tasks
-
-        records = run_tasks(tasks, workers, address, progress)
+        records = run_tasks(write_shard, tasks, workers, address, progress)
     elif workers == 1:
         records = [write_shard(t, progress) for t in tasks]
     else:

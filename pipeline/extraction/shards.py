@@ -4,7 +4,7 @@ Each row holds ``image_id`` (int64, position in the source order), ``label``
 (int32, -1 when unknown), ``name`` (string) and ``patch_keys``: a fixed-size
 binary value holding the image's keys as little-endian uint64, one
 position-free content key per patch in the patch order of
-:class:`pipeline.hashing.KeyPlan` (key j of every row is the same shape and
+:class:`pipeline.extraction.hashing.KeyPlan` (key j of every row is the same shape and
 location). With a code view (format v3) two more fixed-size columns hold, per
 code slot, the atom id (``code_atoms``, little-endian uint16) and its weight
 (``code_weights``, little-endian float32). Keys that include the grid cell, and
@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
-from .codes import Dictionary
-from .config import ExtractConfig
-from .errors import PipelineError
-from .hashing import KeyPlan
+from pipeline import layout
+from pipeline.extraction.codes import Dictionary
+from pipeline.config import ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.extraction.hashing import KeyPlan
 
 FORMAT = "patchhash-shards-v3"
 READABLE_FORMATS = ("patchhash-shards-v2", FORMAT)  # v2: no code view
@@ -78,18 +78,17 @@ def schema(patches_per_image: int, config: ExtractConfig, code_slots: int = 0) -
 
 
 class ShardWriter:
-    """Writes one shard file: row groups are appended, and the file appears under its name on :meth:`close`."""
+    """Writes one shard file, one row group per :meth:`write` (the caller writes it through
+    :func:`pipeline.layout.atomic`, so it appears under its name only when complete)."""
 
     def __init__(self, path: Path, schema: pa.Schema, compression: str = DEFAULT_CODEC):
         if compression not in CODECS:
             raise PipelineError(f"--compression {compression!r} is not one of {', '.join(CODECS)}")
-        self.path = path
-        self.tmp = layout.tmp_path(path)
         self.schema = schema
         self.rows = 0
         self.patches = 0
         self._writer = pq.ParquetWriter(
-            self.tmp,
+            path,
             schema,
             compression=compression,
             use_dictionary=["label"],
@@ -120,13 +119,9 @@ class ShardWriter:
         self.patches += patch_keys.size + (code_atoms.size if code_atoms is not None else 0)
 
     def close(self) -> dict:
+        """Finish the file; returns its rows and patches."""
         self._writer.close()
-        os.replace(self.tmp, self.path)
-        return {"file": self.path.name, "rows": self.rows, "patches": self.patches, "bytes": self.path.stat().st_size}
-
-    def abort(self) -> None:
-        self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        return {"rows": self.rows, "patches": self.patches}
 
 
 @dataclass

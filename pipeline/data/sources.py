@@ -27,10 +27,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import layout
-from .errors import PipelineError
-from .images import MAX_FILE_BYTES, BadImage, decode, is_image_name, resize_array
-from .pixels import as_nhwc, to_channels
+from pipeline import layout
+from pipeline.errors import PipelineError
+from pipeline.data.images import MAX_FILE_BYTES, BadImage, decode, is_image_name, resize_array
+from pipeline.data.pixels import as_nhwc, to_channels
 
 SPLITS = ("train", "test")
 
@@ -689,16 +689,3 @@ def check_labels(labels, where: str, class_names: list[str] | None) -> np.ndarra
         what = f"only {bound} class names" if class_names is not None else f"the most this tool takes without class_names ({bound:,})"
         raise PipelineError(f"{where} holds the label {int(y.max())}, past {what}; relabel the classes 0 .. C-1 or fix class_names")
     return y
-
-
-def open_data(spec: str, split: str | None = None, limit: int | None = None, per_class: int | None = None, skip_bad: bool = False):
-    """Shards (a directory with a shard manifest) or else an image source (:func:`open_source`)."""
-    if Path(spec).is_dir() and (Path(spec) / layout.MANIFEST).exists():
-        from .shards import Shards
-
-        given = [flag for flag, v in (("--split", split), ("--limit", limit), ("--per-class", per_class), ("--skip-bad", skip_bad)) if v]
-        if given:
-            raise PipelineError(f"{spec} is a shard directory: {', '.join(given)} choose images of a source and do nothing here; "
-                                "leave them out, or pass the image source instead")
-        return Shards(spec)
-    return open_source(spec, split, limit, per_class, skip_bad)

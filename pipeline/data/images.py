@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .pixels import to_channels
+from pipeline.data.pixels import to_channels
 
 _SUPPORTED = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}
 MAX_PIXELS = 1 << 26  # an image larger than 8192 x 8192 is refused from its header, before decoding

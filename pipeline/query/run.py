@@ -16,20 +16,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from . import index as pattern_index
-from . import layout, patterns, unseen
-from .config import ExtractConfig, TrainConfig
-from .errors import PipelineError
-from .codes import Dictionary
-from .hashing import KeyPlan
-from .pixels import as_nhwc, to_channels
-from .shards import KeyBatch, Shards
-from .sources import Source
-from .bags import to_bags
-from .model import bag_divisor, bag_totals
-from .trainer import RUN_FORMAT, build_model
-from . import torchfiles
-from .vocab import Vocabulary
+from pipeline import index as pattern_index
+from pipeline import layout, patterns
+from pipeline.query import unseen
+from pipeline.config import ExtractConfig, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.extraction.codes import Dictionary
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.data.pixels import as_nhwc, to_channels
+from pipeline.extraction.shards import KeyBatch, Shards
+from pipeline.data.sources import Source
+from pipeline.training.bags import to_bags
+from pipeline.layout import RUN_FORMAT
+from pipeline.model import bag_divisor, bag_totals, build_model
+from pipeline import torchfiles
+from pipeline.training.vocab import Vocabulary
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Run:
         """Pooled image vectors (N x d, the model's bag reduction) for key arrays (N x K) with their
         weights (from :meth:`encode`; None = all 1).
 
-        ``rule`` says what unseen patches do (:mod:`pipeline.unseen`); default: the run's
+        ``rule`` says what unseen patches do (:mod:`pipeline.query.unseen`); default: the run's
         :attr:`unseen_rule`.
         """
         rule = unseen.check_rule(rule or self.unseen_rule)
@@ -248,7 +249,7 @@ class Run:
         """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
 
         A key in the vocabulary uses its learned vector; any other key its composed vector
-        (:mod:`pipeline.unseen`), or NaN when none of its parts was seen.
+        (:mod:`pipeline.query.unseen`), or NaN when none of its parts was seen.
         """
         rows = self.vocab.rows_of(keys[None])
         u = unseen.find(self.plan, rows, self.vocab.size)

@@ -16,17 +16,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from . import index as pattern_index
-from . import layout, outputs, patterns, torchfiles
-from .augment import VARIANT_STRIDE
-from .bags import part_batches, to_bags
-from .errors import PipelineError
-from .hashing import KeyPlan
-from .model import PatchBagModel
-from .memory import release_unused
-from .shards import Shards
-from .sources import reopen
-from .vocab import Vocabulary, pattern_stats
+from pipeline import index as pattern_index
+from pipeline import layout, outputs, patterns, torchfiles
+from pipeline.data.augment import VARIANT_STRIDE
+from pipeline.training.bags import part_batches, to_bags
+from pipeline.errors import PipelineError
+from pipeline.extraction.hashing import KeyPlan
+from pipeline.model import PatchBagModel
+from pipeline.memory import release_unused
+from pipeline.extraction.shards import Shards
+from pipeline.data.sources import reopen
+from pipeline.training.vocab import Vocabulary, pattern_stats
 
 
 def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, shards: Shards) -> tuple[pa.Array, str | None]:
@@ -143,9 +143,8 @@ def write_lookups(
     else:
         ivec, iids, ilab = np.zeros((0, model.table.weight.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     image_info = pattern_index.build(ivec, out / layout.IMAGE_INDEX, "flat")
-    tmp = layout.tmp_path(out / layout.IMAGES)
-    pq.write_table(pa.table({"image_id": pa.array(iids, pa.int64()), "label": pa.array(ilab, pa.int64())}), tmp)
-    tmp.replace(out / layout.IMAGES)
+    with layout.atomic(out / layout.IMAGES) as tmp:
+        pq.write_table(pa.table({"image_id": pa.array(iids, pa.int64()), "label": pa.array(ilab, pa.int64())}), tmp)
     return {"index": info.to_dict(), "image_index": image_info.to_dict(), "examples": missing or "complete"}
 
 

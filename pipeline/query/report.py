@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PipelineError
-from .images import BadImage, decode
-from .run import PatchLookup, Run
-from .sources import read_ref
+from pipeline.errors import PipelineError
+from pipeline.data.images import BadImage, decode
+from pipeline.query.run import PatchLookup, Run
+from pipeline.data.sources import read_ref
 
 
 def read_image(run: Run, path: Path | str) -> np.ndarray:

@@ -4,7 +4,7 @@ The exact specification (constants, order, mixing) is in docs/hashing.md; the
 pure-Python reference :func:`reference_key` below is that specification in
 code, and the tests hold the fast path to it.
 
-For an image of symbols ``s`` (see :mod:`pipeline.pixels`) every pixel gets a
+For an image of symbols ``s`` (see :mod:`pipeline.data.pixels`) every pixel gets a
 pseudo-random 64-bit value ``r = fmix64(s + PIXEL_SALT * (seed + 1))``. The
 content hash of the h x w patch at (y, x) is
 
@@ -26,36 +26,23 @@ from functools import cached_property
 
 import numpy as np
 
-from . import kernels
-from .codes import auto_shapes
-from .config import POSITION_MODES, ExtractConfig
-from .errors import PipelineError
-from .pixels import view_symbols
+from pipeline.extraction import kernels
+from pipeline.fmix import MASK, fmix64, fmix64_int
+from pipeline.extraction.codes import auto_shapes
+from pipeline.config import POSITION_MODES, ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.data.pixels import view_symbols
 
-MASK = (1 << 64) - 1
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
 B = 0xC2B2AE3D27D4EB4F  # column multiplier (odd)
 PIXEL_SALT = 0x165667B19E3779F9
 TAG_SALT = 0x27D4EB2F165667C5
 CODE_SALT = 0x9FB21C651E98DF25  # the code view's content value: fmix64(atom + CODE_SALT * (seed + 1))
-FMIX_C1 = 0xFF51AFD7ED558CCD
-FMIX_C2 = 0xC4CEB9FE1A85EC53
 A_INV = pow(A, -1, 1 << 64)
 B_INV = pow(B, -1, 1 << 64)
 
 
 # ---------------------------------------------------------------- reference (pure Python)
-
-def fmix64_int(k: int) -> int:
-    """MurmurHash3's 64-bit finalizer on a Python int (a bijection on 64-bit values)."""
-    k &= MASK
-    k ^= k >> 33
-    k = (k * FMIX_C1) & MASK
-    k ^= k >> 33
-    k = (k * FMIX_C2) & MASK
-    k ^= k >> 33
-    return k
-
 
 GRID_KINDS = {"grid": 0, "offset": 1, "coarse": 2}  # the ``kind`` of a position mode's tag
 
@@ -148,18 +135,6 @@ def reference_code_key(atom: int, h: int, w: int, cell: int, seed: int = 0, mode
 _U = np.uint64
 
 
-def fmix64(a: np.ndarray) -> np.ndarray:
-    """MurmurHash3's finalizer, in place on a uint64 array (wrapping arithmetic); returns ``a``."""
-    tmp = np.empty_like(a)
-    for mult in (FMIX_C1, FMIX_C2):
-        np.right_shift(a, _U(33), out=tmp)
-        a ^= tmp
-        a *= _U(mult)
-    np.right_shift(a, _U(33), out=tmp)
-    a ^= tmp
-    return a
-
-
 def _powers(base: int, n: int) -> np.ndarray:
     out = np.empty(n, dtype=np.uint64)
     v = 1
@@ -203,7 +178,7 @@ class KeyPlan:
     ``len(views)``: for each code shape, for each rank r < ``code_k`` (the patch's
     r-th nearest atom), every location in steps of ``code_stride``. Its content
     values are :func:`code_value` of the atom, stored in shards as atom ids with a
-    weight each (:mod:`pipeline.codes`); coding images needs ``dictionary``.
+    weight each (:mod:`pipeline.extraction.codes`); coding images needs ``dictionary``.
     """
 
     def __init__(self, config: ExtractConfig, height: int, width: int, dictionary=None):

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from .run import PatchLookup, Run
+from pipeline import layout
+
+from pipeline.query.run import PatchLookup, Run
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
@@ -26,18 +30,12 @@ def _show(ax, pixels: np.ndarray | None) -> None:
 def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str, title: str = "") -> None:
     """Write one PNG: the image with ``lookup``'s patches outlined, and per patch a row of
     [the patch itself, its k nearest learned patterns] labelled with distance, count and top class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[..., None]
     n = len(lookup.slots)
     k = lookup.ids.shape[1] if n else 0
-    fig = plt.figure(figsize=(3.2 + 1.1 * (k + 1), max(3.2, 1.0 * n + 0.6)))
+    fig = Figure(figsize=(3.2 + 1.1 * (k + 1), max(3.2, 1.0 * n + 0.6)))
     grid = fig.add_gridspec(max(n, 1), k + 2, width_ratios=[3] + [1] * (k + 1))
     main = fig.add_subplot(grid[:, 0])
     _show(main, img)
@@ -71,7 +69,5 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    with layout.atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

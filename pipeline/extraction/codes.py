@@ -27,8 +27,8 @@ import numpy as np
 from numba import njit, prange
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import layout
-from .errors import PipelineError
+from pipeline import layout
+from pipeline.errors import PipelineError
 
 CONTRAST = 10.0  # added to each patch's variance (pixel values 0..255) before dividing by its square root
 BLOCK_PATCHES = 16384  # patches per matrix product: 64 MiB of distances at K = 1024
@@ -175,9 +175,8 @@ class Dictionary:
     def save(self, path: Path) -> str:
         """Write the dictionary atomically; returns its digest."""
         data = self.to_bytes()
-        tmp = layout.tmp_path(path)
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        with layout.atomic(path) as tmp:
+            tmp.write_bytes(data)
         return hashlib.sha256(data).hexdigest()
 
     @classmethod

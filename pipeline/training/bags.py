@@ -25,9 +25,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import augment, vocab
-from .shards import Shards
-from .split import is_validation
+from pipeline.data import augment
+from pipeline.training import vocab
+from pipeline.extraction.shards import Shards
+from pipeline.data.split import is_validation
 
 SHUFFLE_IMAGES = 8192  # images held in the shuffle buffer when streaming (about 500 MB of bags for CIFAR-10)
 PREFETCH_BATCHES = 8  # batches prepared ahead by the reader thread

@@ -4,14 +4,14 @@ From the CLI: ``pipe train SHARDS --out RUN``; from Python:
 ``pipeline.train(open_shards("artifacts/shards"), "artifacts/run", TrainConfig(epochs=5))``.
 
 1. One pass counts the keys of the training images and fixes the vocabulary
-   (:mod:`pipeline.vocab`), saved first so a resumed run uses the same rows.
-2. Each epoch trains on batches of bags (:mod:`pipeline.bags`): every image
+   (:mod:`pipeline.training.vocab`), saved first so a resumed run uses the same rows.
+2. Each epoch trains on batches of bags (:mod:`pipeline.training.bags`): every image
    becomes a bag of distinct rows with counts. The first epoch reads the shards
    in a seeded random order through a shuffle buffer, in a background thread,
    and keeps the bags in memory up to ``cache_mb``; later epochs permute them
    from memory. On the CPU with Adagrad, each step's pooling and table update
-   run in compiled loops (:mod:`pipeline.table_kernels`); elsewhere through
-   torch autograd and :mod:`pipeline.optim`.
+   run in compiled loops (:mod:`pipeline.training.table_kernels`); elsewhere through
+   torch autograd and :mod:`pipeline.training.optim`.
 3. After each epoch: validation, one line of ``metrics.jsonl``, ``curves.png``,
    and ``checkpoint.pt`` (model, optimizers, random states), so ``resume=True``
    continues a killed run exactly. ``model.pt`` holds the best epoch so far
@@ -34,18 +34,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import artifacts, layout, optim, outputs, torchfiles, vocab
-from . import index as pattern_index
-from .config import TrainConfig
-from .errors import PipelineError
-from .bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
-from .model import PatchBagModel, pick_device
-from .memory import release_unused
-from .shards import Shards
+from pipeline.training import artifacts, curves, optim, vocab
+from pipeline import layout, outputs, torchfiles
+from pipeline import index as pattern_index
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.training.bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
+from pipeline.layout import RUN_FORMAT
+from pipeline.model import PatchBagModel, build_model, pick_device
+from pipeline.memory import release_unused
+from pipeline.extraction.shards import Shards
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "patchhash-run-v2"
 RESTART = "start the run again with --overwrite"
 
 StepProgress = Callable[[int, int], None]  # (images in this step, raw keys in this step)
@@ -64,12 +65,6 @@ def evaluate_bags(model: PatchBagModel, batches: Iterable[Bags], device: torch.d
             correct += (logits.argmax(1) == y).sum().item()
             n += len(y)
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
-
-
-def build_model(config: TrainConfig, rows: int, num_classes: int) -> PatchBagModel:
-    model = PatchBagModel(rows, config.dim, num_classes, config.bag, config.hidden, config.drop_rate, config.pooled_dropout)
-    nn.init.normal_(model.table.weight, std=config.init_std)
-    return model
 
 
 def _optimizers(model: PatchBagModel, config: TrainConfig) -> tuple:
@@ -254,7 +249,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         best, stale = record_epoch(out, model, row, history, best, stale)
         save_checkpoint(out, model, opts, epoch, history, best,
                         torch_rng=torch.get_rng_state(), numpy_rng=json.dumps(rng.bit_generator.state))
-        _plot(history, out / layout.CURVES)
+        curves.plot(history, out / layout.CURVES)
         if on_epoch:
             on_epoch(row)
     if not history:
@@ -367,32 +362,6 @@ def _fused_step(model, opts, b: Bags, device, fused) -> tuple:
     fused.update(b.rows, b.offsets, wn, gpooled)
     opts[1].step()
     return loss, logits, y
-
-
-def _plot(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
-    b.plot(ep, [r["train_accuracy"] for r in history], "o-", label="train")
-    if history[-1]["val_loss"] is not None:
-        a.plot(ep, [r["val_loss"] for r in history], "o-", label="validation")
-        b.plot(ep, [r["val_accuracy"] for r in history], "o-", label="validation")
-    a.set(title="loss", xlabel="epoch")
-    b.set(title="accuracy", xlabel="epoch")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def _finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict) -> dict:

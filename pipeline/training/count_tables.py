@@ -1,113 +1,16 @@
-"""Compiled inner loops (numba) for the two per-patch computations of the pipeline.
+"""Compiled (numba) key -> value tables: key counts while the vocabulary is built, then key -> table row.
 
-* :func:`content_keys` turns quantized images into one position-free key per
-  patch, in the canonical patch order: per image, one prefix-sum table of the
-  pixels' pseudo-random values, then four look-ups, two multiplications and a
-  64-bit finalizer per patch. The whole image's table (at most a few KiB for
-  CIFAR) stays in the L1 cache, which is what numpy's whole-array passes could
-  not do: see docs/extract.md for the measurement that chose numba.
-* :func:`expand_keys` derives the position keys of :mod:`pipeline.hashing`
-  from the stored content keys (``fmix64`` is a bijection, so its inverse
-  recovers the content hash and the grid cell's tag can be mixed in).
-
-All arithmetic is on uint64 and wraps modulo 2**64, exactly as in the
-pure-Python reference :func:`pipeline.hashing.reference_key`.
+One open-addressing table (linear probing) of ``slots``, a (size, 2) uint64 array:
+``slots[i, 0]`` = key, ``slots[i, 1]`` = value + 1 (0 = empty slot). Key and value sit side
+by side so that a look-up touches one cache line, not one per array. Keys are uniform
+64-bit hashes, so their low bits are the bucket. A counting table stores the count itself
+(a counted key has count >= 1, so it is never 0).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-_U = np.uint64
-_S33 = np.uint64(33)
-_C1 = np.uint64(0xFF51AFD7ED558CCD)
-_C2 = np.uint64(0xC4CEB9FE1A85EC53)
-_C1_INV = np.uint64(pow(0xFF51AFD7ED558CCD, -1, 1 << 64))
-_C2_INV = np.uint64(pow(0xC4CEB9FE1A85EC53, -1, 1 << 64))
-
-
-@njit(inline="always")
-def _fmix(k):
-    k ^= k >> _S33
-    k *= _C1
-    k ^= k >> _S33
-    k *= _C2
-    k ^= k >> _S33
-    return k
-
-
-@njit(inline="always")
-def _fmix_inv(k):
-    # x ^= x >> 33 is its own inverse on 64 bits; the multiplications undo with modular inverses
-    k ^= k >> _S33
-    k *= _C2_INV
-    k ^= k >> _S33
-    k *= _C1_INV
-    k ^= k >> _S33
-    return k
-
-
-@njit(cache=True, nogil=True)
-def content_keys(syms, pixel_salt, pow_a, pow_b, inv_a, inv_b, shape_h, shape_w, offsets, tag_mix, stride, out):
-    """Fill ``out`` (N x patches) with the position-free key of every patch of every image.
-
-    ``syms`` is N x H x W uint64; ``shape_h/shape_w/offsets/tag_mix`` describe each shape
-    (its first column in ``out`` and ``fmix64(tag + salt)`` of its position-free tag).
-    """
-    n_img, height, width = syms.shape
-    table = np.zeros((height + 1, width + 1), dtype=np.uint64)
-    for n in range(n_img):
-        for i in range(height):
-            row = _U(0)
-            pa = pow_a[i]
-            for j in range(width):
-                row += _fmix(syms[n, i, j] + pixel_salt) * pa * pow_b[j]
-                table[i + 1, j + 1] = table[i, j + 1] + row
-        for s in range(shape_h.shape[0]):
-            h = shape_h[s]
-            w = shape_w[s]
-            ny = (height - h) // stride + 1
-            nx = (width - w) // stride + 1
-            mix = tag_mix[s]
-            o = offsets[s]
-            for iy in range(ny):
-                y = iy * stride
-                top = table[y]
-                bottom = table[y + h]
-                ia = inv_a[y]
-                for ix in range(nx):
-                    x = ix * stride
-                    c = bottom[x + w] - top[x + w] - bottom[x] + top[x]
-                    c *= ia * inv_b[x]
-                    out[n, o + iy * nx + ix] = _fmix(c ^ mix)
-    return out
-
-
-@njit(cache=True, nogil=True)
-def expand_keys(content, source, delta, out):
-    """Fill ``out`` (N x keys) from ``content`` (N x patches): key slot s takes patch ``source[s]``.
-
-    ``delta[s] == 0`` copies the content key (position-free slot); otherwise the key is
-    ``fmix64(fmix64_inv(content) ^ delta[s])`` with ``delta = mix(no cell) ^ mix(cell)``.
-    """
-    for n in range(content.shape[0]):
-        for s in range(source.shape[0]):
-            k = content[n, source[s]]
-            d = delta[s]
-            if d != 0:
-                k = _fmix(_fmix_inv(k) ^ d)
-            out[n, s] = k
-    return out
-
-
-# ------------------------------------------------------------------ key -> value tables (counts, vocabulary rows)
-#
-# One open-addressing table (linear probing) of ``slots``, a (size, 2) uint64 array:
-# slots[i, 0] = key, slots[i, 1] = value + 1 (0 = empty slot). Key and value share a
-# cache line, so a look-up costs one cache miss, not one per array (measured: the
-# bag-building pass over CIFAR shards 2.1x faster than with separate key, used and
-# row arrays). Keys are uniform 64-bit hashes, so their low bits are the bucket.
-# Counting tables store count + 1 - 1 = the count itself (a counted key has count >= 1).
 
 @njit(inline="always")
 def _probe(slots, key):

@@ -1,4 +1,4 @@
-"""Training on several processes: ``torchrun --nproc-per-node N -m pipeline.ddp SHARDS --out RUN``
+"""Training on several processes: ``torchrun --nproc-per-node N -m pipeline.training.ddp SHARDS --out RUN``
 (what ``pipe train --nproc N`` launches).
 
 DistributedDataParallel over the gloo backend, which all-reduces the sparse gradients of the
@@ -7,7 +7,7 @@ the vocabulary and writes it; the others load it. Each rank reads a disjoint set
 training part's row groups (group i goes to rank i mod N) and steps on ``batch_size / N``
 images, so a step sees the same number of images as one process does; ``DDP.join`` covers
 ranks whose part runs out first. The table is updated by torch's sparse Adagrad (the
-single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.table_kernels`,
+single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.training.table_kernels`,
 the same arithmetic), or torch's SparseAdam or SGD as ``--optimizer`` says. Rank 0 validates, writes metrics, curves and the best model, and
 finishes the run directory exactly as a single-process run does. Rank 0 also writes
 ``checkpoint.pt`` after every epoch (model, optimizers, history: the optimizer state is the
@@ -32,13 +32,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import layout, outputs, torchfiles, vocab
-from .bags import concat_bags, part_groups, to_bags, validation_bags
-from .config import TrainConfig
-from .errors import PipelineError
-from .shards import Shards
-from .trainer import (
-    _build_vocab, _finish_run, _plot, _prepare, build_model, check_checkpoint, check_loss, evaluate_bags, load_checkpoint,
+from pipeline import layout, outputs, torchfiles
+from pipeline.training import curves, vocab
+from pipeline.training.bags import concat_bags, part_groups, to_bags, validation_bags
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.extraction.shards import Shards
+from pipeline.model import build_model
+from pipeline.training.loop import (
+    _build_vocab, _finish_run, _prepare, check_checkpoint, check_loss, evaluate_bags, load_checkpoint,
     record_epoch, restart_metrics, save_checkpoint,
 )
 
@@ -140,7 +142,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
             }
             best, stale = record_epoch(out_p, model, row, history, best, stale)
             save_checkpoint(out_p, model, (opt_table, opt_head), epoch, history, best, processes=world)
-            _plot(history, out_p / layout.CURVES)
+            curves.plot(history, out_p / layout.CURVES)
             print(json.dumps(row), flush=True)
             stop[0] = float(bool(config.patience) and stale >= config.patience)
         dist.broadcast(stop, 0)
@@ -176,7 +178,7 @@ def main() -> None:
 
 
 def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int, overwrite: bool = False, resume: bool = False) -> dict:
-    """Run ``torchrun --standalone --nproc-per-node nproc -m pipeline.ddp`` and return the run manifest
+    """Run ``torchrun --standalone --nproc-per-node nproc -m pipeline.training.ddp`` and return the run manifest
     (``resume``: continue the interrupted run in ``out``, which rank 0 checks).
 
     Rank 0's epoch lines (one JSON object each) go to this process's stderr as they come. The
@@ -201,7 +203,7 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
 def _launch(shards, o: Path, config: TrainConfig, nproc: int, overwrite: bool, resume: bool) -> dict:
     """:func:`launch` with ``o`` locked."""
     out = o
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.ddp",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.training.ddp",
            str(shards), "--out", str(out), "--config", json.dumps(config.to_dict())]
     cmd += (["--overwrite"] if overwrite else []) + (["--resume"] if resume else [])
     env = dict(os.environ)

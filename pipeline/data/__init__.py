@@ -1,0 +1,1 @@
+"""Where images come from: sources, decoding, channels and quantization, augmentation, the validation split."""

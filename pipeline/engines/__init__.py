@@ -1,0 +1,1 @@
+"""Running a stage's tasks elsewhere: Ray."""
