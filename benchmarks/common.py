@@ -16,8 +16,8 @@ CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 # The extract settings the figures of train.py, query.py, engines.py and options.py in the docs
 # were measured with: the defaults before issue 4 made the ordinal view with grid keys the
 # default (--views levels,grad --position grid). Kept explicit so those figures stay reproducible.
-# No code view, the 4x4 grid and no augmentation were the defaults then too (pinned since the code view came).
-MEASURED_EXTRACT = {"views": "levels", "position": "both", "code_shapes": "none", "grid": 4}
+# No code view, the 4x4 grid, patches up to 3x3 and no augmentation were the defaults then too.
+MEASURED_EXTRACT = {"views": "levels", "position": "both", "code_shapes": "none", "grid": 4, "max_h": 3, "max_w": 3}
 MEASURED_AUGMENT = "none"
 # and the pipe train setting those figures (and options.py's table) were measured with, before
 # --lr 1.0 became the default
@@ -106,3 +106,14 @@ def child_peak_rss_mb(code: str) -> dict:
     if r.returncode != 0:
         raise RuntimeError(r.stderr)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def smoke_run(work: Path, images: int = 200) -> tuple[Path, Path]:
+    """A tiny shard directory and run under ``work`` (digits, 1 epoch), for a benchmark's ``--smoke``
+    setting that measures an existing run."""
+    import pipeline
+    from pipeline import TrainConfig
+
+    pipeline.extract(pipeline.open_source("digits", limit=images), work / "shards")
+    pipeline.train(pipeline.open_shards(work / "shards"), work / "run", TrainConfig(epochs=1, dim=16))
+    return work / "shards", work / "run"

@@ -3,6 +3,7 @@
     python benchmarks/digits_readers.py --json
     python benchmarks/digits_readers.py --json --set position=grid,offset   # other settings, same readers
     python benchmarks/digits_readers.py --json --folds 3                    # every image held out once
+    python benchmarks/digits_readers.py --smoke --json                      # seconds: one seed, 2 epochs (what CI runs)
 
 Trains ``benchmarks/digits.py``'s settings (EXTRACT, TRAIN) on the first 600 images of
 the train split with each of ``--seeds`` and scores the last 298 (other writers, the
@@ -128,8 +129,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change EXTRACT or TRAIN, e.g. position=grid,offset")
     ap.add_argument("--folds", type=int, default=1, help="1: score the last 298 images; N > 1: each of N blocks of writers in turn (all 898)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: one seed, 2 epochs (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.smoke:
+        a.seeds, a.set = "0", a.set + ["epochs=2", "patience=0"]
     if a.folds < 1:
         ap.error(f"--folds {a.folds}: use 1 or more")
     extract, train = dict(EXTRACT), dict(TRAIN)

@@ -35,9 +35,17 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--query-images", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="50 archive images, one Ray run per stage, 1 epoch (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import pyarrow.parquet as pq
+
+    engines = (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))
+    query_engines = (("local", 1), ("ray", 1), ("ray", 2))
+    procs = (1, 2)
+    if a.smoke:
+        a.per_class, a.query_images, a.epochs = 5, 20, 1
+        engines, query_engines, procs = (("local", 1), ("ray", 1)), (("local", 1), ("ray", 1)), (2,)
 
     import pipeline
 
@@ -46,7 +54,7 @@ def main() -> None:
         src = cifar_source(None, per_class=a.per_class)
         res: dict = {"images": len(src), "extract_s": {}, "query_s": {}}
         first = None
-        for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+        for engine, workers in engines:
             out = work / f"{engine}{workers}"
             t = time.perf_counter()
             m = pipeline.extract(src, out, measured_config(), engine=engine, workers=workers, augment=MEASURED_AUGMENT)
@@ -62,7 +70,7 @@ def main() -> None:
             f.write_bytes(raw.data)
         fsrc = pipeline.open_source(str(folder))
         res["folder_extract_s"] = {}
-        for engine, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+        for engine, workers in engines:
             out = work / f"folder-{engine}{workers}"
             t = time.perf_counter()
             pipeline.extract(fsrc, out, measured_config(), engine=engine, workers=workers, augment=MEASURED_AUGMENT)
@@ -71,7 +79,7 @@ def main() -> None:
         from pipeline.training.ddp import launch
 
         res["train_s"], res["train_val_accuracy"] = {}, {}
-        for nproc in (1, 2):
+        for nproc in procs:
             t = time.perf_counter()
             m = launch(first[0], work / f"ddp{nproc}", bench_train(False, epochs=a.epochs), nproc)
             res["train_s"][f"torchrun_{nproc}"] = round(time.perf_counter() - t, 2)
@@ -82,7 +90,7 @@ def main() -> None:
         res["train_val_accuracy"]["pipe_train"] = m["final"]["val_accuracy"]
         run = pipeline.load(work / "run")
         q = cifar_source(a.query_images)
-        for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):
+        for engine, workers in query_engines:
             t = time.perf_counter()
             pipeline.query_batch(run, q, work / f"q-{engine}{workers}.parquet", engine=engine, workers=workers)
             res["query_s"][f"{engine}_{workers}"] = round(time.perf_counter() - t, 2)

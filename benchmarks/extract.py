@@ -2,6 +2,7 @@
 
     python benchmarks/extract.py --json                # defaults: 2,000 images, 100 for full enumeration
     python benchmarks/extract.py --images 500 --full-images 20 --worker-images 2000 --rss-images 200,2000 --full-rss-images 20,200
+    python benchmarks/extract.py --smoke --json        # seconds: a few images per measurement (what CI runs)
 
 Both sides start from the same decoded images (the first N of the shared
 CIFAR-10 archive) and write the same shards (same schema, codec, row groups and
@@ -62,7 +63,7 @@ def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, 
 
     from pipeline import layout
     from pipeline.extraction.stage import PATCHES_PER_ROW_GROUP, PATCHES_PER_SHARD
-    from pipeline.extraction.hashing import A, B, MASK, PIXEL_SALT, KeyPlan, fmix64
+    from pipeline.extraction.hashing import A, B, MASK, KeyPlan, fmix64
     from pipeline.extraction.shards import ShardWriter, schema
 
     n, height, width = images.shape[:3]
@@ -74,12 +75,12 @@ def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, 
     for h, w in shapes:
         wt = np.array([[(pow(A, i, 1 << 64) * pow(B, j, 1 << 64)) & MASK for j in range(w)] for i in range(h)], dtype=np.uint64)
         weights[(h, w)] = torch.from_numpy(wt.view(np.int64))
+    offsets, mixes, pixel_salt = spec_layout(config, height, width)
     mix = np.empty(p, np.uint64)
     for s, (h, w) in enumerate(shapes):
-        o = plan._shape_offsets[s]
         cnt = ((height - h) // st + 1) * ((width - w) // st + 1)
-        mix[o : o + cnt] = plan._shape_mix[s]
-    salt = np.uint64((PIXEL_SALT * (config.seed + 1)) & MASK)
+        mix[offsets[s] : offsets[s] + cnt] = mixes[s]
+    salt = np.uint64(pixel_salt)
     per_shard = max(1, min(n, PATCHES_PER_SHARD // p))
     per_group = max(1, PATCHES_PER_ROW_GROUP // p)
     total = math.ceil(n / per_shard)
@@ -89,7 +90,7 @@ def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, 
         writer = ShardWriter(out / layout.shard_name(si, total), sch, compression)
         for g in range(si * per_shard, min(n, (si + 1) * per_shard), per_group):
             hi = min(g + per_group, (si + 1) * per_shard, n)
-            r = plan.symbols(images[g:hi])
+            r = plan.symbols(images[g:hi])[:, 0]  # the one view
             r += salt
             fmix64(r)
             rt = torch.from_numpy(r.view(np.int64))
@@ -106,16 +107,38 @@ def baseline_extract(images: np.ndarray, labels: np.ndarray, out: Path, config, 
     return n * p
 
 
+def spec_layout(config, height: int, width: int) -> tuple[list[int], list[int], int]:
+    """From the key specification (docs/hashing.md) alone, for one view without position: each
+    shape's first patch in the patch order, its fmix64(tag + TAG_SALT * (seed + 1)), and the
+    view's pixel salt."""
+    from pipeline.extraction.hashing import MASK, PIXEL_SALT, TAG_SALT, fmix64_int, tag_of
+
+    offsets, mixes, o = [], [], 0
+    for h, w in config.shape_list():
+        offsets.append(o)
+        mixes.append(fmix64_int(tag_of(h, w, -1) + TAG_SALT * (config.seed + 1)))
+        o += ((height - h) // config.stride + 1) * ((width - w) // config.stride + 1)
+    return offsets, mixes, (PIXEL_SALT * (config.seed + 1)) & MASK
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    return np.array([pow(base, i, 1 << 64) for i in range(n)], dtype=np.uint64)
+
+
 def numpy_content_keys(syms: np.ndarray, plan) -> np.ndarray:
     """The same prefix-sum hash as ours, as whole-array numpy passes (the implementation numba replaced)."""
-    from pipeline.extraction.hashing import fmix64
+    from pipeline.extraction.hashing import A, A_INV, B, B_INV, fmix64
 
+    if syms.ndim == 4:
+        syms = syms[:, 0]  # the one view
     n, hh, ww = syms.shape
+    offsets, mixes, pixel_salt = spec_layout(plan.config, hh, ww)
+    pow_a, pow_b, inv_a, inv_b = _powers(A, hh + 1), _powers(B, ww + 1), _powers(A_INV, hh + 1), _powers(B_INV, ww + 1)
     r = syms.astype(np.uint64, copy=True)
-    r += plan._pixel_salt
+    r += np.uint64(pixel_salt)
     fmix64(r)
-    r *= plan._pow_a[:hh, None]
-    r *= plan._pow_b[None, :ww]
+    r *= pow_a[:hh, None]
+    r *= pow_b[None, :ww]
     p = np.zeros((n, hh + 1, ww + 1), dtype=np.uint64)
     np.cumsum(r, axis=1, out=r)
     np.cumsum(r, axis=2, out=p[:, 1:, 1:])
@@ -125,11 +148,10 @@ def numpy_content_keys(syms: np.ndarray, plan) -> np.ndarray:
         c = p[:, h : h + ny, w : w + nx] - p[:, 0:ny, w : w + nx]
         c -= p[:, h : h + ny, 0:nx]
         c += p[:, 0:ny, 0:nx]
-        c *= plan._inv_a[:ny, None]
-        c *= plan._inv_b[None, :nx]
-        c ^= plan._shape_mix[s]
-        o = plan._shape_offsets[s]
-        out[:, o : o + ny * nx] = c.reshape(n, -1)
+        c *= inv_a[:ny, None]
+        c *= inv_b[None, :nx]
+        c ^= np.uint64(mixes[s])
+        out[:, offsets[s] : offsets[s] + ny * nx] = c.reshape(n, -1)
     return fmix64(out)
 
 
@@ -337,11 +359,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--codes", action="store_true", help="measure the code view's coding only (see above)")
     ap.add_argument("--code-images", type=int, default=2000, help="with --codes: images coded [2000]")
-    ap.add_argument("--smoke", action="store_true", help="with --codes: 200 digits images, seconds (checks the benchmark runs)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: a few images per measurement (with --codes: 200 digits images); checks the benchmark runs")
     args = ap.parse_args()
-    if args.codes or args.smoke:
+    if args.codes:
         codes_main(args)
         return
+    if args.smoke:
+        args.images, args.full_images, args.repeat, args.workers, args.worker_images = 40, 4, 1, "1", 80
+        args.rss_images, args.full_rss_images = "40", "4"
 
 
     t_start = time.time()

@@ -2,6 +2,7 @@
 
     python benchmarks/options.py                       # 600 images per class, 3 epochs, markdown table
     python benchmarks/options.py --per-class 300 --epochs 2 --only drop
+    python benchmarks/options.py --smoke --json       # seconds: the first two rows on 200 digits images (what CI runs)
 
 Each row changes one thing from ``MEASURED_EXTRACT`` (the extract defaults before the
 "candidate" rows became the defaults: ``--views levels --position both``) and the
@@ -84,12 +85,15 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=600, help="images per class from the shared archive [600]")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per row [3]")
     ap.add_argument("--only", help="run only the rows of this group (default, bag, dim, head, drop, ...)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: the first two rows on 200 digits images, 1 epoch")
     ap.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     args = ap.parse_args()
 
     import pipeline
 
     rows = [r for r in ROWS if args.only in (None, r[0]) or r[0] == "default"]
+    if args.smoke:
+        rows, args.epochs = rows[:2], 1
     tmp = Path(tempfile.mkdtemp())
     shards: dict[str, Path] = {}
     results = []
@@ -98,7 +102,7 @@ def main() -> None:
             key = json.dumps(ex, sort_keys=True)
             if key not in shards:
                 shards[key] = tmp / f"shards{len(shards)}"
-                src = pipeline.open_source(str(CIFAR_TAR), per_class=args.per_class)
+                src = pipeline.open_source("digits", limit=200) if args.smoke else pipeline.open_source(str(CIFAR_TAR), per_class=args.per_class)
                 pipeline.extract(src, shards[key], _extract_config(ex), workers=2, augment=ex.get("augment", "none"))
             t = time.time()
             cfg = bench_train(False, **{"epochs": args.epochs, "patience": 0, **tr})

@@ -64,8 +64,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep shards and run here [a temporary folder]")
     ap.add_argument("--png", type=Path, default=None, help="write the recall / throughput curve here")
     ap.add_argument("--current-defaults", action="store_true", help="extract with today's pipe extract defaults, not common.MEASURED_EXTRACT")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 300 digits images, 1 epoch, the ivf sweep only (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.smoke:
+        a.epochs, a.queries, a.eval_images, a.nearest_images, a.kinds = 1, 100, 40, 20, "ivf"
 
     import faiss
     import torch
@@ -73,13 +76,13 @@ def main() -> None:
     import pipeline
     from pipeline import index as pidx
     from pipeline.query import unseen
-    from pipeline.training.bags import part_batches
 
     work = a.work or Path(tempfile.mkdtemp(prefix="query-bench-"))
     try:
         shards_dir, run_dir = work / "shards", work / "run"
         if not (shards_dir / "manifest.json").exists():
-            pipeline.extract(cifar_source(None, per_class=a.per_class), shards_dir, bench_config(a.current_defaults), overwrite=True, augment=bench_augment(a.current_defaults))
+            src = pipeline.open_source("digits", limit=300) if a.smoke else cifar_source(None, per_class=a.per_class)
+            pipeline.extract(src, shards_dir, bench_config(a.current_defaults), overwrite=True, augment=bench_augment(a.current_defaults))
         sh = pipeline.open_shards(shards_dir)
         if not (run_dir / "run.json").exists():  # an existing run in --work is measured as it is
             pipeline.train(sh, run_dir, bench_train(a.current_defaults, epochs=a.epochs), overwrite=True)
@@ -89,9 +92,10 @@ def main() -> None:
 
         # held-out images: their keys, labels, and the composed vectors of their unseen patches
         keys, labels = [], []
-        for k, y, _, _ in part_batches(sh, True, run.train_config.val_fraction):
-            keys.append(k)
-            labels.append(y)
+        for b in sh.iter_batches():
+            m = pipeline.is_validation(b.image_ids, run.train_config.val_fraction) & (b.labels >= 0)
+            keys.append(b.keys[m])
+            labels.append(b.labels[m])
         keys, labels = np.concatenate(keys), np.concatenate(labels)
         # a random sample: shards hold images in source order, which for an image folder or tar is class by class
         pick = np.random.default_rng(0).permutation(len(keys))[: a.eval_images]
@@ -180,12 +184,10 @@ def main() -> None:
 
 
 def _plot(curve: list[dict], exact_qps: float, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name in dict.fromkeys(c["index"] for c in curve):
         pts = [c for c in curve if c["index"] == name]
         ax.plot([p["queries_per_s"] / exact_qps for p in pts], [p["recall_at_10"] for p in pts], "o-", label=name)
@@ -200,7 +202,6 @@ def _plot(curve: list[dict], exact_qps: float, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Resident memory of a command over time, sampled from /proc, with the phases its output folder shows.
 
     python benchmarks/rss_trace.py --watch /tmp/run --out /tmp/run-rss.tsv -- pipe train SHARDS --out /tmp/run
+    python benchmarks/rss_trace.py --smoke --json      # seconds: traces a Python that holds 200 MB (what CI runs)
 
 Starts the command, reads the child's ``VmRSS`` and ``RssFile`` (memory-mapped files, such
 as the model ``pipe train`` reloads) from ``/proc/PID/status`` every ``--every`` seconds,
@@ -35,10 +36,14 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=5.0, help="seconds between samples [5]")
     ap.add_argument("--watch", type=Path, default=None, help="folder whose files mark the phases")
     ap.add_argument("--out", type=Path, default=None, help="write every sample here (tab-separated)")
+    ap.add_argument("--smoke", action="store_true", help="trace a Python that holds 200 MB for a second (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     a = ap.parse_args()
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if a.smoke:
+        a.every = 0.1
+        cmd = [sys.executable, "-c", "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1)"]
     if not cmd:
         ap.error("give the command to trace after --, e.g. -- pipe train SHARDS --out RUN")
     t0 = time.time()

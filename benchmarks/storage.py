@@ -2,6 +2,7 @@
 
     python benchmarks/storage.py --json
     python benchmarks/storage.py --images 500 --repeat 2
+    python benchmarks/storage.py --smoke --json     # seconds: 40 digits images, one run per cell (what CI runs)
 
 Every candidate stores the same keys of the first N shared CIFAR-10 images (default
 config) and is read back the way training reads shards: row group by row group into
@@ -96,17 +97,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000, help="CIFAR images [1000]")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per cell; the fastest counts [3]")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 40 digits images, one run per cell (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
     import pyarrow
 
+    import pipeline
+
     from pipeline.extraction.stage import PATCHES_PER_ROW_GROUP
     from pipeline.extraction.hashing import KeyPlan
 
     pyarrow.set_cpu_count(1)
-    images, _, _ = cifar_images(args.images)
-    plan = KeyPlan(measured_config(color="rgb"), 32, 32)
+    if args.smoke:
+        args.images, args.repeat = 40, 1
+        images = next(pipeline.open_source("digits", limit=args.images).batches(args.images, 1)).images
+        plan = KeyPlan(measured_config(color="gray"), 8, 8)
+    else:
+        images, _, _ = cifar_images(args.images)
+        plan = KeyPlan(measured_config(color="rgb"), 32, 32)
     content = plan.content_keys(plan.symbols(images))
     allkeys = plan.expand(content)
     group = PATCHES_PER_ROW_GROUP // plan.patches_per_image
@@ -125,7 +134,8 @@ def main() -> None:
         r["write_patches_per_s"] *= content.shape[1] / allkeys.shape[1]
         r["read_patches_per_s"] *= content.shape[1] / allkeys.shape[1]
         rows.append(r)
-    out = {"images": args.images, "patches": int(content.size), "rows": rows, "seconds": round(time.time() - t0, 1)}
+    out = {"images": args.images, "source": "digits" if args.smoke else "cifar", "patches": int(content.size), "rows": rows,
+           "seconds": round(time.time() - t0, 1)}
     if args.json:
         print(json.dumps(out))
         return

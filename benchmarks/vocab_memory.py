@@ -1,6 +1,7 @@
 """What stays resident after the vocabulary pass of ``pipe train``, and what giving memory back frees.
 
     python benchmarks/vocab_memory.py SHARDS --json
+    python benchmarks/vocab_memory.py --smoke --json     # seconds: tiny digits shards made first (what CI runs)
 
 Counts the vocabulary of ``SHARDS`` with the default train settings in this process, then
 reports resident memory (``/proc/self/status``) and pyarrow's pool at each step: after the
@@ -14,6 +15,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +31,22 @@ def status() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("shards", type=Path)
+    ap.add_argument("shards", type=Path, nargs="?")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny digits shards made first (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if (a.shards is None) != a.smoke:
+        ap.error("give SHARDS, or --smoke")
+    with tempfile.TemporaryDirectory() as work:
+        if a.smoke:
+            import pipeline
+
+            a.shards = Path(work) / "shards"
+            pipeline.extract(pipeline.open_source("digits", limit=200), a.shards)
+        measure(a)
+
+
+def measure(a) -> None:
     import numpy as np
     import pyarrow as pa
     import torch  # noqa: F401  (loaded as in pipe train, so the baseline includes it)
@@ -39,14 +54,17 @@ def main() -> None:
     import pipeline
     from pipeline import TrainConfig, memory
     from pipeline.training import vocab
-    from pipeline.training.bags import part_batches
 
     pool = pa.default_memory_pool()
     steps = {"start": status()}
     shards = pipeline.open_shards(a.shards)
     cfg = TrainConfig()
     t = time.time()
-    v = vocab.build(lambda: (k for k, _, _, _ in part_batches(shards, False, cfg.val_fraction)), cfg.min_count, cfg.buckets, None, cfg.vocab_mb)
+    def training_keys():
+        for b in shards.iter_batches():
+            yield b.keys[~pipeline.is_validation(b.image_ids, cfg.val_fraction) & (b.labels >= 0)]
+
+    v = vocab.build(training_keys, cfg.min_count, cfg.buckets, None, cfg.vocab_mb)
     seconds = round(time.time() - t, 1)
     gc.collect()
     steps["after_vocabulary"] = dict(status(), pyarrow_pool_max_mb=pool.max_memory() >> 20)

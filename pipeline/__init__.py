@@ -20,6 +20,7 @@ from pipeline.extraction.hashing import KeyPlan
 from pipeline.extraction.shards import Shards
 from pipeline.data.sources import Source, from_arrays, open_source
 from pipeline.query.inputs import open_data
+from pipeline.data.split import is_validation
 
 # torch-backed parts load on first use, so extract workers and `pipe extract` never import torch
 _LAZY = {
@@ -67,4 +68,5 @@ __all__ = [
     "from_arrays",
     "open_shards",
     "locate",
+    "is_validation",
 ]

@@ -1,4 +1,5 @@
-"""The code view's benchmarks still run (their --smoke modes, seconds each) and print what the docs read."""
+"""Every benchmark still runs: its --smoke --json setting (seconds each), checked for the keys the docs read and,
+where both sides should agree, for identical outputs."""
 from __future__ import annotations
 
 import json
@@ -35,3 +36,71 @@ def test_extract_codes_benchmark_smoke():
 def test_digits_defaults_smoke(script):
     (r,) = smoke(script, "--defaults")
     assert len(r["ours"]["per_seed"]) == 1 and r["ours"]["runs"][0]["test_images"] == 899
+
+
+needs_cifar = pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz").exists(),
+                                 reason="the shared CIFAR-10 archive is not here")
+
+
+@needs_cifar
+def test_extract_benchmark_smoke():
+    (r,) = smoke("benchmarks/extract.py")
+    assert r["outputs_identical"] and r["full_outputs_identical"]  # both sides wrote the same keys
+    assert r["ratio"] > 0 and r["full_ratio"] > 0 and r["workers"] and r["rss_default"] and r["rss_full"]
+
+
+def test_train_benchmark_smoke():
+    (r,) = smoke("benchmarks/train.py")
+    assert r["ratio"] > 0 and r["wall_ratio"] > 0 and r["wall_seconds"] > r["ours"]["train_seconds"]
+    assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["baseline_val_accuracy"] <= 1
+
+
+def test_storage_benchmark_smoke():
+    (r,) = smoke("benchmarks/storage.py")
+    layouts = {row["layout"] for row in r["rows"]}
+    assert {"list", "binary", "long", "binary_allkeys"} <= layouts and all(row["bytes_per_patch"] > 0 for row in r["rows"])
+
+
+def test_query_benchmark_smoke():
+    (r,) = smoke("benchmarks/query.py")
+    assert r["curve"][0]["index"] == "Flat" and any(c["index"].startswith("IVF") for c in r["curve"])
+    assert 0 < r["recall_at_10"] <= 1 and set(r["accuracy"]) >= {"drop", "compose", "nearest", "knn_vote"}
+
+
+def test_options_benchmark_smoke():
+    rows = smoke("benchmarks/options.py")
+    assert [r["group"] for r in rows] == ["default", "bag"] and all(r["rows"] > 0 for r in rows)
+
+
+def test_digits_readers_benchmark_smoke():
+    (r,) = smoke("benchmarks/digits_readers.py")
+    assert r["held_out_images"] == 298 and r["head"]["per_seed"] and "raw_pixels_svc" in r
+
+
+@pytest.mark.parametrize("script", ["benchmarks/index_load.py", "benchmarks/pattern_coverage.py", "benchmarks/vocab_memory.py"])
+def test_benchmarks_of_an_existing_run_smoke(script):
+    (r,) = smoke(script)
+    if "index_load" in script:
+        assert r["memory_mapped"]["vectors"] == r["read_whole"]["vectors"] > 0
+    elif "coverage" in script:
+        assert 0 < r["validation"] <= r["train"] <= 1 or 0 < r["train"] <= 1
+    else:
+        assert r["keys"] > 0 and set(r["steps_mb"]) == {"start", "after_vocabulary", "after_pyarrow_release", "after_malloc_trim"}
+
+
+def test_rss_trace_smoke():
+    (r,) = smoke("benchmarks/rss_trace.py")
+    assert r["exit_code"] == 0 and r["max_rss_mb"] >= 200 and r["samples"] > 0
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_engines_benchmark_smoke():
+    (r,) = smoke("benchmarks/engines.py")
+    assert set(r["extract_s"]) == {"local_1", "ray_1"} and set(r["query_s"]) == {"local_1", "ray_1"} and "torchrun_2" in r["train_s"]
+
+
+def test_defaults_benchmark_smoke():
+    (r,) = smoke("benchmarks/defaults.py")
+    assert r["images"] == 200 and 0 <= r["val_accuracy"] <= 1 and r["rows"] > 0
+    assert r["extract_peak_rss_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["run_mb"] > 0 and r["shards_mb"] > 0

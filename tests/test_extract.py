@@ -64,6 +64,7 @@ def _extract_cmd(out: Path) -> list[str]:
     return [sys.executable, "-m", "cli.main", "extract", "digits", "--max-size", "8", "--images-per-shard", "1", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     """Kill a real extract process mid-way with SIGKILL, rerun it, and compare with a run that was never interrupted."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -282,6 +283,7 @@ def test_augmented_copies_follow_their_image(tmp_path):
         pipeline.extract(from_arrays(imgs, labels), tmp_path / "t", cfg, augment="rotate")
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_shards(tmp_path):
     """--engine ray on a local 2-CPU Ray instance: same manifest counts, same shard files' rows and keys."""
     pytest.importorskip("ray")
@@ -298,6 +300,7 @@ def test_ray_engine_writes_the_local_engines_shards(tmp_path):
         assert a.equals(b)  # row order too: each shard is written by one task, in source order
 
 
+@pytest.mark.slow
 def test_ray_engine_workers_read_a_folder_themselves(tmp_path):
     """From an image folder the Ray tasks carry file references and read the files on the
     workers; an unreadable file is still skipped by name, and the shards equal the local engine's."""

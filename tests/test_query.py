@@ -239,6 +239,7 @@ def test_cli_batch_png_and_index(digits_run, tmp_path):
     one_line_error(cli("index", copy, "--index", "nonsense"), "neither a kind")
 
 
+@pytest.mark.slow
 def test_batch_query_on_ray_equals_local(digits_run, tmp_path):
     pytest.importorskip("ray")
     run = pipeline.load(digits_run)

@@ -165,6 +165,7 @@ pipeline.extract(pipeline.open_source("digits", limit=20), sys.argv[1], pipeline
 """
 
 
+@pytest.mark.slow
 def test_2_two_real_extracts_into_one_directory(tmp_path):
     """Two extract processes at once: the second is refused in one line while the first writes, and
     the first finishes whole."""
@@ -231,6 +232,7 @@ def test_4_a_tar_cut_at_a_member_boundary_is_refused(tmp_path):
 
 # ------------------------------------------------------------------ 5. workers die with the parent
 
+@pytest.mark.slow
 def test_5_extract_workers_die_with_a_killed_parent(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "cli.main", "extract", "digits", "--images-per-shard", "1", "--workers", "2",

@@ -143,6 +143,7 @@ def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", "train", str(shards), "--out", str(out), "--epochs", "6", "--dim", "8", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_an_uninterrupted_run(digits_shards, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     killed = tmp_path / "killed"
@@ -351,6 +352,7 @@ def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tm
     assert cached[1]["train_images"] == streamed[1]["train_images"]
 
 
+@pytest.mark.slow
 def test_two_process_training_matches_one_process(tmp_path):
     """torchrun with 2 processes (DDP, gloo) against 1 process of the same path, same epochs:
     test accuracy within 1 point, and the run directory is complete and loads."""
@@ -387,6 +389,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_after_a_kill_to_the_uninterrupted_metrics(digits_shards, tmp_path):
     """Rank 0 checkpoints every epoch; killing the whole torchrun group after the first checkpoint
     and resuming with the same --nproc gives the metrics and model of an uninterrupted 2-process run."""
