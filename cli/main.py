@@ -288,7 +288,7 @@ def evaluate(run, source, split, limit, per_class, skip_bad, rule, classifier, a
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--index", "kind", required=True, help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
-@click.option("--nprobe", type=int, default=None, help="Inverted lists searched per query (ivf kinds) [as recorded, or 16].")
+@click.option("--nprobe", type=int, default=None, help="Inverted lists searched per query (ivf kinds) [as recorded, or 32].")
 @click.option("--ef-search", type=int, default=None, help="Search breadth (hnsw kinds) [as recorded, or 64].")
 def index(run, kind, nprobe, ef_search):
     """Rebuild RUN's pattern index as another kind (or change its query-time settings) and record it.

@@ -35,11 +35,11 @@ from pipeline.errors import PipelineError
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 EXACT_UP_TO = 100_000  # auto: exact search below this many vectors
-DEFAULT_NPROBE = 32  # recall@10 0.98 at 28x exact on 1.7M CIFAR patterns; 16 gave 0.94 (benchmarks/query.py, docs/query.md)
+DEFAULT_NPROBE = 32  # inverted lists searched per query: chosen on benchmarks/query.py's recall / speed curve
 DEFAULT_EF_SEARCH = 64
 HNSW_M = 32
 TRAIN_PER_LIST = 40  # k-means training sample per inverted list (FAISS warns below 39)
-MAX_LISTS = 4096  # bounds the k-means and assignment cost: about 2.5 min for 10 M vectors on 2 cores
+MAX_LISTS = 4096  # bounds the k-means and assignment cost of building an IVF index
 
 
 def _faiss():

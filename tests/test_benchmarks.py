@@ -104,3 +104,10 @@ def test_defaults_benchmark_smoke():
     (r,) = smoke("benchmarks/defaults.py")
     assert r["images"] == 200 and 0 <= r["val_accuracy"] <= 1 and r["rows"] > 0
     assert r["extract_peak_rss_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["run_mb"] > 0 and r["shards_mb"] > 0
+
+
+def test_the_results_page_is_the_rendering_of_the_committed_json():
+    r = subprocess.run([sys.executable, "benchmarks/results_page.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert page.count("\n") <= 250 and "previous default" not in page and "earlier default" not in page

@@ -41,7 +41,7 @@ def expected_collisions(n: int, bits: int) -> float:
 
 
 def _unique(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values. Sorting is several times faster here than numpy 2's hash-based np.unique."""
+    """Sorted distinct values (a sort, then the positions where a value changes)."""
     if values.dtype.kind == "V":  # raw-byte rows of large patches: numpy compares those itself
         return np.unique(values)
     a = np.sort(values)

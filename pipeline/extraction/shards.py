@@ -49,7 +49,7 @@ def schema(patches_per_image: int, config: ExtractConfig, code_slots: int = 0) -
             pa.field("label", pa.int32(), nullable=False),
             pa.field("name", pa.string(), nullable=False),
         ]
-        # one fixed-size blob per image: no per-key levels to encode, the fastest layout measured
+        # one fixed-size blob per image: no per-key levels to encode (benchmarks/storage.py compares the layouts)
         # (left out when there are no exact views: Parquet has no zero-width values)
         + (
             [

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done in this step, patches done in this step)
 
-PATCHES_PER_SHARD = 1 << 23  # 64 MiB of raw keys per shard file (about 25 MB on disk)
+PATCHES_PER_SHARD = 1 << 23  # 64 MiB of raw keys per shard file
 PATCHES_PER_ROW_GROUP = 1 << 21  # about 16 MiB of keys in memory per row group (the unit training reads)
 
 

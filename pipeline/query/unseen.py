@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError
 from pipeline.extraction.hashing import KeyPlan
 
 RULES = ("drop", "compose", "nearest")
-DEFAULT_RULE = "drop"  # measured by benchmarks/query.py: the other rules do not help (docs/query.md)
+DEFAULT_RULE = "drop"  # benchmarks/query.py compares the rules (docs/results.md)
 
 
 def check_rule(rule: str) -> str:

@@ -30,7 +30,7 @@ from pipeline.training import vocab
 from pipeline.extraction.shards import Shards
 from pipeline.data.split import is_validation
 
-SHUFFLE_IMAGES = 8192  # images held in the shuffle buffer when streaming (about 500 MB of bags for CIFAR-10)
+SHUFFLE_IMAGES = 8192  # images held in the shuffle buffer when streaming
 PREFETCH_BATCHES = 8  # batches prepared ahead by the reader thread
 
 
@@ -164,7 +164,7 @@ def shuffled_bags(
 
     Sources are often sorted by class (an image folder, CIFAR's tar), so shards and their
     row groups are too; permuting row groups across all shards, not just files, is what
-    lets the buffer mix classes (measured in docs/results.md). Each row group's bags also
+    lets the buffer mix classes. Each row group's bags also
     go to ``cache``, under the group's canonical index.
     """
     groups = shards.row_groups()

@@ -33,15 +33,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import layout, outputs, torchfiles
-from pipeline.training import curves, vocab
+from pipeline.training import vocab
 from pipeline.training.bags import concat_bags, part_groups, to_bags, validation_bags
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.extraction.shards import Shards
 from pipeline.model import build_model
 from pipeline.training.loop import (
-    _build_vocab, _finish_run, _prepare, check_checkpoint, check_loss, evaluate_bags, load_checkpoint,
-    record_epoch, restart_metrics, save_checkpoint,
+    build_vocab, finish_run, prepare_run, check_checkpoint, check_loss, evaluate_bags, load_checkpoint, run_epochs,
 )
 
 
@@ -83,11 +82,11 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
     flags, err = torch.ones(2), None  # (rank 0 is ready, the run resumes from a checkpoint)
     if rank == 0:
         try:
-            resuming = _prepare(out_p, shards, config, overwrite=overwrite, resume=resume)
+            resuming = prepare_run(out_p, shards, config, overwrite=overwrite, resume=resume)
             if resuming:
                 check_checkpoint(out_p, world)
             else:
-                _build_vocab(shards, config, out_p, None)
+                build_vocab(shards, config, out_p, None)
             flags[1] = float(resuming)
         except PipelineError as e:
             flags[0], err = 0.0, e
@@ -108,10 +107,8 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
     ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters
     parts, labels, k = _my_bags(shards, v, config, rank, world)
     per_rank = max(1, config.batch_size // world)
-    stale = restart_metrics(out_p if rank == 0 else None, history, best)
-    for epoch in range(start, config.epochs + 1):
-        if config.patience and stale >= config.patience:
-            break
+
+    def train_epoch(epoch: int) -> dict:
         model.train()
         t0 = time.time()
         torch.manual_seed(_epoch_seed(config.seed, epoch, rank))  # patch dropout: a function of (seed, epoch, rank)
@@ -132,27 +129,27 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
                 opt_head.step()
                 stats += torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))])
         dist.all_reduce(stats)
-        stop = torch.zeros(1)
-        if rank == 0:
-            val = evaluate_bags(model, validation_bags(shards, v, config.val_fraction), torch.device("cpu"))
-            row = {
-                "epoch": epoch, "train_loss": float(stats[0] / stats[2]), "train_accuracy": float(stats[1] / stats[2]),
-                "val_loss": val["loss"] if val["n"] else None, "val_accuracy": val["accuracy"] if val["n"] else None,
-                "train_images": int(stats[2]), "val_images": val["n"], "seconds": round(time.time() - t0, 3), "processes": world,
-            }
-            best, stale = record_epoch(out_p, model, row, history, best, stale)
-            save_checkpoint(out_p, model, (opt_table, opt_head), epoch, history, best, processes=world)
-            curves.plot(history, out_p / layout.CURVES)
-            print(json.dumps(row), flush=True)
-            stop[0] = float(bool(config.patience) and stale >= config.patience)
-        dist.broadcast(stop, 0)
-        if stop.item():
-            break
+        return {"epoch": epoch, "train_loss": float(stats[0] / stats[2]), "train_accuracy": float(stats[1] / stats[2]),
+                "train_images": int(stats[2]), "seconds": round(time.time() - t0, 3), "processes": world}
+
+    def validate() -> dict:
+        return evaluate_bags(model, validation_bags(shards, v, config.val_fraction), torch.device("cpu"))
+
+    def agree(stop: bool) -> bool:
+        flag = torch.tensor([float(stop)])
+        dist.broadcast(flag, 0)  # rank 0's decision
+        return bool(flag.item())
+
+    def on_epoch(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+
+    history, best = run_epochs(out_p, model, (opt_table, opt_head), config, start, history, best, train_epoch, validate,
+                               lambda: {"processes": world}, on_epoch, master=rank == 0, agree=agree)
     manifest = None
     if rank == 0:
         state = torchfiles.load(out_p / layout.MODEL, "start the run again with --overwrite")
         model.load_state_dict(state)
-        manifest = _finish_run(out_p, shards, config, model, v, history, best)
+        manifest = finish_run(out_p, shards, config, model, v, history, best)
         manifest["processes"] = world
         layout.write_json(out_p / layout.RUN_MANIFEST, manifest)
     dist.barrier()

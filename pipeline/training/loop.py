@@ -81,7 +81,7 @@ def _job(shards: Shards, config: TrainConfig) -> dict:
     return {"format": RUN_FORMAT, "shards_fingerprint": shards.fingerprint, "shards_images": shards.num_images, "config": cfg}
 
 
-def _prepare(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool) -> bool:
+def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool) -> bool:
     """Create or check the run directory; True when a checkpoint is there to resume from."""
     job = _job(shards, config)
     inputs = [shards.root]
@@ -179,7 +179,7 @@ def _save_model(out: Path, model: PatchBagModel) -> None:
     torchfiles.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / layout.MODEL)
 
 
-def _build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
+def build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
     v = vocab.build(
         lambda: (keys for keys, _, _, _ in part_batches(shards, False, config.val_fraction)),
         config.min_count, config.buckets, progress, config.vocab_mb,
@@ -217,7 +217,7 @@ def train(
 
 def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device) -> dict:
     """:func:`train` with ``out`` locked."""
-    resuming = _prepare(out, shards, config, overwrite, resume)
+    resuming = prepare_run(out, shards, config, overwrite, resume)
     if resuming:
         check_checkpoint(out, None)
     torch.manual_seed(config.seed)
@@ -226,7 +226,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     if resuming:
         v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
     else:
-        v = _build_vocab(shards, config, out, on_vocab)
+        v = build_vocab(shards, config, out, on_vocab)
         release_unused()
     config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
     model = build_model(config, v.rows, num_classes).to(device)
@@ -240,29 +240,62 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
         del ck
     caches = _Caches(config, shards, v, resuming and start > 1)
-    stale = restart_metrics(out, history, best)
-    for epoch in range(start, config.epochs + 1):
-        if config.patience and stale >= config.patience:
-            break
+
+    def train_epoch(epoch: int) -> dict:
         row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches)
         release_unused()  # the pages of this epoch's shard reads (the first epoch reads them all)
-        best, stale = record_epoch(out, model, row, history, best, stale)
-        save_checkpoint(out, model, opts, epoch, history, best,
-                        torch_rng=torch.get_rng_state(), numpy_rng=json.dumps(rng.bit_generator.state))
-        curves.plot(history, out / layout.CURVES)
-        if on_epoch:
-            on_epoch(row)
+        return row
+
+    def validate() -> dict:
+        row = evaluate_bags(model, validation_bags(shards, v, config.val_fraction, cache=caches.validation()), device)
+        return dict(row, cached_mb=round((caches.train.nbytes + caches.validation().nbytes) / 2**20, 1))
+
+    def state() -> dict:
+        return {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+
+    history, best = run_epochs(out, model, opts, config, start, history, best, train_epoch, validate, state, on_epoch)
     if not history:
         raise PipelineError(f"{out} trained no epoch; raise --epochs")
-    del model, opts, caches  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
-    release_unused()  # the bag cache's blocks stay in the C heap otherwise (full CIFAR: the final step began at 11.6 GB, now 2.2)
+    del model, opts, caches, train_epoch, validate  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
+    release_unused()  # the bag cache's blocks would stay in the C heap otherwise
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
-    # (a 26.9 M-row run was killed for memory here when it did)
     state = torchfiles.load(out / layout.MODEL, RESTART, mmap=True)
     with torch.device("meta"):
         final = build_model(config, v.rows, num_classes)
     final.load_state_dict(state, assign=True)
-    return _finish_run(out, shards, config, final, v, history, best)
+    return finish_run(out, shards, config, final, v, history, best)
+
+
+def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history: list[dict], best: dict,
+               train_epoch: Callable[[int], dict], validate: Callable[[], dict], state: Callable[[], dict],
+               on_epoch: EpochReport | None = None, master: bool = True, agree: Callable[[bool], bool] | None = None) -> tuple[list[dict], dict]:
+    """The epochs of a run, for one process or several (``pipeline.training.ddp``): ``train_epoch(epoch)``
+    trains one epoch and returns its training figures (on every process, already summed over
+    them); on the ``master`` process ``validate()`` scores the validation images (an
+    :func:`evaluate_bags` result, plus any figures to record), and the epoch's row goes to
+    metrics.jsonl, the best model to model.pt, a checkpoint (with ``state()``: random states and
+    the like) and the curves. Early stopping is decided by the master; ``agree(stop)`` gives
+    every process the master's decision. Returns the history and the best epoch."""
+    stale = restart_metrics(out if master else None, history, best)
+    for epoch in range(start, config.epochs + 1):
+        if config.patience and stale >= config.patience:
+            break
+        row = train_epoch(epoch)
+        if master:
+            val = validate()
+            n = val.pop("n")
+            row.update(val_loss=val.pop("loss") if n else None, val_accuracy=val.pop("accuracy") if n else None, val_images=n, **val)
+            if model.auto_drop is not None:
+                row["drop_rate"] = float(model.auto_drop.rate.item())
+            best, stale = record_epoch(out, model, row, history, best, stale)
+            save_checkpoint(out, model, opts, epoch, history, best, **state())
+            curves.plot(history, out / layout.CURVES)
+            if on_epoch:
+                on_epoch(row)
+        stop = bool(config.patience) and stale >= config.patience
+        if agree is not None and agree(stop):
+            break
+    return history, best
 
 
 class _Caches:
@@ -305,22 +338,15 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches:
         raise PipelineError(f"{shards.root} has no training images left after holding out --val-fraction {config.val_fraction}")
     caches.train.seal()
     seconds = time.time() - t0
-    val = evaluate_bags(model, validation_bags(shards, v, config.val_fraction, cache=caches.validation()), device)
     row = {
         "epoch": epoch,
         "train_loss": loss_sum / n,
         "train_accuracy": correct / n,
-        "val_loss": val["loss"] if val["n"] else None,
-        "val_accuracy": val["accuracy"] if val["n"] else None,
         "train_images": n,
-        "val_images": val["n"],
         "seconds": round(seconds, 3),
         "ids_per_s": round(raw / max(seconds, 1e-9)),
         "rows_per_image": round(rows_seen / n, 1),
-        "cached_mb": round((caches.train.nbytes + caches.validation().nbytes) / 2**20, 1),
     }
-    if model.auto_drop is not None:
-        row["drop_rate"] = float(model.auto_drop.rate.item())
     return row
 
 
@@ -364,7 +390,7 @@ def _fused_step(model, opts, b: Bags, device, fused) -> tuple:
     return loss, logits, y
 
 
-def _finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict) -> dict:
+def finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict) -> dict:
     lookups = artifacts.write_lookups(out, shards, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed)
     manifest = {
         "format": RUN_FORMAT,

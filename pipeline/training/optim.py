@@ -5,8 +5,8 @@ A batch touches a few hundred thousand distinct rows of a table of millions.
 those rows; the optimizers here change exactly those rows:
 
 * ``adagrad``: lazy Adagrad written with index operations (one gather, one
-  scatter of the accumulator, one scatter-add of the step), measured about 2x
-  faster than ``torch.optim.Adagrad`` on a sparse gradient (docs/results.md);
+  scatter of the accumulator, one scatter-add of the step), which touches only the
+  batch's rows where ``torch.optim.Adagrad`` coalesces a sparse gradient first;
 * ``rowwise-adagrad``: the same with one accumulator per row, the mean of the
   row's squared gradient (FBGEMM's and TorchRec's ``ROWWISE_ADAGRAD``): the
   optimizer state shrinks from a second table to one number per row;

@@ -9,7 +9,7 @@ arithmetic without the copies and the sort:
 * :func:`pool`: ``out[i] = sum_j w[j] * table[rows[j]]`` over image i's rows,
   images split across threads;
 * :func:`group_rows`: the batch's distinct rows and, for each, where it occurs
-  (a counting sort driven by a stamp array, O(occurrences), no sort);
+  (a bitmap of the table's rows read in order, with a popcount rank; no sort);
 * :func:`adagrad_rows`: for each distinct row r, its gradient
   ``g = sum over its occurrences j of w[j] * grad_pooled[image(j)]``, then
   ``acc[r] += g**2; table[r] -= lr * g / (sqrt(acc[r]) + eps)``, rows split
@@ -70,10 +70,9 @@ def group_rows(rows, offsets, w, bits, prefix, uniq, bstart, occ_u, occ_image, o
 
     A bitmap of the table's rows (1 bit each, so it stays in cache) marks the batch's
     rows; reading it in order yields them sorted, and a popcount rank maps a row to its
-    position. Ascending rows make the update walk the table in address order (measured
-    2x faster than first-seen order), and blocks instead of one slot per row keep the
-    reordering's writes sequential (one write stream per block rather than a random
-    write per occurrence: measured 4x faster). ``bits`` is left all zero again.
+    position. Ascending rows make the update walk the table in address order, and blocks
+    instead of one slot per row keep the reordering's writes sequential (one write stream
+    per block rather than a random write per occurrence). ``bits`` is left all zero again.
     """
     for j in range(rows.size):
         r = rows[j]

@@ -1,0 +1,146 @@
+"""Classifying with a loaded run: pooled image vectors under each unseen-patch rule, the trained
+head or the nearest-training-images vote, and evaluation over a source or shards.
+
+A mixin of :class:`pipeline.query.run.Run`, which holds what it reads: the plan, vocabulary,
+model and indexes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import index as pattern_index
+from pipeline.data.sources import Source
+from pipeline.errors import PipelineError
+from pipeline.extraction.shards import KeyBatch, Shards
+from pipeline.model import bag_divisor, bag_totals
+from pipeline.query import unseen
+from pipeline.training.bags import to_bags
+
+
+class Classify:
+    """Predictions and evaluation of a run (see :class:`pipeline.query.run.Run`)."""
+
+    def nearest_keys(self, keys: np.ndarray) -> tuple[np.ndarray, unseen.Unseen]:
+        """``keys`` with each unseen patch's key replaced by its nearest learned pattern's key.
+
+        The unseen patch's composed vector is searched in the pattern index; patches with no
+        seen part keep their (unseen) key and so stay out of the bag.
+        """
+        u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
+        vec = u.vectors(self.model.table.weight.detach())
+        has = u.has
+        out = np.array(keys, dtype=np.uint64, copy=True)
+        if has.any():
+            _, ids = pattern_index.search(self.index, vec[has], 1)
+            ok = ids[:, 0] >= 0
+            out[u.image[has][ok], u.slot[has][ok]] = self.vocab.keys[ids[ok, 0]]
+        return out, u
+
+    def pooled_keys(self, keys: np.ndarray, rule: str | None = None, weights: np.ndarray | None = None) -> torch.Tensor:
+        """Pooled image vectors (N x d, the model's bag reduction) for key arrays (N x K) with their
+        weights (from :meth:`encode`; None = all 1).
+
+        ``rule`` says what unseen patches do (:mod:`pipeline.query.unseen`); default: the run's
+        :attr:`unseen_rule`.
+        """
+        rule = unseen.check_rule(rule or self.unseen_rule)
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if rule == "nearest":
+            keys, _ = self.nearest_keys(keys)
+        b = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64), weights)
+        rows, offsets, counts, _ = b.tensors(torch.device("cpu"))
+        weight = self.model.table.weight.detach()
+        with torch.no_grad():
+            sums = torch.nn.functional.embedding_bag(rows, weight, offsets[:-1], mode="sum", per_sample_weights=counts)
+            n = bag_totals(counts, offsets)
+            if rule == "compose":
+                u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
+                extra, m = unseen.composed_sums(u, weight, len(keys))
+                sums, n = sums + extra, n + m
+        return sums / bag_divisor(n, self.train_config.bag)[:, None]
+
+    def predict_keys(
+        self, keys: np.ndarray, rule: str | None = None, classifier: str = "head", k: int = 10, weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Class probabilities (N x C) for key arrays (N x K) and their weights (None = all 1).
+
+        ``classifier`` = ``head`` (the trained linear head) or ``knn`` (a vote of the ``k``
+        nearest training images by pooled vector; probabilities are vote shares).
+        """
+        return self.classify_pooled(self.pooled_keys(keys, rule, weights), classifier, k)
+
+    def classify_pooled(self, pooled: torch.Tensor, classifier: str = "head", k: int = 10) -> np.ndarray:
+        """Class probabilities (N x C) of pooled vectors (see :meth:`predict_keys`)."""
+        if classifier == "knn":
+            return self._vote(pooled.numpy(), k)
+        if classifier != "head":
+            raise PipelineError(f"--classifier {classifier!r} is not one of head, knn")
+        with torch.no_grad():
+            return torch.softmax(self.model.head(pooled), dim=1).numpy()
+
+    def _vote(self, pooled: np.ndarray, k: int) -> np.ndarray:
+        labels = self.neighbours(pooled, k).labels
+        probs = np.zeros((len(pooled), len(self.class_names)), np.float64)
+        for j in range(labels.shape[1]):
+            ok = labels[:, j] >= 0
+            # nearer neighbours break ties: weights 1, 1 - 1e-6, 1 - 2e-6, ...
+            np.add.at(probs, (np.flatnonzero(ok), labels[ok, j]), 1.0 - 1e-6 * j)
+        return (probs / np.maximum(probs.sum(1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def predict(self, images: np.ndarray, rule: str | None = None, classifier: str = "head") -> tuple[np.ndarray, np.ndarray]:
+        """(labels N, probabilities N x C) for uint8 images."""
+        keys, weights = self.encode(images)
+        probs = self.predict_keys(keys, rule, classifier, weights=weights)
+        return probs.argmax(1), probs
+
+    def _label_map(self, class_names: list[str], where: str) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        missing = [c for c in class_names if c not in index]
+        if missing:
+            raise PipelineError(f"{where} has classes the run does not know: {', '.join(missing[:5])}; evaluate on the same classes")
+        return np.asarray([index[c] for c in class_names] + [-1], dtype=np.int64)  # last entry maps label -1
+
+    def key_batches(self, data: Source | Shards, batch_size: int = 256, progress: Callable[[int], None] | None = None) -> Iterator[KeyBatch]:
+        """Keys of every image of ``data`` (a source, hashed the run's way, or shards extracted with
+        the run's config) in batches, labels mapped to the run's classes (-1 when unknown)."""
+        if isinstance(data, Shards):
+            data.check_fingerprint(self.fingerprint, f"run {self.root}")
+            mapping = self._label_map(data.class_names, str(data.root))
+            for b in data.iter_batches(names=True):
+                for i in range(0, len(b.labels), batch_size):
+                    sl = slice(i, i + batch_size)
+                    if progress:
+                        progress(len(b.labels[sl]))
+                    w = None if b.weights is None else b.weights[sl]
+                    yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], b.names[sl], w)
+            return
+        mapping = self._label_map(data.class_names, data.path)
+        for b in data.batches(batch_size, self.extract_config.channels, self.extract_config.resize):
+            if progress:
+                progress(len(b.labels))
+            keys, weights = self.encode(b.images)
+            yield KeyBatch(b.ids, mapping[b.labels], keys, b.names, weights)
+
+    def evaluate(
+        self,
+        data: Source | Shards,
+        progress: Callable[[int], None] | None = None,
+        rule: str | None = None,
+        classifier: str = "head",
+        k: int = 10,
+    ) -> dict:
+        """Accuracy and loss (mean negative log probability) of the run on ``data`` (see :meth:`key_batches`)."""
+        loss_sum, correct, n = 0.0, 0, 0
+        for b in self.key_batches(data, progress=progress):
+            ok = b.labels >= 0
+            if not ok.any():
+                continue
+            probs = self.predict_keys(b.keys[ok], rule, classifier, k, None if b.weights is None else b.weights[ok])
+            y = b.labels[ok]
+            loss_sum += float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).sum())
+            correct += int((probs.argmax(1) == y).sum())
+            n += len(y)
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}

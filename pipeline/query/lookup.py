@@ -1,0 +1,144 @@
+"""Looking things up in a loaded run: the nearest learned patterns of an image's patches (with
+what each patch contributed to the prediction), the nearest training images, and the pixels
+of a pattern.
+
+A mixin of :class:`pipeline.query.run.Run`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import index as pattern_index
+from pipeline import layout, patterns
+from pipeline.errors import PipelineError
+from pipeline.query import unseen
+
+
+@dataclass
+class PatchLookup:
+    """Nearest learned patterns for the patches (slots) of one image; every array is parallel to ``slots``."""
+
+    slots: np.ndarray  # S slot numbers of the canonical order, most decisive first when ``top`` was given
+    distances: np.ndarray  # S x k squared L2; inf where no vector
+    ids: np.ndarray  # S x k pattern ids; -1 where no vector
+    seen: np.ndarray  # S bool: the patch's key is in the vocabulary (seen in training, own row)
+    composed: np.ndarray  # S bool: unseen, vector composed from seen sub-patches
+    location: dict[str, np.ndarray]  # per slot: y, x, h, w, cell
+    keys: np.ndarray  # S uint64
+    contribution: np.ndarray  # S float: the patch's share of the predicted class's logit
+    counts: dict[str, int]  # over all patches of the image: total, seen, composed, unmatched
+    probabilities: np.ndarray  # C: the image's class probabilities (what ``predict`` gives)
+
+
+@dataclass
+class ImageLookup:
+    """Nearest training images of query images; every array is N x k."""
+
+    distances: np.ndarray  # squared L2 between pooled vectors
+    ids: np.ndarray  # rows of the image index (-1 where fewer than k)
+    image_ids: np.ndarray  # the training images' ids in their shards / source order
+    labels: np.ndarray  # their class indices
+
+
+class LookUp:
+    """Nearest patterns and images of a run (see :class:`pipeline.query.run.Run`)."""
+
+    def seen_ids(self, keys: np.ndarray) -> np.ndarray:
+        """Pattern id of each key (its vocabulary row), -1 for keys outside the vocabulary."""
+        rows = self.vocab.rows_of(keys)
+        return np.where(rows < self.vocab.size, rows, -1)
+
+    def patch_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
+
+        A key in the vocabulary uses its learned vector; any other key its composed vector
+        (:mod:`pipeline.query.unseen`), or NaN when none of its parts was seen.
+        """
+        rows = self.vocab.rows_of(keys[None])
+        u = unseen.find(self.plan, rows, self.vocab.size)
+        seen = u.own[0]
+        vectors = np.full((len(keys), self.train_config.dim), np.nan, np.float32)
+        vectors[seen] = self.table[rows[0][seen]]
+        vectors[u.slot] = u.vectors(self.model.table.weight.detach())
+        composed = np.zeros(len(keys), bool)
+        composed[u.slot[u.has]] = True
+        return vectors, seen, composed
+
+    def nearest_images(self, images: np.ndarray, k: int = 5, rule: str | None = None) -> ImageLookup:
+        """The k nearest training images of each image by pooled vector."""
+        if k < 1:
+            raise PipelineError(f"--k {k} must be at least 1")
+        keys, weights = self.encode(images)
+        return self.neighbours(self.pooled_keys(keys, rule, weights).numpy(), k)
+
+    def neighbours(self, pooled: np.ndarray, k: int) -> ImageLookup:
+        """The k nearest training images of pooled vectors (N x d, from :meth:`pooled_keys`)."""
+        d, ids = pattern_index.search(self.image_index, pooled, k)
+        safe = np.maximum(ids, 0)
+        return ImageLookup(
+            d, ids, np.where(ids >= 0, self.images["image_id"][safe], -1), np.where(ids >= 0, self.images["label"][safe], -1)
+        )
+
+    def nearest_patterns(self, patches_or_image: np.ndarray, k: int = 5, top: int | None = None) -> PatchLookup | tuple[np.ndarray, np.ndarray]:
+        """The k nearest learned patterns.
+
+        Given one image (H x W [x C] uint8): a :class:`PatchLookup` of its patches. ``top`` =
+        None looks up every patch; ``top`` = N only the N patches contributing most to the
+        predicted class's logit, in that order (the search is the costly part).
+
+        Given patch keys (a 1-D uint64 array, e.g. from :meth:`images_to_keys`): ``(distances,
+        ids)``, each len x k, from each seen key's learned vector; rows of unseen keys are
+        inf / -1 (without the patch's place no parts can be composed).
+        """
+        if k < 1:
+            raise PipelineError(f"--k {k} must be at least 1")
+        arr = np.asarray(patches_or_image)
+        if arr.ndim == 1 and arr.dtype == np.uint64:
+            pid = self.seen_ids(arr)
+            d = np.full((len(arr), k), np.inf, np.float32)
+            ids = np.full((len(arr), k), -1, np.int64)
+            ok = pid >= 0
+            d[ok], ids[ok] = pattern_index.search(self.index, self.table[pid[ok]], k)
+            return d, ids
+        keys, weights = self.encode(arr)
+        if len(keys) != 1:
+            raise PipelineError("nearest_patterns takes one image; call it once per image")
+        w = None if weights is None else weights[0]
+        return self.lookup_keys(keys[0], self.predict_keys(keys, weights=weights)[0], k, top, w)
+
+    def lookup_keys(self, keys: np.ndarray, probs: np.ndarray, k: int, top: int | None, weights: np.ndarray | None = None) -> PatchLookup:
+        """:meth:`nearest_patterns` for one image's keys (K) and weights whose class probabilities are known."""
+        vectors, seen, composed = self.patch_vectors(keys)
+        has = seen | composed
+        w = np.ones(len(keys), np.float32) if weights is None else weights
+        share = w / max(float(w.sum()), 1e-12)
+        contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) * share, 0.0)
+        slots = np.arange(len(keys)) if top is None else np.argsort(-contribution, kind="stable")[:top]
+        d = np.full((len(slots), k), np.inf, np.float32)
+        ids = np.full((len(slots), k), -1, np.int64)
+        sel = has[slots]
+        d[sel], ids[sel] = pattern_index.search(self.index, vectors[slots[sel]], k)
+        counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
+        return PatchLookup(
+            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts, probs
+        )
+
+    def pattern_pixels(self, ids: np.ndarray) -> list[np.ndarray | None]:
+        """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where unknown."""
+        ids = np.asarray(ids, np.int64)
+        p = self.patterns
+        return patterns.pixels(self.root / layout.PATTERNS, ids, p["h"][ids], p["w"][ids], self.extract_config.channels)
+
+    def _class_direction(self, c: int) -> np.ndarray:
+        """How much a unit of pooled vector along each dimension adds to class ``c``'s logit.
+
+        Exact for a linear head; for a hidden layer, the gradient of the logit at the zero vector.
+        """
+        if self.train_config.hidden == 0:
+            return self.model.head.weight.detach().numpy()[c]
+        x = torch.zeros(1, self.train_config.dim, requires_grad=True)
+        self.model.head(x)[0, c].backward()
+        return x.grad[0].numpy()
