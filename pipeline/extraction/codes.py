@@ -73,6 +73,21 @@ def zca(sample: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     return mu.astype(np.float32), w.astype(np.float32)
 
 
+@njit(cache=True, nogil=True)
+def _ordered_sum(x):
+    """The sum of a float32 vector in one fixed order (eight running sums, then combined):
+    with reassociation allowed the compiler's order would follow the array's address
+    alignment, so the same patch could get weights an ulp apart in two processes."""
+    acc = np.zeros(8, np.float32)
+    n8 = x.size - x.size % 8
+    for j in range(0, n8, 8):
+        for q in range(8):
+            acc[q] += x[j + q]
+    for j in range(n8, x.size):
+        acc[0] += x[j]
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"})  # no nnan/ninf: inf marks empty places
 def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     """For each patch r of a block, from ``zc = z @ atoms.T`` (B x K) and the squared norms of the
@@ -82,10 +97,9 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     for r in prange(b):
         dist = np.empty(n, np.float32)
         zr = z2[r]
-        total = np.float32(0.0)
         for j in range(n):  # a loop without branches, so it vectorizes
             dist[j] = np.sqrt(max(zr + c2[j] - np.float32(2.0) * zc[r, j], np.float32(0.0)))
-            total += dist[j]
+        total = _ordered_sum(dist)
         best_d = np.full(k, np.inf, np.float32)
         best_i = np.full(k, n, np.int64)
         for j in range(n):
