@@ -262,27 +262,36 @@ _classifier_option = click.option(
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("source")
+@click.argument("source", required=False)
 @source_options
+@click.option("--validation", is_flag=True, help="Score the run's own held-out part of its training shards (instead of SOURCE).")
 @_rule_option
 @_classifier_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(run, source, split, limit, per_class, skip_bad, rule, classifier, as_json):
-    """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config).
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with per-class accuracy and the confusion matrix).")
+def evaluate(run, source, split, limit, per_class, skip_bad, validation, rule, classifier, as_json):
+    """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config),
+    or with --validation on the part of its training shards it held out.
 
     \b
-    Example:
+    Examples:
       pipe evaluate artifacts/digits/run digits --split test --json
+      pipe evaluate artifacts/digits/run --validation
     """
+    if bool(source) == validation:
+        raise click.ClickException("give SOURCE to score, or --validation for the run's held-out part, not both")
     r = pipeline.load(run)
-    src = pipeline.open_data(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+    src = r.validation_shards() if validation else pipeline.open_data(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+    if validation and (split or limit or per_class or skip_bad):
+        raise click.ClickException("--split, --limit, --per-class and --skip-bad choose images of SOURCE; they do not go with --validation")
     total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
     with _bar(total, "img", "evaluate") as bar:
-        res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier)
+        res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier, validation=validation)
+    res["scored"] = ("the held-out part of the training shards" if validation else "the shard directory" if isinstance(src, pipeline.Shards)
+                     else f"split {src.split}" if src.split else "all of it")
     if as_json:
         click.echo(json.dumps(res))
     else:
-        click.echo(f"accuracy {res['accuracy']:.4f} on {res['n']} images (loss {res['loss']:.4f})")
+        click.echo(f"accuracy {res['accuracy']:.4f} on {res['n']} images of {source or run} ({res['scored']}; loss {res['loss']:.4f})")
 
 
 @main.command()
@@ -323,7 +332,8 @@ def index(run, kind, nprobe, ef_search):
 def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, out, engine, workers, address, png_dir, rule, classifier, nprobe, ef_search, as_json):
     """Classify IMAGES with RUN and show their patches' nearest learned patterns.
 
-    Unseen patches get a vector composed from their seen sub-patches and are marked.
+    Patches unseen in training are left out of the prediction by default (--unseen
+    compose or nearest changes that) and are marked in the output.
 
     \b
     Examples:
@@ -331,10 +341,15 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
       pipe query artifacts/digits/run --batch digits --split test --out artifacts/results.parquet
     """
     from pipeline.query.batch import check_counts
-    from pipeline.query.report import query_one, read_image
+    from pipeline.query.report import png_names, query_one, read_image
 
-    if bool(images) == bool(batch_source):
+    if images and batch_source:
         raise click.ClickException("give image files, or --batch SOURCE, not both")
+    if not images and not batch_source:
+        raise click.ClickException("give one or more image files to query, or --batch SOURCE for a whole source")
+    folders = [p for p in images if Path(p).is_dir()]
+    if folders:
+        raise click.ClickException(f"{folders[0]} is a directory; to query every image in it use --batch {folders[0]}")
     if not batch_source and (out or split or limit or per_class or skip_bad or engine != "local" or address or workers != 1):
         raise click.ClickException("--out, --split, --limit, --per-class, --skip-bad, --engine, --workers and --address go with --batch")
     check_counts(k, top)
@@ -357,11 +372,12 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
         acc = f"; accuracy {res['accuracy']:.4f} on {res['labelled']} labelled images" if res["accuracy"] is not None else "; no labels"
         click.echo(f"{res['images']} images queried, results in {res['out']}{acc}")
         return
+    pngs = png_names(images) if png_dir else {}
     for path in images:
         img = read_image(r, path)
         res, lookup = query_one(r, img, str(path), k=k, top=top, classifier=classifier)
         if png_dir:
-            png = png_dir / (Path(path).stem + ".png")
+            png = png_dir / pngs[path]
             pipeline.query_png(r, img, lookup, png, title=Path(path).name)
             res["png"] = str(png)
         if as_json:

@@ -135,3 +135,38 @@ def test_cifar_archive_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 20
+
+
+def test_query_says_what_to_give(trained, tmp_path):
+    one_line_error(run("query", trained / "run"), "give one or more image files")
+    (tmp_path / "pics").mkdir()
+    one_line_error(run("query", trained / "run", tmp_path / "pics"), "use --batch")
+
+
+def test_evaluate_says_which_split_it_scored(trained):
+    r = run("evaluate", trained / "run", "digits", "--limit", "30")
+    assert r.exit_code == 0 and "(split train;" in r.output, r.output
+    r = run("evaluate", trained / "run", "digits", "--split", "test", "--limit", "30", "--json")
+    assert json.loads(r.output)["scored"] == "split test"
+
+
+def test_png_of_two_images_with_one_name_are_both_kept(trained, tmp_path):
+    x, _ = digits_images("test", 2)
+    for i, d in enumerate(("a", "b")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "img.png").write_bytes(encode_png(x[i]))
+    r = run("query", trained / "run", tmp_path / "a" / "img.png", tmp_path / "b" / "img.png", "--png", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img-2.png", "img.png"]
+
+
+def test_evaluate_validation_scores_the_held_out_part_and_reports_classes(trained):
+    r = run("evaluate", trained / "run", "--validation", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    m = json.loads((trained / "run" / "run.json").read_text())
+    assert res["n"] == m["final"]["val_images"] and res["scored"] == "the held-out part of the training shards"
+    assert abs(res["accuracy"] - m["final"]["val_accuracy"]) < 1e-6  # what training measured on the same images
+    conf = np.array(res["confusion"])
+    assert conf.sum() == res["n"] and np.trace(conf) == round(res["accuracy"] * res["n"])
+    one_line_error(run("evaluate", trained / "run"), "give SOURCE to score, or --validation")

@@ -266,3 +266,16 @@ def test_run_without_image_index_says_so(digits_run, tmp_path):
         run.nearest_images(imgs, 3)
     with pytest.raises(PipelineError, match="is missing"):
         run.images
+
+
+def test_a_wrong_sized_image_is_described_as_height_by_width(digits_run):
+    run = pipeline.load(digits_run)
+    with pytest.raises(PipelineError, match=r"the images are 427x640 \(height x width\)"):
+        run.predict(np.zeros((427, 640, 3), np.uint8))
+
+
+def test_png_names_never_collide():
+    from pipeline.query.report import png_names
+
+    names = png_names(["a/x.png", "b/x.png", "x.jpg", "y.png"])
+    assert names == {"a/x.png": "x.png", "b/x.png": "x-2.png", "x.jpg": "x-3.png", "y.png": "y.png"}

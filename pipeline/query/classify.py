@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from pipeline import index as pattern_index
+from pipeline.data.augment import is_original
 from pipeline.data.sources import Source
+from pipeline.data.split import is_validation
 from pipeline.errors import PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
 from pipeline.model import bag_divisor, bag_totals
@@ -131,16 +133,34 @@ class Classify:
         rule: str | None = None,
         classifier: str = "head",
         k: int = 10,
+        validation: bool = False,
     ) -> dict:
-        """Accuracy and loss (mean negative log probability) of the run on ``data`` (see :meth:`key_batches`)."""
-        loss_sum, correct, n = 0.0, 0, 0
+        """Accuracy and loss (mean negative log probability) of the run on ``data`` (see
+        :meth:`key_batches`), per-class accuracy and the confusion matrix (``confusion[i][j]``:
+        images of class i predicted as j). ``validation`` keeps only the images the run's
+        training held out (original images of shards, chosen as training chose them)."""
+        c = len(self.class_names)
+        confusion = np.zeros((c, c), np.int64)
+        loss_sum = 0.0
         for b in self.key_batches(data, progress=progress):
             ok = b.labels >= 0
+            if validation:
+                ok &= is_validation(b.image_ids, self.train_config.val_fraction) & is_original(b.image_ids)
             if not ok.any():
                 continue
             probs = self.predict_keys(b.keys[ok], rule, classifier, k, None if b.weights is None else b.weights[ok])
             y = b.labels[ok]
             loss_sum += float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).sum())
-            correct += int((probs.argmax(1) == y).sum())
-            n += len(y)
-        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
+            np.add.at(confusion, (y, probs.argmax(1)), 1)
+        n = int(confusion.sum())
+        per_class = {name: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None) for i, name in enumerate(self.class_names)}
+        return {"accuracy": float(np.trace(confusion)) / max(n, 1), "loss": loss_sum / max(n, 1), "n": n,
+                "per_class": per_class, "confusion": confusion.tolist()}
+
+    def validation_shards(self) -> Shards:
+        """The shards this run was trained on (for scoring its held-out part)."""
+        where = self.manifest.get("shards")
+        try:
+            return Shards(where)
+        except PipelineError as e:
+            raise PipelineError(f"the run's training shards ({where}) cannot be read, so its held-out part cannot be scored: {e}") from None

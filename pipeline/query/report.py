@@ -84,3 +84,18 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
             for i, c, d in zip(near.image_ids[0], near.labels[0], near.distances[0]) if i >= 0
         ],
     }, lookup
+
+
+def png_names(paths) -> dict:
+    """One PNG file name per query image: its stem, made unique (``name-2.png``, ...) where two
+    inputs share one, so no picture overwrites another."""
+    names, used = {}, set()
+    for p in paths:
+        stem = Path(p).stem
+        name, n = f"{stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}.png"
+        used.add(name)
+        names[p] = name
+    return names

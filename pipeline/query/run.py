@@ -123,13 +123,13 @@ class Run(Classify, LookUp):
         """Keys (N x K) of uint8 images hashed the run's way, and their weights (N x K float32; None
         when every key weighs 1, i.e. the run has no code view)."""
         arr = np.asarray(images)
-        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[:2] == (self.height, self.width):
-            arr = arr[None]
+        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[1:] != (self.height, self.width):
+            arr = arr[None]  # one H x W x C image (a batch of gray images is N x H x W)
         arr = as_nhwc(arr)
         if arr.shape[1:3] != (self.height, self.width):
             raise PipelineError(
-                f"images are {arr.shape[1]}x{arr.shape[2]} but the run was trained on "
-                f"{self.height}x{self.width}; resize them to {self.height}x{self.width}"
+                f"the images are {arr.shape[1]}x{arr.shape[2]} (height x width) but the run was trained on "
+                f"{self.height}x{self.width}; resize them to {self.height}x{self.width} first"
             )
         return self.plan.encode(to_channels(arr, self.extract_config.channels))
 

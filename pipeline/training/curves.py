@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import layout
 
@@ -24,6 +25,7 @@ def plot(history: list[dict], path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.tight_layout()
     with layout.atomic(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
