@@ -296,6 +296,32 @@ def evaluate(run, source, split, limit, per_class, skip_bad, validation, rule, c
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(run, as_json):
+    """What RUN is: classes, image size, accuracy, table and index, sizes on disk, and how it was made.
+
+    \b
+    Example:
+      pipe info artifacts/digits/run
+    """
+    s = pipeline.load(run).summary()
+    if as_json:
+        click.echo(json.dumps(s))
+        return
+    acc = f"{s['val_accuracy']:.4f}" if s["val_accuracy"] is not None else "n/a"
+    ex, tr = s["extract_config"], s["train_config"]
+    click.echo(f"{s['run']}: {len(s['classes'])} classes ({', '.join(s['classes'][:10])}{', ...' if len(s['classes']) > 10 else ''}), "
+               f"{s['image']['height']}x{s['image']['width']} images with {s['image']['channels']} channel(s)")
+    click.echo(f"  held-out accuracy {acc} at epoch {s['best_epoch']} of {s['epochs_run']} (train {s['train_accuracy']:.4f}); "
+               f"{s['patterns']:,} patterns, {s['rows']:,} table rows of dimension {tr['dim']}; index {s['index']}; unseen patches: {s['unseen_rule']}")
+    click.echo(f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
+               f"code shapes {ex['code_shapes']}" + (f" ({ex['atoms']} atoms, k {ex['code_k']})" if ex["code_shapes"] != "none" else "")
+               + f"; trained {tr['epochs']} epochs max, lr {tr['lr']}, bag {tr['bag']}; from {s['shards']}")
+    click.echo(f"  on disk {s['bytes'] / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in s["files_bytes"].items()))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--index", "kind", required=True, help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
 @click.option("--nprobe", type=int, default=None, help="Inverted lists searched per query (ivf kinds) [as recorded, or 32].")
 @click.option("--ef-search", type=int, default=None, help="Search breadth (hnsw kinds) [as recorded, or 64].")

@@ -170,3 +170,15 @@ def test_evaluate_validation_scores_the_held_out_part_and_reports_classes(traine
     conf = np.array(res["confusion"])
     assert conf.sum() == res["n"] and np.trace(conf) == round(res["accuracy"] * res["n"])
     one_line_error(run("evaluate", trained / "run"), "give SOURCE to score, or --validation")
+
+
+def test_info_describes_the_run(trained):
+    r = run("info", trained / "run", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    m = json.loads((trained / "run" / "run.json").read_text())
+    on_disk = {p.name: p.stat().st_size for p in (trained / "run").iterdir() if p.is_file()}
+    assert s["classes"] == m["class_names"] and s["rows"] == m["rows"] and s["files_bytes"] == on_disk
+    assert s["val_accuracy"] == m["final"]["val_accuracy"] and s["bytes"] == sum(on_disk.values())
+    r = run("info", trained / "run")
+    assert r.exit_code == 0 and "held-out accuracy" in r.output and "model.pt" in r.output

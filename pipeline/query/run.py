@@ -106,6 +106,30 @@ class Run(Classify, LookUp):
         t = pq.read_table(path)
         return {c: t.column(c).to_numpy() for c in t.column_names}
 
+    def summary(self) -> dict:
+        """What ``pipe info`` shows: classes, image size, both configs, the best epoch's figures, the
+        table, the indexes, the shards it came from and each file's size on disk."""
+        m = self.manifest
+        files = {p.name: p.stat().st_size for p in sorted(self.root.iterdir()) if p.is_file()}
+        return {
+            "run": str(self.root),
+            "classes": self.class_names,
+            "image": {"height": self.height, "width": self.width, "channels": self.extract_config.channels},
+            "best_epoch": m["best_epoch"],
+            "epochs_run": m["epochs_run"],
+            "val_accuracy": m["final"].get("val_accuracy"),
+            "train_accuracy": m["final"].get("train_accuracy"),
+            "patterns": m["patterns"],
+            "rows": m["rows"],
+            "index": m["index"]["factory"],
+            "unseen_rule": self.unseen_rule,
+            "shards": m.get("shards"),
+            "extract_config": m["extract_config"],
+            "train_config": m["train_config"],
+            "files_bytes": files,
+            "bytes": sum(files.values()),
+        }
+
     def view_name(self, view: int) -> str:
         """The name of view ``view`` of a slot (``locate()``'s ``view``): an exact view of ``--views``, or ``code``."""
         views = [] if self.extract_config.views == "none" else self.extract_config.views.split(",")
