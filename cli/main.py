@@ -265,10 +265,11 @@ _classifier_option = click.option(
 @click.argument("source", required=False)
 @source_options
 @click.option("--validation", is_flag=True, help="Score the run's own held-out part of its training shards (instead of SOURCE).")
+@click.option("--resize", default=None, help="Resize SOURCE's images to HxW first [the run's own --resize, if any].")
 @_rule_option
 @_classifier_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with per-class accuracy and the confusion matrix).")
-def evaluate(run, source, split, limit, per_class, skip_bad, validation, rule, classifier, as_json):
+def evaluate(run, source, split, limit, per_class, skip_bad, validation, resize, rule, classifier, as_json):
     """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config),
     or with --validation on the part of its training shards it held out.
 
@@ -285,7 +286,7 @@ def evaluate(run, source, split, limit, per_class, skip_bad, validation, rule, c
         raise click.ClickException("--split, --limit, --per-class and --skip-bad choose images of SOURCE; they do not go with --validation")
     total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
     with _bar(total, "img", "evaluate") as bar:
-        res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier, validation=validation)
+        res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier, validation=validation, resize=_size(resize, "--resize"))
     res["scored"] = ("the held-out part of the training shards" if validation else "the shard directory" if isinstance(src, pipeline.Shards)
                      else f"split {src.split}" if src.split else "all of it")
     if as_json:
@@ -350,12 +351,13 @@ def index(run, kind, nprobe, ef_search):
 @click.option("--workers", type=int, default=1, show_default=True, help="With --engine ray: actors (CPUs of the local Ray instance).")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to use [a local instance].")
 @click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write one PNG per image to this folder: decisive patches and their nearest patterns.")
+@click.option("--resize", default=None, help="Resize the images to HxW first [the run's own --resize, if any].")
 @_rule_option
 @_classifier_option
 @click.option("--nprobe", type=int, default=None, help="Override the index's nprobe (ivf kinds) for this query.")
 @click.option("--ef-search", type=int, default=None, help="Override the index's efSearch (hnsw kinds) for this query.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
-def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, out, engine, workers, address, png_dir, rule, classifier, nprobe, ef_search, as_json):
+def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, out, engine, workers, address, png_dir, resize, rule, classifier, nprobe, ef_search, as_json):
     """Classify IMAGES with RUN and show their patches' nearest learned patterns.
 
     Patches unseen in training are left out of the prediction by default (--unseen
@@ -390,7 +392,7 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
         with _bar(total, "img", "query") as bar:
             res = pipeline.query_batch(
                 r, src, out or Path("artifacts/results.parquet"), k=k, patches=top, classifier=classifier, progress=bar.update,
-                engine=engine, workers=workers, address=address,
+                engine=engine, workers=workers, address=address, resize=_size(resize, "--resize"),
             )
         if as_json:
             click.echo(json.dumps(res))
@@ -400,7 +402,10 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
         return
     pngs = png_names(images) if png_dir else {}
     for path in images:
-        img = read_image(r, path)
+        notes: list[str] = []
+        img = read_image(r, path, _size(resize, "--resize"), notes)
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
         res, lookup = query_one(r, img, str(path), k=k, top=top, classifier=classifier)
         if png_dir:
             png = png_dir / pngs[path]

@@ -32,6 +32,16 @@ MAX_DIM = 4096
 MAX_BATCH = 1 << 20
 
 
+def check_resize(size: tuple[int, int]) -> tuple[int, int]:
+    """A ``--resize`` (height, width) of at least 1 and at most :data:`MAX_SIDE` a side."""
+    h, w = size
+    if h < 1 or w < 1:
+        raise PipelineError(f"--resize {h}x{w} must be at least 1x1")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise PipelineError(f"--resize {h}x{w} is past {MAX_SIDE} pixels on a side; resize to a smaller size")
+    return h, w
+
+
 def physical_memory() -> int:
     """This machine's memory in bytes (0 when the system does not say)."""
     try:
@@ -170,11 +180,7 @@ class ExtractConfig:
             views = parse_views(self.views, self.levels)
             object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views) or "none")
         if self.resize is not None:
-            h, w = self.resize
-            if h < 1 or w < 1:
-                raise PipelineError(f"--resize {h}x{w} must be at least 1x1")
-            if h > MAX_SIDE or w > MAX_SIDE:
-                raise PipelineError(f"--resize {h}x{w} is past {MAX_SIDE} pixels on a side; resize to a smaller size")
+            h, w = check_resize(self.resize)
             object.__setattr__(self, "resize", (int(h), int(w)))
 
     @property

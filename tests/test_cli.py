@@ -182,3 +182,31 @@ def test_info_describes_the_run(trained):
     assert s["val_accuracy"] == m["final"]["val_accuracy"] and s["bytes"] == sum(on_disk.values())
     r = run("info", trained / "run")
     assert r.exit_code == 0 and "held-out accuracy" in r.output and "model.pt" in r.output
+
+
+def test_query_resizes_and_converts_with_a_notice(trained, tmp_path):
+    from PIL import Image
+
+    x, _ = digits_images("test", 1)
+    big = np.asarray(Image.fromarray(x[0][..., 0]).resize((24, 16)))
+    (tmp_path / "big.png").write_bytes(encode_png(big[..., None]))
+    one_line_error(run("query", trained / "run", tmp_path / "big.png"), "(pass --resize 8x8)")
+    r = run("query", trained / "run", tmp_path / "big.png", "--resize", "8x8", "--json")
+    assert r.exit_code == 0, r.output
+    rgb = np.repeat(x[0], 3, axis=-1)
+    (tmp_path / "rgb.png").write_bytes(encode_png(rgb))
+    r = run("query", trained / "run", tmp_path / "rgb.png", "--json")
+    assert r.exit_code == 0 and "note: " in r.stderr and "converted" in r.stderr, r.stderr
+    gray = json.loads(run("query", trained / "run", tmp_path / "rgb.png", "--json").stdout)
+    (tmp_path / "g.png").write_bytes(encode_png(x[0]))
+    same = json.loads(run("query", trained / "run", tmp_path / "g.png", "--json").stdout)
+    assert gray["probabilities"] == same["probabilities"]  # a gray image saved as RGB reads as itself
+
+
+def test_resize_is_checked_and_refused_with_shards(trained, tmp_path):
+    x, _ = digits_images("test", 1)
+    (tmp_path / "g.png").write_bytes(encode_png(x[0]))
+    one_line_error(run("query", trained / "run", tmp_path / "g.png", "--resize", "100000x100000"), "past 8192")
+    one_line_error(run("evaluate", trained / "run", trained / "shards", "--resize", "8x8"), "shards hold keys already made")
+    r = run("evaluate", trained / "run", "digits", "--split", "test", "--limit", "20", "--resize", "8x8", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["n"] == 20, r.output

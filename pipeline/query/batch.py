@@ -95,8 +95,10 @@ def query_batch(
     engine: str = "local",
     workers: int = 1,
     address: str | None = None,
+    resize: tuple[int, int] | None = None,
 ) -> dict:
     """Query every image of ``data`` and write ``out`` (Parquet); returns a summary with accuracy when labels exist.
+    A source's images are resized to ``resize`` (default: the run's own).
 
     ``engine="ray"`` spreads the batches over ``workers`` Ray actors (a local instance, or the
     cluster at ``address``), each loading the run once; rows keep the source order.
@@ -111,7 +113,7 @@ def query_batch(
     if out.is_dir():
         raise PipelineError(f"--out {out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
     with outputs.locked(out, "pipe query --batch", file=True):
-        return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address)
+        return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize)
 
 
 MAX_K = 1024  # nearest patterns or images asked per patch or image
@@ -125,11 +127,11 @@ def check_counts(k: int, patches: int) -> None:
         raise PipelineError(f"--patches {patches} must be 0 or more")
 
 
-def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progress, engine, workers, address) -> dict:
+def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize) -> dict:
     """:func:`query_batch` with ``out`` locked."""
     names = run.class_names
     rows = correct = labelled = 0
-    batches = run.key_batches(data, batch_size, progress)
+    batches = run.key_batches(data, batch_size, progress, resize)
     if engine == "ray":
         labels_of: list[np.ndarray] = []
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline import index as pattern_index
+from pipeline.config import check_resize
 from pipeline.data.augment import is_original
 from pipeline.data.sources import Source
 from pipeline.data.split import is_validation
@@ -105,9 +106,16 @@ class Classify:
             raise PipelineError(f"{where} has classes the run does not know: {', '.join(missing[:5])}; evaluate on the same classes")
         return np.asarray([index[c] for c in class_names] + [-1], dtype=np.int64)  # last entry maps label -1
 
-    def key_batches(self, data: Source | Shards, batch_size: int = 256, progress: Callable[[int], None] | None = None) -> Iterator[KeyBatch]:
+    def key_batches(
+        self, data: Source | Shards, batch_size: int = 256, progress: Callable[[int], None] | None = None, resize: tuple[int, int] | None = None,
+    ) -> Iterator[KeyBatch]:
         """Keys of every image of ``data`` (a source, hashed the run's way, or shards extracted with
-        the run's config) in batches, labels mapped to the run's classes (-1 when unknown)."""
+        the run's config) in batches, labels mapped to the run's classes (-1 when unknown). A
+        source's images are resized to ``resize`` (default: the run's own ``--resize``)."""
+        if resize is not None and isinstance(data, Shards):
+            raise PipelineError("--resize changes images of a source; shards hold keys already made, so leave it out")
+        if resize is not None:
+            check_resize(resize)
         if isinstance(data, Shards):
             data.check_fingerprint(self.fingerprint, f"run {self.root}")
             mapping = self._label_map(data.class_names, str(data.root))
@@ -120,7 +128,7 @@ class Classify:
                     yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], b.names[sl], w)
             return
         mapping = self._label_map(data.class_names, data.path)
-        for b in data.batches(batch_size, self.extract_config.channels, self.extract_config.resize):
+        for b in data.batches(batch_size, self.extract_config.channels, resize or self.extract_config.resize):
             if progress:
                 progress(len(b.labels))
             keys, weights = self.encode(b.images)
@@ -134,6 +142,7 @@ class Classify:
         classifier: str = "head",
         k: int = 10,
         validation: bool = False,
+        resize: tuple[int, int] | None = None,
     ) -> dict:
         """Accuracy and loss (mean negative log probability) of the run on ``data`` (see
         :meth:`key_batches`), per-class accuracy and the confusion matrix (``confusion[i][j]``:
@@ -142,7 +151,7 @@ class Classify:
         c = len(self.class_names)
         confusion = np.zeros((c, c), np.int64)
         loss_sum = 0.0
-        for b in self.key_batches(data, progress=progress):
+        for b in self.key_batches(data, progress=progress, resize=resize):
             ok = b.labels >= 0
             if validation:
                 ok &= is_validation(b.image_ids, self.train_config.val_fraction) & is_original(b.image_ids)

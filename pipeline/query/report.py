@@ -5,21 +5,39 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import check_resize
 from pipeline.errors import PipelineError
 from pipeline.data.images import BadImage, decode
 from pipeline.query.run import PatchLookup, Run
 from pipeline.data.sources import read_ref
 
 
-def read_image(run: Run, path: Path | str) -> np.ndarray:
-    """One image file as H x W x C uint8 in the run's channel count (and resize, if the run has one)."""
+def read_image(run: Run, path: Path | str, resize: tuple[int, int] | None = None, notes: list[str] | None = None) -> np.ndarray:
+    """One image file as H x W x C uint8 in the run's channel count, resized to ``resize`` (default:
+    the run's own ``--resize``, if it has one). A grayscale file on a colour run (or the reverse) is
+    converted as docs/extract.md documents, and ``notes`` is told so."""
     cfg = run.extract_config
+    if resize is not None:
+        check_resize(resize)
     if not Path(path).exists():
         raise PipelineError(f"{path} does not exist; check the path")
     try:
-        return decode(read_ref(("file", str(path))), cfg.channels, cfg.resize)
+        data = read_ref(("file", str(path)))
+        own = decode(data, None)
+        size = resize or cfg.resize
+        img = decode(data, cfg.channels, size) if size or own.shape[-1] != cfg.channels else own
     except BadImage as e:
         raise PipelineError(f"cannot read {path}: {e}") from None
+    if own.shape[-1] != cfg.channels and notes is not None:
+        kinds = {1: "grayscale", 3: "colour"}
+        notes.append(f"{path} is {kinds[own.shape[-1]]} and the run {kinds[cfg.channels]}: converted "
+                     + ("by repeating the gray channel" if cfg.channels == 3 else "to gray with Pillow's luma formula"))
+    if img.shape[:2] != (run.height, run.width):
+        raise PipelineError(
+            f"{path} is {img.shape[0]}x{img.shape[1]} (height x width) but the run was trained on {run.height}x{run.width}; "
+            f"resize them to {run.height}x{run.width} (pass --resize {run.height}x{run.width})"
+        )
+    return img
 
 
 def _pattern(run: Run, pid: int, distance: float) -> dict:
