@@ -10,7 +10,7 @@ $pipe extract digits --split train --out "$out/shards" --overwrite
 $pipe train "$out/shards" --out "$out/run" --overwrite
 .venv/bin/python -c "
 import sys, pipeline
-from pipeline.images import encode_png
+from pipeline.data.images import encode_png
 img = next(pipeline.open_source('digits', split='test').batches(1, 1)).images[0]
 open(sys.argv[1], 'wb').write(encode_png(img))" "$out/test-0.png"
 $pipe query "$out/run" "$out/test-0.png" --k 3 --patches 5 --png "$out/png"
