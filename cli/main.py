@@ -224,7 +224,7 @@ def train(shards, out, nproc, resume, overwrite, **options):
         click.echo(f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
         return
     sh = pipeline.open_shards(shards)
-    per_epoch = round(sh.num_images * (1 - config.val_fraction))
+    per_epoch = sh.count_training(config.val_fraction)  # the bars' totals are exact
     with _bar(per_epoch, "img", "vocabulary") as vbar:
         vocab_progress = vbar.update
         bar = _bar(per_epoch * config.epochs, "img", "train")

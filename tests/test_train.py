@@ -420,3 +420,9 @@ def test_two_process_run_resumes_after_a_kill_to_the_uninterrupted_metrics(digit
     a = torch.load(killed / "model.pt", weights_only=True)
     b = torch.load(clean / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_count_training_is_what_an_epoch_trains_on(digits_shards, tmp_path):
+    sh = pipeline.open_shards(digits_shards)
+    m = pipeline.train(sh, tmp_path / "r", TrainConfig(epochs=1, dim=8))
+    assert sh.count_training(TrainConfig().val_fraction) == m["final"]["train_images"]

@@ -29,6 +29,7 @@ from pipeline import layout
 from pipeline.extraction.codes import Dictionary
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
+from pipeline.data.split import is_validation
 from pipeline.extraction.hashing import KeyPlan
 
 FORMAT = "patchhash-shards-v3"
@@ -272,6 +273,16 @@ class Shards:
         plan = self.plan()
         for b in self.iter_content(files, groups, names):
             yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys, b.atoms), b.names, plan.expand_weights(b.weights))
+
+    def count_training(self, fraction: float) -> int:
+        """How many images training reads per epoch (labelled, not held out for validation by
+        ``fraction``); reads the image_id and label columns only."""
+        n = 0
+        for path in self.files():
+            t = self._open(path).read(columns=["image_id", "label"])
+            ids, labels = t.column("image_id").to_numpy(), t.column("label").to_numpy()
+            n += int(((~is_validation(ids, fraction)) & (labels >= 0)).sum())
+        return n
 
     @property
     def code_slots(self) -> int:
