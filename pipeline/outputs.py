@@ -50,10 +50,9 @@ def check_out(out: Path, inputs: Iterable[Path | str] = ()) -> None:
             raise PipelineError(f"--out {out} is or holds the input {given}; writing there would replace it: choose another --out")
 
 
-def replace(out: Path, inputs: Iterable[Path | str] = ()) -> None:
-    """Empty ``out`` for a new job (``--overwrite``): only a directory this project wrote, and the
-    lock file (held by the caller) stays."""
-    check_out(out, inputs)
+def _replace(out: Path) -> None:
+    """Empty ``out`` (checked by :func:`prepare`) for a new job: only a directory this project
+    wrote, and the lock file (held by the caller) stays."""
     held = contents(out)
     if held and not any((out / name).exists() for name in OWN_FILES):
         raise PipelineError(
@@ -69,13 +68,13 @@ def replace(out: Path, inputs: Iterable[Path | str] = ()) -> None:
 
 def prepare(out: Path, overwrite: bool, commit_file: str, what: str, inputs: Iterable[Path | str] = ()) -> None:
     """An empty output directory for a new job: an existing non-empty one is replaced only with
-    ``overwrite`` (and only as :func:`replace` allows)."""
+    ``overwrite`` (and only as :func:`_replace` allows)."""
     check_out(out, inputs)
     if contents(out):
         if not overwrite:
             state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
             raise PipelineError(f"--out {out} already holds {state}; pass --overwrite to replace it or choose another directory")
-        replace(out, inputs)
+        _replace(out)
     out.mkdir(parents=True, exist_ok=True)
 
 

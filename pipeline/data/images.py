@@ -75,6 +75,18 @@ def decode(data: bytes, channels: int | None, resize: tuple[int, int] | None = N
     return to_channels(arr, channels)[0]
 
 
+def file_channels(data: bytes) -> int:
+    """The channels :func:`decode` gives a file by default (1 for gray, 3 for colour), read from
+    its header alone; raises :class:`BadImage` for anything unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mode = Image.open(io.BytesIO(data)).mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"not a readable image ({e.__class__.__name__}: {e})") from None
+    return 1 if mode in ("1", "L") else 3
+
+
 def resize_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize one H x W x C uint8 array (C 1 or 3) to ``size`` = (height, width), bilinear, as for files."""
     if image.shape[:2] == tuple(size):

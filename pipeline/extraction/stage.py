@@ -222,8 +222,8 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _prepare(out: Path, job: dict, overwrite: bool, inputs: list) -> dict | None:
-    """Create or check ``out``; returns the finished manifest when the same job is already complete."""
-    outputs.check_out(out, inputs)
+    """Create or check ``out`` (already refused by :func:`extract` when it holds an input or the
+    current directory); returns the finished manifest when the same job is already complete."""
     if outputs.contents(out) and not overwrite:
         for name, state in ((layout.MANIFEST, "a finished"), (layout.EXTRACT_JOB, "an unfinished")):
             if not (out / name).exists():

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.config import check_resize
 from pipeline.errors import PipelineError
-from pipeline.data.images import BadImage, decode
+from pipeline.data.images import BadImage, decode, file_channels
 from pipeline.query.run import PatchLookup, Run
 from pipeline.data.sources import read_ref
 
@@ -23,14 +23,13 @@ def read_image(run: Run, path: Path | str, resize: tuple[int, int] | None = None
         raise PipelineError(f"{path} does not exist; check the path")
     try:
         data = read_ref(("file", str(path)))
-        own = decode(data, None)
-        size = resize or cfg.resize
-        img = decode(data, cfg.channels, size) if size or own.shape[-1] != cfg.channels else own
+        img = decode(data, cfg.channels, resize or cfg.resize)
+        own = file_channels(data)
     except BadImage as e:
         raise PipelineError(f"cannot read {path}: {e}") from None
-    if own.shape[-1] != cfg.channels and notes is not None:
+    if own != cfg.channels and notes is not None:
         kinds = {1: "grayscale", 3: "colour"}
-        notes.append(f"{path} is {kinds[own.shape[-1]]} and the run {kinds[cfg.channels]}: converted "
+        notes.append(f"{path} is {kinds[own]} and the run {kinds[cfg.channels]}: converted "
                      + ("by repeating the gray channel" if cfg.channels == 3 else "to gray with Pillow's luma formula"))
     if img.shape[:2] != (run.height, run.width):
         raise PipelineError(

@@ -82,10 +82,10 @@ def _job(shards: Shards, config: TrainConfig) -> dict:
 
 
 def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool) -> bool:
-    """Create or check the run directory; True when a checkpoint is there to resume from."""
+    """Create or check the run directory (its callers have refused one that holds the shards or
+    the current directory); True when a checkpoint is there to resume from."""
     job = _job(shards, config)
     inputs = [shards.root]
-    outputs.check_out(out, inputs)
     unstarted = (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
     if resume and not overwrite:
         if (out / layout.RUN_MANIFEST).exists():
