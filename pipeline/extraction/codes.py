@@ -26,6 +26,7 @@ from typing import Iterable
 import numpy as np
 from numba import njit, prange
 from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import threadpool_limits
 
 from pipeline import layout
 from pipeline.errors import PipelineError
@@ -139,9 +140,12 @@ class ShapeCode:
         atoms = np.empty((len(patches), k), np.int64)
         weights = np.empty((len(patches), k), np.float32)
         c2 = (self.atoms**2).sum(1)
-        for s in range(0, len(patches), BLOCK_PATCHES):
-            z = (patches[s : s + BLOCK_PATCHES] - self.mean) @ self.whiten
-            _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
+        # one BLAS thread: a multi-threaded product may split its sums differently with the thread
+        # count, and the codes must not depend on it (in-process, worker processes, Ray tasks)
+        with threadpool_limits(1, user_api="blas"):
+            for s in range(0, len(patches), BLOCK_PATCHES):
+                z = (patches[s : s + BLOCK_PATCHES] - self.mean) @ self.whiten
+                _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
         return atoms, weights
 
     def pixels(self, channels: int) -> np.ndarray:
