@@ -1,6 +1,7 @@
 """The defaults as a user meets them: ``pipe extract SOURCE`` then ``pipe train``, no flags.
 
     python benchmarks/defaults.py --out benchmarks/results/cifar_defaults.json   # all 50,000 shared CIFAR-10 images
+    python benchmarks/defaults.py --keep /work/runs/cifar --out ...   # and keep the shards and the run
     python benchmarks/defaults.py --source digits --json
     python benchmarks/defaults.py --smoke --json      # seconds: 200 digits images (what CI runs)
 
@@ -48,12 +49,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="seconds: 200 digits images (checks that the benchmark runs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON object here")
+    ap.add_argument("--keep", type=Path, default=None, help="write shards/ and run/ into this folder and keep them (for query_latency.py and serve.py)")
     a = ap.parse_args()
     source, extra = ("digits", ["--limit", "200"]) if a.smoke else (a.source, [])
     with tempfile.TemporaryDirectory(prefix="defaults-") as work:
-        shards, run = Path(work) / "shards", Path(work) / "run"
-        ex = stage(["extract", source, "--out", str(shards), *extra])
-        tr = stage(["train", str(shards), "--out", str(run)])
+        base = a.keep or Path(work)
+        shards, run = base / "shards", base / "run"
+        ex = stage(["extract", source, "--out", str(shards), *extra, *(["--overwrite"] if a.keep and shards.exists() else [])])
+        tr = stage(["train", str(shards), "--out", str(run), *(["--overwrite"] if a.keep and run.exists() else [])])
         manifest = json.loads((shards / "manifest.json").read_text())
         m = json.loads((run / "run.json").read_text())
         res = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -49,9 +50,46 @@ def _size(value: str | None, option: str) -> tuple[int, int] | None:
     return (nums[0], nums[-1])
 
 
+LOG_EVERY_S = 30.0  # where stderr is a file or pipe: one progress line per this many seconds per bar
+
+
+class _LineProgress(tqdm):
+    """tqdm for logs: a plain line (count, rate, ETA) when the work starts, at most every
+    LOG_EVERY_S after, and one when done, instead of carriage-return redraws that a file or
+    pipe shows as one endless line."""
+
+    def __init__(self, *a, **kw):
+        self._printed = 0.0
+        self._final = False
+        super().__init__(*a, **kw, file=sys.stderr, mininterval=1.0, ascii=True)
+
+    def clear(self, *a, **kw):  # nothing drawn in place, nothing to clear (tqdm.write calls this)
+        pass
+
+    def _line(self) -> None:
+        self.fp.write(self.format_meter(**{**self.format_dict, "ncols": 0}).replace("||", "").strip() + "\n")
+        self.fp.flush()
+        self._printed = time.time()
+
+    def display(self, msg=None, pos=None):
+        if not self.n or self._final:
+            return
+        self._final = self.total is not None and self.n >= self.total
+        if self._final or time.time() - self._printed >= LOG_EVERY_S:
+            self._line()
+
+    def close(self):
+        if not self.disable and self.n and not self._final:
+            self._final = True
+            self._line()
+        self.disable = True  # tqdm's own close would redraw the bar
+
+
 def _bar(total: int | None, unit: str, desc: str) -> tqdm:
-    # disable=None: shown on a terminal, silent when stderr is a file or pipe
-    return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False, disable=None)
+    """A progress bar on stderr: redrawn in place on a terminal, plain lines in a log (any other stderr)."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False)
+    return _LineProgress(total=total, unit=unit, desc=desc, unit_scale=True)
 
 
 @click.group(cls=_Group)
@@ -240,8 +278,22 @@ def train(shards, out, nproc, resume, overwrite, **options):
                 f"{row['ids_per_s'] / 1e6:.2f}M ids/s{rate}"
             )
 
+        steps: list = []
+
+        def on_step(what: str, items: int):
+            for b in [bar, *steps]:
+                b.close()
+            click.echo(f"then: {what}")
+            if items:
+                steps.append(_bar(items, "vec", "index"))
+                return steps[-1].update
+            return None
+
         with bar:
-            m = pipeline.train(sh, out, config, overwrite=overwrite, resume=resume, progress=progress, on_epoch=on_epoch, on_vocab=vocab_progress)
+            m = pipeline.train(sh, out, config, overwrite=overwrite, resume=resume, progress=progress, on_epoch=on_epoch,
+                               on_vocab=vocab_progress, on_step=on_step)
+        for b in steps:
+            b.close()
     v = m["vocabulary"]
     click.echo(
         f"run written to {out}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
@@ -424,6 +476,39 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
             near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} x{n['count']} {n['top_class']}" for n in p["nearest"])
             click.echo(f"  {where:<22} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
         click.echo("  nearest training images: " + ", ".join(f"#{n['image_id']} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-upload-mb", type=float, default=16, show_default=True, help="Largest request accepted; larger ones get 413.")
+@_rule_option
+def serve(run, host, port, max_upload_mb, rule):
+    """Keep RUN loaded and answer queries over HTTP, with a page at / to look at them.
+
+    \b
+    Endpoints: GET /health, GET /info, POST /query (multipart field "images"),
+    GET /pattern/ID.png, GET /training-image/ROW.png, GET /class/INDEX, GET / (the page).
+    Needs the serve extra: pip install 'patchhash[serve]'.
+
+    \b
+    Example:
+      pipe serve artifacts/digits/run --port 8000   # then open http://127.0.0.1:8000/
+    """
+    try:
+        import uvicorn
+        from pipeline.serve import app as serving
+    except ImportError as e:
+        raise click.ClickException(f"pipe serve needs the serve extra ({e.name} is not installed): pip install 'patchhash[serve]'")
+    if max_upload_mb <= 0:
+        raise click.ClickException(f"--max-upload-mb {max_upload_mb} must be more than 0")
+    serving.check_port(host, port)
+    r = pipeline.load(run, rule)
+    serving.warm(r)
+    app = serving.make_app(r, max_upload_mb)
+    click.echo(f"serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

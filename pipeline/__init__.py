@@ -15,15 +15,16 @@ from importlib import import_module
 
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.extraction.stage import extract
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.extraction.shards import Shards
 from pipeline.data.sources import Source, from_arrays, open_source
 from pipeline.query.inputs import open_data
 from pipeline.data.split import is_validation
 
-# torch-backed parts load on first use, so extract workers and `pipe extract` never import torch
+# stages load on first use: extract workers and `pipe extract` never import torch, and a query
+# never imports the extraction stage
 _LAZY = {
+    "extract": "pipeline.extraction.stage",
     "PatchLookup": "pipeline.query.run", "ImageLookup": "pipeline.query.run", "Run": "pipeline.query.run",
     "load": "pipeline.query.run", "train": "pipeline.training.loop", "query_batch": "pipeline.query.batch",
     "rebuild_index": "pipeline.training.artifacts", "query_png": "pipeline.query.pictures",

@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -145,8 +146,12 @@ def build(
     nprobe: int | None = None,
     ef_search: int | None = None,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> IndexInfo:
-    """Build an index of ``kind`` over ``vectors`` (n x d float32; id i = row i) and save it atomically."""
+    """Build an index of ``kind`` over ``vectors`` (n x d float32; id i = row i) and save it atomically.
+
+    ``progress`` is told how many vectors were added, chunk by chunk (for an HNSW graph: all at
+    once, which its parallel insertion needs); training an IVF quantizer comes first."""
     path = Path(path)
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = v.shape
@@ -161,10 +166,13 @@ def build(
         take = min(n, TRAIN_PER_LIST * need)
         sample = v if take == n else v[np.sort(np.random.default_rng(seed).choice(n, take, replace=False))]
         idx.train(sample)
-    if n:
-        idx.add(v)
     ivf_like = _faiss().try_extract_index_ivf(idx) is not None
     hnsw_like = hasattr(_faiss().downcast_index(idx), "hnsw")
+    step = n if hnsw_like else ADD_CHUNK  # a flat or IVF index adds each vector on its own: chunks change nothing
+    for lo in range(0, n, max(step, 1)):
+        idx.add(v[lo : lo + step])
+        if progress:
+            progress(len(v[lo : lo + step]))
     info = IndexInfo(
         kind=resolved,
         factory=factory,
@@ -185,6 +193,8 @@ def build(
     info.digest = file_digest(path)
     return info
 
+
+ADD_CHUNK = 1 << 16  # vectors added per call when the build reports progress
 
 DIGEST_BYTES = 1 << 20
 

@@ -86,11 +86,14 @@ class PatchBagModel(nn.Module):
         hidden: int = 0,
         drop: float | str = 0.0,
         pooled_dropout: float = 0.0,
+        table: torch.Tensor | None = None,
     ):
         super().__init__()
         self.bag = bag
-        self.table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True)
-        nn.init.normal_(self.table.weight, std=0.1)
+        # a given table (rows x dim) is used as it is: no initialisation, no copy
+        self.table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, _weight=table)
+        if table is None:
+            nn.init.normal_(self.table.weight, std=0.1)
         self.head = nn.Linear(dim, num_classes) if hidden == 0 else nn.Sequential(
             nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
@@ -146,9 +149,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: TrainConfig, rows: int, num_classes: int) -> PatchBagModel:
-    """The model a run's settings describe, its table initialised from N(0, ``init_std``): what
-    training starts from and what a run is loaded into."""
-    model = PatchBagModel(rows, config.dim, num_classes, config.bag, config.hidden, config.drop_rate, config.pooled_dropout)
-    nn.init.normal_(model.table.weight, std=config.init_std)
+def build_model(config: TrainConfig, rows: int, num_classes: int, state: dict | None = None) -> PatchBagModel:
+    """The model a run's settings describe: its table initialised from N(0, ``init_std``) (what
+    training starts from), or holding the tensors of ``state`` themselves (a memory-mapped
+    ``model.pt``: nothing is initialised or copied, so loading costs what is read)."""
+    if state is None:
+        model = PatchBagModel(rows, config.dim, num_classes, config.bag, config.hidden, config.drop_rate, config.pooled_dropout)
+        nn.init.normal_(model.table.weight, std=config.init_std)
+        return model
+    table = state.get("table.weight")
+    if not isinstance(table, torch.Tensor) or table.shape != (rows, config.dim):
+        got = tuple(table.shape) if isinstance(table, torch.Tensor) else None
+        raise RuntimeError(f"table.weight is {got}, expected {(rows, config.dim)}")
+    model = PatchBagModel(rows, config.dim, num_classes, config.bag, config.hidden, config.drop_rate, config.pooled_dropout, table)
+    model.load_state_dict(state, assign=True)
     return model

@@ -3,6 +3,9 @@
 Pattern ids are row numbers of this table: the vocabulary keys, ascending, so
 pattern id = table row = FAISS id of :mod:`pipeline.index`. The statistics come
 from :func:`pipeline.training.vocab.pattern_stats`.
+
+The file is written in row groups of ``ROW_GROUP`` patterns, so a query reads the
+patterns it names (:func:`rows`) by decoding only their row groups, not the whole table.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import pyarrow.parquet as pq
 
 from pipeline import layout
 from pipeline.extraction.hashing import KeyPlan
+
+ROW_GROUP = 1024  # patterns per Parquet row group: what reading one pattern by id decodes
 
 def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | None = None) -> pa.Table:
     """The Parquet table of patterns: ids, keys, shape and location of the first example, the atom of
@@ -45,26 +50,65 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | Non
 
 def write(table: pa.Table, path: Path) -> None:
     with layout.atomic(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
     """The pattern table as numpy columns (``class_counts`` as P x C), without the pixels (see :func:`pixels`)."""
     names = [c for c in pq.ParquetFile(path).schema_arrow.names if c != "example_pixels"]
-    t = pq.read_table(path, columns=names)
-    out = {c: t.column(c).to_numpy() for c in t.column_names if c != "class_counts"}
-    cc = t.column("class_counts").combine_chunks()
-    out["class_counts"] = cc.flatten().to_numpy().reshape(len(t), cc.type.list_size)
+    return columns(pq.ParquetFile(path).read(columns=names))
+
+
+def rows(pf: pq.ParquetFile, ids: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows ``ids`` (row numbers, in that order, repeats allowed) of a Parquet file (the pattern
+    table, the image table), reading only ``columns`` of the row groups that hold them."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    meta = pf.metadata
+    starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    if len(ids) and (ids.min() < 0 or ids.max() >= starts[-1]):
+        raise IndexError(f"pattern ids must lie in 0..{starts[-1] - 1}")
+    groups = np.unique(np.searchsorted(starts, ids, side="right") - 1)
+    if not len(groups):
+        return pf.schema_arrow.empty_table().select(columns)
+    part = pf.read_row_groups(groups.tolist(), columns=columns)
+    # row r of group g sits at (rows of the groups read before g) + (r - start of g)
+    before = np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in groups[:-1]])
+    g_of = np.searchsorted(starts, ids, side="right") - 1
+    local = before[np.searchsorted(groups, g_of)] + (ids - starts[g_of])
+    local = np.ascontiguousarray(local, np.int64)  # from its buffer: pa.array(ndarray) imports pandas
+    return part.take(pa.Array.from_buffers(pa.int64(), len(local), [None, pa.py_buffer(local)]))
+
+
+def array(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as numpy, read from its buffer where it has no nulls (pyarrow's
+    ``to_numpy`` imports pandas, a second of a query's start)."""
+    return numpy(table.column(name).combine_chunks())
+
+
+def numpy(arr: pa.Array) -> np.ndarray:
+    """:func:`array` of one Arrow array."""
+    kind = "i" if pa.types.is_signed_integer(arr.type) else "u" if pa.types.is_unsigned_integer(arr.type) else "f" if pa.types.is_floating(arr.type) else None
+    if arr.null_count == 0 and kind:
+        width = arr.type.bit_width // 8
+        return np.frombuffer(arr.buffers()[1], np.dtype(f"<{kind}{width}"), len(arr), arr.offset * width).copy()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """A (part of the) pattern table as numpy columns, ``class_counts`` as P x C."""
+    out = {c: array(table, c) for c in table.column_names if c not in ("class_counts", "example_pixels")}
+    if "class_counts" in table.column_names:
+        cc = table.column("class_counts").combine_chunks()
+        out["class_counts"] = numpy(cc.flatten()).reshape(len(table), cc.type.list_size)
     return out
 
 
-def pixels(path: Path, ids: np.ndarray, h: np.ndarray, w: np.ndarray, channels: int) -> list[np.ndarray | None]:
+def pixels(pf: pq.ParquetFile, ids: np.ndarray, channels: int) -> list[np.ndarray | None]:
     """The example pixels (h x w x C uint8) of patterns ``ids``; None where the run has none."""
-    pf = pq.ParquetFile(path)
     if "example_pixels" not in pf.schema_arrow.names:
         return [None] * len(ids)
-    col = pq.read_table(path, columns=["example_pixels"]).column(0).take(pa.array(np.asarray(ids, np.int64)))
+    t = rows(pf, ids, ["h", "w", "example_pixels"])
     out = []
-    for v, hh, ww in zip(col.to_pylist(), h, w):
+    for v, hh, ww in zip(t.column("example_pixels").to_pylist(), t.column("h").to_pylist(), t.column("w").to_pylist()):
         out.append(None if v is None else np.frombuffer(v, np.uint8).reshape(int(hh), int(ww), channels))
     return out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (with the test and ray extras) and run the test suite.
+# Set up (with the test, ray and serve extras, and the OS's Chromium for the page's browser test) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,ray
+bash scripts/setup.sh test,ray,serve
+bash scripts/browser.sh
 exec .venv/bin/python -m pytest -q -n 2 --durations=25 "$@"

@@ -1,8 +1,13 @@
 """Shared fixtures: small real data (digits), a trained digits run, and the shared CIFAR archive when present."""
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -10,6 +15,7 @@ import pipeline
 from pipeline import ExtractConfig, TrainConfig
 from pipeline.data.images import encode_png
 
+ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 
 
@@ -48,3 +54,30 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, split: str 
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i:04d}.png").write_bytes(encode_png(img))
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``pipe serve RUN`` as a real process on a free loopback port, once it answers /health: (process, base URL)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", str(run), "--port", str(port), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"pipe serve exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("pipe serve did not answer /health in 120 s")

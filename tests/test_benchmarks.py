@@ -111,3 +111,15 @@ def test_the_results_page_is_the_rendering_of_the_committed_json():
     assert r.returncode == 0, r.stderr
     page = (ROOT / "docs" / "results.md").read_text()
     assert page.count("\n") <= 250 and "previous default" not in page and "earlier default" not in page
+
+
+def test_query_latency_benchmark_smoke():
+    (r,) = smoke("benchmarks/query_latency.py")
+    assert r["single"]["images"] == 2 and r["single"]["median_s"] > 0 and r["single"]["peak_rss_mb"] > 0
+    assert r["batch"]["images"] == 50 and r["ratio"] > 1 and r["in_process"]["warm_ms"] > 0
+
+
+def test_serve_benchmark_smoke():
+    (r,) = smoke("benchmarks/serve.py")
+    assert r["latency"]["requests"] == 20 and r["latency"]["p50_ms"] > 0
+    assert r["load"]["clients"] == 5 and r["load"]["requests"] > 0 and r["load"]["errors"] == 0 and r["load"]["healthy_after"]

@@ -198,8 +198,16 @@ def test_top_patches_are_the_most_decisive_with_the_same_neighbours(digits_run):
     imgs, _ = digits_images("test", 1)
     full = run.nearest_patterns(imgs[0], k=3)
     top = run.nearest_patterns(imgs[0], k=3, top=7)
-    expected = np.argsort(-full.contribution, kind="stable")[:7]
+    # brute force: sum every slot's contribution per key, rank the keys, keep each one's first slot
+    totals: dict = {}
+    for slot, (key, c) in enumerate(zip(full.keys.tolist(), full.contribution.tolist())):
+        first, total, n = totals.get(key, (slot, 0.0, 0))
+        totals[key] = (first, total + c, n + 1)
+    ranked = sorted(totals.values(), key=lambda t: (-t[1], t[0]))[:7]
+    expected = np.array([t[0] for t in ranked])
+    assert len(set(top.keys.tolist())) == len(top.keys) == 7  # distinct patterns
     assert np.array_equal(top.slots, expected)
+    assert np.allclose(top.contribution, [t[1] for t in ranked]) and np.array_equal(top.occurrences, [t[2] for t in ranked])
     assert np.array_equal(top.ids, full.ids[expected]) and np.array_equal(top.keys, full.keys[expected])
     assert np.array_equal(top.probabilities, run.predict(imgs[:1])[1][0])
     assert top.counts == full.counts and sum(full.counts[c] for c in ("seen", "composed", "unmatched")) == run.plan.keys_per_image

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline import index as pattern_index
-from pipeline import layout, patterns
+from pipeline import patterns
 from pipeline.errors import PipelineError
 from pipeline.query import unseen
 
@@ -31,6 +31,7 @@ class PatchLookup:
     contribution: np.ndarray  # S float: the patch's share of the predicted class's logit
     counts: dict[str, int]  # over all patches of the image: total, seen, composed, unmatched
     probabilities: np.ndarray  # C: the image's class probabilities (what ``predict`` gives)
+    occurrences: np.ndarray  # S: how many slots of the image hold the same pattern (key); 1 for every slot without ``top``
 
 
 @dataclass
@@ -41,6 +42,17 @@ class ImageLookup:
     ids: np.ndarray  # rows of the image index (-1 where fewer than k)
     image_ids: np.ndarray  # the training images' ids in their shards / source order
     labels: np.ndarray  # their class indices
+    names: np.ndarray  # their file names in the training source (None where unknown)
+
+
+def distinct_top(keys: np.ndarray, contribution: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``top`` distinct patterns (keys) of one image by their summed contribution: (the first
+    slot of each, most decisive first; its pattern's total contribution; its number of slots)."""
+    uniq, first, inverse, n = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    total = np.zeros(len(uniq), np.float64)
+    np.add.at(total, inverse.reshape(-1), contribution)
+    order = np.lexsort((first, -total))[:top]  # ties: the pattern met first in slot order
+    return first[order], total[order], n[order]
 
 
 class LookUp:
@@ -78,8 +90,10 @@ class LookUp:
         """The k nearest training images of pooled vectors (N x d, from :meth:`pooled_keys`)."""
         d, ids = pattern_index.search(self.image_index, pooled, k)
         safe = np.maximum(ids, 0)
+        im = self.images
         return ImageLookup(
-            d, ids, np.where(ids >= 0, self.images["image_id"][safe], -1), np.where(ids >= 0, self.images["label"][safe], -1)
+            d, ids, np.where(ids >= 0, im["image_id"][safe], -1), np.where(ids >= 0, im["label"][safe], -1),
+            np.where(ids >= 0, im["name"][safe], None),
         )
 
     def nearest_patterns(self, patches_or_image: np.ndarray, k: int = 5, top: int | None = None) -> PatchLookup | tuple[np.ndarray, np.ndarray]:
@@ -116,21 +130,41 @@ class LookUp:
         w = np.ones(len(keys), np.float32) if weights is None else weights
         share = w / max(float(w.sum()), 1e-12)
         contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) * share, 0.0)
-        slots = np.arange(len(keys)) if top is None else np.argsort(-contribution, kind="stable")[:top]
+        occurrences = np.ones(len(keys), np.int64)
+        if top is None:
+            slots = np.arange(len(keys))
+        else:
+            slots, contribution, occurrences = distinct_top(keys, contribution, top)
         d = np.full((len(slots), k), np.inf, np.float32)
         ids = np.full((len(slots), k), -1, np.int64)
         sel = has[slots]
         d[sel], ids[sel] = pattern_index.search(self.index, vectors[slots[sel]], k)
         counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
+        if top is None:
+            contribution = contribution[slots]
         return PatchLookup(
-            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution[slots], counts, probs
+            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution, counts, probs,
+            occurrences,
         )
 
     def pattern_pixels(self, ids: np.ndarray) -> list[np.ndarray | None]:
         """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where unknown."""
-        ids = np.asarray(ids, np.int64)
-        p = self.patterns
-        return patterns.pixels(self.root / layout.PATTERNS, ids, p["h"][ids], p["w"][ids], self.extract_config.channels)
+        return patterns.pixels(self.pattern_file, np.asarray(ids, np.int64), self.extract_config.channels)
+
+    def class_patterns(self, c: int, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` patterns class ``c`` relies on most: (pattern ids, scores), best first.
+
+        A pattern's score is how much its vector moves class ``c``'s logit above the mean
+        of the classes' logits, times how often it occurred in class ``c``'s training
+        images: its total push towards ``c`` over the training set.
+        """
+        if not 0 <= c < len(self.class_names):
+            raise PipelineError(f"class {c} is not one of the run's {len(self.class_names)} classes")
+        direction = self._class_direction(c) - np.mean([self._class_direction(j) for j in range(len(self.class_names))], axis=0)
+        push = self.table[: self.vocab.size] @ direction
+        score = push * self.patterns["class_counts"][:, c]
+        best = np.argsort(-score, kind="stable")[:n]
+        return best, score[best]
 
     def _class_direction(self, c: int) -> np.ndarray:
         """How much a unit of pooled vector along each dimension adds to class ``c``'s logit.

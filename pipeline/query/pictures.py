@@ -27,33 +27,45 @@ def _show(ax, pixels: np.ndarray | None) -> None:
         ax.imshow(pixels, interpolation="nearest")
 
 
+EXPLAINED = (
+    "Outlines: the most decisive distinct patterns of the image (colour = row). Row title: view, size, seen or not, "
+    "push on the predicted class (xN: the pattern fills N places).\n"
+    "Under each nearest learned pattern: d = squared distance between learned vectors (0 = the same pattern), its view, "
+    "seen N = occurrences in training (code view: its atom), and the class it occurred with most."
+)
+
+
 def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str, title: str = "") -> None:
     """Write one PNG: the image with ``lookup``'s patches outlined, and per patch a row of
-    [the patch itself, its k nearest learned patterns] labelled with distance, count and top class."""
+    [the patch itself, its k nearest learned patterns] labelled with distance, view, count and top class."""
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[..., None]
     n = len(lookup.slots)
     k = lookup.ids.shape[1] if n else 0
-    fig = Figure(figsize=(3.2 + 1.1 * (k + 1), max(3.2, 1.0 * n + 0.6)))
+    fig = Figure(figsize=(3.2 + 1.15 * (k + 1), max(3.2, 1.05 * n + 1.1)))
     grid = fig.add_gridspec(max(n, 1), k + 2, width_ratios=[3] + [1] * (k + 1))
     main = fig.add_subplot(grid[:, 0])
     _show(main, img)
     probs = lookup.probabilities
     main.set_title(f"{title}\n{run.class_names[int(probs.argmax())]} ({probs.max():.2f})", fontsize=8)
-    pats = run.patterns
     flat_ids = lookup.ids[lookup.ids >= 0]
     pix = dict(zip(flat_ids.tolist(), run.pattern_pixels(flat_ids))) if len(flat_ids) else {}
+    meta = run.pattern_rows(flat_ids) if len(flat_ids) else {}
+    row_of = {pid: i for i, pid in enumerate(flat_ids.tolist())}
     for r in range(n):
         color = COLORS[r % len(COLORS)]
         y, x, h, w = (int(lookup.location[c][r]) for c in ("y", "x", "h", "w"))
         main.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linewidth=2))
-        main.text(x - 0.5, y - 0.7, str(r + 1), color=color, fontsize=7, fontweight="bold")
         own = fig.add_subplot(grid[r, 1])
         _show(own, img[y : y + h, x : x + w])
+        for side in own.spines.values():
+            side.set_edgecolor(color)
+            side.set_linewidth(2)
         state = "seen" if lookup.seen[r] else ("composed" if lookup.composed[r] else "unmatched")
         view = run.view_name(int(lookup.location["view"][r]))
-        own.set_title(f"#{r + 1} {view} {h}x{w} {state}\n{lookup.contribution[r]:+.3f}", fontsize=6, color=color)
+        times = f" x{int(lookup.occurrences[r])}" if lookup.occurrences[r] > 1 else ""
+        own.set_title(f"#{r + 1} {view} {h}x{w} {state}\npush {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         for j in range(k):
             ax = fig.add_subplot(grid[r, j + 2])
             pid = int(lookup.ids[r, j])
@@ -61,12 +73,14 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
                 ax.axis("off")
                 continue
             _show(ax, pix.get(pid))
-            cc = pats["class_counts"][pid]
+            i = row_of[pid]
+            cc = meta["class_counts"][i]
             top = run.class_names[int(cc.argmax())] if cc.sum() else "-"
-            atom = int(pats["atom"][pid]) if "atom" in pats else -1
-            what = f"atom {atom}" if atom >= 0 else f"x{int(pats['count'][pid])}"
-            ax.set_title(f"d={lookup.distances[r, j]:.2f}\n{what} {top}", fontsize=6)
-    fig.tight_layout()
+            atom = int(meta["atom"][i]) if "atom" in meta else -1
+            what = f"atom {atom}" if atom >= 0 else f"seen {int(meta['count'][i])}"
+            ax.set_title(f"d={lookup.distances[r, j]:.1f} {run.view_name(int(meta['view'][i]))}\n{what} {top}", fontsize=6)
+    fig.text(0.01, 0.005, EXPLAINED, fontsize=5.5, color="#444444", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with layout.atomic(path) as tmp:

@@ -12,46 +12,74 @@ from pipeline.query.run import PatchLookup, Run
 from pipeline.data.sources import read_ref
 
 
+class WrongSize(PipelineError):
+    """An image whose size is not the run's (and no resize was asked for)."""
+
+
 def read_image(run: Run, path: Path | str, resize: tuple[int, int] | None = None, notes: list[str] | None = None) -> np.ndarray:
     """One image file as H x W x C uint8 in the run's channel count, resized to ``resize`` (default:
     the run's own ``--resize``, if it has one). A grayscale file on a colour run (or the reverse) is
     converted as docs/extract.md documents, and ``notes`` is told so."""
-    cfg = run.extract_config
     if resize is not None:
         check_resize(resize)
     if not Path(path).exists():
         raise PipelineError(f"{path} does not exist; check the path")
     try:
         data = read_ref(("file", str(path)))
+    except BadImage as e:
+        raise PipelineError(f"cannot read {path}: {e}") from None
+    return image_from_bytes(run, data, str(path), resize, notes)
+
+
+def image_from_bytes(run: Run, data: bytes, name: str, resize: tuple[int, int] | None = None, notes: list[str] | None = None) -> np.ndarray:
+    """:func:`read_image` of an encoded image already in memory (an upload); ``name`` names it in messages.
+    Raises :class:`PipelineError` for bytes that are no image and :class:`WrongSize` for an image of
+    another size than the run's."""
+    cfg = run.extract_config
+    if resize is not None:
+        check_resize(resize)
+    try:
         img = decode(data, cfg.channels, resize or cfg.resize)
         own = file_channels(data)
     except BadImage as e:
-        raise PipelineError(f"cannot read {path}: {e}") from None
+        raise PipelineError(f"cannot read {name}: {e}") from None
     if own != cfg.channels and notes is not None:
         kinds = {1: "grayscale", 3: "colour"}
-        notes.append(f"{path} is {kinds[own]} and the run {kinds[cfg.channels]}: converted "
+        notes.append(f"{name} is {kinds[own]} and the run {kinds[cfg.channels]}: converted "
                      + ("by repeating the gray channel" if cfg.channels == 3 else "to gray with Pillow's luma formula"))
     if img.shape[:2] != (run.height, run.width):
-        raise PipelineError(
-            f"{path} is {img.shape[0]}x{img.shape[1]} (height x width) but the run was trained on {run.height}x{run.width}; "
+        raise WrongSize(
+            f"{name} is {img.shape[0]}x{img.shape[1]} (height x width) but the run was trained on {run.height}x{run.width}; "
             f"resize them to {run.height}x{run.width} (pass --resize {run.height}x{run.width})"
         )
     return img
 
 
-def _pattern(run: Run, pid: int, distance: float) -> dict:
-    p = run.patterns
-    cc = p["class_counts"][pid]
-    return {
-        "pattern_id": int(pid),
-        "distance": float(distance),
-        "key": f"{int(p['key'][pid]):016x}",
-        "h": int(p["h"][pid]),
-        "w": int(p["w"][pid]),
-        "cell": int(p["cell"][pid]),
-        "count": int(p["count"][pid]),
-        "top_class": run.class_names[int(cc.argmax())] if cc.sum() else None,
-    }
+def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray) -> list[list[dict]]:
+    """The nearest-pattern entries of each row of ``ids`` / ``distances`` (S x k; id -1 = none),
+    their metadata read once for all rows."""
+    ok = ids >= 0
+    p = run.pattern_rows(ids[ok])
+    pos = np.cumsum(ok.ravel()).reshape(ids.shape) - 1  # row of p of each valid entry
+    out = []
+    for s in range(len(ids)):
+        row = []
+        for j in np.flatnonzero(ok[s]):
+            i = pos[s, j]
+            cc = p["class_counts"][i]
+            row.append({
+                "pattern_id": int(ids[s, j]),
+                "distance": float(distances[s, j]),
+                "key": f"{int(p['key'][i]):016x}",
+                "view": run.view_name(int(p["view"][i])),
+                "h": int(p["h"][i]),
+                "w": int(p["w"][i]),
+                "cell": int(p["cell"][i]),
+                "count": int(p["count"][i]),
+                "top_class": run.class_names[int(cc.argmax())] if cc.sum() else None,
+            })
+        out.append(row)
+    return out
 
 
 def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10, classifier: str = "head") -> dict:
@@ -63,8 +91,10 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     """Prediction, probabilities, patch counts, the ``top`` most decisive patches with their k nearest
     patterns, and the k nearest training images; plus the :class:`PatchLookup` it came from.
 
-    ``top`` = 0 reports every patch. Patches are ranked by their contribution to the head's
-    predicted class's logit; patches with no vector (unseen, no seen parts) come last.
+    ``top`` = 0 reports every patch; otherwise the ``top`` distinct patterns, ranked by their
+    contribution to the head's predicted class's logit summed over the patches holding them
+    (``occurrences``), each reported at its first patch; patches with no vector (unseen, no seen
+    parts) come last.
     ``classifier`` = ``knn`` predicts by a vote of the nearest training images instead.
     """
     if k < 1:
@@ -76,8 +106,9 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
     near = run.neighbours(pooled.numpy(), k)
     order = np.argsort(-lookup.contribution, kind="stable")
+    nearest = _patterns(run, lookup.ids[order], lookup.distances[order])
     patches = []
-    for s in order:
+    for n, s in enumerate(order):
         loc = {c: int(v[s]) for c, v in lookup.location.items()}
         patches.append(
             {
@@ -87,7 +118,9 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
                 "seen": bool(lookup.seen[s]),
                 "composed": bool(lookup.composed[s]),
                 "contribution": float(lookup.contribution[s]),
-                "nearest": [_pattern(run, i, d) for i, d in zip(lookup.ids[s], lookup.distances[s]) if i >= 0],
+                "occurrences": int(lookup.occurrences[s]),
+                "view": run.view_name(int(lookup.location["view"][s])),
+                "nearest": nearest[n],
             }
         )
     return {
@@ -97,8 +130,8 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
         "patches": lookup.counts,
         "top_patches": patches,
         "nearest_images": [
-            {"image_id": int(i), "label": run.class_names[int(c)], "distance": float(d)}
-            for i, c, d in zip(near.image_ids[0], near.labels[0], near.distances[0]) if i >= 0
+            {"image_id": int(i), "row": int(r), "name": name, "label": run.class_names[int(c)], "distance": float(d)}
+            for i, r, name, c, d in zip(near.image_ids[0], near.ids[0], near.names[0], near.labels[0], near.distances[0]) if i >= 0
         ],
     }, lookup
 

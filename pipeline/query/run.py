@@ -66,10 +66,9 @@ class Run(Classify, LookUp):
         self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
         if self.index_info.vectors != self.vocab.size:
             raise PipelineError(f"{mpath} records {self.index_info.vectors:,} indexed patterns but the vocabulary has {self.vocab.size:,}; train the run again")
-        self.model = build_model(self.train_config, self.vocab.rows, len(self.class_names))
-        state = torchfiles.load(self.root / layout.MODEL, "train the run again")
+        state = torchfiles.load(self.root / layout.MODEL, "train the run again", mmap=True)
         try:
-            self.model.load_state_dict(state)
+            self.model = build_model(self.train_config, self.vocab.rows, len(self.class_names), state)
         except RuntimeError as e:
             first = str(e).splitlines()[-1].strip()
             raise PipelineError(f"{self.root / layout.MODEL} does not fit this run's vocabulary and settings ({first}); train the run again") from None
@@ -78,8 +77,21 @@ class Run(Classify, LookUp):
 
     @cached_property
     def patterns(self) -> dict[str, np.ndarray]:
-        """Pattern metadata as numpy columns, row i = pattern id i."""
+        """The whole pattern table's metadata as numpy columns, row i = pattern id i (a query
+        needs only :meth:`pattern_rows`)."""
         return patterns.read(self.root / layout.PATTERNS)
+
+    @cached_property
+    def pattern_file(self) -> pq.ParquetFile:
+        path = self.root / layout.PATTERNS
+        if not path.exists():
+            raise PipelineError(f"{path} is missing; the run is incomplete, train it again")
+        return pq.ParquetFile(path)
+
+    def pattern_rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Metadata of patterns ``ids`` (numpy columns parallel to ``ids``), read from their row groups only."""
+        names = [c for c in self.pattern_file.schema_arrow.names if c != "example_pixels"]
+        return patterns.columns(patterns.rows(self.pattern_file, ids, names))
 
     @cached_property
     def index(self):
@@ -98,13 +110,31 @@ class Run(Classify, LookUp):
         return idx
 
     @cached_property
-    def images(self) -> dict[str, np.ndarray]:
-        """The training images of the image index: ``image_id`` and ``label``, row i = index id i."""
+    def image_file(self) -> pq.ParquetFile:
         path = self.root / layout.IMAGES
         if not path.exists():
             raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
-        t = pq.read_table(path)
-        return {c: t.column(c).to_numpy() for c in t.column_names}
+        return pq.ParquetFile(path)
+
+    @cached_property
+    def images(self) -> dict[str, np.ndarray]:
+        """The training images of the image index: ``image_id``, ``label`` and (where known) ``name``,
+        row i = index id i."""
+        cols = [c for c in ("image_id", "label", "name") if c in self.image_file.schema_arrow.names]
+        t = self.image_file.read(columns=cols)
+        out = {c: patterns.array(t, c) for c in ("image_id", "label")}
+        out["name"] = np.array(t.column("name").to_pylist() if "name" in cols else [None] * len(t), object)
+        return out
+
+    def thumbnails(self, rows: np.ndarray) -> list[np.ndarray | None]:
+        """Thumbnails (h x w x C uint8, at most 64 a side) of image-index rows ``rows``; None where the
+        run has none (the source was unreadable at training, or the run predates them)."""
+        rows = np.asarray(rows, np.int64)
+        if "thumbnail" not in self.image_file.schema_arrow.names:
+            return [None] * len(rows)
+        t = patterns.rows(self.image_file, rows, ["thumbnail_shape", "thumbnail"])
+        return [None if v is None else np.frombuffer(v, np.uint8).reshape(shape)
+                for v, shape in zip(t.column("thumbnail").to_pylist(), t.column("thumbnail_shape").to_pylist())]
 
     def summary(self) -> dict:
         """What ``pipe info`` shows: classes, image size, both configs, the best epoch's figures, the

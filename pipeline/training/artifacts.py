@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from pipeline import index as pattern_index
 from pipeline import layout, outputs, patterns, torchfiles
@@ -29,10 +31,36 @@ from pipeline.data.sources import reopen
 from pipeline.training.vocab import Vocabulary, pattern_stats
 
 
-def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, shards: Shards) -> tuple[pa.Array, str | None]:
-    """Each pattern's first occurrence as raw pixels (h*w*C bytes, row-major HWC), and a reason when missing.
+THUMBNAIL_SIDE = 64  # training images larger than this are stored shrunk to fit it (images.parquet)
 
-    Images are read once, in source order, and only those that are some pattern's example.
+
+@dataclasses.dataclass
+class SourcePixels:
+    """What :func:`source_pixels` cut from the training source."""
+
+    patterns: pa.Array  # each pattern's example: h*w*C bytes, row-major HWC (null when unread)
+    names: list  # per image-index image: its file name in the source (None when unread)
+    thumbnails: pa.Array  # per image-index image: raw HWC pixels, at most THUMBNAIL_SIDE a side (null when unread)
+    thumbnail_shape: list  # per image-index image: [height, width, channels] of its thumbnail
+    missing: str | None  # why pixels are missing, None when complete
+
+
+def _thumbnail(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    if max(h, w) <= THUMBNAIL_SIDE:
+        return img
+    scale = THUMBNAIL_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).resize(size, Image.Resampling.BOX)
+    return np.asarray(pil).reshape(size[1], size[0], img.shape[2])
+
+
+def source_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, shards: Shards, image_ids: np.ndarray) -> SourcePixels:
+    """One pass over the images the shards came from: each pattern's first occurrence as raw pixels,
+    and the file name and a thumbnail of each image of ``image_ids`` (the image index's rows).
+
+    Images are read once, in source order; when the source cannot be read again the pixels are
+    null and ``missing`` says why.
     """
     n = len(slots)
     loc = plan.locate(slots)
@@ -40,15 +68,27 @@ def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, 
     sizes = loc["h"].astype(np.int64) * loc["w"] * channels
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
+    m = len(image_ids)
+    names: list = [None] * m
+    thumbs: list = [None] * m
+    shapes: list = [[0, 0, channels]] * m
     try:
         src = reopen(shards.manifest["source"])
     except PipelineError as e:
-        return pa.nulls(n, pa.binary()), f"source of the shards unreadable: {e}"
+        return SourcePixels(pa.nulls(n, pa.binary()), names, pa.nulls(m, pa.large_binary()), shapes, f"source of the shards unreadable: {e}")
     data = np.zeros(int(offsets[-1]), np.uint8)
     order = np.argsort(example_image, kind="stable")
     sorted_ids = example_image[order]
+    img_order = np.argsort(image_ids, kind="stable")
+    sorted_img = np.asarray(image_ids)[img_order]
     found = np.zeros(n, bool)
     for b in src.batches(256, channels, shards.config.resize):
+        lo, hi = np.searchsorted(sorted_img, [b.ids.min(), b.ids.max() + 1])
+        for r in img_order[lo:hi]:
+            at = int(np.searchsorted(b.ids, image_ids[r]))
+            if at < len(b.ids) and b.ids[at] == image_ids[r]:
+                t = _thumbnail(b.images[at])
+                names[r], thumbs[r], shapes[r] = b.names[at], t.tobytes(), list(t.shape)
         lo, hi = np.searchsorted(sorted_ids, [b.ids.min(), b.ids.max() + 1])
         if lo == hi:
             continue
@@ -67,10 +107,12 @@ def example_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, 
             data[idx] = cut.reshape(len(p), -1)
             found[p] = True
     arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    thumbnails = pa.array(thumbs, pa.large_binary())
+    missing = None
     if not found.all():
         arr = pa.array([v if f else None for v, f in zip(arr.to_pylist(), found)], pa.large_binary())
-        return arr, f"{int((~found).sum())} example images were unreadable"
-    return arr, None
+        missing = f"{int((~found).sum())} example images were unreadable"
+    return SourcePixels(arr, names, thumbnails, shapes, missing)
 
 
 def code_patterns(keys: np.ndarray, plan: KeyPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -117,34 +159,51 @@ def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list
         yield keys, lab, img
 
 
+Step = Callable[[str, int], Callable[[int], None] | None]  # (what starts, items it has or 0) -> its progress
+
+
 def write_lookups(
     out, shards: Shards, model: PatchBagModel, v: Vocabulary, index_kind: str, nprobe: int, ef_search: int, val_fraction: float, seed: int,
+    on_step: Step | None = None,
 ) -> dict:
     """Write patterns.parquet, patterns.faiss, images.faiss and images.parquet; returns the manifest entries.
 
     One pass over the training shards gives both the per-pattern statistics and the pooled
-    vectors of the training images.
+    vectors of the training images. ``on_step`` is told as each step starts (and may return
+    a progress callable for its items).
     """
+    def step(what: str, items: int = 0):
+        return on_step(what, items) if on_step else None
+
     plan = shards.plan()
+    step("counting each pattern's classes and pooling the training images")
     vecs: list = []
     ids: list = []
     labels: list = []
     stats = pattern_stats(v, _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels), len(shards.class_names))
-    pixels, missing = example_pixels(stats["example_image"], stats["slot"], plan, shards)
+    if vecs:
+        ivec, iids, ilab = np.concatenate(vecs), np.concatenate(ids), np.concatenate(labels)
+    else:
+        ivec, iids, ilab = np.zeros((0, model.table.weight.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    step("cutting pattern pictures and training-image thumbnails from the source")
+    got = source_pixels(stats["example_image"], stats["slot"], plan, shards, iids)
+    pixels, missing = got.patterns, got.missing
     stats["atom"], code_shape = code_patterns(stats["key"], plan)
     if plan.code_slots:
         pixels = atom_pictures(stats["atom"], code_shape, pixels, shards.dictionary(), shards.config.channels)
     patterns.write(patterns.to_table(stats, plan, pixels), out / layout.PATTERNS)
     vectors = model.table.weight.detach().numpy()[: v.size]
     release_unused()  # before the index copies the vectors: the run's peak is there
-    info = pattern_index.build(vectors, out / layout.PATTERN_INDEX, index_kind, nprobe, ef_search, seed)
-    if vecs:
-        ivec, iids, ilab = np.concatenate(vecs), np.concatenate(ids), np.concatenate(labels)
-    else:
-        ivec, iids, ilab = np.zeros((0, model.table.weight.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, factory = pattern_index.choose(index_kind, len(vectors), vectors.shape[1])
+    added = step(f"building the pattern index ({factory} over {len(vectors):,} vectors)", len(vectors))
+    info = pattern_index.build(vectors, out / layout.PATTERN_INDEX, index_kind, nprobe, ef_search, seed, added)
     image_info = pattern_index.build(ivec, out / layout.IMAGE_INDEX, "flat")
+    table = pa.table({
+        "image_id": pa.array(iids, pa.int64()), "label": pa.array(ilab, pa.int64()), "name": pa.array(got.names, pa.string()),
+        "thumbnail_shape": pa.array(got.thumbnail_shape, pa.list_(pa.int32(), 3)), "thumbnail": got.thumbnails,
+    })
     with layout.atomic(out / layout.IMAGES) as tmp:
-        pq.write_table(pa.table({"image_id": pa.array(iids, pa.int64()), "label": pa.array(ilab, pa.int64())}), tmp)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=patterns.ROW_GROUP)
     return {"index": info.to_dict(), "image_index": image_info.to_dict(), "examples": missing or "complete"}
 
 

@@ -202,8 +202,13 @@ def train(
     progress: StepProgress | None = None,
     on_epoch: EpochReport | None = None,
     on_vocab: Callable[[int], None] | None = None,
+    on_step: artifacts.Step | None = None,
 ) -> dict:
-    """Train a model on ``shards`` and write a complete run directory to ``out``; returns its manifest."""
+    """Train a model on ``shards`` and write a complete run directory to ``out``; returns its manifest.
+
+    ``progress`` counts training images, ``on_epoch`` gets each epoch's figures, ``on_vocab`` counts
+    the vocabulary pass's images, and ``on_step`` is told as each step after the last epoch starts
+    (see :func:`pipeline.training.artifacts.write_lookups`)."""
     out = Path(out)
     labels_seen = any(bool((b.labels >= 0).any()) for b in shards.iter_batches(shards.files()[:1]))
     if not labels_seen or not shards.class_names:
@@ -212,10 +217,10 @@ def train(
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root])
     with outputs.locked(out, "pipe train"):
-        return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device)
+        return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step)
 
 
-def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device) -> dict:
+def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step=None) -> dict:
     """:func:`train` with ``out`` locked."""
     resuming = prepare_run(out, shards, config, overwrite, resume)
     if resuming:
@@ -263,7 +268,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     with torch.device("meta"):
         final = build_model(config, v.rows, num_classes)
     final.load_state_dict(state, assign=True)
-    return finish_run(out, shards, config, final, v, history, best)
+    return finish_run(out, shards, config, final, v, history, best, on_step)
 
 
 def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history: list[dict], best: dict,
@@ -390,8 +395,11 @@ def _fused_step(model, opts, b: Bags, device, fused) -> tuple:
     return loss, logits, y
 
 
-def finish_run(out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict) -> dict:
-    lookups = artifacts.write_lookups(out, shards, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed)
+def finish_run(
+    out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict,
+    on_step: artifacts.Step | None = None,
+) -> dict:
+    lookups = artifacts.write_lookups(out, shards, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed, on_step)
     manifest = {
         "format": RUN_FORMAT,
         "extract_config": shards.config.to_dict(),

@@ -1,0 +1,202 @@
+"""``pipe serve``: a loaded run behind HTTP, and a page to look at its answers.
+
+``make_app(run)`` gives a FastAPI application:
+
+* ``GET /health``: ``{"status": "ok"}`` (the run is loaded before the server listens);
+* ``GET /info``: the run's summary (what ``pipe info --json`` prints);
+* ``POST /query``: multipart field ``images`` (one or more files) -> ``{"results": [...]}``,
+  one object per image, each what ``pipe query --json`` prints for it (and ``"notes"``: what
+  ``pipe query`` prints as ``note:`` lines, when there are any); query parameters ``k``,
+  ``patches``, ``classifier`` and ``resize`` as in ``pipe query``;
+* ``GET /pattern/{id}.png``: a learned pattern's pixels, enlarged;
+* ``GET /training-image/{row}.png``: a thumbnail of an image-index image (``nearest_images[].row``);
+* ``GET /class/{index}``: the patterns a class relies on most (:meth:`Run.class_patterns`);
+* ``GET /``: the page (``page.html``), which uses the endpoints above.
+
+Every error is a JSON object ``{"error": "..."}`` with a 4xx status, and the server stays up.
+A run answers one request at a time (its vocabulary's scratch arrays are not shared), so
+requests queue on a lock; pictures are cached (bounded) so a page's many small images cost
+one look-up each.
+"""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.errors import PipelineError
+from pipeline.query.batch import check_counts
+from pipeline.query.report import WrongSize, image_from_bytes, query_one
+from pipeline.query.run import Run
+from pipeline.serve.limits import LimitBody
+
+MAX_UPLOAD_MB = 16  # default request-size limit
+MAX_IMAGES = 64  # images per request
+PICTURE_SIDE = 96  # pictures of patterns and thumbnails are enlarged to about this many pixels a side
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def png_bytes(pixels: np.ndarray, side: int = PICTURE_SIDE) -> bytes:
+    """``pixels`` (h x w x C uint8) as a PNG, enlarged by a whole factor (nearest neighbour) to about ``side``."""
+    img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    scale = max(1, side // max(pixels.shape[:2]))
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _parse_resize(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise PipelineError(f"resize {text!r} is not a size; write N or HxW, e.g. 32 or 32x32")
+    nums = [int(p) for p in parts]
+    return (nums[0], nums[-1])
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a host/port the server could not listen on, before the run is loaded."""
+    if not 0 < port < 65536:
+        raise PipelineError(f"--port {port} must be between 1 and 65535")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise PipelineError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port, or stop what uses it") from None
+
+
+def warm(run: Run) -> None:
+    """Answer one blank image, so that the indexes, the image table and the compiled kernels are
+    loaded before the first real request."""
+    blank = np.zeros((run.height, run.width, run.extract_config.channels), np.uint8)
+    query_one(run, blank, "warm-up")
+
+
+def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = MAX_IMAGES):
+    """The application serving ``run`` (see the module docstring); requests over ``max_upload_mb``
+    MiB or with more than ``max_images`` images are refused."""
+    app = FastAPI(title="patchhash", docs_url="/docs", redoc_url=None)
+    lock = threading.Lock()
+    page = resources.files("pipeline.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if where == "images" and first.get("type") == "missing":
+            return _error(400, "no images: send one or more files in the multipart field 'images'")
+        return _error(400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    def info():
+        return run.summary()
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page
+
+    @app.post("/query")
+    def query(
+        images: list[UploadFile] = File(...),
+        k: int = Query(5), patches: int = Query(5), classifier: str = Query("head"), resize: str | None = Query(None),
+    ):
+        if len(images) > max_images:
+            return _error(413, f"{len(images)} images in one request; send at most {max_images}")
+        try:
+            check_counts(k, patches)
+            if classifier not in ("head", "knn"):
+                raise PipelineError(f"classifier {classifier!r} is not one of head, knn")
+            size = _parse_resize(resize)
+        except PipelineError as e:
+            return _error(400, str(e))
+        decoded = []
+        for f in images:
+            name = f.filename or "upload"
+            notes: list[str] = []
+            try:
+                decoded.append((name, image_from_bytes(run, f.file.read(), name, size, notes), notes))
+            except WrongSize as e:
+                return _error(422, str(e), image=name)
+            except PipelineError as e:
+                return _error(400, str(e), image=name)
+        results, notes = [], []
+        with lock:
+            for name, img, said in decoded:
+                results.append(query_one(run, img, name, k=k, top=patches, classifier=classifier)[0])
+                notes += said
+        return {"results": results, **({"notes": notes} if notes else {})}
+
+    @lru_cache(maxsize=4096)
+    def pattern_png(pid: int) -> bytes | None:
+        with lock:
+            pixels = run.pattern_pixels(np.array([pid]))[0]
+        return None if pixels is None else png_bytes(pixels)
+
+    @lru_cache(maxsize=1024)
+    def thumbnail_png(row: int) -> bytes | None:
+        with lock:
+            pixels = run.thumbnails(np.array([row]))[0]
+        return None if pixels is None else png_bytes(pixels)
+
+    @app.get("/pattern/{pid}.png")
+    def pattern(pid: int):
+        if not 0 <= pid < run.vocab.size:
+            return _error(404, f"pattern {pid} does not exist; the run has patterns 0..{run.vocab.size - 1}")
+        png = pattern_png(pid)
+        return _error(404, f"pattern {pid} has no pixels in this run") if png is None else Response(png, media_type="image/png")
+
+    @app.get("/training-image/{row}.png")
+    def training_image(row: int):
+        n = run.image_index_info.vectors
+        if not 0 <= row < n:
+            return _error(404, f"training image row {row} does not exist; the image index has rows 0..{n - 1}")
+        png = thumbnail_png(row)
+        if png is None:
+            return _error(404, f"row {row} has no thumbnail (the training source was unreadable, or the run predates thumbnails)")
+        return Response(png, media_type="image/png")
+
+    @lru_cache(maxsize=256)
+    def class_view(c: int, n: int) -> dict:
+        with lock:
+            ids, scores = run.class_patterns(c, n)
+            rows = run.pattern_rows(ids)
+        return {
+            "class": run.class_names[c],
+            "patterns": [
+                {"pattern_id": int(i), "score": float(s), "view": run.view_name(int(v)), "h": int(h), "w": int(w), "cell": int(cell), "count": int(cnt)}
+                for i, s, v, h, w, cell, cnt in zip(ids, scores, rows["view"], rows["h"], rows["w"], rows["cell"], rows["count"])
+            ],
+        }
+
+    @app.get("/class/{c}")
+    def class_patterns(c: int, n: int = Query(24)):
+        if not 0 <= c < len(run.class_names):
+            return _error(404, f"class {c} does not exist; the run has classes 0..{len(run.class_names) - 1}")
+        if not 1 <= n <= 256:
+            return _error(400, f"n {n} must be between 1 and 256")
+        return class_view(c, n)
+
+    app.add_middleware(LimitBody, max_bytes=int(max_upload_mb * (1 << 20)))
+    return app

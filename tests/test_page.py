@@ -1,0 +1,68 @@
+"""The page of pipe serve in a real browser: Debian's Chromium driven by Playwright (no browser
+download; the executable is the OS package's). Saves a screenshot to artifacts/screenshots/."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline.data.images import encode_png
+from tests.conftest import ROOT, digits_images, start_server
+
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; scripts/browser.sh installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (bash scripts/browser.sh installs it)")
+    return exe
+
+
+def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run, tmp_path):
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+
+    img = digits_images("test", 1)[0][0]
+    path = tmp_path / "digit.png"
+    path.write_bytes(encode_png(img))
+    run = pipeline.load(digits_run)
+    label, _ = run.predict(img[None])
+    proc, base = start_server(digits_run)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('info').textContent.includes('classes')")
+            page.set_input_files("[data-testid=file]", str(path))
+            page.wait_for_function("document.querySelectorAll('.patch-row').length > 0", timeout=30000)
+            # every picture on the page (patterns, thumbnails, the class view) has loaded
+            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=30000)
+            assert page.text_content("[data-testid=prediction]") == run.class_names[int(label[0])]
+            assert page.locator(".patch-row").count() == 5
+            assert page.locator("[data-testid=patches] figure img").count() >= 5
+            assert page.locator("[data-testid=neighbours] figure img").count() == 5
+            assert page.locator("[data-testid=class-patterns] figure img").count() > 0
+            names = page.text_content("[data-testid=neighbours]")
+            assert "digits:train:" in names
+            assert page.text_content("[data-testid=error]") == ""
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "serve-page.png"), full_page=True)
+            # a file that is no image: the page says why, and the server stays up
+            bad = tmp_path / "notes.png"
+            bad.write_bytes(b"not an image")
+            page.set_input_files("[data-testid=file]", str(bad))
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "cannot read notes.png" in page.text_content("[data-testid=error]")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (SCREENSHOTS / "serve-page.png").stat().st_size > 10_000

@@ -1,0 +1,149 @@
+"""pipe serve: a real uvicorn process on a free loopback port, asked what a user would ask it."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline.data.images import encode_png
+from tests.conftest import digits_images, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(digits_run):
+    proc, base = start_server(digits_run, "--max-upload-mb", "1")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def test_pngs(tmp_path_factory) -> list[Path]:
+    imgs, _ = digits_images("test", 3)
+    out = tmp_path_factory.mktemp("serve_imgs")
+    paths = []
+    for i, img in enumerate(imgs):
+        p = out / f"digit-{i}.png"
+        p.write_bytes(encode_png(img))
+        paths.append(p)
+    return paths
+
+
+def post(base: str, files: list[tuple[str, bytes]], **params) -> httpx.Response:
+    return httpx.post(base + "/query", files=[("images", (name, data, "image/png")) for name, data in files], params=params, timeout=60)
+
+
+def cli_json(run: Path, path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "cli.main", "query", str(run), str(path), "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_health_and_info(server, digits_run):
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    info = httpx.get(server + "/info").json()
+    assert info == json.loads(json.dumps(pipeline.load(digits_run).summary()))
+
+
+def test_one_image_answers_what_pipe_query_json_prints(server, digits_run, test_pngs):
+    r = post(server, [(str(test_pngs[0]), test_pngs[0].read_bytes())])
+    assert r.status_code == 200
+    assert r.json() == {"results": [cli_json(digits_run, test_pngs[0])]}
+
+
+def test_several_images_answer_in_order(server, digits_run, test_pngs):
+    r = post(server, [(p.name, p.read_bytes()) for p in test_pngs], k=3, patches=2)
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["image"] for x in results] == [p.name for p in test_pngs]
+    run = pipeline.load(digits_run)
+    labels, _ = run.predict(np.stack([np.asarray(Image.open(p))[..., None] for p in test_pngs]))
+    assert [x["prediction"] for x in results] == [run.class_names[i] for i in labels]
+    assert all(len(x["top_patches"]) == 2 and all(len(p["nearest"]) <= 3 for p in x["top_patches"]) for x in results)
+
+
+def test_garbage_bytes_are_a_400_and_the_server_stays_up(server):
+    r = post(server, [("notes.png", b"this is not an image at all")])
+    assert r.status_code == 400 and "cannot read notes.png" in r.json()["error"] and r.json()["image"] == "notes.png"
+    r = httpx.post(server + "/query", timeout=10)
+    assert r.status_code == 400 and "multipart field 'images'" in r.json()["error"]
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_an_oversized_upload_is_a_413_whether_or_not_it_says_its_length(server):
+    big = np.random.default_rng(0).integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()  # 2 MiB, limit 1 MiB
+    r = post(server, [("big.png", big)])
+    assert r.status_code == 413 and "limit of 1 MiB" in r.json()["error"]
+
+    def chunks():  # a well-formed multipart body with no Content-Length: it is counted as it arrives
+        yield b'--b0undary\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        for i in range(0, len(big), 1 << 16):
+            yield big[i : i + (1 << 16)]
+        yield b"\r\n--b0undary--\r\n"
+
+    r = httpx.post(server + "/query", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b0undary"}, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_a_wrong_size_is_a_422_naming_the_resize_and_resize_answers(server, digits_run):
+    img = np.asarray(Image.fromarray(digits_images("test", 1)[0][0][..., 0]).resize((16, 12)))
+    data = encode_png(img[..., None])
+    r = post(server, [("big.png", data)])
+    assert r.status_code == 422 and "12x16 (height x width)" in r.json()["error"] and "--resize 8x8" in r.json()["error"]
+    r = post(server, [("big.png", data)], resize="8x8")
+    assert r.status_code == 200 and r.json()["results"][0]["image"] == "big.png"
+    assert post(server, [("big.png", data)], resize="eight").status_code == 400
+    assert post(server, [("x.png", data)], k=0).status_code == 400
+
+
+def test_pictures_are_the_runs_own_pixels(server, digits_run):
+    run = pipeline.load(digits_run)
+    pid = 17
+    got = np.asarray(Image.open(io.BytesIO(httpx.get(server + f"/pattern/{pid}.png").content)))
+    want = run.pattern_pixels([pid])[0][..., 0]
+    scale = got.shape[0] // want.shape[0]
+    assert scale >= 1 and np.array_equal(got[::scale, ::scale], want)
+    assert httpx.get(server + f"/pattern/{run.vocab.size}.png").status_code == 404
+    # a training image's thumbnail is that image of the source (digits are 8x8: stored as they are)
+    row = 5
+    image_id = int(run.images["image_id"][row])
+    src = pipeline.open_source("digits", split="train")
+    want = next(b for b in src.batches(64, 1) if image_id in b.ids)
+    want = want.images[list(want.ids).index(image_id)][..., 0]
+    got = np.asarray(Image.open(io.BytesIO(httpx.get(server + f"/training-image/{row}.png").content)))
+    scale = got.shape[0] // 8
+    assert np.array_equal(got[::scale, ::scale], want)
+    assert run.images["name"][row] == f"digits:train:{image_id}"
+    assert httpx.get(server + "/training-image/-1.png").status_code == 404
+
+
+def test_class_patterns_are_ranked_by_their_push_over_the_class(server, digits_run):
+    run = pipeline.load(digits_run)
+    c = 3
+    got = httpx.get(server + f"/class/{c}", params={"n": 10}).json()
+    # reference: push of each pattern towards class c (above the classes' mean), times its count in class c
+    w = run.model.head.weight.detach().numpy()
+    push = run.table[: run.vocab.size] @ (w[c] - w.mean(0))
+    score = push * run.patterns["class_counts"][:, c]
+    best = sorted(range(len(score)), key=lambda i: -score[i])[:10]
+    assert [p["pattern_id"] for p in got["patterns"]] == best and got["class"] == run.class_names[c]
+    assert httpx.get(server + "/class/99").status_code == 404
+
+
+def test_a_port_in_use_is_one_line(digits_run):
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(digits_run), "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
