@@ -101,7 +101,7 @@ def main() -> None:
         pick = np.random.default_rng(0).permutation(len(keys))[: a.eval_images]
         keys, labels = keys[pick], labels[pick]
         u = unseen.find(run.plan, run.vocab.rows_of(keys[: a.nearest_images]), run.vocab.size)
-        comp = u.vectors(run.model.table.weight.detach())[u.has]
+        comp = u.vectors(run.table)[u.has]
         rng = np.random.default_rng(0)
         q = np.ascontiguousarray(comp[rng.choice(len(comp), min(a.queries, len(comp)), replace=False)])
 

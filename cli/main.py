@@ -85,18 +85,28 @@ class _LineProgress(tqdm):
         self.disable = True  # tqdm's own close would redraw the bar
 
 
+PROGRESS = {"mode": "auto"}  # set by the --progress option of the command group
+
+
 def _bar(total: int | None, unit: str, desc: str) -> tqdm:
-    """A progress bar on stderr: redrawn in place on a terminal, plain lines in a log (any other stderr)."""
-    if sys.stderr.isatty():
+    """A progress bar on stderr (--progress): redrawn in place on a terminal, plain lines in a log
+    (any other stderr), or none."""
+    mode = PROGRESS["mode"]
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    if mode == "bar":
         return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False)
-    return _LineProgress(total=total, unit=unit, desc=desc, unit_scale=True)
+    return _LineProgress(total=total, unit=unit, desc=desc, unit_scale=True, disable=mode == "off")
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="patchhash")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
-def main(verbose: bool) -> None:
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto", show_default=True, envvar="PIPE_PROGRESS",
+              help="Progress on stderr: a bar redrawn in place, a plain line every 30 s (for logs), or none; auto = bar on a terminal, lines otherwise. Env: PIPE_PROGRESS.")
+def main(verbose: bool, progress: str) -> None:
     """patchhash: learn a vector for every image patch; look up the nearest learned pattern."""
+    PROGRESS["mode"] = progress
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

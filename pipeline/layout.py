@@ -22,9 +22,10 @@ PROGRESS_DIR = "_progress"  # one small JSON per finished shard, for resuming
 DICTIONARY = "dictionary.npz"  # the code view's whitening and atoms (pipeline.extraction.codes); also copied into a run
 
 # run directory (pipe train)
-RUN_FORMAT = "patchhash-run-v2"  # run.json "format"
+RUN_FORMAT = "patchhash-run-v3"  # run.json "format"
 RUN_MANIFEST = "run.json"
-MODEL = "model.pt"
+MODEL = "model.pt"  # while training: the best epoch so far (torch); a finished run holds WEIGHTS instead
+WEIGHTS = "model.safetensors"  # the finished run's weights (the best epoch), read without torch (pipeline.weights)
 METRICS = "metrics.jsonl"
 PATTERNS = "patterns.parquet"
 PATTERN_INDEX = "patterns.faiss"

@@ -1,4 +1,5 @@
-"""Tensor files (``model.pt``, ``checkpoint.pt``): written atomically, read without unpickling.
+"""Tensor files (``model.pt``, ``checkpoint.pt`` while training; a finished run's ``model.safetensors``):
+written atomically, read without unpickling.
 
 ``torch.load(weights_only=True)`` refuses anything but tensors and plain
 containers; that refusal, a truncated file and a full disk each become one
@@ -28,6 +29,18 @@ def load(path: Path, fix: str, map_location: Any = "cpu", mmap: bool = False) ->
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise PipelineError(f"{path} is damaged or truncated ({first}); {fix}") from None
+
+
+def save_weights(state: dict, path: Path) -> None:
+    """Write a state dict's tensors as safetensors (read by :mod:`pipeline.weights`), atomically."""
+    from safetensors.torch import save_file
+
+    try:
+        with layout.atomic(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    except (RuntimeError, OSError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and train again") from None
 
 
 def save(obj: Any, path: Path) -> None:

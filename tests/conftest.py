@@ -1,6 +1,7 @@
 """Shared fixtures: small real data (digits), a trained digits run, and the shared CIFAR archive when present."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pipeline import ExtractConfig, TrainConfig
 from pipeline.data.images import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
+# the CLI's progress lines would mix into the output the tests read (test_cli.py checks them on their own)
+os.environ.setdefault("PIPE_PROGRESS", "off")
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 
 

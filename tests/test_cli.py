@@ -181,7 +181,7 @@ def test_info_describes_the_run(trained):
     assert s["classes"] == m["class_names"] and s["rows"] == m["rows"] and s["files_bytes"] == on_disk
     assert s["val_accuracy"] == m["final"]["val_accuracy"] and s["bytes"] == sum(on_disk.values())
     r = run("info", trained / "run")
-    assert r.exit_code == 0 and "held-out accuracy" in r.output and "model.pt" in r.output
+    assert r.exit_code == 0 and "held-out accuracy" in r.output and "model.safetensors" in r.output
 
 
 def test_query_resizes_and_converts_with_a_notice(trained, tmp_path):

@@ -79,7 +79,7 @@ def test_composition_by_hand():
     """A 2x2 image with every patch up to 2x2, position-free: 4 1x1, 2 1x2, 2 2x1, 1 2x2 slots."""
     plan = KeyPlan(one_view_config(max_h=2, max_w=2, position="none", color="gray"), 2, 2)
     s = lambda y, x, h, w: plan.slot_of("none", y, x, h, w)  # noqa: E731
-    table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [4.0, -4.0], [10.0, 20.0], [-6.0, 6.0]])
+    table = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [4.0, -4.0], [10.0, 20.0], [-6.0, 6.0]], np.float32)
     rows = np.full((1, plan.keys_per_image), -1, np.int64)
     rows[0, s(0, 0, 1, 1)] = 0  # top-left seen
     rows[0, s(0, 1, 1, 1)] = 1  # top-right seen
@@ -96,7 +96,7 @@ def test_composition_by_hand():
     assert np.allclose(vec[s(0, 0, 2, 2)], [(1 + 0 + 3 + 10 - 6) / 5, (0 + 2 + 3 + 20 + 6) / 5])
     sums, count = unseen.composed_sums(u, table, 1)
     assert count.tolist() == [3.0]
-    assert np.allclose(sums[0].numpy(), [3 + 0 + 8 / 5, 3 + 2 + 31 / 5])
+    assert np.allclose(sums[0], [3 + 0 + 8 / 5, 3 + 2 + 31 / 5])
 
 
 def test_unseen_rules_against_brute_force(digits_run):
@@ -104,13 +104,15 @@ def test_unseen_rules_against_brute_force(digits_run):
     imgs, _ = digits_images("test", 30)
     keys = run.images_to_keys(imgs)
     table = run.table
-    # drop: the trained model's own forward pass
+    # drop: the trained model's own (torch) forward pass, and its head
     rows, offsets, counts, _ = to_bags(run.vocab, keys, np.zeros(len(keys), np.int64)).tensors(torch.device("cpu"))
     with torch.no_grad():
-        assert torch.allclose(run.pooled_keys(keys, "drop"), run.model.pooled(rows, offsets, counts), atol=1e-6)
+        pooled = run.model.pooled(rows, offsets, counts)
+        assert np.allclose(run.pooled_keys(keys, "drop"), pooled.numpy(), atol=1e-6)
+        assert np.allclose(run.classify_pooled(run.pooled_keys(keys, "drop")), torch.softmax(run.model.head(pooled), 1).numpy(), atol=1e-5)
     # compose: mean over seen patches plus composed ones, image by image
-    comp = run.pooled_keys(keys, "compose").numpy()
-    near = run.pooled_keys(keys, "nearest").numpy()
+    comp = run.pooled_keys(keys, "compose")
+    near = run.pooled_keys(keys, "nearest")
     for i in range(3):
         vectors, seen, composed = run.patch_vectors(keys[i])
         use = seen | composed

@@ -508,8 +508,9 @@ def test_11_damaged_run_files_are_one_line(small_run, tmp_path):
     image.write_bytes(encode_png(digits_images("test", 1)[0][0]))
     cases = {
         "not a readable FAISS index": lambda r: (r / layout.PATTERN_INDEX).write_bytes(b"garbage" * 100),
-        "objects other than tensors": lambda r: (r / layout.MODEL).write_bytes(_pickled_object()),
-        "damaged or truncated": lambda r: (r / layout.MODEL).write_bytes((r / layout.MODEL).read_bytes()[:200]),
+        "model.safetensors is damaged or truncated (its header length": lambda r: (r / layout.WEIGHTS).write_bytes(_pickled_object()),
+        "model.safetensors is damaged or truncated (tensor": lambda r: (r / layout.WEIGHTS).write_bytes((r / layout.WEIGHTS).read_bytes()[:-100]),
+        "does not fit this run's vocabulary and settings (table.weight": _shrink_table,
         "is not valid JSON": lambda r: (r / layout.RUN_MANIFEST).write_text("{"),
         "is damaged (KeyError": lambda r: _edit_manifest_file(r / layout.RUN_MANIFEST, lambda m: m.pop("class_names")),
         "is damaged (ValueError": lambda r: _edit_manifest_file(r / layout.RUN_MANIFEST, lambda m: m.update(height="tall")),
@@ -518,6 +519,24 @@ def test_11_damaged_run_files_are_one_line(small_run, tmp_path):
         run = copy_run(small_run, tmp_path / str(i))
         damage(run)
         one_line_error(cli("query", run, image), message)
+
+
+def _shrink_table(run: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from pipeline import weights
+
+    w = {k: np.array(v) for k, v in weights.load(run / layout.WEIGHTS, "").items()}
+    w["table.weight"] = w["table.weight"][:-1]
+    save_file(w, str(run / layout.WEIGHTS))
+
+
+def test_11_a_checkpoint_holding_objects_is_refused_unread(tmp_path):
+    from pipeline import torchfiles
+
+    (tmp_path / layout.CHECKPOINT).write_bytes(_pickled_object())
+    with pytest.raises(PipelineError, match="holds objects other than tensors, which are never loaded"):
+        torchfiles.load(tmp_path / layout.CHECKPOINT, "start again")
 
 
 def _edit_manifest_file(path: Path, edit) -> None:

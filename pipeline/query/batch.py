@@ -59,7 +59,7 @@ def result_table(
     cls = run.class_names
     pooled = run.pooled_keys(keys, rule, weights)
     probs = run.classify_pooled(pooled, classifier)
-    near = run.neighbours(pooled.numpy(), k)
+    near = run.neighbours(pooled, k)
     pred = probs.argmax(1)
     looks = [
         run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i]) if patches else None

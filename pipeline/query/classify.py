@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
 from pipeline import index as pattern_index
 from pipeline.config import check_resize
@@ -18,9 +17,7 @@ from pipeline.data.sources import Source
 from pipeline.data.split import is_validation
 from pipeline.errors import PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
-from pipeline.model import bag_divisor, bag_totals
-from pipeline.query import unseen
-from pipeline.training.bags import to_bags
+from pipeline.query import pooling, unseen
 
 
 class Classify:
@@ -33,7 +30,7 @@ class Classify:
         seen part keep their (unseen) key and so stay out of the bag.
         """
         u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
-        vec = u.vectors(self.model.table.weight.detach())
+        vec = u.vectors(self.table)
         has = u.has
         out = np.array(keys, dtype=np.uint64, copy=True)
         if has.any():
@@ -42,9 +39,9 @@ class Classify:
             out[u.image[has][ok], u.slot[has][ok]] = self.vocab.keys[ids[ok, 0]]
         return out, u
 
-    def pooled_keys(self, keys: np.ndarray, rule: str | None = None, weights: np.ndarray | None = None) -> torch.Tensor:
-        """Pooled image vectors (N x d, the model's bag reduction) for key arrays (N x K) with their
-        weights (from :meth:`encode`; None = all 1).
+    def pooled_keys(self, keys: np.ndarray, rule: str | None = None, weights: np.ndarray | None = None) -> np.ndarray:
+        """Pooled image vectors (N x d float32, the model's bag reduction) for key arrays (N x K) with
+        their weights (from :meth:`encode`; None = all 1).
 
         ``rule`` says what unseen patches do (:mod:`pipeline.query.unseen`); default: the run's
         :attr:`unseen_rule`.
@@ -53,17 +50,14 @@ class Classify:
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         if rule == "nearest":
             keys, _ = self.nearest_keys(keys)
-        b = to_bags(self.vocab, keys, np.zeros(len(keys), np.int64), weights)
-        rows, offsets, counts, _ = b.tensors(torch.device("cpu"))
-        weight = self.model.table.weight.detach()
-        with torch.no_grad():
-            sums = torch.nn.functional.embedding_bag(rows, weight, offsets[:-1], mode="sum", per_sample_weights=counts)
-            n = bag_totals(counts, offsets)
-            if rule == "compose":
-                u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
-                extra, m = unseen.composed_sums(u, weight, len(keys))
-                sums, n = sums + extra, n + m
-        return sums / bag_divisor(n, self.train_config.bag)[:, None]
+        rows, offsets, counts = self.vocab.bags(keys, weights)
+        sums = pooling.pool(self.table, rows, offsets, counts)
+        n = pooling.bag_totals(counts, offsets)
+        if rule == "compose":
+            u = unseen.find(self.plan, self.vocab.rows_of(keys), self.vocab.size)
+            extra, m = unseen.composed_sums(u, self.table, len(keys))
+            sums, n = sums + extra, n + m
+        return sums / pooling.divisor(n, self.train_config.bag)[:, None]
 
     def predict_keys(
         self, keys: np.ndarray, rule: str | None = None, classifier: str = "head", k: int = 10, weights: np.ndarray | None = None
@@ -75,14 +69,13 @@ class Classify:
         """
         return self.classify_pooled(self.pooled_keys(keys, rule, weights), classifier, k)
 
-    def classify_pooled(self, pooled: torch.Tensor, classifier: str = "head", k: int = 10) -> np.ndarray:
+    def classify_pooled(self, pooled: np.ndarray, classifier: str = "head", k: int = 10) -> np.ndarray:
         """Class probabilities (N x C) of pooled vectors (see :meth:`predict_keys`)."""
         if classifier == "knn":
-            return self._vote(pooled.numpy(), k)
+            return self._vote(np.asarray(pooled), k)
         if classifier != "head":
             raise PipelineError(f"--classifier {classifier!r} is not one of head, knn")
-        with torch.no_grad():
-            return torch.softmax(self.model.head(pooled), dim=1).numpy()
+        return pooling.softmax(pooling.head(self.head_layers, np.asarray(pooled, np.float32)))
 
     def _vote(self, pooled: np.ndarray, k: int) -> np.ndarray:
         labels = self.neighbours(pooled, k).labels

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline import index as pattern_index
 from pipeline import patterns
 from pipeline.errors import PipelineError
-from pipeline.query import unseen
+from pipeline.query import pooling, unseen
 
 
 @dataclass
@@ -74,7 +73,7 @@ class LookUp:
         seen = u.own[0]
         vectors = np.full((len(keys), self.train_config.dim), np.nan, np.float32)
         vectors[seen] = self.table[rows[0][seen]]
-        vectors[u.slot] = u.vectors(self.model.table.weight.detach())
+        vectors[u.slot] = u.vectors(self.table)
         composed = np.zeros(len(keys), bool)
         composed[u.slot[u.has]] = True
         return vectors, seen, composed
@@ -84,7 +83,7 @@ class LookUp:
         if k < 1:
             raise PipelineError(f"--k {k} must be at least 1")
         keys, weights = self.encode(images)
-        return self.neighbours(self.pooled_keys(keys, rule, weights).numpy(), k)
+        return self.neighbours(self.pooled_keys(keys, rule, weights), k)
 
     def neighbours(self, pooled: np.ndarray, k: int) -> ImageLookup:
         """The k nearest training images of pooled vectors (N x d, from :meth:`pooled_keys`)."""
@@ -167,12 +166,6 @@ class LookUp:
         return best, score[best]
 
     def _class_direction(self, c: int) -> np.ndarray:
-        """How much a unit of pooled vector along each dimension adds to class ``c``'s logit.
-
-        Exact for a linear head; for a hidden layer, the gradient of the logit at the zero vector.
-        """
-        if self.train_config.hidden == 0:
-            return self.model.head.weight.detach().numpy()[c]
-        x = torch.zeros(1, self.train_config.dim, requires_grad=True)
-        self.model.head(x)[0, c].backward()
-        return x.grad[0].numpy()
+        """How much a unit of pooled vector along each dimension adds to class ``c``'s logit
+        (:func:`pipeline.query.pooling.class_direction`)."""
+        return pooling.class_direction(self.head_layers, c)

@@ -104,7 +104,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     head = run.classify_pooled(pooled)[0]
     lookup = run.lookup_keys(keys[0], head, k, top or None, None if weights is None else weights[0])
     probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
-    near = run.neighbours(pooled.numpy(), k)
+    near = run.neighbours(pooled, k)
     order = np.argsort(-lookup.contribution, kind="stable")
     nearest = _patterns(run, lookup.ids[order], lookup.distances[order])
     patches = []

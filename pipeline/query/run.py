@@ -2,8 +2,9 @@
 
 ``run = pipeline.load("artifacts/run")`` then ``run.predict(images)``,
 ``run.nearest_patterns(image, k)`` and ``run.evaluate(source)``. Nothing is
-unpickled: the model loads with ``torch.load(weights_only=True)``, the rest is
-JSON, Parquet and a FAISS index.
+unpickled and torch is never imported: the weights are memory-mapped from
+``model.safetensors`` (:mod:`pipeline.weights`), the rest is JSON, Parquet and
+FAISS indexes.
 """
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import index as pattern_index
-from pipeline import layout, patterns, torchfiles
+from pipeline import layout, patterns, weights
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.pixels import as_nhwc, to_channels
 from pipeline.errors import PipelineError
 from pipeline.extraction.codes import Dictionary
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.layout import RUN_FORMAT
-from pipeline.model import build_model
 from pipeline.query import unseen
 from pipeline.query.classify import Classify
 from pipeline.query.lookup import ImageLookup, LookUp, PatchLookup
@@ -66,13 +66,8 @@ class Run(Classify, LookUp):
         self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
         if self.index_info.vectors != self.vocab.size:
             raise PipelineError(f"{mpath} records {self.index_info.vectors:,} indexed patterns but the vocabulary has {self.vocab.size:,}; train the run again")
-        state = torchfiles.load(self.root / layout.MODEL, "train the run again", mmap=True)
-        try:
-            self.model = build_model(self.train_config, self.vocab.rows, len(self.class_names), state)
-        except RuntimeError as e:
-            first = str(e).splitlines()[-1].strip()
-            raise PipelineError(f"{self.root / layout.MODEL} does not fit this run's vocabulary and settings ({first}); train the run again") from None
-        self.model.eval()
+        self.weights = weights.load(self.root / layout.WEIGHTS, "train the run again")
+        self._table, self.head_layers = self._check_weights()
         self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
 
     @cached_property
@@ -165,9 +160,38 @@ class Run(Classify, LookUp):
         views = [] if self.extract_config.views == "none" else self.extract_config.views.split(",")
         return views[view] if view < len(views) else "code"
 
+    def _check_weights(self) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The table (rows x dim) and the head's (weight, bias) layers, refused unless their shapes
+        are what the run's vocabulary and settings make."""
+        w, cfg, c = self.weights, self.train_config, len(self.class_names)
+        names = ["head.weight", "head.bias"] if cfg.hidden == 0 else ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
+        shapes = {"table.weight": (self.vocab.rows, cfg.dim)}
+        shapes.update({"head.weight": (c, cfg.dim), "head.bias": (c,)} if cfg.hidden == 0 else
+                      {"head.0.weight": (cfg.hidden, cfg.dim), "head.0.bias": (cfg.hidden,), "head.2.weight": (c, cfg.hidden), "head.2.bias": (c,)})
+        for name, shape in shapes.items():
+            got = tuple(w[name].shape) if name in w else None
+            if got != shape:
+                raise PipelineError(f"{self.root / layout.WEIGHTS} does not fit this run's vocabulary and settings "
+                                    f"({name} is {got}, expected {shape}); train the run again")
+        layers = [(np.asarray(w[names[i]], np.float32), np.asarray(w[names[i + 1]], np.float32)) for i in range(0, len(names), 2)]
+        return np.asarray(w["table.weight"]), layers
+
     @property
     def table(self) -> np.ndarray:
-        return self.model.table.weight.detach().numpy()
+        """The pattern table (rows x dim float32), memory-mapped from ``model.safetensors``."""
+        return self._table
+
+    @cached_property
+    def model(self):
+        """The run as a torch module (``PatchBagModel``, eval mode), for code that wants torch; a
+        query itself never builds it (:mod:`pipeline.query.pooling`)."""
+        import torch
+
+        from pipeline.model import build_model
+
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.weights.items()}
+        model = build_model(self.train_config, self.vocab.rows, len(self.class_names), state)
+        return model.eval()
 
     def images_to_keys(self, images: np.ndarray) -> np.ndarray:
         """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""

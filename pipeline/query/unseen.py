@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from pipeline.errors import PipelineError
 from pipeline.extraction.hashing import KeyPlan
+from pipeline.query.pooling import pool
 
 RULES = ("drop", "compose", "nearest")
 DEFAULT_RULE = "drop"  # benchmarks/query.py compares the rules (docs/results.md)
@@ -60,16 +60,15 @@ class Unseen:
         """U bool: at least one seen sub-patch (a vector can be composed)."""
         return np.diff(self.offsets) > 0
 
-    def vectors(self, table: torch.Tensor) -> np.ndarray:
+    def vectors(self, table: np.ndarray) -> np.ndarray:
         """U x d composed vectors (mean of the parts; NaN where there is none)."""
         d = table.shape[1]
         out = np.full((len(self.image), d), np.nan, np.float32)
         has = self.has
         if has.any():
-            parts = torch.from_numpy(self.parts)
-            offs = torch.from_numpy(self.offsets[:-1][has])
-            with torch.no_grad():
-                out[has] = torch.nn.functional.embedding_bag(parts, table, offs, mode="mean").numpy()
+            per = np.diff(self.offsets)
+            weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)
+            out[has] = pool(table, self.parts, self.offsets, weights)[has]
         return out
 
 
@@ -93,22 +92,17 @@ def find(plan: KeyPlan, rows: np.ndarray, own_rows: int) -> Unseen:
     return Unseen(image, slot, parts, offsets, own)
 
 
-def composed_sums(u: Unseen, table: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+def composed_sums(u: Unseen, table: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image: (sum of its composed vectors N x d, how many it has N)."""
     has = u.has
     per = np.diff(u.offsets)
-    count = np.bincount(u.image[has], minlength=n_images)
+    count = np.bincount(u.image[has], minlength=n_images).astype(np.float32)
     if not has.any():
-        return torch.zeros(n_images, table.shape[1]), torch.from_numpy(count.astype(np.float32))
+        return np.zeros((n_images, table.shape[1]), np.float32), count
     # one weighted bag per image: each part weighs 1 / (parts of its patch)
     pair_image = np.repeat(u.image, per)
     order = np.argsort(pair_image, kind="stable")
     weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)[order]
-    offsets = np.zeros(n_images, np.int64)
-    offsets[1:] = np.cumsum(np.bincount(pair_image, minlength=n_images))[:-1]
-    with torch.no_grad():
-        sums = torch.nn.functional.embedding_bag(
-            torch.from_numpy(u.parts[order]), table, torch.from_numpy(offsets), mode="sum",
-            per_sample_weights=torch.from_numpy(weights),
-        )
-    return sums, torch.from_numpy(count.astype(np.float32))
+    offsets = np.zeros(n_images + 1, np.int64)
+    np.cumsum(np.bincount(pair_image, minlength=n_images), out=offsets[1:])
+    return pool(table, u.parts[order], offsets, weights), count

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline import index as pattern_index
-from pipeline import layout, outputs, patterns, torchfiles
+from pipeline import layout, outputs, patterns, weights
 from pipeline.data.augment import VARIANT_STRIDE
 from pipeline.training.bags import part_batches, to_bags
 from pipeline.errors import PipelineError
@@ -235,8 +235,8 @@ def _rebuild(root: Path, mpath: Path, kind: str, nprobe: int | None, ef_search: 
             ef_search=old.ef_search and (ef_search or old.ef_search),
         )
     else:
-        state = torchfiles.load(root / layout.MODEL, "train the run again", mmap=True)
-        vectors = state["table.weight"].numpy()[: old.vectors]
+        state = weights.load(root / layout.WEIGHTS, "train the run again")
+        vectors = np.asarray(state["table.weight"])[: old.vectors]
         info = pattern_index.build(vectors, root / layout.PATTERN_INDEX, kind, nprobe, ef_search, seed)
     manifest["index"] = info.to_dict()
     layout.write_json(mpath, manifest)

@@ -417,7 +417,8 @@ def finish_run(
         "epochs_run": len(history),
         "final": next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1],
     }
+    torchfiles.save_weights(model.state_dict(), out / layout.WEIGHTS)
     layout.write_json(out / layout.RUN_MANIFEST, manifest)
-    for name in (layout.CHECKPOINT, layout.TRAIN_JOB):
+    for name in (layout.CHECKPOINT, layout.TRAIN_JOB, layout.MODEL):
         (out / name).unlink(missing_ok=True)
     return manifest
