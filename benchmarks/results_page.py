@@ -208,6 +208,48 @@ The default rule is `{d['default_rule']}`; the most any other reader gains over 
 """
 
 
+def answering() -> str:
+    d = load("query_latency.json")
+    s, b, w = d["single"], d["batch"], d["in_process"]
+    return f"""## Answering one image
+
+`python benchmarks/query_latency.py --run RUN --json --out benchmarks/results/query_latency.json`, RUN the
+full-CIFAR default run of the first section (`python benchmarks/defaults.py --keep DIR`: {d['patterns']:,} patterns,
+{d['run_mb']:,.0f} MB on disk), images {d['image']} from the shared archive, written as PNG files:
+
+{table(["", "images", "wall", "peak RSS", "images/s"], [
+    ["`pipe query RUN IMAGE --json`, one process per image", f"{s['images']}", f"median {s['median_s']:.2f} s (max {s['max_s']:.2f} s)", f"{s['peak_rss_mb']:,} MB", f"{s['images_per_s']:.2f}"],
+    ["`pipe query RUN --batch FOLDER`, one process", f"{b['images']:,}", f"{b['wall_s']:.1f} s", f"{b['peak_rss_mb']:,} MB", f"{b['images_per_s']:.1f}"],
+])}
+
+The batch answers {d['ratio']:.0f}× the images per second of a loop of single queries. In one process,
+after loading, an image costs {w['warm_ms']:.0f} ms (median of {w['images']}) with the pattern metadata read by
+id; `pipe serve` loads that table whole once and answers faster (next section). The first query after
+installing also compiles the numba kernels into their cache, seconds once.
+"""
+
+
+def serving() -> str:
+    d = load("serve.json")
+    lat, ld = d["latency"], d["load"]
+    return f"""## Serving
+
+`python benchmarks/serve.py --run RUN --json --out benchmarks/results/serve.json` (RUN as above,
+{d['patterns']:,} patterns, {d['image']} images): one `pipe serve` process on 127.0.0.1, asked from another.
+
+{table(["", "requests", "p50", "p95", "max"], [
+    ["one image per request, one client, warm", f"{lat['requests']}", f"{lat['p50_ms']:.0f} ms", f"{lat['p95_ms']:.0f} ms", f"{lat['max_ms']:.0f} ms"],
+    [f"{ld['clients']} clients at once for {ld['seconds']:.0f} s", f"{ld['requests']:,}", f"{ld['p50_ms']:,.0f} ms", f"{ld['p95_ms']:,.0f} ms", f"{ld['max_ms']:,.0f} ms"],
+])}
+
+Under load: {ld['errors']} errors, {ld['requests_per_s']:.0f} requests/s (requests queue on the run's lock, so
+latency grows with the clients while throughput stays), server resident memory {ld['rss_start_mb']:,} MB when
+the load began and {ld['rss_end_mb']:,} MB when it ended (at most {ld['rss_max_mb']:,} MB; every 5 s:
+{', '.join(str(v) for v in ld['rss_every_5s_mb'])} MB: the rise is the first seconds' worker threads and their
+buffers, flat after); one `pipe query` process for the same kind of image takes {d['cli_single_s']:.1f} s.
+"""
+
+
 def limitations() -> str:
     d = load("cifar_defaults.json")
     return f"""## Limitations
@@ -229,7 +271,7 @@ def render() -> str:
         "# Results\n\nEvery figure below is read from a JSON file in `benchmarks/results/`, written by the command\n"
         "named in its section on the project's reference machine (2 cores, 24 GiB, no GPU); this page is\n"
         "rendered from them by `python benchmarks/results_page.py`. Rerun a command to check a figure.\n",
-        cifar_defaults(), digits(), code_settings(), coding_speed(), extract_engine(), training(), storage(), query(), limitations(),
+        cifar_defaults(), digits(), code_settings(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), serving(), limitations(),
     ]
     return "\n".join(parts)
 

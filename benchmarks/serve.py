@@ -13,7 +13,7 @@ One real server process (``pipe serve RUN`` on a free 127.0.0.1 port), and from 
 * **load**: ``--clients`` threads, each with its own connection, posting images back to back
   for ``--seconds``: requests, errors (any non-200 answer or failed connection), requests/s,
   p50 / p95 latency under load, and the server's resident memory (``/proc/PID/status`` VmRSS)
-  sampled each second: at the start of the load, at its end and at most.
+  sampled each second: at the start of the load, at its end, at most, and every 5 s.
 
 Only ``pipe`` commands and HTTP are used.
 """
@@ -181,7 +181,8 @@ def main() -> None:
         "run": str(run), "image": f"{size[0]}x{size[1]}", "patterns": info["patterns"],
         "latency": {"requests": len(lat), **ms(lat)}, "cli_single_s": round(cli_single, 2),
         "load": {"clients": a.clients, "seconds": round(took, 1), **counts, "requests_per_s": round(counts["requests"] / took, 1),
-                 **ms(under), "rss_start_mb": round(rss[0]), "rss_end_mb": round(rss[-1]), "rss_max_mb": round(max(rss)), "healthy_after": alive},
+                 **ms(under), "rss_start_mb": round(rss[0]), "rss_end_mb": round(rss[-1]), "rss_max_mb": round(max(rss)),
+                 "rss_every_5s_mb": [round(v) for v in rss[::5]], "healthy_after": alive},
     }
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -85,6 +85,11 @@ class _LineProgress(tqdm):
         self.disable = True  # tqdm's own close would redraw the bar
 
 
+def _short(name: str | None) -> str | None:
+    """A training image's name for a terminal line: an archive member without the archive's path."""
+    return None if name is None else name.rsplit(":", 1)[-1] if ".tar" in name else name
+
+
 PROGRESS = {"mode": "auto"}  # set by the --progress option of the command group
 
 
@@ -481,11 +486,12 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
         click.echo(f"{path}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})" + (f"  -> {res['png']}" if png_dir else ""))
         click.echo(f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)")
         for p in res["top_patches"]:
-            where = f"{p['h']}x{p['w']} at ({p['y']},{p['x']})" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
+            where = f"{p['view']} {p['h']}x{p['w']} at ({p['y']},{p['x']})" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
+            where += f" x{p['occurrences']}" if p["occurrences"] > 1 else ""
             state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
             near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} x{n['count']} {n['top_class']}" for n in p["nearest"])
-            click.echo(f"  {where:<22} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
-        click.echo("  nearest training images: " + ", ".join(f"#{n['image_id']} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
+            click.echo(f"  {where:<32} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
+        click.echo("  nearest training images: " + ", ".join(f"{_short(n['name']) or '#' + str(n['image_id'])} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
 
 
 @main.command()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from click.testing import CliRunner
 from cli.main import main
 from pipeline.data.images import encode_png
 
-from .conftest import CIFAR_TAR, digits_images
+from .conftest import CIFAR_TAR, ROOT, digits_images
 
 
 def run(*args):
@@ -210,3 +213,30 @@ def test_resize_is_checked_and_refused_with_shards(trained, tmp_path):
     one_line_error(run("evaluate", trained / "run", trained / "shards", "--resize", "8x8"), "shards hold keys already made")
     r = run("evaluate", trained / "run", "digits", "--split", "test", "--limit", "20", "--resize", "8x8", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["n"] == 20, r.output
+
+
+def test_progress_in_a_log_is_plain_lines_and_names_the_finishing_steps(trained, tmp_path):
+    """stderr a pipe (not a terminal): --progress auto prints whole lines, no carriage returns."""
+    env = {**os.environ, "PIPE_PROGRESS": "auto"}
+    out = subprocess.run([sys.executable, "-m", "cli.main", "train", str(trained / "shards"), "--out", str(tmp_path / "r"), "--epochs", "1", "--dim", "8"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "\x1b" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert any(l.startswith("vocabulary: 100%") for l in lines) and any(l.startswith("train:") for l in lines)
+    assert any(l.startswith("index: 100%") and "vec" in l for l in lines)
+    assert "then: building the pattern index (Flat over" in out.stdout
+    quiet = subprocess.run([sys.executable, "-m", "cli.main", "--progress", "off", "train", str(trained / "shards"), "--out", str(tmp_path / "q"),
+                            "--epochs", "1", "--dim", "8"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_a_query_never_imports_torch(trained):
+    img = trained / "one.png"
+    img.write_bytes(encode_png(digits_images("test", 1)[0][0]))
+    code = ("import sys; from click.testing import CliRunner; from cli.main import main; "
+            f"r = CliRunner().invoke(main, ['query', {str(trained / 'run')!r}, {str(img)!r}, '--json']); "
+            "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

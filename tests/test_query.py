@@ -231,7 +231,7 @@ def test_cli_batch_png_and_index(digits_run, tmp_path):
     (tmp_path / "a.png").write_bytes(encode_png(imgs[0]))
     r = cli("query", digits_run, tmp_path / "a.png", "--png", tmp_path / "pics", "--unseen", "compose", "--classifier", "knn")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "pics" / "a.png").stat().st_size > 1000 and "nearest training images: #" in r.stdout
+    assert (tmp_path / "pics" / "a.png").stat().st_size > 1000 and "nearest training images: digits:train:" in r.stdout
     one_line_error(cli("query", digits_run, tmp_path / "a.png", "--batch", "digits"), "not both")
     one_line_error(cli("query", digits_run, "--batch", "digits", "--out", tmp_path / "r.csv"), "must end in .parquet")
     copy = tmp_path / "run"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import PipelineError, TrainConfig
+from pipeline import PipelineError, TrainConfig, layout, weights
 from pipeline.model import PatchBagModel
 from pipeline.training.vocab import KeyCounter, build
 
@@ -163,9 +163,9 @@ def test_resume_after_kill_equals_an_uninterrupted_run(digits_shards, tmp_path):
     r = subprocess.run(_train_cmd(digits_shards, clean), cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert _metrics(killed) == _metrics(clean)
-    a = torch.load(killed / "model.pt", weights_only=True)
-    b = torch.load(clean / "model.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = weights.load(killed / layout.WEIGHTS, "")
+    b = weights.load(clean / layout.WEIGHTS, "")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_settings_and_finished_runs(digits_shards, tmp_path):
@@ -417,9 +417,9 @@ def test_two_process_run_resumes_after_a_kill_to_the_uninterrupted_metrics(digit
     assert r.returncode == 0, r.stderr
     got, want = _metrics(killed), _metrics(clean)
     assert [m["epoch"] for m in want] == [1, 2, 3, 4, 5, 6] and got == want
-    a = torch.load(killed / "model.pt", weights_only=True)
-    b = torch.load(clean / "model.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = weights.load(killed / layout.WEIGHTS, "")
+    b = weights.load(clean / layout.WEIGHTS, "")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_count_training_is_what_an_epoch_trains_on(digits_shards, tmp_path):

@@ -26,7 +26,7 @@ from typing import Iterable
 import numpy as np
 from numba import njit, prange
 from numpy.lib.stride_tricks import sliding_window_view
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from pipeline import layout
 from pipeline.errors import PipelineError
@@ -123,6 +123,17 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
                 weights[row0 + r, j] = wv if wv > 0 else 0.0
 
 
+_CONTROLLER: list = []
+
+
+def _blas() -> ThreadpoolController:
+    """The process's thread-pool controller, found once (finding the loaded libraries costs a
+    millisecond, a query's coding less)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
+
+
 @dataclass
 class ShapeCode:
     """One shape's dictionary: whitening and atoms."""
@@ -142,7 +153,7 @@ class ShapeCode:
         c2 = (self.atoms**2).sum(1)
         # one BLAS thread: a multi-threaded product may split its sums differently with the thread
         # count, and the codes must not depend on it (in-process, worker processes, Ray tasks)
-        with threadpool_limits(1, user_api="blas"):
+        with _blas().limit(limits=1, user_api="blas"):
             for s in range(0, len(patches), BLOCK_PATCHES):
                 z = (patches[s : s + BLOCK_PATCHES] - self.mean) @ self.whiten
                 _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)

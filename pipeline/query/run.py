@@ -76,15 +76,24 @@ class Run(Classify, LookUp):
         needs only :meth:`pattern_rows`)."""
         return patterns.read(self.root / layout.PATTERNS)
 
-    @cached_property
-    def pattern_file(self) -> pq.ParquetFile:
-        path = self.root / layout.PATTERNS
+    def _parquet(self, name: str) -> pq.ParquetFile:
+        path = self.root / name
         if not path.exists():
-            raise PipelineError(f"{path} is missing; the run is incomplete, train it again")
+            raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
         return pq.ParquetFile(path)
 
+    @cached_property
+    def pattern_file(self) -> pq.ParquetFile:
+        return self._parquet(layout.PATTERNS)
+
     def pattern_rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Metadata of patterns ``ids`` (numpy columns parallel to ``ids``), read from their row groups only."""
+        """Metadata of patterns ``ids`` (numpy columns parallel to ``ids``): from :attr:`patterns` once
+        that is loaded (a server loads it), else read from their row groups only."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if "patterns" in self.__dict__:
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab.size):
+                raise IndexError(f"pattern ids must lie in 0..{self.vocab.size - 1}")
+            return {c: v[ids] for c, v in self.patterns.items()}
         names = [c for c in self.pattern_file.schema_arrow.names if c != "example_pixels"]
         return patterns.columns(patterns.rows(self.pattern_file, ids, names))
 
@@ -106,10 +115,7 @@ class Run(Classify, LookUp):
 
     @cached_property
     def image_file(self) -> pq.ParquetFile:
-        path = self.root / layout.IMAGES
-        if not path.exists():
-            raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
-        return pq.ParquetFile(path)
+        return self._parquet(layout.IMAGES)
 
     @cached_property
     def images(self) -> dict[str, np.ndarray]:

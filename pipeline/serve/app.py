@@ -80,8 +80,10 @@ def check_port(host: str, port: int) -> None:
 
 
 def warm(run: Run) -> None:
-    """Answer one blank image, so that the indexes, the image table and the compiled kernels are
+    """Load the whole pattern table's metadata (so answers index it instead of decoding row groups)
+    and answer one blank image, so that the indexes, the image table and the compiled kernels are
     loaded before the first real request."""
+    run.patterns
     blank = np.zeros((run.height, run.width, run.extract_config.channels), np.uint8)
     query_one(run, blank, "warm-up")
 
