@@ -50,7 +50,9 @@ def test_vocabulary_in_bounded_memory_equals_one_pass(buckets):
         calls.append(1)
         return iter(batches)
 
-    small = build(again, min_count=2, buckets=buckets, memory_mb=1)
+    told = []
+    small = build(again, min_count=2, buckets=buckets, memory_mb=1, progress=told.append)
+    assert abs(sum(told) - 50 * len(batches)) < 1e-6 and min(told) < 0  # restarts were taken back: one pass in all
     assert one.stats["passes"] == 1 and small.stats["passes"] >= 4 and len(calls) >= small.stats["passes"]
     assert np.array_equal(small.keys, one.keys) and np.array_equal(small.counts, one.counts)
     assert {k: v for k, v in small.stats.items() if k != "passes"} == {k: v for k, v in one.stats.items() if k != "passes"}

@@ -147,6 +147,9 @@ def build(
     exact in bounded memory: when the counting table would pass ``memory_mb``, the keys
     are split by their top bits into 2, 4, 8, ... partitions, each counted in its own pass
     over ``batches()``, keeping only each partition's vocabulary keys (``stats['passes']``).
+    ``progress`` is told the images counted (a share of each batch per pass when there are
+    several); when an attempt restarts in more passes it is told minus what that attempt reported,
+    so its total is one pass over the images.
     """
     if min_count < 1:
         raise PipelineError(f"--min-count {min_count} must be at least 1")
@@ -154,10 +157,20 @@ def build(
         raise PipelineError(f"--buckets {buckets} must be 0 (drop rare keys) or more")
     budget = None if memory_mb is None else memory_mb << 20
     parts = 1
+    told = [0.0]  # images reported by the attempt under way
+
+    def tell(n: float) -> None:
+        told[0] += n
+        if progress:
+            progress(n)
+
     while True:
         try:
-            return _count_in_parts(batches, parts, budget, min_count, buckets, progress)
+            return _count_in_parts(batches, parts, budget, min_count, buckets, tell)
         except OverBudget:
+            if progress and told[0]:
+                progress(-told[0])  # the attempt starts again in more passes: take back what it reported
+            told[0] = 0.0
             if parts >= 1 << 16:
                 raise PipelineError(f"--vocab-mb {memory_mb} is too small to count the keys even in {parts} passes; raise it") from None
             parts *= 2
