@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
-from pipeline.config import OPTIMIZERS
+from pipeline.config import OPTIMIZERS, parse_size
 from pipeline.errors import environment_message
 
 
@@ -40,14 +40,10 @@ class _Group(click.Group):
 def _size(value: str | None, option: str) -> tuple[int, int] | None:
     if value is None:
         return None
-    parts = value.lower().split("x")
     try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        nums = []
-    if len(nums) not in (1, 2):
-        raise click.BadParameter(f"{value!r} is not a size; write N or HxW, e.g. 3 or 2x4", param_hint=option)
-    return (nums[0], nums[-1])
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
 
 
 LOG_EVERY_S = 30.0  # where stderr is a file or pipe: one progress line per this many seconds per bar

@@ -32,6 +32,17 @@ MAX_DIM = 4096
 MAX_BATCH = 1 << 20
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``N`` or ``HxW`` as (height, width); ValueError saying how to write one otherwise."""
+    try:
+        nums = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        nums = []
+    if len(nums) not in (1, 2):
+        raise ValueError(f"{text!r} is not a size; write N or HxW, e.g. 3 or 2x4")
+    return nums[0], nums[-1]
+
+
 def check_resize(size: tuple[int, int]) -> tuple[int, int]:
     """A ``--resize`` (height, width) of at least 1 and at most :data:`MAX_SIDE` a side."""
     h, w = size

@@ -170,9 +170,10 @@ def build(
     hnsw_like = hasattr(_faiss().downcast_index(idx), "hnsw")
     step = n if hnsw_like else ADD_CHUNK  # a flat or IVF index adds each vector on its own: chunks change nothing
     for lo in range(0, n, max(step, 1)):
-        idx.add(v[lo : lo + step])
+        chunk = v[lo : lo + step]
+        idx.add(chunk)
         if progress:
-            progress(len(v[lo : lo + step]))
+            progress(len(chunk))
     info = IndexInfo(
         kind=resolved,
         factory=factory,

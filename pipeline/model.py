@@ -151,8 +151,8 @@ def pick_device(name: str) -> torch.device:
 
 def build_model(config: TrainConfig, rows: int, num_classes: int, state: dict | None = None) -> PatchBagModel:
     """The model a run's settings describe: its table initialised from N(0, ``init_std``) (what
-    training starts from), or holding the tensors of ``state`` themselves (a memory-mapped
-    ``model.pt``: nothing is initialised or copied, so loading costs what is read)."""
+    training starts from), or holding the tensors of ``state`` themselves (the best epoch's
+    ``model.pt`` memory-mapped, or a run's weights): nothing is initialised or copied."""
     if state is None:
         model = PatchBagModel(rows, config.dim, num_classes, config.bag, config.hidden, config.drop_rate, config.pooled_dropout)
         nn.init.normal_(model.table.weight, std=config.init_std)

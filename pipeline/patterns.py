@@ -55,8 +55,8 @@ def write(table: pa.Table, path: Path) -> None:
 
 def read(path: Path) -> dict[str, np.ndarray]:
     """The pattern table as numpy columns (``class_counts`` as P x C), without the pixels (see :func:`pixels`)."""
-    names = [c for c in pq.ParquetFile(path).schema_arrow.names if c != "example_pixels"]
-    return columns(pq.ParquetFile(path).read(columns=names))
+    pf = pq.ParquetFile(path)
+    return columns(pf.read(columns=[c for c in pf.schema_arrow.names if c != "example_pixels"]))
 
 
 def rows(pf: pq.ParquetFile, ids: np.ndarray, columns: list[str]) -> pa.Table:
@@ -67,13 +67,13 @@ def rows(pf: pq.ParquetFile, ids: np.ndarray, columns: list[str]) -> pa.Table:
     starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
     if len(ids) and (ids.min() < 0 or ids.max() >= starts[-1]):
         raise IndexError(f"pattern ids must lie in 0..{starts[-1] - 1}")
-    groups = np.unique(np.searchsorted(starts, ids, side="right") - 1)
+    g_of = np.searchsorted(starts, ids, side="right") - 1  # the row group of each id
+    groups = np.unique(g_of)
     if not len(groups):
         return pf.schema_arrow.empty_table().select(columns)
     part = pf.read_row_groups(groups.tolist(), columns=columns)
     # row r of group g sits at (rows of the groups read before g) + (r - start of g)
     before = np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in groups[:-1]])
-    g_of = np.searchsorted(starts, ids, side="right") - 1
     local = before[np.searchsorted(groups, g_of)] + (ids - starts[g_of])
     local = np.ascontiguousarray(local, np.int64)  # from its buffer: pa.array(ndarray) imports pandas
     return part.take(pa.Array.from_buffers(pa.int64(), len(local), [None, pa.py_buffer(local)]))

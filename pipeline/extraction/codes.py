@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -123,15 +124,11 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
                 weights[row0 + r, j] = wv if wv > 0 else 0.0
 
 
-_CONTROLLER: list = []
-
-
+@lru_cache(maxsize=1)
 def _blas() -> ThreadpoolController:
     """The process's thread-pool controller, found once (finding the loaded libraries costs a
     millisecond, a query's coding less)."""
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0]
+    return ThreadpoolController()
 
 
 @dataclass

@@ -139,8 +139,6 @@ class LookUp:
         sel = has[slots]
         d[sel], ids[sel] = pattern_index.search(self.index, vectors[slots[sel]], k)
         counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
-        if top is None:
-            contribution = contribution[slots]
         return PatchLookup(
             slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution, counts, probs,
             occurrences,

@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.config import parse_size
 from pipeline.errors import PipelineError
 from pipeline.query.batch import check_counts
 from pipeline.query.report import WrongSize, image_from_bytes, query_one
@@ -61,11 +62,10 @@ def png_bytes(pixels: np.ndarray, side: int = PICTURE_SIDE) -> bytes:
 def _parse_resize(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-        raise PipelineError(f"resize {text!r} is not a size; write N or HxW, e.g. 32 or 32x32")
-    nums = [int(p) for p in parts]
-    return (nums[0], nums[-1])
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise PipelineError(f"resize {e}") from None
 
 
 def check_port(host: str, port: int) -> None:

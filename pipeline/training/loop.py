@@ -264,10 +264,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     del model, opts, caches, train_epoch, validate  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
-    state = torchfiles.load(out / layout.MODEL, RESTART, mmap=True)
-    with torch.device("meta"):
-        final = build_model(config, v.rows, num_classes)
-    final.load_state_dict(state, assign=True)
+    final = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
     return finish_run(out, shards, config, final, v, history, best, on_step)
 
 
