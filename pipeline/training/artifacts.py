@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import index as pattern_index
 from pipeline import layout, outputs, patterns, weights
+from pipeline.data import augment
 from pipeline.data.augment import VARIANT_STRIDE
 from pipeline.training.bags import part_batches, to_bags
 from pipeline.errors import PipelineError
@@ -77,8 +78,11 @@ def source_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, s
     except PipelineError as e:
         return SourcePixels(pa.nulls(n, pa.binary()), names, pa.nulls(m, pa.large_binary()), shapes, f"source of the shards unreadable: {e}")
     data = np.zeros(int(offsets[-1]), np.uint8)
-    order = np.argsort(example_image, kind="stable")
-    sorted_ids = example_image[order]
+    spec = shards.manifest.get("augment", "none")
+    base, variant = example_image % VARIANT_STRIDE, example_image // VARIANT_STRIDE  # an example in a copy is cut from the copy
+    base[example_image < 0] = -1
+    order = np.argsort(base, kind="stable")
+    sorted_ids = base[order]
     img_order = np.argsort(image_ids, kind="stable")
     sorted_img = np.asarray(image_ids)[img_order]
     found = np.zeros(n, bool)
@@ -93,16 +97,24 @@ def source_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, s
         if lo == hi:
             continue
         pats = order[lo:hi]
-        where = np.searchsorted(b.ids, example_image[pats])
+        where = np.searchsorted(b.ids, base[pats])
         where = np.minimum(where, len(b.ids) - 1)
-        ok = b.ids[where] == example_image[pats]
+        ok = b.ids[where] == base[pats]
         pats, where = pats[ok], where[ok]
+        images = b.images
+        copies = variant[pats] > 0
+        if copies.any():
+            pairs, inverse = np.unique(np.stack([where[copies], variant[pats][copies]], 1), axis=0, return_inverse=True)
+            made = [augment.variants(b.images[i], spec)[v - 1] for i, v in pairs]
+            images = np.concatenate([b.images, np.stack(made)])
+            where = where.copy()
+            where[copies] = len(b.images) + inverse.reshape(-1)
         for h, w in {(int(a), int(c)) for a, c in zip(loc["h"][pats], loc["w"][pats])}:
             m = (loc["h"][pats] == h) & (loc["w"][pats] == w)
             p, img = pats[m], where[m]
             yy = loc["y"][p][:, None, None] + np.arange(h)[None, :, None]
             xx = loc["x"][p][:, None, None] + np.arange(w)[None, None, :]
-            cut = b.images[img[:, None, None], yy, xx]  # P x h x w x C
+            cut = images[img[:, None, None], yy, xx]  # P x h x w x C
             idx = offsets[p][:, None] + np.arange(h * w * channels)[None, :]
             data[idx] = cut.reshape(len(p), -1)
             found[p] = True

@@ -144,10 +144,13 @@ def bag_rows(keys, weights, slots, n_vocab, buckets, local, stamp, where):
 
 @njit(cache=True, nogil=True)
 def pattern_stats(keys, labels, image_ids, slots, class_counts, first_image, first_slot, variant_stride):
-    """Per vocabulary row: occurrences per class, and the first (image, slot) where it occurs."""
+    """Per vocabulary row: occurrences per class, and the first (image, slot) where it occurs: in an
+    original image where it occurs in one, else in an augmented copy (``image_ids >= variant_stride``),
+    so the slot, and with it the shape, view and cell, is always one where the key really occurs."""
     n, k = keys.shape
     for a in range(n):
         lab = labels[a]
+        original = image_ids[a] < variant_stride
         for j in range(k):
             v = slots[_probe(slots, keys[a, j]), 1]
             if v == 0:
@@ -155,6 +158,6 @@ def pattern_stats(keys, labels, image_ids, slots, class_counts, first_image, fir
             r = np.int64(v) - 1
             if lab >= 0:
                 class_counts[r, lab] += 1
-            if first_image[r] < 0 and image_ids[a] < variant_stride:  # examples from original images only
+            if first_image[r] < 0 or (original and first_image[r] >= variant_stride):
                 first_image[r] = image_ids[a]
                 first_slot[r] = j
