@@ -1,4 +1,14 @@
-"""Decoding image files (Pillow) into uint8 arrays with the documented channel conversion.
+"""Decoding image files (Pillow) into uint8 arrays with the documented conversion.
+
+One rule, used by extract, query and serve alike, in this order:
+
+1. only the formats of :data:`FORMATS` are opened (Pillow knows more, some with outside
+   loaders such as Ghostscript; they are refused);
+2. the EXIF orientation is applied, so the array is the picture a viewer shows;
+3. transparency (an alpha channel, or a palette's transparent colour) is composited onto
+   black, ``round(c * a / 255)``; gray with alpha stays gray;
+4. then the image is resized (bilinear), where a size is asked for;
+5. then converted to the channels asked for (:func:`pipeline.data.pixels.to_channels`).
 
 Supported modes: 1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr. 16-bit and float
 modes (I, I;16, F) are refused rather than silently clipped.
@@ -10,11 +20,13 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.pixels import to_channels
+from pipeline.data.pixels import drop_alpha, to_channels
 
 _SUPPORTED = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}
+_GRAY = {"1", "L", "LA"}
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the file formats read (PPM covers PGM and PBM)
 MAX_PIXELS = 1 << 26  # an image larger than 8192 x 8192 is refused from its header, before decoding
 MAX_FILE_BYTES = 1 << 28  # an image file larger than 256 MiB is refused before it is read
 
@@ -25,8 +37,8 @@ class BadImage(Exception):
 
 @lru_cache(maxsize=1)
 def image_extensions() -> frozenset[str]:
-    """File extensions Pillow can open (lower case, with the dot)."""
-    return frozenset(ext.lower() for ext in Image.registered_extensions())
+    """File extensions of the formats read (:data:`FORMATS`; lower case, with the dot)."""
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS)
 
 
 def is_image_name(name: str) -> bool:
@@ -34,45 +46,57 @@ def is_image_name(name: str) -> bool:
     return dot >= 0 and name[dot:].lower() in image_extensions()
 
 
+def _open(data: bytes) -> Image.Image:
+    """The image of ``data``, its header read (nothing decoded), in one of :data:`FORMATS`."""
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise BadImage(f"not an image in a format read here ({', '.join(FORMATS)})") from None
+
+
 def _to_array(img: Image.Image) -> np.ndarray:
+    """H x W x 1 (gray) or 3 (colour), transparency composited onto black."""
     mode = img.mode
     if mode not in _SUPPORTED:
         raise BadImage(f"unsupported image mode {mode!r}; convert it to 8-bit RGB or grayscale")
-    if mode in ("1", "L"):
-        return np.asarray(img.convert("L"))[..., None]
-    has_alpha = mode in ("LA", "PA", "RGBA") or (mode == "P" and "transparency" in img.info)
-    return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    alpha = mode in ("LA", "PA", "RGBA") or (mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if mode in _GRAY:
+        if not alpha:
+            return np.asarray(img.convert("L"))[..., None]
+        la = np.asarray(img.convert("LA")).astype(np.uint32)
+        return ((la[..., :1] * la[..., 1:] + 127) // 255).astype(np.uint8)
+    if not alpha:
+        return np.asarray(img.convert("RGB"))
+    return drop_alpha(np.asarray(img.convert("RGBA"))[None])[0]
 
 
-def decode(data: bytes, channels: int | None, resize: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode an encoded image into H x W x C uint8.
+def decode(data: bytes, channels: int | None, resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image into H x W x C uint8, by the rule of the module docstring.
 
-    ``channels`` None keeps the file's own (1 for gray, 3 for colour, alpha composited onto
-    black); 1 or 3 converts. ``resize`` = (height, width) resizes with bilinear filtering.
-    Raises :class:`BadImage` for anything unreadable.
+    ``channels`` None keeps the file's own (1 for gray, 3 for colour); 1 or 3 converts.
+    ``resize`` = (height, width) resizes with bilinear filtering. An image of more than
+    ``max_pixels`` pixels is refused from its header, before decoding. Raises
+    :class:`BadImage` for anything unreadable.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img = _open(data)  # reads the header only
             w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise BadImage(f"is {w}x{h} = {w * h:,} pixels, more than the {MAX_PIXELS:,} decoded; shrink it first")
+            if w * h > max_pixels:
+                raise BadImage(f"is {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} decoded; shrink it first")
             img.load()
-            if resize is not None and img.size != (resize[1], resize[0]):
-                if img.mode not in _SUPPORTED:
-                    raise BadImage(f"unsupported image mode {img.mode!r}; convert it to 8-bit RGB or grayscale")
-                img = img.convert("RGBA" if "A" in img.mode else ("L" if img.mode in ("1", "L") else "RGB"))
-                img = img.resize((resize[1], resize[0]), Image.Resampling.BILINEAR)
+            img = ImageOps.exif_transpose(img)
             arr = _to_array(img)
     except BadImage:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"not a readable image ({e.__class__.__name__}: {e})") from None
-    arr = arr[None]
+    if resize is not None:
+        arr = resize_array(arr, resize)
     if channels is None:
         channels = 1 if arr.shape[-1] == 1 else 3
-    return to_channels(arr, channels)[0]
+    return to_channels(arr[None], channels)[0]
 
 
 def file_channels(data: bytes) -> int:
@@ -81,10 +105,10 @@ def file_channels(data: bytes) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mode = Image.open(io.BytesIO(data)).mode
+            mode = _open(data).mode
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"not a readable image ({e.__class__.__name__}: {e})") from None
-    return 1 if mode in ("1", "L") else 3
+    return 1 if mode in _GRAY else 3
 
 
 def resize_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,9 @@ from threadpoolctl import ThreadpoolController
 
 from pipeline import layout
 from pipeline.errors import PipelineError
+
+MAX_ATOMS = 65535  # atoms per shape: a code holds an atom id in 16 bits
+MAX_DICTIONARY_BYTES = 1 << 32  # a dictionary file larger than this is not one
 
 CONTRAST = 10.0  # added to each patch's variance (pixel values 0..255) before dividing by its square root
 BLOCK_PATCHES = 16384  # patches per matrix product: 64 MiB of distances at K = 1024
@@ -209,8 +213,9 @@ class Dictionary:
     def load(cls, path: Path | str, expected: str | None = None) -> "Dictionary":
         """Read a dictionary; ``expected`` (a digest) refuses any other dictionary in one line."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise PipelineError(f"dictionary {path} is missing; extract again (or pass --dictionary with the training shards' {layout.DICTIONARY})")
+        layout.regular_file(path, "use the dictionary.npz of the training shards, or extract again", MAX_DICTIONARY_BYTES)
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if expected is not None and digest != expected:
@@ -226,9 +231,29 @@ class Dictionary:
                     ShapeCode(int(h), int(w), z[f"mean_{i}"], z[f"whiten_{i}"], z[f"atoms_{i}"])
                     for i, (h, w) in enumerate(z["shapes"])
                 ]
-                return cls(shapes, int(z["channels"]))
-        except (ValueError, KeyError, OSError) as e:
+                d = cls(shapes, int(z["channels"]))
+            d.check()
+            return d
+        except (ValueError, KeyError, OSError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise PipelineError(f"{path} is not a patchhash dictionary ({e}); extract again") from None
+
+    def check(self) -> None:
+        """Raise ValueError unless every shape's arrays have the shapes its patch size makes, are
+        finite, and every shape has the same number of atoms, which a code key can hold."""
+        if self.channels not in (1, 3) or not self.shapes:
+            raise ValueError(f"{len(self.shapes)} shapes on {self.channels} channels")
+        counts = set()
+        for s in self.shapes:
+            d = s.h * s.w * self.channels
+            if not (s.h >= 1 and s.w >= 1 and s.mean.shape == (d,) and s.whiten.shape == (d, d) and s.atoms.ndim == 2 and s.atoms.shape[1] == d):
+                raise ValueError(f"the {s.h}x{s.w} arrays have shapes {s.mean.shape}, {s.whiten.shape}, {s.atoms.shape}, not ({d},), ({d}, {d}), (K, {d})")
+            for name in ("mean", "whiten", "atoms"):
+                a = getattr(s, name)
+                if a.dtype.kind != "f" or not np.isfinite(a).all():
+                    raise ValueError(f"the {s.h}x{s.w} {name} holds {a.dtype} values that are not all finite numbers")
+            counts.add(len(s.atoms))
+        if len(counts) != 1 or not 1 <= min(counts) <= MAX_ATOMS:
+            raise ValueError(f"atoms per shape {sorted(counts)}; every shape needs the same number, 1 to {MAX_ATOMS}")
 
 
 def fit(

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.config import check_resize
 from pipeline.errors import PipelineError
-from pipeline.data.images import BadImage, decode, file_channels
+from pipeline.data.images import MAX_PIXELS, BadImage, decode, file_channels
 from pipeline.query.run import PatchLookup, Run
 from pipeline.data.sources import read_ref
 
@@ -31,15 +31,16 @@ def read_image(run: Run, path: Path | str, resize: tuple[int, int] | None = None
     return image_from_bytes(run, data, str(path), resize, notes)
 
 
-def image_from_bytes(run: Run, data: bytes, name: str, resize: tuple[int, int] | None = None, notes: list[str] | None = None) -> np.ndarray:
+def image_from_bytes(run: Run, data: bytes, name: str, resize: tuple[int, int] | None = None, notes: list[str] | None = None,
+                     max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """:func:`read_image` of an encoded image already in memory (an upload); ``name`` names it in messages.
-    Raises :class:`PipelineError` for bytes that are no image and :class:`WrongSize` for an image of
-    another size than the run's."""
+    Raises :class:`PipelineError` for bytes that are no image (or of more than ``max_pixels``
+    pixels) and :class:`WrongSize` for an image of another size than the run's."""
     cfg = run.extract_config
     if resize is not None:
         check_resize(resize)
     try:
-        img = decode(data, cfg.channels, resize or cfg.resize)
+        img = decode(data, cfg.channels, resize or cfg.resize, max_pixels)
         own = file_channels(data)
     except BadImage as e:
         raise PipelineError(f"cannot read {name}: {e}") from None

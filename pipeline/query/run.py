@@ -11,12 +11,16 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+import os
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import index as pattern_index
 from pipeline import layout, patterns, weights
 from pipeline.config import ExtractConfig, TrainConfig
+from pipeline.data.images import MAX_PIXELS
 from pipeline.data.pixels import as_nhwc, to_channels
 from pipeline.errors import PipelineError
 from pipeline.extraction.codes import Dictionary
@@ -29,6 +33,18 @@ from pipeline.training.vocab import Vocabulary
 
 __all__ = ["Run", "load", "PatchLookup", "ImageLookup"]
 
+MAX_SIDE = 1 << 16  # image sides a run records; more is a damaged run.json
+RUN_FILES = (layout.VOCAB, layout.WEIGHTS, layout.PATTERNS, layout.IMAGES, layout.PATTERN_INDEX, layout.IMAGE_INDEX, layout.DICTIONARY)
+
+
+def _identity(path: Path) -> tuple:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
 
 class Run(Classify, LookUp):
     """A trained run directory, loaded: its configs, plan, vocabulary, model and (on first use)
@@ -37,8 +53,9 @@ class Run(Classify, LookUp):
     def __init__(self, root: Path | str, unseen_rule: str | None = None):
         self.root = Path(root)
         mpath = self.root / layout.RUN_MANIFEST
-        if not mpath.exists():
+        if not mpath.exists() and not mpath.is_symlink():
             raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
+        self._identity = _identity(mpath)
         try:
             self.manifest = layout.read_json(mpath)
         except (ValueError, OSError) as e:
@@ -57,6 +74,12 @@ class Run(Classify, LookUp):
             self.image_index_info = pattern_index.IndexInfo.from_dict(self.manifest["image_index"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PipelineError(f"{mpath} is damaged ({e.__class__.__name__}: {e}); train the run again") from None
+        if not (1 <= self.height <= MAX_SIDE and 1 <= self.width <= MAX_SIDE and self.height * self.width <= MAX_PIXELS) or not self.class_names:
+            raise PipelineError(f"{mpath} is damaged (images of {self.height}x{self.width}, {len(self.class_names)} classes); train the run again")
+        for name in RUN_FILES:  # a missing one is reported by whatever needs it
+            path = self.root / name
+            if path.exists() or path.is_symlink():
+                layout.regular_file(path, "the run is damaged: train it again")
         if self.extract_config.fingerprint() != self.fingerprint:
             raise PipelineError(f"{mpath} is inconsistent (extract config does not match its fingerprint); train again")
         self.dictionary = (
@@ -69,22 +92,44 @@ class Run(Classify, LookUp):
         self.weights = weights.load(self.root / layout.WEIGHTS, "train the run again")
         self._table, self.head_layers = self._check_weights()
         self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
+        # the tables are opened now (their footers read), so the whole run is the files present at load
+        for name in (layout.PATTERNS, layout.IMAGES):
+            if (self.root / name).exists():
+                getattr(self, "pattern_file" if name == layout.PATTERNS else "image_file")
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`PipelineError` when the run directory was trained again (or its manifest
+        replaced) after it was loaded: files opened from now on would belong to another run."""
+        if _identity(self.root / layout.RUN_MANIFEST) != self._identity:
+            raise PipelineError(f"{self.root} was replaced on disk after it was loaded (trained again?); load it again")
 
     @cached_property
     def patterns(self) -> dict[str, np.ndarray]:
         """The whole pattern table's metadata as numpy columns, row i = pattern id i (a query
         needs only :meth:`pattern_rows`)."""
-        return patterns.read(self.root / layout.PATTERNS)
-
-    def _parquet(self, name: str) -> pq.ParquetFile:
-        path = self.root / name
-        if not path.exists():
-            raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
-        return pq.ParquetFile(path)
+        return patterns.columns(self.pattern_file.read(columns=[c for c in self.pattern_file.schema_arrow.names if c != "example_pixels"]))
 
     @cached_property
     def pattern_file(self) -> pq.ParquetFile:
-        return self._parquet(layout.PATTERNS)
+        return self._parquet(layout.PATTERNS, self.vocab.size, "patterns")
+
+    @cached_property
+    def image_file(self) -> pq.ParquetFile:
+        return self._parquet(layout.IMAGES, self.image_index_info.vectors, "indexed images")
+
+    def _parquet(self, name: str, rows: int, what: str) -> pq.ParquetFile:
+        """The Parquet table ``name``, opened, with ``rows`` rows (one per {what} of the run)."""
+        path = self.root / name
+        if not path.exists():
+            raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
+        self.check_unchanged()
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise PipelineError(f"{path} is not a readable Parquet file ({e.__class__.__name__}); train the run again") from None
+        if pf.metadata.num_rows != rows:
+            raise PipelineError(f"{path} has {pf.metadata.num_rows:,} rows but the run has {rows:,} {what}; train the run again")
+        return pf
 
     def pattern_rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Metadata of patterns ``ids`` (numpy columns parallel to ``ids``): from :attr:`patterns` once
@@ -100,6 +145,7 @@ class Run(Classify, LookUp):
     @cached_property
     def index(self):
         """The pattern index (memory-mapped); ``nprobe`` / ``ef_search`` as recorded, see :meth:`tune`."""
+        self.check_unchanged()
         return pattern_index.load(self.root / layout.PATTERN_INDEX, self.index_info, check=True)
 
     def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -108,14 +154,11 @@ class Run(Classify, LookUp):
 
     @cached_property
     def image_index(self):
+        self.check_unchanged()
         idx = pattern_index.load(self.root / layout.IMAGE_INDEX, self.image_index_info, check=True)
         if idx.ntotal != len(self.images["image_id"]):
             raise PipelineError(f"{self.root / layout.IMAGE_INDEX} holds {idx.ntotal:,} images but {layout.IMAGES} lists {len(self.images['image_id']):,}; train the run again")
         return idx
-
-    @cached_property
-    def image_file(self) -> pq.ParquetFile:
-        return self._parquet(layout.IMAGES)
 
     @cached_property
     def images(self) -> dict[str, np.ndarray]:

@@ -14,9 +14,17 @@
 * ``GET /``: the page (``page.html``), which uses the endpoints above.
 
 Every error is a JSON object ``{"error": "..."}`` with a 4xx status, and the server stays up.
-A run answers one request at a time (its vocabulary's scratch arrays are not shared), so
-requests queue on a lock; pictures are cached (bounded) so a page's many small images cost
-one look-up each.
+
+What one request can cost is bounded: at most ``MAX_IMAGES`` images, ``k`` up to
+``MAX_K`` and ``patches`` from 1 to ``MAX_PATCHES``, and images x k x patches at most
+``MAX_WORK`` (which bounds the answer's size too); an upload decoding to more than
+``MAX_UPLOAD_PIXELS`` pixels is refused from its header, and at most ``DECODERS`` uploads
+decode at once. A run answers one image at a time (its vocabulary's scratch arrays are not
+shared), so images queue on a lock taken per image, not per request: a large request
+cannot hold the run while others wait. Pictures are cached (bounded) so a page's many small
+images cost one look-up each. :mod:`pipeline.serve.guards` adds the security headers and
+refuses other hosts and cross-origin POSTs; a run whose files were replaced on disk after
+loading is refused (503) rather than answered from a mix of two runs.
 """
 from __future__ import annotations
 
@@ -35,13 +43,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import parse_size
 from pipeline.errors import PipelineError
-from pipeline.query.batch import check_counts
 from pipeline.query.report import WrongSize, image_from_bytes, query_one
 from pipeline.query.run import Run
+from pipeline.serve.guards import Guard
 from pipeline.serve.limits import LimitBody
 
 MAX_UPLOAD_MB = 16  # default request-size limit
 MAX_IMAGES = 64  # images per request
+MAX_K = 32  # nearest patterns per patch and nearest training images per image
+MAX_PATCHES = 50  # patches reported per image (every patch, patches=0, is for pipe query)
+MAX_WORK = 4096  # images x k x patches: the look-ups, and entries of the answer, of one request
+MAX_UPLOAD_PIXELS = 1 << 24  # an upload decoding to more (4096 x 4096) is refused from its header
+DECODERS = 2  # uploads decoded at once
 PICTURE_SIDE = 96  # pictures of patterns and thumbnails are enlarged to about this many pixels a side
 
 
@@ -59,13 +72,28 @@ def png_bytes(pixels: np.ndarray, side: int = PICTURE_SIDE) -> bytes:
     return buf.getvalue()
 
 
-def _parse_resize(text: str | None) -> tuple[int, int] | None:
+def _parse_resize(text: str | None, run: Run) -> tuple[int, int] | None:
+    """The upload size asked for: none, or the run's own image size (any other cannot be answered)."""
     if not text:
         return None
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as e:
         raise PipelineError(f"resize {e}") from None
+    if size != (run.height, run.width):
+        raise PipelineError(f"resize {text} is not the run's image size; pass resize={run.height}x{run.width} or leave it out")
+    return size
+
+
+def check_request(images: int, k: int, patches: int) -> None:
+    """Refuse a query whose work is over the server's bounds (module docstring)."""
+    if not 1 <= k <= MAX_K:
+        raise PipelineError(f"k {k} must be between 1 and {MAX_K}")
+    if not 1 <= patches <= MAX_PATCHES:
+        raise PipelineError(f"patches {patches} must be between 1 and {MAX_PATCHES} (every patch, patches=0, is for pipe query)")
+    if images * k * patches > MAX_WORK:
+        raise PipelineError(f"{images} images x k {k} x patches {patches} = {images * k * patches:,} look-ups, more than the "
+                            f"{MAX_WORK:,} one request may ask; send fewer images or a smaller k or patches")
 
 
 def check_port(host: str, port: int) -> None:
@@ -88,12 +116,24 @@ def warm(run: Run) -> None:
     query_one(run, blank, "warm-up")
 
 
-def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = MAX_IMAGES):
+def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = MAX_IMAGES, loopback_only: bool = True):
     """The application serving ``run`` (see the module docstring); requests over ``max_upload_mb``
-    MiB or with more than ``max_images`` images are refused."""
+    MiB or with more than ``max_images`` images are refused. ``loopback_only``: the server
+    listens on a loopback address, so requests naming another host are refused."""
     app = FastAPI(title="patchhash", docs_url="/docs", redoc_url=None)
     lock = threading.Lock()
-    page = resources.files("pipeline.serve").joinpath("page.html").read_text(encoding="utf-8")
+    decoders = threading.BoundedSemaphore(DECODERS)
+    files = resources.files("pipeline.serve")
+    page = files.joinpath("page.html").read_text(encoding="utf-8")
+    script = files.joinpath("page.js").read_text(encoding="utf-8")
+
+    @app.middleware("http")
+    async def _same_run(request: Request, call_next):
+        try:
+            run.check_unchanged()
+        except PipelineError as e:
+            return _error(503, f"{e}; restart pipe serve")
+        return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -119,6 +159,10 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
     def index():
         return page
 
+    @app.get("/page.js")
+    def page_script():
+        return Response(script, media_type="text/javascript")
+
     @app.post("/query")
     def query(
         images: list[UploadFile] = File(...),
@@ -127,10 +171,10 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
         if len(images) > max_images:
             return _error(413, f"{len(images)} images in one request; send at most {max_images}")
         try:
-            check_counts(k, patches)
+            check_request(len(images), k, patches)
             if classifier not in ("head", "knn"):
                 raise PipelineError(f"classifier {classifier!r} is not one of head, knn")
-            size = _parse_resize(resize)
+            size = _parse_resize(resize, run)
         except PipelineError as e:
             return _error(400, str(e))
         decoded = []
@@ -138,16 +182,17 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
             name = f.filename or "upload"
             notes: list[str] = []
             try:
-                decoded.append((name, image_from_bytes(run, f.file.read(), name, size, notes), notes))
+                with decoders:
+                    decoded.append((name, image_from_bytes(run, f.file.read(), name, size, notes, MAX_UPLOAD_PIXELS), notes))
             except WrongSize as e:
                 return _error(422, str(e), image=name)
             except PipelineError as e:
                 return _error(400, str(e), image=name)
         results, notes = [], []
-        with lock:
-            for name, img, said in decoded:
+        for name, img, said in decoded:
+            with lock:  # per image, so that one request's images take turns with other requests'
                 results.append(query_one(run, img, name, k=k, top=patches, classifier=classifier)[0])
-                notes += said
+            notes += said
         return {"results": results, **({"notes": notes} if notes else {})}
 
     @lru_cache(maxsize=4096)
@@ -201,4 +246,5 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
         return class_view(c, n)
 
     app.add_middleware(LimitBody, max_bytes=int(max_upload_mb * (1 << 20)))
+    app.add_middleware(Guard, loopback_only=loopback_only)
     return app

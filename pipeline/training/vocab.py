@@ -11,6 +11,8 @@ and their key -> row look-up table (16 bytes per slot, at most half full).
 """
 from __future__ import annotations
 
+import zipfile
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -128,10 +130,17 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: Path, stats: dict | None = None) -> "Vocabulary":
-        if not path.exists():
-            raise PipelineError(f"{path} is missing; the run is incomplete, train it again")
-        with np.load(path, allow_pickle=False) as z:
-            return cls(z["keys"], z["counts"], int(z["buckets"]), int(z["min_count"]), stats or {})
+        layout.regular_file(path, "the run is incomplete, train it again")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys, counts, buckets, min_count = z["keys"], z["counts"], int(z["buckets"]), int(z["min_count"])
+            if keys.dtype != np.uint64 or keys.ndim != 1 or counts.shape != keys.shape or counts.dtype.kind not in "iu" or buckets < 0:
+                raise ValueError(f"keys {keys.dtype} {keys.shape}, counts {counts.dtype} {counts.shape}, buckets {buckets}")
+            if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+                raise ValueError("keys not ascending")
+        except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise PipelineError(f"{path} is not a readable vocabulary ({e.__class__.__name__}: {e}); train the run again") from None
+        return cls(keys, counts, buckets, min_count, stats or {})
 
 
 def build(

@@ -1,0 +1,95 @@
+"use strict";
+const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990", "#808000"];
+let run = null;
+const $ = (id) => document.getElementById(id);
+const el = (tag, props = {}, kids = []) => { const e = Object.assign(document.createElement(tag), props); kids.forEach(k => e.append(k)); return e; };
+
+const ordinal = (n) => n + (n % 10 === 1 && n % 100 !== 11 ? "st" : n % 10 === 2 && n % 100 !== 12 ? "nd" : n % 10 === 3 && n % 100 !== 13 ? "rd" : "th");
+
+// Strings from the run (class names, file names) always go in as text, never as markup.
+const lines = (parts) => parts.flatMap((p, i) => (i ? [el("br"), p] : [p]));
+
+function figure(src, captions, alt) {
+  const img = el("img", { src, alt, loading: "lazy" });
+  return el("figure", {}, [img, el("figcaption", {}, lines(captions.map(String)))]);
+}
+
+async function loadInfo() {
+  run = await (await fetch("/info")).json();
+  const acc = run.val_accuracy == null ? "" : `, held-out accuracy ${(100 * run.val_accuracy).toFixed(1)}%`;
+  $("info").textContent = `${run.run}: ${run.classes.length} classes, ${run.image.height}×${run.image.width}×${run.image.channels} images, ${run.patterns.toLocaleString()} patterns${acc}`;
+  run.classes.forEach((c, i) => $("class").append(el("option", { value: i, textContent: c })));
+  showClass(0);
+}
+
+async function showClass(c) {
+  const box = $("class-patterns");
+  box.replaceChildren();
+  const view = await (await fetch(`/class/${c}?n=24`)).json();
+  view.patterns.forEach(p => box.append(figure(`/pattern/${p.pattern_id}.png`, [`${p.view} ${p.h}×${p.w}`, `seen ${p.count.toLocaleString()}`], `pattern ${p.pattern_id}`)));
+}
+
+function cropCanvas(img, p, h, w) {
+  const c = el("canvas", { width: p.w, height: p.h, className: "crop" });
+  const g = c.getContext("2d");
+  g.imageSmoothingEnabled = false;
+  g.drawImage(img, p.x * img.naturalWidth / w, p.y * img.naturalHeight / h, p.w * img.naturalWidth / w, p.h * img.naturalHeight / h, 0, 0, p.w, p.h);
+  return c;
+}
+
+function show(res, file) {
+  const h = run.image.height, w = run.image.width, scale = Math.max(1, Math.floor(320 / Math.max(h, w)));
+  const shown = $("shown");
+  shown.width = w * scale; shown.height = h * scale;
+  shown.src = URL.createObjectURL(file);
+  const stage = $("stage");
+  stage.querySelectorAll(".box").forEach(b => b.remove());
+  $("prediction").textContent = res.prediction;
+  const bars = $("bars"); bars.replaceChildren();
+  Object.entries(res.probabilities).sort((a, b) => b[1] - a[1]).forEach(([c, p]) => bars.append(
+    el("div", { className: "bar" }, [el("span", { textContent: c }), el("div", { className: "track" }, [el("div", { className: "fill", style: `width:${(100 * p).toFixed(1)}%` })]), el("span", { className: "num", textContent: p.toFixed(3) })])));
+  const n = res.patches;
+  $("counts").textContent = `${n.total.toLocaleString()} patches: ${n.seen.toLocaleString()} seen in training, ${n.composed.toLocaleString()} unseen but composed from seen parts, ${n.unmatched.toLocaleString()} unmatched (left out).`;
+  const body = $("patches"); body.replaceChildren();
+  shown.onload = () => {
+    res.top_patches.forEach((p, i) => {
+      const color = COLORS[i % COLORS.length];
+      stage.append(el("div", { className: "box", style: `left:${p.x * scale}px;top:${p.y * scale}px;width:${p.w * scale}px;height:${p.h * scale}px;border-color:${color}` }));
+      const state = p.seen ? "seen" : (p.composed ? "unseen, composed" : "unseen, unmatched");
+      const near = el("div", { className: "pics" });
+      p.nearest.forEach(q => near.append(figure(`/pattern/${q.pattern_id}.png`, [`d=${q.distance.toFixed(1)} ${q.view}`, `seen ${q.count.toLocaleString()}`, q.top_class || "–"], `pattern ${q.pattern_id}`)));
+      body.append(el("tr", { className: "patch-row" }, [
+        el("td", {}, [el("span", { className: "chip", style: `background:${color}`, textContent: i + 1 })]),
+        el("td", {}, [cropCanvas(shown, p, h, w)]),
+        el("td", {}, [el("b", { textContent: p.view }), ...lines([
+          ` ${p.h}×${p.w} at (${p.y}, ${p.x})${p.cell >= 0 ? `, cell ${p.cell}` : ""}`,
+          ...(p.view === "code" ? [`its ${ordinal(p.rank + 1)} nearest atom`] : []),
+          `${state}${p.occurrences > 1 ? `, ×${p.occurrences}` : ""}`])]),
+        el("td", { textContent: (p.contribution >= 0 ? "+" : "") + p.contribution.toFixed(3) }),
+        el("td", {}, [near]),
+      ]));
+    });
+  };
+  const nb = $("neighbours"); nb.replaceChildren();
+  res.nearest_images.forEach(m => nb.append(figure(`/training-image/${m.row}.png`, [m.label, (m.name || `#${m.image_id}`).split("/").slice(-2).join("/"), `d=${m.distance.toFixed(2)}`], `training image ${m.image_id}`)));
+  ["answer", "patches-section", "images-section"].forEach(id => $(id).classList.remove("hidden"));
+}
+
+async function query(file) {
+  $("error").textContent = "";
+  const form = new FormData();
+  form.append("images", file, file.name);
+  const r = await fetch("/query?patches=5&k=5", { method: "POST", body: form });
+  const body = await r.json();
+  if (!r.ok) { $("error").textContent = body.error || `error ${r.status}`; return; }
+  show(body.results[0], file);
+}
+
+const drop = $("drop");
+drop.onclick = () => $("file").click();
+$("file").onchange = (e) => e.target.files.length && query(e.target.files[0]);
+drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
+drop.ondragleave = () => drop.classList.remove("over");
+drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files.length) query(e.dataTransfer.files[0]); };
+$("class").onchange = (e) => showClass(e.target.value);
+loadInfo();
