@@ -513,14 +513,17 @@ def serve(run, host, port, max_upload_mb, rule):
         from pipeline.serve import app as serving
     except ImportError as e:
         raise click.ClickException(f"pipe serve needs the serve extra ({e.name} is not installed): pip install 'patchhash[serve]'")
-    if max_upload_mb <= 0:
-        raise click.ClickException(f"--max-upload-mb {max_upload_mb} must be more than 0")
+    serving.check_upload_mb(max_upload_mb)
     serving.check_port(host, port)
     r = pipeline.load(run, rule)
     serving.warm(r)
-    app = serving.make_app(r, max_upload_mb)
+    loopback = serving.is_loopback(host)
+    app = serving.make_app(r, max_upload_mb, loopback_only=loopback)
+    if not loopback:
+        click.echo(f"warning: listening on {host} makes the server reachable from other machines, and it has no "
+                   "authentication: anyone who can reach the port can query the run and see its training images", err=True)
     click.echo(f"serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serving.run_server(app, host, port)
 
 
 if __name__ == "__main__":

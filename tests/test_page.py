@@ -40,11 +40,11 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1200, "height": 1400})
             page.goto(base + "/")
-            page.wait_for_function("document.getElementById('info').textContent.includes('classes')")
+            page.wait_for_function("() => document.getElementById('info').textContent.includes('classes')")
             page.set_input_files("[data-testid=file]", str(path))
-            page.wait_for_function("document.querySelectorAll('.patch-row').length > 0", timeout=30000)
+            page.wait_for_function("() => document.querySelectorAll('.patch-row').length > 0", timeout=30000)
             # every picture on the page (patterns, thumbnails, the class view) has loaded
-            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=30000)
+            page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=30000)
             assert page.text_content("[data-testid=prediction]") == run.class_names[int(label[0])]
             assert page.locator(".patch-row").count() == 5
             assert page.locator("[data-testid=patches] figure img").count() >= 5
@@ -59,10 +59,60 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
             bad = tmp_path / "notes.png"
             bad.write_bytes(b"not an image")
             page.set_input_files("[data-testid=file]", str(bad))
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
             assert "cannot read notes.png" in page.text_content("[data-testid=error]")
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert (SCREENSHOTS / "serve-page.png").stat().st_size > 10_000
+
+
+HOSTILE = ['<img src=x onerror="window.__pwned=1">', "<b onmouseover=alert(1)>bold</b>"]
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """A run whose class folders and file names are markup that runs script if inserted as HTML."""
+    root = tmp_path_factory.mktemp("hostile")
+    imgs, labs = digits_images("train", 120)
+    for i, (img, lab) in enumerate(zip(imgs, labs)):
+        d = root / "images" / HOSTILE[int(lab) % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"<img src=y onerror=window.__pwned=2>{i:03d}.png").write_bytes(encode_png(img))
+    pipeline.extract(pipeline.open_source(root / "images"), root / "shards", pipeline.ExtractConfig(code_shapes="none"))
+    pipeline.train(pipeline.Shards(root / "shards"), root / "run", pipeline.TrainConfig(epochs=1, dim=8))
+    return root / "run"
+
+
+def test_names_from_the_data_are_shown_as_text_never_run(hostile_run, tmp_path):
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+
+    path = tmp_path / "digit.png"
+    path.write_bytes(encode_png(digits_images("test", 1)[0][0]))
+    proc, base = start_server(hostile_run)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            page.goto(base + "/")
+            page.wait_for_function("() => document.getElementById('info').textContent.includes('classes')")
+            page.set_input_files("[data-testid=file]", str(path))
+            page.wait_for_function("() => document.querySelectorAll('.patch-row').length > 0", timeout=30000)
+            page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=30000)
+            assert page.evaluate("() => window.__pwned") is None
+            # no element came from the data: every <img> is one the page made, every <b> the view's name
+            assert page.locator("img[src=x], img[src=y]").count() == 0
+            assert page.evaluate("() => [...document.querySelectorAll('b')].every(b => !b.hasAttribute('onmouseover'))")
+            text = page.text_content("body")
+            assert HOSTILE[0] in text or HOSTILE[1] in text  # the names are there, as text
+            assert "<img src=y onerror=window.__pwned=2>" in page.text_content("[data-testid=neighbours]")
+            # and even script that got in would not run: the policy forbids inline script
+            page.evaluate("""() => { const d = document.createElement('div'); d.innerHTML = '<img src=z onerror="window.__pwned=3">'; document.body.append(d); }""")
+            page.wait_for_timeout(500)
+            assert page.evaluate("() => window.__pwned") is None
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -29,6 +29,7 @@ loading is refused (503) rather than answered from a mix of two runs.
 from __future__ import annotations
 
 import io
+import math
 import socket
 import threading
 from functools import lru_cache
@@ -45,7 +46,8 @@ from pipeline.config import parse_size
 from pipeline.errors import PipelineError
 from pipeline.query.report import WrongSize, image_from_bytes, query_one
 from pipeline.query.run import Run
-from pipeline.serve.guards import Guard
+from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
+from pipeline.serve.server import run_server  # noqa: F401 (for pipe serve)
 from pipeline.serve.limits import LimitBody
 
 MAX_UPLOAD_MB = 16  # default request-size limit
@@ -55,6 +57,7 @@ MAX_PATCHES = 50  # patches reported per image (every patch, patches=0, is for p
 MAX_WORK = 4096  # images x k x patches: the look-ups, and entries of the answer, of one request
 MAX_UPLOAD_PIXELS = 1 << 24  # an upload decoding to more (4096 x 4096) is refused from its header
 DECODERS = 2  # uploads decoded at once
+MAX_UPLOAD_LIMIT_MB = 1024  # the largest --max-upload-mb
 PICTURE_SIDE = 96  # pictures of patterns and thumbnails are enlarged to about this many pixels a side
 
 
@@ -96,6 +99,12 @@ def check_request(images: int, k: int, patches: int) -> None:
                             f"{MAX_WORK:,} one request may ask; send fewer images or a smaller k or patches")
 
 
+def check_upload_mb(mb: float) -> None:
+    """Refuse a request-size limit that is not a positive finite number of MiB (at most 1 GiB)."""
+    if not (math.isfinite(mb) and 0 < mb <= MAX_UPLOAD_LIMIT_MB):
+        raise PipelineError(f"--max-upload-mb {mb} must be a number of MiB above 0 and at most {MAX_UPLOAD_LIMIT_MB}")
+
+
 def check_port(host: str, port: int) -> None:
     """Refuse a host/port the server could not listen on, before the run is loaded."""
     if not 0 < port < 65536:
@@ -112,6 +121,7 @@ def warm(run: Run) -> None:
     and answer one blank image, so that the indexes, the image table and the compiled kernels are
     loaded before the first real request."""
     run.patterns
+    run.pattern_file, run.image_file, run.index, run.image_index  # every file opened now
     blank = np.zeros((run.height, run.width, run.extract_config.channels), np.uint8)
     query_one(run, blank, "warm-up")
 
