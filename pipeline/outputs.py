@@ -50,6 +50,16 @@ def check_out(out: Path, inputs: Iterable[Path | str] = ()) -> None:
             raise PipelineError(f"--out {out} is or holds the input {given}; writing there would replace it: choose another --out")
 
 
+def check_file_out(out: Path, what: str) -> None:
+    """Refuse an output file (``--out`` of pipe query --batch, a --png folder) that would land
+    inside a run or shard directory: only the command that owns such a directory writes in it."""
+    target = Path(out).resolve()
+    for d in [target, *target.parents]:
+        if d.is_dir() and any((d / name).exists() for name in OWN_FILES):
+            raise PipelineError(f"{what} {out} is inside {d}, a directory pipe extract or pipe train wrote; "
+                                "only they write there: choose a path outside it")
+
+
 def _replace(out: Path) -> None:
     """Empty ``out`` (checked by :func:`prepare`) for a new job: only a directory this project
     wrote, and the lock file (held by the caller) stays."""

@@ -335,8 +335,7 @@ def _identity(kind: str, path: Path) -> dict:
         return file_identity(path)
     h = hashlib.sha256()
     n = 0
-    for dp, dirs, files in os.walk(path):
-        dirs.sort()
+    for dp, dirs, files in _walk(path):
         for f in sorted(files):
             full = Path(dp, f)
             try:
@@ -346,7 +345,7 @@ def _identity(kind: str, path: Path) -> dict:
             if kind == "cifar":
                 h.update(json.dumps([f, file_identity(full)["sha256"]]).encode())
             else:
-                h.update(json.dumps([str(full.relative_to(path)), st.st_size, st.st_mtime_ns]).encode())
+                h.update(json.dumps([shown_name(str(full.relative_to(path))), st.st_size, st.st_mtime_ns]).encode())
             n += 1
     return {"files": n, "sha256": h.hexdigest()}
 
@@ -409,16 +408,39 @@ def _digits(split: str | None):
 # ------------------------------------------------------------------ image folders and tars
 
 def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None):
-    """Split-filter relative paths ``[split/]class/file``; returns (split, class names, [(path, class)])."""
-    entries = []
+    """Split-filter relative paths ``[wrapper/][split/]class/.../file``; returns (split, class names,
+    [(path, class)]).
+
+    The class of a file is the first folder below the root (below the split folder, where there
+    is one), however deep the file sits inside it. A single top folder holding everything (a
+    tar packed from its parent folder) is looked through. A folder whose images all sit at its
+    top level, with no class folders, is a source of unlabelled images (class -1).
+    """
+    paths = []
     for rel in rel_paths:
         parts = PurePosixPath(rel).parts
-        if any(p.startswith(".") for p in parts):
-            continue
+        if not any(p.startswith(".") for p in parts):
+            paths.append((rel, parts))
+    while (paths and len({p[0] for _, p in paths}) == 1 and paths[0][1][0] not in SPLITS
+           and all(len(p) >= 3 for _, p in paths)):
+        paths = [(rel, p[1:]) for rel, p in paths]
+    entries, loose = [], []
+    for rel, parts in paths:
         if len(parts) < 2:
-            continue  # files at the top level carry no class; ignored (e.g. README)
-        sp = parts[-3] if len(parts) >= 3 and parts[-3] in SPLITS else None
-        entries.append((rel, sp, parts[-2]))
+            if is_image_name(rel):
+                loose.append(rel)
+            continue  # other files at the top level carry no class (e.g. a README)
+        if parts[0] in SPLITS and len(parts) >= 3:
+            entries.append((rel, parts[0], shown_name(parts[1])))
+        else:
+            entries.append((rel, None, shown_name(parts[0])))
+    if loose and not entries:
+        if split is not None:
+            raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it")
+        return None, [], [(rel, -1) for rel in loose]
+    if loose:
+        raise PipelineError(f"{where} holds {len(loose)} images at its top level ({loose[0]}, ...) beside class folders; "
+                            "move them into their class's folder, or query them as a folder of their own")
     present = sorted({sp for _, sp, _ in entries if sp})
     if split is not None and present and split not in present:
         raise PipelineError(f"{where} has no {split}/ folder; available: {', '.join(present)}")
@@ -432,6 +454,28 @@ def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None):
     return chosen, classes, [(rel, index[c]) for rel, _, c in entries]
 
 
+def shown_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by the OS as surrogates) shown as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` that follows links to folders (a class folder may be a link), each real folder once."""
+    seen: set[str] = set()
+    for dp, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dp)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield dp, dirs, files
+
+
 def _check_image_name(rel: str, where: str) -> None:
     if not is_image_name(rel):
         raise BadImage(f"not an image file (unknown extension); remove it from {where}")
@@ -440,7 +484,7 @@ def _check_image_name(rel: str, where: str) -> None:
 def _folder(root: Path, split: str | None):
     rels = sorted(
         str(PurePosixPath(*Path(dp, f).relative_to(root).parts))
-        for dp, _, files in os.walk(root)
+        for dp, _, files in _walk(root)
         for f in files
     )
     split, classes, entries = _labelled_paths(rels, str(root), split)
@@ -455,7 +499,7 @@ def _folder(root: Path, split: str | None):
                 return read_ref(("file", str(full)))
 
             ref = ("file", os.path.abspath(full)) if is_image_name(rel) else None  # a bad name is reported by load
-            yield _Item(int(i), label, str(full), load=load, ref=ref)
+            yield _Item(int(i), label, shown_name(str(full)), load=load, ref=ref)
 
     return "folder", split, classes, [lab for _, lab in entries], items
 
@@ -504,6 +548,11 @@ def _has_end_marker(archive: Path, offset: int) -> bool:
 def _tar(archive: Path, split: str | None):
     plain, where = _plain_tar(archive), os.path.abspath(archive)
     rels = [name for name, _, _ in _tar_members(archive, plain)]
+    if len(set(rels)) != len(rels):
+        seen: set[str] = set()
+        twice = next(r for r in rels if r in seen or seen.add(r))
+        raise PipelineError(f"{archive} holds the member {shown_name(twice)!r} more than once (a later copy hides the earlier one); "
+                            "pack it again without duplicates")
     split, classes, entries = _labelled_paths(rels, str(archive), split)
     position = {name: i for i, (name, _) in enumerate(entries)}
 
@@ -526,7 +575,7 @@ def _tar(archive: Path, split: str | None):
                 _check_image_name(name, str(archive))
                 return data if ref is None else read_ref(ref)
 
-            yield _Item(i, entries[i][1], f"{archive}:{name}", load=load, ref=ref)
+            yield _Item(i, entries[i][1], shown_name(f"{archive}:{name}"), load=load, ref=ref)
 
     return "tar", split, classes, [lab for _, lab in entries], items
 

@@ -284,6 +284,12 @@ class Shards:
             n += int(((~is_validation(ids, fraction)) & (labels >= 0)).sum())
         return n
 
+    def classes_present(self) -> np.ndarray:
+        """The distinct labels (>= 0) of the shards' images; reads the label column only."""
+        seen = [np.unique(self._open(path).read(columns=["label"]).column("label").to_numpy()) for path in self.files()]
+        labels = np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
+        return labels[labels >= 0]
+
     @property
     def code_slots(self) -> int:
         """Atom ids (and weights) stored per image for the code view; 0 without one."""

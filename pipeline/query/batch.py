@@ -112,6 +112,7 @@ def query_batch(
         raise PipelineError(f"--out {out} must end in .parquet")
     if out.is_dir():
         raise PipelineError(f"--out {out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
+    outputs.check_file_out(out, "--out")
     with outputs.locked(out, "pipe query --batch", file=True):
         return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize)
 

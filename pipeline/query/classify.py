@@ -104,7 +104,8 @@ class Classify:
     ) -> Iterator[KeyBatch]:
         """Keys of every image of ``data`` (a source, hashed the run's way, or shards extracted with
         the run's config) in batches, labels mapped to the run's classes (-1 when unknown). A
-        source's images are resized to ``resize`` (default: the run's own ``--resize``)."""
+        source's images are resized to ``resize`` (default: the run's own ``--resize``). Of shards,
+        only the original images: the augmented copies an extract wrote for training are left out."""
         if resize is not None and isinstance(data, Shards):
             raise PipelineError("--resize changes images of a source; shards hold keys already made, so leave it out")
         if resize is not None:
@@ -113,12 +114,13 @@ class Classify:
             data.check_fingerprint(self.fingerprint, f"run {self.root}")
             mapping = self._label_map(data.class_names, str(data.root))
             for b in data.iter_batches(names=True):
-                for i in range(0, len(b.labels), batch_size):
-                    sl = slice(i, i + batch_size)
+                keep = np.flatnonzero(is_original(b.image_ids))
+                for i in range(0, len(keep), batch_size):
+                    sl = keep[i : i + batch_size]
                     if progress:
-                        progress(len(b.labels[sl]))
+                        progress(len(sl))
                     w = None if b.weights is None else b.weights[sl]
-                    yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], b.names[sl], w)
+                    yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], [b.names[j] for j in sl], w)
             return
         mapping = self._label_map(data.class_names, data.path)
         for b in data.batches(batch_size, self.extract_config.channels, resize or self.extract_config.resize):

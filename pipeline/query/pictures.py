@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from pipeline import layout
+from pipeline import layout, outputs
 
 from pipeline.query.run import PatchLookup, Run
 
@@ -38,6 +38,7 @@ EXPLAINED = (
 def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str, title: str = "") -> None:
     """Write one PNG: the image with ``lookup``'s patches outlined, and per patch a row of
     [the patch itself, its k nearest learned patterns] labelled with distance, view, count and top class."""
+    outputs.check_file_out(Path(path), "the picture")
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[..., None]

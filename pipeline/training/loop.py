@@ -210,9 +210,13 @@ def train(
     the vocabulary pass's images, and ``on_step`` is told as each step after the last epoch starts
     (see :func:`pipeline.training.artifacts.write_lookups`)."""
     out = Path(out)
-    labels_seen = any(bool((b.labels >= 0).any()) for b in shards.iter_batches(shards.files()[:1]))
-    if not labels_seen or not shards.class_names:
+    present = shards.classes_present()
+    if not len(present) or not shards.class_names:
         raise PipelineError(f"{shards.root} has no labels; training needs a labelled source (class folders or y=)")
+    if len(present) < 2:
+        name = shards.class_names[int(present[0])] if present[0] < len(shards.class_names) else str(present[0])
+        raise PipelineError(f"{shards.root} holds images of one class only ({name!r}); a classifier needs at least two: "
+                            "extract a source with more classes (--limit takes the first images, which may all be one class; use --per-class)")
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root])
