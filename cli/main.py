@@ -145,6 +145,7 @@ def source_options(f):
 @click.option("--code-stride", type=int, default=ExtractConfig.code_stride, show_default=True, help="Code view: step between patch positions, in pixels.")
 @click.option("--code-sample", type=int, default=ExtractConfig.code_sample, show_default=True, help="Code view: patches per shape sampled to fit the dictionary.")
 @click.option("--dictionary", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Code view: use this dictionary.npz (e.g. the training shards') instead of fitting one on SOURCE.")
+@click.option("--like", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Take every setting (and the dictionary) from this run or shard directory, so the new keys are its keys (for pipe train --from).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Hash seed (also seeds the dictionary fit).")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
 @click.option("--augment", default="auto", show_default=True, help="Extra copies of each image: none, flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1; auto = flip for colour images, none for grayscale.")
@@ -156,7 +157,7 @@ def source_options(f):
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, whiten, code_stride, code_sample, dictionary, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
+def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -166,7 +167,13 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     \b
     Example:
       pipe extract ../shared/data/cifar10-train-jpg.tar.gz --workers 2 --out artifacts/cifar/shards
+      pipe extract new-images/ --like artifacts/cifar/run --out artifacts/new/shards
     """
+    if like is not None:
+        given = [f"--{p.replace('_', '-')}" for p in SETTINGS_OF_LIKE
+                 if click.get_current_context().get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.ClickException(f"--like {like} sets every setting; leave out {', '.join(given)}")
     if audit_images is not None and not audit:
         raise click.ClickException("--audit-images goes with --audit")
     if audit_images is not None and audit_images < 1:
@@ -182,6 +189,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
         m = pipeline.extract(
             src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers, engine=engine, address=address,
             compression=compression, progress=_patch_progress(bar), augment=augment, dictionary=dictionary, on_fit=fit_bar.update,
+            like=like,
         )
     resumed = m["resumed_shards"]
     note = " (already complete)" if resumed == len(m["shards"]) else (f" ({resumed} shard(s) kept from an interrupted run)" if resumed else "")
@@ -206,6 +214,11 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
             f"{res['distinct_keys']:,} distinct keys -> {res['collisions']} collision(s) "
             f"(expected at {res['bits']} bits: {res['expected_collisions']:.3g})"
         )
+
+
+# the options of pipe extract that --like takes from the earlier run or shards
+SETTINGS_OF_LIKE = ("levels", "views", "color", "max_size", "shapes", "stride", "position", "grid", "code_shapes", "atoms", "code_k",
+                    "code_weight", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
 
 
 def _patch_progress(bar: tqdm):

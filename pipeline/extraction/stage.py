@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.data import augment as augment_mod
 from pipeline.extraction import codes
+from pipeline.extraction import like as like_mod
 from pipeline import layout, outputs
 from pipeline.config import HASH_VERSION, ExtractConfig
 from pipeline.errors import PipelineError
@@ -337,6 +338,7 @@ def extract(
     address: str | None = None,
     dictionary: Path | str | None = None,
     on_fit: Callable[[int], None] | None = None,
+    like: Path | str | None = None,
 ) -> dict:
     """Hash every patch of every image of ``source`` into shards under ``out``; returns the manifest.
 
@@ -353,7 +355,17 @@ def extract(
     With a code view the dictionary is fitted on ``source`` (``on_fit`` is told of each batch
     of images read for it) and saved as ``out/dictionary.npz``, unless ``dictionary`` names
     one to use instead (a test set coded with the training shards' dictionary).
+
+    ``like`` (a run or shard directory) takes every setting from there instead of ``config``,
+    ``augment`` and ``dictionary`` (:mod:`pipeline.extraction.like`): the new shards' keys are
+    the earlier ones' keys, so ``pipe train --from`` can learn them on top of an earlier run.
     """
+    settings = None
+    if like is not None:
+        if dictionary is not None:
+            raise PipelineError("like takes the dictionary from the earlier run or shards; leave out dictionary")
+        settings = like_mod.like(like)
+        config, augment, dictionary = settings.config, settings.augment, settings.dictionary
     if address is not None and engine != "ray":
         raise PipelineError("--address goes with --engine ray")
     check_engine(engine)  # a missing Ray extra fails before anything is written
@@ -366,16 +378,19 @@ def extract(
     outputs.check_out(out, inputs)
     with outputs.locked(out, "pipe extract"):
         return _extract(source, out, config, overwrite, images_per_shard, workers, compression, progress, augment, engine,
-                        address, dictionary, on_fit, inputs)
+                        address, dictionary, on_fit, inputs, settings)
 
 
-def _extract(source, out, config, overwrite, images_per_shard, workers, compression, progress, augment, engine, address, dictionary, on_fit, inputs) -> dict:
+def _extract(source, out, config, overwrite, images_per_shard, workers, compression, progress, augment, engine, address, dictionary, on_fit, inputs,
+             settings: like_mod.Like | None = None) -> dict:
     """:func:`extract` with ``out`` locked."""
     t0 = time.time()
     config = resolve(config, source)
     augment = augment_mod.resolve(augment, config.channels)
     copies = 1 + augment_mod.count(augment)  # validates the spec
     height, width = _first_size(source, config)
+    if settings is not None:
+        like_mod.check_fits(source, settings, (height, width))
     augment_mod.check_size(augment, height, width)
     config = resolve_size(config, height, width)
     if dictionary is not None and not config.has_code:
@@ -443,6 +458,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
         "images": images,
         "augment": augment,
         "variants_per_image": copies - 1,
+        "like": None if settings is None else str(settings.root.resolve()),  # the run or shards whose settings these keys share
         "skipped": [name for r in shards for name in r["skipped"]],
         "unlabelled": sum(r.get("unlabelled", 0) for r in shards),  # kept for query; out of training and validation
         "keys_per_image": plan.keys_per_image,

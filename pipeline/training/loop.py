@@ -410,6 +410,7 @@ def finish_run(
         "width": shards.width,
         "class_names": shards.class_names,
         "shards": str(shards.root),
+        "augment": shards.manifest.get("augment"),
         "vocabulary": v.stats,
         "patterns": int(v.size),
         "rows": int(v.rows),
