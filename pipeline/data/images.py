@@ -86,7 +86,8 @@ def decode(data: bytes, channels: int | None, resize: tuple[int, int] | None = N
             if w * h > max_pixels:
                 raise BadImage(f"is {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} decoded; shrink it first")
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if "exif" in img.info or img.format == "TIFF":  # where an orientation can be recorded
+                img = ImageOps.exif_transpose(img)
             arr = _to_array(img)
     except BadImage:
         raise
