@@ -84,6 +84,41 @@ def test_2_cross_origin_and_foreign_host_requests_are_refused(served, digit_png)
     assert _post(base, files).status_code == 200  # a client that is not a browser sends no Origin
 
 
+def test_2_the_run_lock_serves_waiters_in_the_order_they_came():
+    """A request answering its images one after another releases the run's lock and asks again at
+    once; requests that were already waiting go first (with ``threading.Lock`` the same thread
+    may take it again ahead of them)."""
+    import threading
+
+    from pipeline.serve.turns import Turns
+
+    turns, order = Turns(), []
+
+    def waiter(name):
+        with turns:
+            order.append(name)
+
+    def large():
+        with turns:
+            order.append("large 1")
+            for name in ("b", "c", "d"):
+                t = threading.Thread(target=waiter, args=(name,))
+                t.start()
+                threads.append(t)
+                while turns._next < len(threads) + 1:  # it holds its ticket and waits
+                    time.sleep(0.001)
+        with turns:  # its next image
+            order.append("large 2")
+
+    threads: list = []
+    main = threading.Thread(target=large)
+    main.start()
+    main.join(30)
+    for t in threads:
+        t.join(30)
+    assert order == ["large 1", "b", "c", "d", "large 2"]
+
+
 # ------------------------------------------------------------------ 13. decoding is bounded
 
 def test_13_huge_uploads_are_refused_from_their_header(served):

@@ -20,8 +20,8 @@ What one request can cost is bounded: at most ``MAX_IMAGES`` images, ``k`` up to
 ``MAX_WORK`` (which bounds the answer's size too); an upload decoding to more than
 ``MAX_UPLOAD_PIXELS`` pixels is refused from its header, and at most ``DECODERS`` uploads
 decode at once. A run answers one image at a time (its vocabulary's scratch arrays are not
-shared), so images queue on a lock taken per image, not per request: a large request
-cannot hold the run while others wait. Pictures are cached (bounded) so a page's many small
+shared), so images queue on a first-come, first-served lock (:class:`Turns`) taken per image, not
+per request: a large request cannot hold the run while others wait. Pictures are cached (bounded) so a page's many small
 images cost one look-up each. :mod:`pipeline.serve.guards` adds the security headers and
 refuses other hosts and cross-origin POSTs; a run whose files were replaced on disk after
 loading is refused (503) rather than answered from a mix of two runs.
@@ -49,6 +49,7 @@ from pipeline.query.run import Run
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
 from pipeline.serve.server import run_server  # noqa: F401 (for pipe serve)
 from pipeline.serve.limits import LimitBody
+from pipeline.serve.turns import Turns
 
 MAX_UPLOAD_MB = 16  # default request-size limit
 MAX_IMAGES = 64  # images per request
@@ -131,7 +132,7 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
     MiB or with more than ``max_images`` images are refused. ``loopback_only``: the server
     listens on a loopback address, so requests naming another host are refused."""
     app = FastAPI(title="patchhash", docs_url="/docs", redoc_url=None)
-    lock = threading.Lock()
+    lock = Turns()  # first come, first served: image by image, requests take turns
     decoders = threading.BoundedSemaphore(DECODERS)
     files = resources.files("pipeline.serve")
     page = files.joinpath("page.html").read_text(encoding="utf-8")
