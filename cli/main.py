@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
-from pipeline.config import OPTIMIZERS, parse_size
+from pipeline.config import OPTIMIZERS, REPLAY, parse_size
 from pipeline.errors import environment_message
 
 
@@ -268,17 +268,34 @@ def _train_option(name: str, help: str, **kw):
 @click.option("--nproc", type=int, default=1, show_default=True, help="Processes: N > 1 launches torchrun with DistributedDataParallel (gloo), docs/distributed.md.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint (with the --nproc it ran with).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def train(shards, out, nproc, resume, overwrite, **options):
+@click.option("--from", "start", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Learn SHARDS on top of this finished run (extract them with --like RUN); it is never modified. Settings default to its own.")
+@click.option("--replay", type=int, default=REPLAY, show_default=True, help="With --from: earlier images per class trained on again.")
+def train(shards, out, nproc, resume, overwrite, start, replay, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
 
     Writes metrics.jsonl and curves.png after every epoch, and a checkpoint
-    that --resume continues from.
+    that --resume continues from. With --from RUN it learns SHARDS on top of
+    RUN: RUN's classes keep their indices, new ones are added, and only the
+    patterns in the images it trains on change.
 
     \b
     Example:
       pipe train artifacts/digits/shards --out artifacts/digits/run --epochs 10
+      pipe train artifacts/new/shards --from artifacts/digits/run --out artifacts/digits/run2
     """
-    config = TrainConfig(**options)
+    ctx = click.get_current_context()
+    if start is None:
+        if ctx.get_parameter_source("replay") == click.core.ParameterSource.COMMANDLINE:
+            raise click.ClickException("--replay goes with --from")
+        config = TrainConfig(**options)
+    else:
+        if nproc != 1:
+            raise click.ClickException("--from trains in one process; leave out --nproc")
+        from pipeline.training.grow import step_config
+
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        config = step_config(start, **given)
     if nproc != 1:
         from pipeline.training.ddp import launch
 
@@ -286,7 +303,13 @@ def train(shards, out, nproc, resume, overwrite, **options):
         click.echo(f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
         return
     sh = pipeline.open_shards(shards)
-    per_epoch = sh.count_training(config.val_fraction)  # the bars' totals are exact
+    # the bars' totals are exact
+    if start is None:
+        per_epoch = sh.count_training(config.val_fraction)
+    else:
+        from pipeline.training.grow import step_images
+
+        per_epoch = step_images(sh, start, replay, config.val_fraction)
     with _bar(per_epoch, "img", "vocabulary") as vbar:
         vocab_progress = vbar.update
         bar = _bar(per_epoch * config.epochs, "img", "train")
@@ -315,7 +338,7 @@ def train(shards, out, nproc, resume, overwrite, **options):
 
         with bar:
             m = pipeline.train(sh, out, config, overwrite=overwrite, resume=resume, progress=progress, on_epoch=on_epoch,
-                               on_vocab=vocab_progress, on_step=on_step)
+                               on_vocab=vocab_progress, on_step=on_step, start=start, replay=replay)
         for b in steps:
             b.close()
     v = m["vocabulary"]
@@ -323,6 +346,8 @@ def train(shards, out, nproc, resume, overwrite, **options):
         f"run written to {out}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
         + (f"{m['final']['val_accuracy']:.4f}" if m["final"]["val_accuracy"] is not None else "n/a")
         + f"; vocabulary {v['vocabulary']:,} of {v['distinct_keys']:,} distinct keys, {m['rows']:,} rows, index {m['index']['factory']}"
+        + (f"; grown from {m['grown_from']} (+{v['new_keys']:,} patterns, {len(m['class_names'])} classes, "
+           f"{m['replayed_images']:,} earlier images trained again)" if "grown_from" in m else "")
     )
 
 
@@ -394,6 +419,8 @@ def info(run, as_json):
     click.echo(f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
                f"code shapes {ex['code_shapes']}" + (f" ({ex['atoms']} atoms, k {ex['code_k']})" if ex["code_shapes"] != "none" else "")
                + f"; trained {tr['epochs']} epochs max, lr {tr['lr']}, bag {tr['bag']}; from {s['shards']}")
+    if s["lineage"]:
+        click.echo("  grown in steps: " + " -> ".join(f"{e['shards']}" + (f" (on top of {e['run']})" if e["run"] else "") for e in s["lineage"]))
     click.echo(f"  on disk {s['bytes'] / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in s["files_bytes"].items()))
 
 

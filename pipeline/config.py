@@ -124,6 +124,9 @@ def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
+REPLAY = 500  # pipe train --from: earlier original images per class a step trains on again
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """How images become keys (see docs/hashing.md)."""

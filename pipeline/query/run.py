@@ -198,6 +198,7 @@ class Run(Classify, LookUp):
             "index": m["index"]["factory"],
             "unseen_rule": self.unseen_rule,
             "shards": m.get("shards"),
+            "lineage": m.get("lineage"),  # a run grown in steps (pipe train --from): each step's shards and the run it grew from
             "extract_config": m["extract_config"],
             "train_config": m["train_config"],
             "files_bytes": files,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.training import artifacts, curves, optim, vocab
+from pipeline.training import artifacts, curves, grow, optim, vocab
 from pipeline import layout, outputs, torchfiles
 from pipeline import index as pattern_index
 from pipeline.config import TrainConfig
@@ -81,10 +81,11 @@ def _job(shards: Shards, config: TrainConfig) -> dict:
     return {"format": RUN_FORMAT, "shards_fingerprint": shards.fingerprint, "shards_images": shards.num_images, "config": cfg}
 
 
-def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool) -> bool:
+def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool, extra: dict | None = None) -> bool:
     """Create or check the run directory (its callers have refused one that holds the shards or
-    the current directory); True when a checkpoint is there to resume from."""
-    job = _job(shards, config)
+    the current directory); True when a checkpoint is there to resume from. ``extra`` joins
+    what a resumed run must match (the run a step grows from)."""
+    job = dict(_job(shards, config), **(extra or {}))
     inputs = [shards.root]
     unstarted = (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
     if resume and not overwrite:
@@ -103,6 +104,7 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
             raise PipelineError(f"{out / layout.TRAIN_JOB} is unreadable ({e}); start again with --overwrite") from None
         if old != job:
             diffs = sorted(k for k in set(old["config"]) | set(job["config"]) if old["config"].get(k) != job["config"].get(k))
+            diffs += [k for k in ("from", "replay") if old.get(k) != job.get(k)]
             what = ", ".join(diffs) or "the shards"
             raise PipelineError(f"--out {out} was trained with different settings ({what}); resume with the same settings or start a new run")
         return True
@@ -193,23 +195,37 @@ def build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callab
 
 # ------------------------------------------------------------------ training
 
+ARCHITECTURE = ("dim", "bag", "hidden", "drop", "buckets")  # settings that shape a run's tensors: a step keeps them
+
+
 def train(
     shards: Shards,
     out: Path | str,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     overwrite: bool = False,
     resume: bool = False,
     progress: StepProgress | None = None,
     on_epoch: EpochReport | None = None,
     on_vocab: Callable[[int], None] | None = None,
     on_step: artifacts.Step | None = None,
+    start: Path | str | None = None,
+    replay: int = grow.REPLAY,
 ) -> dict:
     """Train a model on ``shards`` and write a complete run directory to ``out``; returns its manifest.
 
     ``progress`` counts training images, ``on_epoch`` gets each epoch's figures, ``on_vocab`` counts
     the vocabulary pass's images, and ``on_step`` is told as each step after the last epoch starts
-    (see :func:`pipeline.training.artifacts.write_lookups`)."""
+    (see :func:`pipeline.training.artifacts.write_lookups`).
+
+    ``start`` (a finished run) learns ``shards`` on top of it instead of from nothing, with up to
+    ``replay`` of its earlier images per class (:mod:`pipeline.training.grow`); ``config``
+    defaults to that run's settings. ``start`` itself is never modified."""
     out = Path(out)
+    growth = None
+    if start is not None:
+        growth = _Growth(shards, start, config, replay)
+        config, shards = growth.config, growth.step
+    config = config or TrainConfig()
     present = shards.classes_present()
     if not len(present) or not shards.class_names:
         raise PipelineError(f"{shards.root} has no labels; training needs a labelled source (class folders or y=)")
@@ -219,14 +235,58 @@ def train(
                             "extract a source with more classes (--limit takes the first images, which may all be one class; use --per-class)")
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
-    outputs.check_out(out, [shards.root])
+    outputs.check_out(out, [shards.root] + ([growth.parent.root] if growth else []))
     with outputs.locked(out, "pipe train"):
-        return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step)
+        return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step, growth)
 
 
-def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step=None) -> dict:
+class _Growth:
+    """A step on top of an earlier run (:mod:`pipeline.training.grow`): what it trains on and how its
+    vocabulary, model and look-ups start from the earlier run's."""
+
+    def __init__(self, shards: Shards, start, config: TrainConfig | None, replay: int):
+        if replay < 0:
+            raise PipelineError(f"replay {replay} must be 0 or more")
+        self.parent = grow.load_parent(start)
+        p = self.parent
+        self.config = config or p.config
+        changed = [f for f in ARCHITECTURE if getattr(self.config, f) != getattr(p.config, f)]
+        if changed:
+            raise PipelineError(f"{', '.join(changed)} differ from {p.root}'s; a step keeps the settings of the run it grows from")
+        if shards.fingerprint != p.manifest.get("extract_fingerprint"):
+            raise PipelineError(f"{shards.root} was extracted with other settings or another dictionary than {p.root}; "
+                                f"extract the new images with pipe extract SOURCE --like {p.root}")
+        self.classes = grow.merged_classes(p.class_names, shards.class_names)
+        earlier, self.notes = grow.choose_earlier(p.lineage, self.classes, shards.fingerprint, replay)
+        for note in self.notes:
+            log.warning(note)
+        self.step = grow.StepShards(shards, self.classes, earlier)
+        self.new_only = grow.StepShards(shards, self.classes)
+        self.replay = replay
+        self.replayed = sum(len(ids) for _, ids, _ in earlier)
+
+    def job(self) -> dict:
+        return {"from": str(self.parent.root.resolve()), "replay": self.replay}
+
+    def vocabulary(self, out: Path, config: TrainConfig, progress) -> vocab.Vocabulary:
+        v, _ = grow.grown_vocabulary(self.parent.vocab, self.new_only, config.val_fraction, config.min_count, config.vocab_mb, progress)
+        v.save(out / layout.VOCAB)
+        layout.write_json(out / layout.VOCAB_STATS, v.stats)
+        return v
+
+    def rows(self, v: vocab.Vocabulary) -> np.ndarray:
+        """The new row of each earlier row."""
+        return np.concatenate([np.searchsorted(v.keys, self.parent.vocab.keys), v.size + np.arange(self.parent.vocab.buckets)])
+
+    def manifest(self) -> dict:
+        p = self.parent
+        return {"lineage": p.lineage + [{"run": str(p.root.resolve()), "shards": str(self.step.root.resolve())}],
+                "grown_from": str(p.root.resolve()), "replayed_images": self.replayed}
+
+
+def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step=None, growth: _Growth | None = None) -> dict:
     """:func:`train` with ``out`` locked."""
-    resuming = prepare_run(out, shards, config, overwrite, resume)
+    resuming = prepare_run(out, shards, config, overwrite, resume, growth.job() if growth else None)
     if resuming:
         check_checkpoint(out, None)
     torch.manual_seed(config.seed)
@@ -234,11 +294,16 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     num_classes = len(shards.class_names)
     if resuming:
         v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
-    else:
+    elif growth is None:
         v = build_vocab(shards, config, out, on_vocab)
         release_unused()
+    else:
+        v = growth.vocabulary(out, config, on_vocab)
     config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
-    model = build_model(config, v.rows, num_classes).to(device)
+    model = build_model(config, v.rows, num_classes)
+    if growth is not None and not resuming:
+        grow.initialise(model, growth.parent, growth.rows(v))
+    model = model.to(device)
     opts = _optimizers(model, config)
     history: list[dict] = []
     best = {"epoch": 0, "val_accuracy": -1.0}
@@ -269,7 +334,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
     final = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
-    return finish_run(out, shards, config, final, v, history, best, on_step)
+    return finish_run(out, shards, config, final, v, history, best, on_step, growth)
 
 
 def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history: list[dict], best: dict,
@@ -398,9 +463,12 @@ def _fused_step(model, opts, b: Bags, device, fused) -> tuple:
 
 def finish_run(
     out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict,
-    on_step: artifacts.Step | None = None,
+    on_step: artifacts.Step | None = None, growth: _Growth | None = None,
 ) -> dict:
-    lookups = artifacts.write_lookups(out, shards, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed, on_step)
+    looked = shards if growth is None else growth.new_only  # a step's look-ups add the new images to the earlier run's
+    lookups = artifacts.write_lookups(out, looked, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed, on_step)
+    if growth is not None:
+        lookups = grow.merge_lookups(out, growth.parent, growth.rows(v), lookups, len(shards.class_names), config.seed)
     manifest = {
         "format": RUN_FORMAT,
         "extract_config": shards.config.to_dict(),
@@ -418,6 +486,7 @@ def finish_run(
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
         "final": next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1],
+        **(growth.manifest() if growth else {}),
     }
     torchfiles.save_weights(model.state_dict(), out / layout.WEIGHTS)
     layout.write_json(out / layout.RUN_MANIFEST, manifest)

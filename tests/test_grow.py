@@ -1,0 +1,185 @@
+"""pipe train --from: learning new images and classes on top of a finished run, in steps."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline import TrainConfig, layout, weights
+from pipeline.errors import PipelineError
+from pipeline.data.images import encode_png
+from pipeline.training.bags import part_batches
+from tests.conftest import ROOT, digits_images, start_server, write_folder
+from tests.test_safety import cli, one_line_error
+
+QUICK = ["--epochs", "3", "--dim", "16"]
+
+
+def _folder(root: Path, classes: set[int], split: str = "train") -> Path:
+    imgs, labs = digits_images(split)
+    keep = np.isin(labs, sorted(classes))
+    return write_folder(root, imgs[keep], labs[keep])
+
+
+def _digests(d: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Three steps from the CLI: classes 0,1,2; then 2 (known) and 3 (new); then 4 and 5."""
+    root = tmp_path_factory.mktemp("chain")
+    steps = [{0, 1, 2}, {2, 3}, {4, 5}]
+    assert cli("extract", _folder(root / "i0", steps[0]), "--out", root / "s0").exit_code == 0
+    r = cli("train", root / "s0", "--out", root / "r0", *QUICK)
+    assert r.exit_code == 0, r.output
+    digests = []
+    for n in (1, 2):
+        prev = root / f"r{n - 1}"
+        r = cli("extract", _folder(root / f"i{n}", steps[n]), "--like", prev, "--out", root / f"s{n}")
+        assert r.exit_code == 0, r.output
+        before = _digests(prev)
+        r = cli("train", root / f"s{n}", "--from", prev, "--out", root / f"r{n}")
+        assert r.exit_code == 0, r.output
+        assert "grown from" in r.stdout
+        digests.append((before, _digests(prev)))
+    return root, digests
+
+
+def test_classes_are_matched_by_name_and_the_head_grows(chain):
+    root, _ = chain
+    assert pipeline.load(root / "r0").class_names == ["0", "1", "2"]
+    assert pipeline.load(root / "r1").class_names == ["0", "1", "2", "3"]
+    last = pipeline.load(root / "r2")
+    assert last.class_names == ["0", "1", "2", "3", "4", "5"]
+    assert last.head_layers[-1][0].shape[0] == 6
+    # evaluated on a source with classes in another order and some missing: named correctly
+    imgs, labs = digits_images("test")
+    keep = np.isin(labs, [5, 0, 3])
+    write_folder(root / "eval", imgs[keep], labs[keep])
+    res = last.evaluate(pipeline.open_source(root / "eval"))
+    pred, _ = last.predict(imgs[keep])
+    assert res["n"] == int(keep.sum())
+    assert res["accuracy"] == pytest.approx(np.mean([last.class_names[p] == str(y) for p, y in zip(pred, labs[keep])]))
+    assert res["accuracy"] > 0.8
+
+
+def test_the_earlier_run_is_never_modified(chain):
+    _, digests = chain
+    for before, after in digests:
+        assert before == after
+
+
+def test_lineage_is_recorded_and_shown(chain):
+    root, _ = chain
+    m = json.loads((root / "r2" / layout.RUN_MANIFEST).read_text())
+    assert [e["shards"] for e in m["lineage"]] == [str((root / f"s{n}").resolve()) for n in range(3)]
+    assert [e["run"] for e in m["lineage"]] == [None, str((root / "r0").resolve()), str((root / "r1").resolve())]
+    r = cli("info", root / "r2")
+    assert r.exit_code == 0 and "grown in steps: " in r.stdout
+
+
+def test_the_image_index_and_pattern_table_grow(chain):
+    root, _ = chain
+    runs = [pipeline.load(root / f"r{n}") for n in range(3)]
+    shards = [pipeline.Shards(root / f"s{n}") for n in range(3)]
+    originals = [s.num_images // (1 + s.manifest["variants_per_image"]) for s in shards]
+    # every step adds its own training images (the held-out part excluded) to the earlier index
+    for n in range(1, 3):
+        assert runs[n].image_index_info.vectors > runs[n - 1].image_index_info.vectors
+        assert runs[n].image_index_info.vectors <= sum(originals[: n + 1])
+    t0, t2 = runs[0].patterns, runs[2].patterns
+    pos = np.searchsorted(t2["key"], t0["key"])
+    assert (t2["key"][pos] == t0["key"]).all()  # every earlier pattern is still there
+    assert (t2["class_counts"][pos][:, :3] >= t0["class_counts"]).all()
+    assert (t2["class_counts"][pos][:, 3:].sum() >= 0) and len(t2["key"]) > len(t0["key"])
+    assert t2["class_counts"].shape[1] == 6
+
+
+def test_rows_of_patterns_in_no_trained_image_are_bit_identical(chain, tmp_path):
+    """Without replay, the step trains on the new images only: the reference is every key of their
+    training part, read straight from the shards."""
+    root, _ = chain
+    new = pipeline.Shards(root / "s2")
+    m = pipeline.train(new, tmp_path / "r", start=root / "r1", replay=0)
+    assert m["replayed_images"] == 0
+    before, after = pipeline.load(root / "r1"), pipeline.load(tmp_path / "r")
+    cfg = before.train_config
+    touched = np.unique(np.concatenate([k.ravel() for k, _, _, _ in part_batches(new, False, cfg.val_fraction)]))
+    keys = before.vocab.keys
+    untouched = ~np.isin(keys, touched)
+    assert untouched.sum() > 100 and (~untouched).sum() > 100
+    rows_after = np.searchsorted(after.vocab.keys, keys)
+    assert (after.vocab.keys[rows_after] == keys).all()
+    old_vectors = np.asarray(before.table[: len(keys)])
+    new_vectors = np.asarray(after.table[rows_after])
+    assert np.array_equal(old_vectors[untouched], new_vectors[untouched])  # bit for bit
+    assert not np.array_equal(old_vectors[~untouched], new_vectors[~untouched])  # and the others learned
+
+
+def test_a_step_on_shards_of_other_settings_is_refused(chain, tmp_path):
+    root, _ = chain
+    assert cli("extract", root / "i1", "--levels", "3", "--out", tmp_path / "other").exit_code == 0
+    one_line_error(cli("train", tmp_path / "other", "--from", root / "r0", "--out", tmp_path / "r"), "--like")
+    one_line_error(cli("train", root / "s1", "--from", root / "r0", "--out", tmp_path / "r", "--dim", "8"), "dim differ from")
+    one_line_error(cli("train", root / "s1", "--replay", "5", "--out", tmp_path / "r"), "--replay goes with --from")
+    assert not (tmp_path / "r" / layout.RUN_MANIFEST).exists()
+
+
+def test_query_and_serve_name_the_classes_of_the_last_run(chain, tmp_path):
+    root, _ = chain
+    imgs, labs = digits_images("test")
+    i = int(np.flatnonzero(labs == 4)[0])
+    (tmp_path / "four.png").write_bytes(encode_png(imgs[i]))
+    run = pipeline.load(root / "r2")
+    expected = run.class_names[int(run.predict(imgs[i][None])[0][0])]
+    r = cli("query", root / "r2", tmp_path / "four.png", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["prediction"] == expected == "4", r.output
+    proc, base = start_server(root / "r2")
+    try:
+        assert httpx.get(base + "/info").json()["classes"] == ["0", "1", "2", "3", "4", "5"]
+        res = httpx.post(base + "/query", files={"images": ("four.png", (tmp_path / "four.png").read_bytes())}).json()
+        assert res["results"][0]["prediction"] == "4"
+        assert set(res["results"][0]["probabilities"]) == set(run.class_names)
+        assert httpx.get(base + "/class/5").json()["class"] == "5"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _step_cmd(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", "train", str(root / "s2"), "--from", str(root / "r1"), "--out", str(out),
+            "--epochs", "6", "--patience", "0", *extra]
+
+
+def test_a_killed_step_resumes_to_the_uninterrupted_result(chain, tmp_path):
+    root, _ = chain
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_step_cmd(root, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (killed / layout.CHECKPOINT).exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the step finished before it could be killed"
+    other = [a if a != str(root / "r1") else str(root / "r0") for a in _step_cmd(root, killed, "--resume")]
+    r = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "was trained with different settings (from)" in r.stderr, r.stderr
+    r = subprocess.run(_step_cmd(root, killed, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = tmp_path / "clean"
+    r = subprocess.run(_step_cmd(root, clean), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = weights.load(killed / layout.WEIGHTS, ""), weights.load(clean / layout.WEIGHTS, "")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
