@@ -250,6 +250,26 @@ buffers, flat after); one `pipe query` process for the same kind of image takes 
 """
 
 
+def incremental() -> str:
+    d = load("incremental.json")
+    f, steps, pairs = d["final"], d["steps"], d["order"]
+    rows = []
+    for r in steps:
+        per = r["steps"]["per_step_classes"]
+        rows.append([f"{r['step']}: {'/'.join(r['classes'])}", *(f"{r[s]['seen']:.4f}" if s in r else "" for s in ("steps", "naive", "retrain")),
+                     " ".join(f"{per[p]:.2f}" for p in pairs if p in per),
+                     f"{r['steps_seconds']:.0f} s, {max(r['steps_extract']['peak_rss_mb'], r['steps_train']['peak_rss_mb']):,} MB",
+                     f"{r['retrain_seconds']:.0f} s" if "retrain_seconds" in r else ""])
+    joint = steps[-1]["retrain"]["per_step_classes"]
+    rows[-1][3] += " (joint; per pair " + " ".join(f"{joint[p]:.2f}" for p in pairs) + ")"
+    return f"""## Learning in steps
+
+`python benchmarks/incremental.py --out benchmarks/results/incremental.json`: CIFAR-10, {d['per_class']:,} training and {d['held_out']:,} held-out images per class (first and last by file number), five steps of two classes. **steps**: `pipe extract --like` + `pipe train --from` the previous run; **naive**: `--replay 0`; **retrain**: from scratch on everything seen so far, whose last step is the joint run. Accuracy on the held-out images of the classes seen so far, then of each step's pair; the last step took {100 * f['last_step_share_of_joint']:.0f}% of the joint run's time.
+
+{table(["step", "steps", "naive", "retrain", "steps, per pair", "steps: time, peak RSS", "retrain: time"], rows)}
+"""
+
+
 def limitations() -> str:
     d = load("cifar_defaults.json")
     return f"""## Limitations
@@ -271,7 +291,8 @@ def render() -> str:
         "# Results\n\nEvery figure below is read from a JSON file in `benchmarks/results/`, written by the command\n"
         "named in its section on the project's reference machine (2 cores, 24 GiB, no GPU); this page is\n"
         "rendered from them by `python benchmarks/results_page.py`. Rerun a command to check a figure.\n",
-        cifar_defaults(), digits(), code_settings(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), serving(), limitations(),
+        cifar_defaults(), digits(), code_settings(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), serving(),
+        *([incremental()] if (RESULTS / "incremental.json").exists() else []), limitations(),
     ]
     return "\n".join(parts)
 

@@ -124,3 +124,15 @@ def test_serve_benchmark_smoke():
     (r,) = smoke("benchmarks/serve.py")
     assert r["latency"]["requests"] == 20 and r["latency"]["p50_ms"] > 0
     assert r["load"]["clients"] == 5 and r["load"]["requests"] > 0 and r["load"]["errors"] == 0 and r["load"]["healthy_after"]
+
+
+def test_incremental_benchmark_smoke():
+    (r,) = smoke("benchmarks/incremental.py")
+    assert [s["classes"] for s in r["steps"]] == [["3", "8"], ["0", "6"]]
+    first, last = r["steps"]
+    assert set(first["steps"]["per_step_classes"]) == {"3/8"} and set(last["steps"]["per_step_classes"]) == {"3/8", "0/6"}
+    # the first step is the same run for all three; the joint run is the last retrain
+    assert first["steps"] == first["naive"] == {"seen": first["steps"]["seen"], "per_step_classes": first["steps"]["per_step_classes"]}
+    assert r["final"]["joint"] == last["retrain"]["seen"] and "retrain" not in first
+    assert r["final"]["steps"] == last["steps"]["seen"] and r["final"]["naive"] == last["naive"]["seen"]
+    assert last["steps_train"]["peak_rss_mb"] > 0 and last["naive_train"]["seconds"] > 0

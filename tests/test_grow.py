@@ -159,7 +159,7 @@ def test_query_and_serve_name_the_classes_of_the_last_run(chain, tmp_path):
 
 def _step_cmd(root: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", "train", str(root / "s2"), "--from", str(root / "r1"), "--out", str(out),
-            "--epochs", "6", "--patience", "0", *extra]
+            "--epochs", "4", "--patience", "0", *extra]
 
 
 def test_a_killed_step_resumes_to_the_uninterrupted_result(chain, tmp_path):
