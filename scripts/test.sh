@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,ray,serve
 bash scripts/browser.sh
-exec .venv/bin/python -m pytest -q -n 2 --durations=25 "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=25 "$@"

@@ -23,6 +23,7 @@ from tests.conftest import ROOT, digits_images, start_server, write_folder
 from tests.test_safety import cli, one_line_error
 
 QUICK = ["--epochs", "3", "--dim", "16"]
+pytestmark = pytest.mark.xdist_group("grow")  # one worker builds the chain (scripts/test.sh runs --dist loadgroup)
 
 
 def _folder(root: Path, classes: set[int], split: str = "train") -> Path:
@@ -159,7 +160,7 @@ def test_query_and_serve_name_the_classes_of_the_last_run(chain, tmp_path):
 
 def _step_cmd(root: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", "train", str(root / "s2"), "--from", str(root / "r1"), "--out", str(out),
-            "--epochs", "4", "--patience", "0", *extra]
+            "--epochs", "3", "--patience", "0", *extra]
 
 
 def test_a_killed_step_resumes_to_the_uninterrupted_result(chain, tmp_path):
