@@ -75,6 +75,20 @@ def pngs(source: str, n: int, size: tuple[int, int]) -> list[bytes]:
     return out
 
 
+def answered(p, exe: str, base: str, image: Path, height: int = 1400, timeout_ms: int = 60000):
+    """(browser, page): the page at ``base`` in Chromium (``p``: Playwright's sync API), after it
+    answered ``image`` and every picture it asked for arrived. Page functions are passed as
+    functions: the page's policy forbids evaluating strings. Also used by tests/test_page.py."""
+    browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={"width": 1200, "height": height})
+    page.goto(base + "/")
+    page.wait_for_function("() => document.getElementById('info').textContent.includes('classes')")
+    page.set_input_files("[data-testid=file]", str(image))
+    page.wait_for_function("() => document.querySelectorAll('.patch-row').length > 0", timeout=timeout_ms)
+    page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=timeout_ms)
+    return browser, page
+
+
 def screenshot(base: str, image: Path, out: Path) -> None:
     """The page at ``base`` after uploading ``image``, every picture loaded, as a full-page PNG."""
     import shutil
@@ -82,13 +96,8 @@ def screenshot(base: str, image: Path, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        page.goto(base + "/")
-        page.wait_for_function("() => document.getElementById('info').textContent.includes('classes')")
-        page.set_input_files("[data-testid=file]", str(image))
-        page.wait_for_function("() => document.querySelectorAll('.patch-row').length > 0", timeout=60000)
-        page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=60000)
+        browser, page = answered(p, shutil.which("chromium"), base, image, height=1000)
+        page.wait_for_function("() => [...document.images].every(i => i.naturalWidth > 0)", timeout=60000)
         out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(out), full_page=True)
         browser.close()

@@ -53,9 +53,8 @@ def write(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
 
 
-def read(path: Path) -> dict[str, np.ndarray]:
-    """The pattern table as numpy columns (``class_counts`` as P x C), without the pixels (see :func:`pixels`)."""
-    pf = pq.ParquetFile(path)
+def read(pf: pq.ParquetFile) -> dict[str, np.ndarray]:
+    """The (opened) pattern table as numpy columns (``class_counts`` as P x C), without the pixels (see :func:`pixels`)."""
     return columns(pf.read(columns=[c for c in pf.schema_arrow.names if c != "example_pixels"]))
 
 

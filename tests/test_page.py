@@ -11,6 +11,7 @@ import pytest
 
 import pipeline
 from pipeline.data.images import encode_png
+from benchmarks.serve import answered
 from tests.conftest import ROOT, digits_images, start_server
 
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -25,20 +26,6 @@ def chromium() -> str:
     return exe
 
 
-def answered(p, exe: str, base: str, image: Path):
-    """(browser, page): the page at ``base`` in Chromium, after it answered ``image`` and every
-    picture it asked for arrived. Page functions are passed as functions: the page's policy
-    forbids evaluating strings."""
-    browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
-    page = browser.new_page(viewport={"width": 1200, "height": 1400})
-    page.goto(base + "/")
-    page.wait_for_function("() => document.getElementById('info').textContent.includes('classes')")
-    page.set_input_files("[data-testid=file]", str(image))
-    page.wait_for_function("() => document.querySelectorAll('.patch-row').length > 0", timeout=30000)
-    page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=30000)
-    return browser, page
-
-
 def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run, tmp_path):
     exe = chromium()
     from playwright.sync_api import sync_playwright
@@ -51,7 +38,7 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
     proc, base = start_server(digits_run)
     try:
         with sync_playwright() as p:
-            browser, page = answered(p, exe, base, path)
+            browser, page = answered(p, exe, base, path, timeout_ms=30000)
             # every picture on the page (patterns, thumbnails, the class view) has loaded
             page.wait_for_function("() => [...document.images].every(i => i.naturalWidth > 0)", timeout=30000)
             assert page.text_content("[data-testid=prediction]") == run.class_names[int(label[0])]
@@ -103,7 +90,7 @@ def test_names_from_the_data_are_shown_as_text_never_run(hostile_run, tmp_path):
     proc, base = start_server(hostile_run)
     try:
         with sync_playwright() as p:
-            browser, page = answered(p, exe, base, path)
+            browser, page = answered(p, exe, base, path, timeout_ms=30000)
             assert page.evaluate("() => window.__pwned") is None
             # no element came from the data: every <img> is one the page made, every <b> the view's name
             assert page.locator("img[src=x], img[src=y]").count() == 0

@@ -107,7 +107,7 @@ class Run(Classify, LookUp):
     def patterns(self) -> dict[str, np.ndarray]:
         """The whole pattern table's metadata as numpy columns, row i = pattern id i (a query
         needs only :meth:`pattern_rows`)."""
-        return patterns.columns(self.pattern_file.read(columns=[c for c in self.pattern_file.schema_arrow.names if c != "example_pixels"]))
+        return patterns.read(self.pattern_file)
 
     @cached_property
     def pattern_file(self) -> pq.ParquetFile:

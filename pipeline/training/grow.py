@@ -176,9 +176,8 @@ def choose_earlier(lineage: list[dict], class_names: list[str], fingerprint: str
 
 
 def grown_vocabulary(parent: vocab_mod.Vocabulary, new: Shards, fraction: float, min_count: int, memory_mb: int | None,
-                     progress: Callable[[int], None] | None = None) -> tuple[vocab_mod.Vocabulary, np.ndarray]:
-    """The earlier vocabulary plus the new images' keys that reach ``min_count``; and the new row of
-    each earlier row (own rows, then the buckets)."""
+                     progress: Callable[[int], None] | None = None) -> vocab_mod.Vocabulary:
+    """The earlier vocabulary plus the new images' keys that reach ``min_count``."""
     counted = vocab_mod.build(lambda: (k for k, _, _, _ in part_batches(new, False, fraction)), 1, 0, progress, memory_mb)
     keys = np.union1d(parent.keys, counted.keys[counted.counts >= min_count])
     counts = np.zeros(len(keys), np.int64)
@@ -189,9 +188,12 @@ def grown_vocabulary(parent: vocab_mod.Vocabulary, new: Shards, fraction: float,
     stats = dict(parent.stats, vocabulary=int(len(keys)), rows=int(len(keys) + parent.buckets),
                  grown_from=int(parent.size), new_keys=int(len(keys) - parent.size),
                  step_distinct_keys=int(counted.stats.get("distinct_keys", counted.size)))
-    v = vocab_mod.Vocabulary(keys, counts, parent.buckets, min_count, stats)
-    rows = np.concatenate([np.searchsorted(keys, parent.keys), len(keys) + np.arange(parent.buckets)])
-    return v, rows
+    return vocab_mod.Vocabulary(keys, counts, parent.buckets, min_count, stats)
+
+
+def earlier_rows(parent: vocab_mod.Vocabulary, grown: vocab_mod.Vocabulary) -> np.ndarray:
+    """The row in ``grown`` of each row of ``parent`` (own rows, then the buckets)."""
+    return np.concatenate([np.searchsorted(grown.keys, parent.keys), grown.size + np.arange(parent.buckets)])
 
 
 def initialise(model, parent: Parent, rows: np.ndarray) -> None:

@@ -269,14 +269,14 @@ class _Growth:
         return {"from": str(self.parent.root.resolve()), "replay": self.replay}
 
     def vocabulary(self, out: Path, config: TrainConfig, progress) -> vocab.Vocabulary:
-        v, _ = grow.grown_vocabulary(self.parent.vocab, self.new_only, config.val_fraction, config.min_count, config.vocab_mb, progress)
+        v = grow.grown_vocabulary(self.parent.vocab, self.new_only, config.val_fraction, config.min_count, config.vocab_mb, progress)
         v.save(out / layout.VOCAB)
         layout.write_json(out / layout.VOCAB_STATS, v.stats)
         return v
 
     def rows(self, v: vocab.Vocabulary) -> np.ndarray:
         """The new row of each earlier row."""
-        return np.concatenate([np.searchsorted(v.keys, self.parent.vocab.keys), v.size + np.arange(self.parent.vocab.buckets)])
+        return grow.earlier_rows(self.parent.vocab, v)
 
     def manifest(self) -> dict:
         p = self.parent
