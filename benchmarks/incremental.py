@@ -12,7 +12,7 @@ automobile,truck / bird,deer). Scenario ``slices``: the ten classes in five equa
 Side by side in one run, after every step, on the held-out images of the classes seen so far:
 
 * ``steps``: ``pipe extract --like`` the previous run, then ``pipe train --from`` it (defaults);
-* ``naive``: the same steps with ``--replay 0`` (continuing on the new images only);
+* ``naive``: the same steps with ``--replay 0 --distill 0`` (continuing on the new images only);
 * ``retrain``: ``pipe extract`` + ``pipe train`` from scratch on everything seen so far, whose
   last step is the joint run (all images at once, same settings).
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=4000, help="training images per class (the first, by file number)")
     ap.add_argument("--held-out", type=int, default=1000, help="held-out images per class (the last, by file number)")
     ap.add_argument("--no-retrain", action="store_true", help="leave out the retrain-from-scratch reference but its last step (the joint run)")
+    ap.add_argument("--no-naive", action="store_true", help="leave out the naive side (continuing on the new images only)")
     ap.add_argument("--smoke", action="store_true", help="digits, three steps of a few images (seconds)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -128,7 +129,9 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
         else:
             row["steps_extract"] = stage(["extract", str(folder), "--like", str(tmp / f"r{i - 1}"), "--out", str(tmp / f"s{i}")])
             row["steps_train"] = stage(["train", str(tmp / f"s{i}"), "--from", str(tmp / f"r{i - 1}"), "--out", str(tmp / f"r{i}")])
-            row["naive_train"] = stage(["train", str(tmp / f"s{i}"), "--from", str(tmp / f"n{i - 1}"), "--replay", "0", "--out", str(tmp / f"n{i}")])
+            if not a.no_naive:
+                row["naive_train"] = stage(["train", str(tmp / f"s{i}"), "--from", str(tmp / f"n{i - 1}"), "--replay", "0", "--distill", "0",
+                                            "--out", str(tmp / f"n{i}")])
         last = i == len(steps) - 1
         if not a.no_retrain or last:
             union = write_folder(tmp / f"union{i}", {c: [img for st in steps[: i + 1] for img in st.get(c, [])] for c in seen_classes})

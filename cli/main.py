@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
-from pipeline.config import OPTIMIZERS, REPLAY, parse_size
+from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
 from pipeline.errors import environment_message
 
 
@@ -271,7 +271,9 @@ def _train_option(name: str, help: str, **kw):
 @click.option("--from", "start", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Learn SHARDS on top of this finished run (extract them with --like RUN); it is never modified. Settings default to its own.")
 @click.option("--replay", type=int, default=REPLAY, show_default=True, help="With --from: earlier images per class trained on again.")
-def train(shards, out, nproc, resume, overwrite, start, replay, **options):
+@click.option("--distill", type=float, default=DISTILL, show_default=True,
+              help="With --from: weight of RUN's own answers on the earlier classes in the loss (0 = none).")
+def train(shards, out, nproc, resume, overwrite, start, replay, distill, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
 
     Writes metrics.jsonl and curves.png after every epoch, and a checkpoint
@@ -286,8 +288,9 @@ def train(shards, out, nproc, resume, overwrite, start, replay, **options):
     """
     ctx = click.get_current_context()
     if start is None:
-        if ctx.get_parameter_source("replay") == click.core.ParameterSource.COMMANDLINE:
-            raise click.ClickException("--replay goes with --from")
+        for name in ("replay", "distill"):
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                raise click.ClickException(f"--{name} goes with --from")
         config = TrainConfig(**options)
     else:
         if nproc != 1:
@@ -338,7 +341,7 @@ def train(shards, out, nproc, resume, overwrite, start, replay, **options):
 
         with bar:
             m = pipeline.train(sh, out, config, overwrite=overwrite, resume=resume, progress=progress, on_epoch=on_epoch,
-                               on_vocab=vocab_progress, on_step=on_step, start=start, replay=replay)
+                               on_vocab=vocab_progress, on_step=on_step, start=start, replay=replay, distill=distill)
         for b in steps:
             b.close()
     v = m["vocabulary"]

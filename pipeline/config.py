@@ -124,7 +124,8 @@ def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
-REPLAY = 500  # pipe train --from: earlier original images per class a step trains on again
+REPLAY = 1000  # pipe train --from: earlier original images per class a step trains on again
+DISTILL = 1.0  # pipe train --from: weight of the earlier run's answers (distillation) in a step's loss
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,8 @@ def test_a_step_on_shards_of_other_settings_is_refused(chain, tmp_path):
     one_line_error(cli("train", tmp_path / "other", "--from", root / "r0", "--out", tmp_path / "r"), "--like")
     one_line_error(cli("train", root / "s1", "--from", root / "r0", "--out", tmp_path / "r", "--dim", "8"), "dim differ from")
     one_line_error(cli("train", root / "s1", "--replay", "5", "--out", tmp_path / "r"), "--replay goes with --from")
+    one_line_error(cli("train", root / "s1", "--distill", "0.5", "--out", tmp_path / "r"), "--distill goes with --from")
+    one_line_error(cli("train", root / "s1", "--from", root / "r0", "--distill", "nan", "--out", tmp_path / "r"), "distill nan must be")
     assert not (tmp_path / "r" / layout.RUN_MANIFEST).exists()
 
 
@@ -184,3 +186,113 @@ def test_a_killed_step_resumes_to_the_uninterrupted_result(chain, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = weights.load(killed / layout.WEIGHTS, ""), weights.load(clean / layout.WEIGHTS, "")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_weighs_every_class_alike(chain):
+    """The loss weights of a step with few earlier images per class, against labels counted straight
+    from the step's training images: weight x images is the same for every class and sums to the
+    number of images."""
+    from pipeline.training import grow
+
+    root, _ = chain
+    parent = grow.load_parent(root / "r1")
+    new = pipeline.Shards(root / "s2")
+    classes = grow.merged_classes(parent.class_names, new.class_names)
+    earlier, _ = grow.choose_earlier(parent.lineage, classes, new.fingerprint, 7)
+    step = grow.StepShards(new, classes, earlier)
+    fraction = parent.config.val_fraction
+    labels = np.concatenate([lab for _, lab, _, _ in part_batches(step, False, fraction)])
+    counts = np.bincount(labels, minlength=len(classes))
+    assert (counts[:4] > 0).all() and counts[:4].max() < counts[4:].min()  # the earlier classes are the few
+    w = grow.balanced_weights(step, fraction)
+    share = w * counts
+    assert np.allclose(share, share[0]) and share.sum() == pytest.approx(counts.sum())
+
+
+def test_balanced_accuracy_is_the_mean_of_each_classes_accuracy():
+    """A hand-made case: a linear model that answers class 0 for every image, on 3 images of class 0
+    and 1 of class 1: accuracy 3/4, balanced accuracy (1 + 0) / 2."""
+    import torch
+
+    from pipeline.model import PatchBagModel
+    from pipeline.training.bags import Bags
+    from pipeline.training.loop import evaluate_bags
+
+    model = PatchBagModel(rows=4, dim=2, num_classes=2)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([1.0, 0.0]))
+    b = Bags(np.arange(4, dtype=np.int64), np.arange(5, dtype=np.int64), np.ones(4, np.float32), np.array([0, 0, 0, 1]), 4)
+    res = evaluate_bags(model, [b], torch.device("cpu"))
+    assert res["accuracy"] == 0.75 and res["balanced_accuracy"] == 0.5 and res["n"] == 4
+
+
+def _two_pattern_model(bias: list[float]):
+    """Two patterns, two classes: pattern i's vector is the unit vector i and the head is the
+    identity, so an image of pattern i scores 1 on class i, plus ``bias``."""
+    import torch
+
+    from pipeline.model import PatchBagModel
+
+    model = PatchBagModel(rows=2, dim=2, num_classes=2)
+    with torch.no_grad():
+        model.table.weight.copy_(torch.eye(2))
+        model.head.weight.copy_(torch.eye(2))
+        model.head.bias.copy_(torch.tensor(bias))
+    return model
+
+
+def _bags(rows: list[int], labels: list[int]):
+    from pipeline.training.bags import Bags
+
+    n = len(rows)
+    return Bags(np.asarray(rows, np.int64), np.arange(n + 1, dtype=np.int64), np.ones(n, np.float32), np.asarray(labels, np.int64), n)
+
+
+def test_calibration_removes_a_bias_toward_one_class():
+    """Class 1's bias is 3 higher, so every image is called 1; the offsets bring the two biases within
+    1 of each other (the only way both classes are right), they sum to 0, and a class with no
+    validation image is left alone."""
+    from pipeline.training import grow
+    from pipeline.training.loop import evaluate_bags
+    import torch
+
+    model = _two_pattern_model([0.0, 3.0])
+    val = [_bags([0, 0, 0, 1], [0, 0, 0, 1])]
+    assert evaluate_bags(model, val, torch.device("cpu"))["balanced_accuracy"] == 0.5
+    offsets = grow.calibrate(model, val)
+    assert offsets.sum() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.head.bias += torch.from_numpy(offsets)
+    assert abs(float(model.head.bias[0] - model.head.bias[1])) < 1
+    assert evaluate_bags(model, val, torch.device("cpu"))["balanced_accuracy"] == 1.0
+    one_class = grow.calibrate(_two_pattern_model([0.0, 3.0]), [_bags([1, 1], [1, 1])])
+    assert one_class[0] == 0.0 and one_class[1] == 0.0  # one class present: nothing to balance
+
+
+def test_the_distillation_term_is_the_divergence_from_the_earlier_answers():
+    """Against the formula in numpy: T^2 x KL(softmax(teacher / T) || softmax(student / T)) over the
+    earlier classes, averaged over images; zero while the model is the earlier run."""
+    import torch
+
+    from pipeline.training import grow
+
+    model = _two_pattern_model([0.0, 0.5])
+    teacher = grow.Teacher(model, classes=2, temperature=2.0, weight=1.5)
+    b = _bags([0, 1, 1], [0, 1, 1])
+    rows, offsets, counts, _ = b.tensors(torch.device("cpu"))
+    w = model.weights(counts, offsets)
+    logits = model(rows, offsets, counts)
+    assert float(teacher.loss(rows, offsets, w, logits)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([1.0, -1.0]))
+    student = model(rows, offsets, counts).detach().numpy() / 2.0
+    earlier = (np.eye(2)[[0, 1, 1]] + [0.0, 0.5]) / 2.0
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    p, q = softmax(earlier), softmax(student)
+    expected = 1.5 * 4 * np.mean(np.sum(p * np.log(p / q), 1))
+    assert float(teacher.loss(rows, offsets, w, model(rows, offsets, counts))) == pytest.approx(expected, rel=1e-5)

@@ -20,6 +20,7 @@ starts the optimizer afresh.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ import torch
 
 from pipeline import index as pattern_index
 from pipeline import layout, patterns, weights
-from pipeline.config import REPLAY, TrainConfig  # noqa: F401 (REPLAY: the default of train's replay)
+from pipeline.config import DISTILL, REPLAY, TrainConfig  # noqa: F401 (the defaults of train's replay and distill)
 from pipeline.data.augment import base_ids, is_original
 from pipeline.data.split import is_validation
 from pipeline.errors import PipelineError
@@ -173,6 +174,78 @@ def choose_earlier(lineage: list[dict], class_names: list[str], fingerprint: str
         if chosen:
             out.append((s, np.asarray(chosen, np.int64), groups))
     return out, notes
+
+
+def balanced_weights(step: StepShards, fraction: float) -> np.ndarray:
+    """Per class: the step's training images over (classes trained on x that class's images), so
+    every class weighs the same in the loss (0 for a class with no image in the step)."""
+    counts = np.zeros(len(step.class_names), np.int64)
+    for b in step._labels():
+        keep = (~is_validation(b.image_ids, fraction)) & (b.labels >= 0)
+        counts += np.bincount(b.labels[keep], minlength=len(counts))
+    w = np.zeros(len(counts), np.float32)
+    seen = counts > 0
+    w[seen] = counts.sum() / (seen.sum() * counts[seen])
+    return w
+
+
+class Teacher:
+    """The earlier run's answers for the earlier classes, which a step's loss keeps its model close to
+    (distillation, as in Learning without Forgetting, Li & Hoiem 2016): a frozen copy of the table
+    and head as the step starts. It adds the divergence between the earlier and the current model's
+    class probabilities over the earlier classes (at ``temperature``, times ``weight``) to the loss,
+    so a pattern shared with the new classes moves only as far as the earlier classes allow."""
+
+    def __init__(self, model, classes: int, temperature: float = 2.0, weight: float = 1.0):
+        self.table = model.table.weight.detach().clone()
+        self.head = copy.deepcopy(model.head).eval()
+        for q in self.head.parameters():
+            q.requires_grad_(False)
+        self.classes, self.temperature, self.weight = classes, temperature, weight
+
+    def loss(self, rows: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term for a batch (``w``: the weights its rows were pooled with)."""
+        with torch.no_grad():
+            pooled = torch.nn.functional.embedding_bag(rows, self.table, offsets[:-1], mode="sum", per_sample_weights=w.detach())
+            target = torch.softmax(self.head(pooled)[:, : self.classes] / self.temperature, 1)
+        student = torch.log_softmax(logits[:, : self.classes] / self.temperature, 1)
+        return self.weight * self.temperature ** 2 * torch.nn.functional.kl_div(student, target, reduction="batchmean")
+
+
+def calibrate(model, batches, ridge: float = 1e-3) -> np.ndarray:
+    """Offsets for the head's class biases that make the model's answers on ``batches`` (a step's
+    validation images) best on every class alike: minimise the class-balanced cross-entropy of the
+    logits plus the offsets (with a small ``ridge`` on the offsets) over the offsets alone. A step
+    sees its new classes' images many times more often than the earlier ones', which leaves
+    the new classes' logits too high on the whole; one number per class removes that bias and
+    nothing else. Classes with no validation image keep offset 0."""
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for b in batches:
+            rows, offsets, counts, y = b.tensors(torch.device("cpu"))
+            logits.append(model(rows, offsets, counts))
+            labels.append(y)
+    c = model.output_layer().out_features
+    if not labels:
+        return np.zeros(c, np.float32)
+    z, y = torch.cat(logits).double(), torch.cat(labels)
+    n = torch.bincount(y, minlength=c).double()
+    present = n > 0
+    w = torch.where(present, 1.0 / n.clamp(min=1), torch.zeros_like(n))
+    free = torch.zeros(int(present.sum()), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([free], lr=1.0, max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        delta = torch.zeros(c, dtype=torch.float64).masked_scatter(present, free)
+        loss = torch.nn.functional.cross_entropy(z + delta, y, weight=w, reduction="sum") / present.sum() + ridge * (free ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    centred = free.detach() - free.detach().mean()  # offsets of the classes present, summing to 0
+    return torch.zeros(c, dtype=torch.float64).masked_scatter(present, centred).float().numpy()
 
 
 def grown_vocabulary(parent: vocab_mod.Vocabulary, new: Shards, fraction: float, min_count: int, memory_mb: int | None,

@@ -54,17 +54,25 @@ EpochReport = Callable[[dict], None]
 
 
 def evaluate_bags(model: PatchBagModel, batches: Iterable[Bags], device: torch.device) -> dict:
-    """Loss and accuracy of ``model`` over batches of bags."""
+    """Loss, accuracy and balanced accuracy (the mean over classes of each class's accuracy) of
+    ``model`` over batches of bags."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum, n = 0.0, 0
+    hits: dict[int, list[int]] = {}
     with torch.no_grad():
         for b in batches:
             rows, offsets, counts, y = b.tensors(device)
             logits = model(rows, offsets, counts)
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            right = (logits.argmax(1) == y).cpu().numpy()
+            for c in np.unique(b.labels):
+                h = hits.setdefault(int(c), [0, 0])
+                h[0] += int(right[b.labels == c].sum())
+                h[1] += int((b.labels == c).sum())
             n += len(y)
-    return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
+    correct = sum(h[0] for h in hits.values())
+    balanced = float(np.mean([h[0] / h[1] for h in hits.values()])) if hits else 0.0
+    return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "balanced_accuracy": balanced, "n": n}
 
 
 def _optimizers(model: PatchBagModel, config: TrainConfig) -> tuple:
@@ -104,7 +112,7 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
             raise PipelineError(f"{out / layout.TRAIN_JOB} is unreadable ({e}); start again with --overwrite") from None
         if old != job:
             diffs = sorted(k for k in set(old["config"]) | set(job["config"]) if old["config"].get(k) != job["config"].get(k))
-            diffs += [k for k in ("from", "replay") if old.get(k) != job.get(k)]
+            diffs += [k for k in ("from", "replay", "distill") if old.get(k) != job.get(k)]
             what = ", ".join(diffs) or "the shards"
             raise PipelineError(f"--out {out} was trained with different settings ({what}); resume with the same settings or start a new run")
         return True
@@ -161,11 +169,13 @@ def restart_metrics(out: Path | None, history: list[dict], best: dict) -> int:
     return 0 if not history else history[-1]["epoch"] - best["epoch"]
 
 
-def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict], best: dict, stale: int) -> tuple[dict, int]:
-    """Keep the model when the epoch improved on ``best``, append ``row`` to the history and
-    metrics.jsonl; returns the new best and the count of epochs without improvement."""
-    if row["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]:
-        best = {"epoch": row["epoch"], "val_accuracy": row["val_accuracy"] if row["val_accuracy"] is not None else -1.0}
+def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict], best: dict, stale: int,
+                 select: str = "val_accuracy") -> tuple[dict, int]:
+    """Keep the model when the epoch improved on ``best`` by ``row[select]``, append ``row`` to the
+    history and metrics.jsonl; returns the new best and the count of epochs without improvement."""
+    score = row[select]
+    if score is None or score > best["val_accuracy"]:
+        best = {"epoch": row["epoch"], "val_accuracy": score if score is not None else -1.0}
         _save_model(out, model)
         stale = 0
     else:
@@ -210,6 +220,7 @@ def train(
     on_step: artifacts.Step | None = None,
     start: Path | str | None = None,
     replay: int = grow.REPLAY,
+    distill: float = grow.DISTILL,
 ) -> dict:
     """Train a model on ``shards`` and write a complete run directory to ``out``; returns its manifest.
 
@@ -218,12 +229,13 @@ def train(
     (see :func:`pipeline.training.artifacts.write_lookups`).
 
     ``start`` (a finished run) learns ``shards`` on top of it instead of from nothing, with up to
-    ``replay`` of its earlier images per class (:mod:`pipeline.training.grow`); ``config``
-    defaults to that run's settings. ``start`` itself is never modified."""
+    ``replay`` of its earlier images per class, ``distill`` the weight of its answers in the loss
+    (:mod:`pipeline.training.grow`); ``config`` defaults to that run's settings. ``start`` itself
+    is never modified."""
     out = Path(out)
     growth = None
     if start is not None:
-        growth = _Growth(shards, start, config, replay)
+        growth = _Growth(shards, start, config, replay, distill)
         config, shards = growth.config, growth.step
     config = config or TrainConfig()
     present = shards.classes_present()
@@ -244,9 +256,11 @@ class _Growth:
     """A step on top of an earlier run (:mod:`pipeline.training.grow`): what it trains on and how its
     vocabulary, model and look-ups start from the earlier run's."""
 
-    def __init__(self, shards: Shards, start, config: TrainConfig | None, replay: int):
+    def __init__(self, shards: Shards, start, config: TrainConfig | None, replay: int, distill: float):
         if replay < 0:
             raise PipelineError(f"replay {replay} must be 0 or more")
+        if not (math.isfinite(distill) and 0 <= distill <= 100):
+            raise PipelineError(f"distill {distill} must be a weight from 0 (none) to 100")
         self.parent = grow.load_parent(start)
         p = self.parent
         self.config = config or p.config
@@ -262,17 +276,23 @@ class _Growth:
             log.warning(note)
         self.step = grow.StepShards(shards, self.classes, earlier)
         self.new_only = grow.StepShards(shards, self.classes)
-        self.replay = replay
+        self.replay, self.distill = replay, float(distill)
+        self.offsets: list[float] = []
         self.replayed = sum(len(ids) for _, ids, _ in earlier)
 
     def job(self) -> dict:
-        return {"from": str(self.parent.root.resolve()), "replay": self.replay}
+        return {"from": str(self.parent.root.resolve()), "replay": self.replay, "distill": self.distill}
 
     def vocabulary(self, out: Path, config: TrainConfig, progress) -> vocab.Vocabulary:
         v = grow.grown_vocabulary(self.parent.vocab, self.new_only, config.val_fraction, config.min_count, config.vocab_mb, progress)
         v.save(out / layout.VOCAB)
         layout.write_json(out / layout.VOCAB_STATS, v.stats)
         return v
+
+    def class_weights(self, fraction: float) -> torch.Tensor:
+        """Each class's weight in the step's loss: equal shares for every class the step trains on,
+        however few of its images were chosen again (:func:`pipeline.training.grow.balanced_weights`)."""
+        return torch.from_numpy(grow.balanced_weights(self.step, fraction))
 
     def rows(self, v: vocab.Vocabulary) -> np.ndarray:
         """The new row of each earlier row."""
@@ -281,7 +301,8 @@ class _Growth:
     def manifest(self) -> dict:
         p = self.parent
         return {"lineage": p.lineage + [{"run": str(p.root.resolve()), "shards": str(self.step.root.resolve())}],
-                "grown_from": str(p.root.resolve()), "replayed_images": self.replayed}
+                "grown_from": str(p.root.resolve()), "replayed_images": self.replayed, "distill": self.distill,
+                "bias_offsets": self.offsets}
 
 
 def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step=None, growth: _Growth | None = None) -> dict:
@@ -301,9 +322,10 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         v = growth.vocabulary(out, config, on_vocab)
     config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
     model = build_model(config, v.rows, num_classes)
-    if growth is not None and not resuming:
+    if growth is not None:  # a resumed step's checkpoint replaces these values below; its teacher keeps them
         grow.initialise(model, growth.parent, growth.rows(v))
     model = model.to(device)
+    teacher = grow.Teacher(model, len(growth.parent.class_names), weight=growth.distill) if growth and growth.distill else None
     opts = _optimizers(model, config)
     history: list[dict] = []
     best = {"epoch": 0, "val_accuracy": -1.0}
@@ -314,9 +336,10 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
         del ck
     caches = _Caches(config, shards, v, resuming and start > 1)
+    weight = growth.class_weights(config.val_fraction).to(device) if growth else None
 
     def train_epoch(epoch: int) -> dict:
-        row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches)
+        row = _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches, weight, teacher)
         release_unused()  # the pages of this epoch's shard reads (the first epoch reads them all)
         return row
 
@@ -327,26 +350,35 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     def state() -> dict:
         return {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
 
-    history, best = run_epochs(out, model, opts, config, start, history, best, train_epoch, validate, state, on_epoch)
+    # a step's validation images are mostly its new classes': its best epoch is the best over all classes alike
+    select = "val_balanced_accuracy" if growth else "val_accuracy"
+    history, best = run_epochs(out, model, opts, config, start, history, best, train_epoch, validate, state, on_epoch, select=select)
     if not history:
         raise PipelineError(f"{out} trained no epoch; raise --epochs")
     del model, opts, caches, train_epoch, validate  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
     final = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
+    if growth is not None:
+        head = final.output_layer()
+        offsets = grow.calibrate(final, validation_bags(shards, v, config.val_fraction))
+        head.bias = nn.Parameter(head.bias.detach() + torch.from_numpy(offsets))
+        growth.offsets = [round(float(o), 6) for o in offsets]
     return finish_run(out, shards, config, final, v, history, best, on_step, growth)
 
 
 def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history: list[dict], best: dict,
                train_epoch: Callable[[int], dict], validate: Callable[[], dict], state: Callable[[], dict],
-               on_epoch: EpochReport | None = None, master: bool = True, agree: Callable[[bool], bool] | None = None) -> tuple[list[dict], dict]:
+               on_epoch: EpochReport | None = None, master: bool = True, agree: Callable[[bool], bool] | None = None,
+               select: str = "val_accuracy") -> tuple[list[dict], dict]:
     """The epochs of a run, for one process or several (``pipeline.training.ddp``): ``train_epoch(epoch)``
     trains one epoch and returns its training figures (on every process, already summed over
     them); on the ``master`` process ``validate()`` scores the validation images (an
     :func:`evaluate_bags` result, plus any figures to record), and the epoch's row goes to
     metrics.jsonl, the best model to model.pt, a checkpoint (with ``state()``: random states and
     the like) and the curves. Early stopping is decided by the master; ``agree(stop)`` gives
-    every process the master's decision. Returns the history and the best epoch."""
+    every process the master's decision. ``select`` names the figure the best epoch is chosen by.
+    Returns the history and the best epoch."""
     stale = restart_metrics(out if master else None, history, best)
     for epoch in range(start, config.epochs + 1):
         if config.patience and stale >= config.patience:
@@ -355,10 +387,12 @@ def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history:
         if master:
             val = validate()
             n = val.pop("n")
-            row.update(val_loss=val.pop("loss") if n else None, val_accuracy=val.pop("accuracy") if n else None, val_images=n, **val)
+            balanced = val.pop("balanced_accuracy")
+            row.update(val_loss=val.pop("loss") if n else None, val_accuracy=val.pop("accuracy") if n else None,
+                       val_balanced_accuracy=balanced if n else None, val_images=n, **val)
             if model.auto_drop is not None:
                 row["drop_rate"] = float(model.auto_drop.rate.item())
-            best, stale = record_epoch(out, model, row, history, best, stale)
+            best, stale = record_epoch(out, model, row, history, best, stale, select)
             save_checkpoint(out, model, opts, epoch, history, best, **state())
             curves.plot(history, out / layout.CURVES)
             if on_epoch:
@@ -386,7 +420,10 @@ class _Caches:
         return self.val
 
 
-def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches: _Caches) -> dict:
+def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches: _Caches, weight: torch.Tensor | None = None,
+           teacher: grow.Teacher | None = None) -> dict:
+    """One pass over the training images; ``weight``: each class's weight in the loss (None: equal);
+    ``teacher``: the earlier run a step's loss keeps close to."""
     model.train()
     t0 = time.time()
     loss_sum, correct, n, raw, rows_seen = 0.0, 0, 0, 0, 0
@@ -396,7 +433,7 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches:
     else:
         batches = shuffled_bags(shards, v, config.val_fraction, config.batch_size, rng, caches.train)
     for b in prefetch(batches):
-        loss, logits, y = (_fused_step if fused else _torch_step)(model, opts, b, device, fused)
+        loss, logits, y = (_fused_step if fused else _torch_step)(model, opts, b, device, fused, weight, teacher)
         value = check_loss(loss.item(), epoch)
         loss_sum += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
@@ -430,29 +467,31 @@ def check_loss(value: float, epoch: int) -> float:
     return value
 
 
-def _torch_step(model, opts, b: Bags, device, _fused) -> tuple:
+def _torch_step(model, opts, b: Bags, device, _fused, weight: torch.Tensor | None = None, teacher: grow.Teacher | None = None) -> tuple:
     """One step through torch: distinct rows gathered into a leaf tensor, autograd, then the table optimizer."""
     rows, offsets, counts, y = b.tensors(device)
     logits, unique, sub = model.forward_rows(rows, offsets, counts)
-    loss = nn.functional.cross_entropy(logits, y)
+    loss = nn.functional.cross_entropy(logits, y, weight=weight)
+    total = loss if teacher is None else loss + teacher.loss(rows, offsets, model.weights(counts, offsets), logits)
     opts[1].zero_grad()
-    (loss + model.penalty()).backward()
+    (total + model.penalty()).backward()
     with torch.no_grad():
         opts[0].step(unique, sub.grad)
     opts[1].step()
     return loss, logits, y
 
 
-def _fused_step(model, opts, b: Bags, device, fused) -> tuple:
+def _fused_step(model, opts, b: Bags, device, fused, weight: torch.Tensor | None = None, teacher: grow.Teacher | None = None) -> tuple:
     """The same step with the table's pool and update in compiled loops (CPU, Adagrad): same arithmetic, no copies."""
     _, offsets, counts, y = b.tensors(device)
     w = model.weights(counts, offsets)
     wn = w.detach().numpy()
     pooled = torch.from_numpy(fused.pool(b.rows, b.offsets, wn)).requires_grad_(True)
     logits = model.head(model.pooled_dropout(pooled))
-    loss = nn.functional.cross_entropy(logits, y)
+    loss = nn.functional.cross_entropy(logits, y, weight=weight)
+    total = loss if teacher is None else loss + teacher.loss(torch.from_numpy(b.rows), offsets, w, logits)
     opts[1].zero_grad()
-    (loss + model.penalty()).backward()
+    (total + model.penalty()).backward()
     gpooled = pooled.grad.numpy()
     if w.requires_grad:  # a learned drop rate: its gradient flows through the weights
         w.backward(torch.from_numpy(fused.weight_grads(b.rows, b.offsets, gpooled)))
