@@ -262,9 +262,15 @@ def incremental() -> str:
                      f"{r['retrain_seconds']:.0f} s" if "retrain_seconds" in r else ""])
     joint = steps[-1]["retrain"]["per_step_classes"]
     rows[-1][3] += " (joint; per pair " + " ".join(f"{joint[p]:.2f}" for p in pairs) + ")"
+    slices = ""
+    if (RESULTS / "incremental_slices.json").exists():
+        sl = load("incremental_slices.json")["final"]
+        slices = (" New images of known classes (`--scenario slices --no-naive --no-retrain --out benchmarks/results/incremental_slices.json`:"
+                  f" the ten classes in five slices of their images): the last run {sl['steps']:.4f} against the joint run {sl['joint']:.4f};"
+                  f" its last step took {100 * sl['last_step_share_of_joint']:.0f}% of the joint run's time.")
     return f"""## Learning in steps
 
-`python benchmarks/incremental.py --out benchmarks/results/incremental.json`: CIFAR-10, {d['per_class']:,} training and {d['held_out']:,} held-out images per class (first and last by file number), five steps of two classes. **steps**: `pipe extract --like` + `pipe train --from` the previous run; **naive**: `--replay 0`; **retrain**: from scratch on everything seen so far, whose last step is the joint run. Accuracy on the held-out images of the classes seen so far, then of each step's pair; the last step took {100 * f['last_step_share_of_joint']:.0f}% of the joint run's time.
+`python benchmarks/incremental.py --out benchmarks/results/incremental.json`: CIFAR-10, {d['per_class']:,} training and {d['held_out']:,} held-out images per class (first and last by file number), five steps of two classes. **steps**: `pipe extract --like` + `pipe train --from` the previous run; **naive**: `--replay 0 --distill 0`; **retrain**: from scratch on everything seen so far, whose last step is the joint run. Accuracy on the held-out images of the classes seen so far, then of each step's pair; the last step took {100 * f['last_step_share_of_joint']:.0f}% of the joint run's time.{slices}
 
 {table(["step", "steps", "naive", "retrain", "steps, per pair", "steps: time, peak RSS", "retrain: time"], rows)}
 """

@@ -253,7 +253,7 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--optimizer", "Optimizer of the table.", type=click.Choice(list(OPTIMIZERS)))
 @_train_option("--epochs", "Most passes over the training images.")
 @_train_option("--patience", "Stop after this many epochs without a better validation accuracy (0 = never).")
-@_train_option("--batch-size", "Images per step.")
+@_train_option("--batch-size", "Images per step; 0 = auto: 128, or fewer so that an epoch has at least 32 steps.")
 @_train_option("--lr", "Learning rate of the table.")
 @_train_option("--head-lr", "Adam learning rate of the head.")
 @_train_option("--init-std", "Standard deviation of the table's initial values.")

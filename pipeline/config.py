@@ -124,6 +124,12 @@ def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
+def auto_batch(train_images: int) -> int:
+    """The automatic batch size: 128 images, or fewer so that an epoch has at least 32 steps (at
+    least 8): a small training set still gets enough updates per epoch."""
+    return int(min(128, max(8, train_images // 32)))
+
+
 REPLAY = 1000  # pipe train --from: earlier original images per class a step trains on again
 DISTILL = 1.0  # pipe train --from: weight of the earlier run's answers (distillation) in a step's loss
 
@@ -297,7 +303,7 @@ class TrainConfig:
     optimizer: str = "adagrad"  # for the table: 'adagrad', 'rowwise-adagrad' (one accumulator per row), 'sparseadam' or 'sgd' [adagrad]
     epochs: int = 5  # most passes over the training part [5]
     patience: int = 3  # stop after this many epochs without a better validation accuracy; 0 = never [3]
-    batch_size: int = 128  # images per step [128]
+    batch_size: int = 0  # images per step; 0 = auto: 128, or fewer so that an epoch has at least 32 steps (at least 8 images) [auto]
     lr: float = 1.0  # learning rate of the table [1.0]
     head_lr: float = 0.01  # Adam learning rate of the head [0.01]
     init_std: float = 0.001  # standard deviation of the table's initial values [0.001]
@@ -337,8 +343,8 @@ class TrainConfig:
             raise PipelineError(f"--epochs {self.epochs} must be at least 1")
         if self.patience < 0:
             raise PipelineError(f"--patience {self.patience} must be 0 (never stop early) or more")
-        if self.batch_size < 1:
-            raise PipelineError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.batch_size < 0:
+            raise PipelineError(f"--batch-size {self.batch_size} must be at least 1 (or 0 = auto)")
         for flag, value in (("--lr", self.lr), ("--head-lr", self.head_lr)):
             if not (math.isfinite(value) and 0 < value <= MAX_LR):
                 raise PipelineError(f"{flag} {value} must be a positive number up to {MAX_LR:g}")
@@ -377,6 +383,12 @@ class TrainConfig:
                 f"{what} gives a table of {rows:,} rows x --dim {self.dim}, which needs about {need / 2**30:.1f} GiB to train; "
                 f"this machine has {have / 2**30:.1f} GiB: lower --dim, --buckets or raise --min-count"
             )
+
+    def resolved(self, train_images: int) -> "TrainConfig":
+        """These settings with the automatic batch size fixed for ``train_images`` training images."""
+        if self.batch_size:
+            return self
+        return dataclasses.replace(self, batch_size=auto_batch(train_images))
 
     @property
     def drop_rate(self) -> float | str:

@@ -171,11 +171,14 @@ def restart_metrics(out: Path | None, history: list[dict], best: dict) -> int:
 
 def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict], best: dict, stale: int,
                  select: str = "val_accuracy") -> tuple[dict, int]:
-    """Keep the model when the epoch improved on ``best`` by ``row[select]``, append ``row`` to the
+    """Keep the model when the epoch improved on ``best`` by ``row[select]`` (or tied it with a lower
+    validation loss, so a tie never keeps the less trained of two epochs), append ``row`` to the
     history and metrics.jsonl; returns the new best and the count of epochs without improvement."""
-    score = row[select]
-    if score is None or score > best["val_accuracy"]:
-        best = {"epoch": row["epoch"], "val_accuracy": score if score is not None else -1.0}
+    score, loss = row[select], row.get("val_loss")
+    best_loss = best.get("val_loss")
+    tied = score == best["val_accuracy"] and loss is not None and loss < (math.inf if best_loss is None else best_loss)
+    if score is None or score > best["val_accuracy"] or tied:  # a tie goes to the lower validation loss
+        best = {"epoch": row["epoch"], "val_accuracy": score if score is not None else -1.0, "val_loss": loss}
         _save_model(out, model)
         stale = 0
     else:
@@ -248,6 +251,7 @@ def train(
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root] + ([growth.parent.root] if growth else []))
+    config = config.resolved(shards.count_training(config.val_fraction))
     with outputs.locked(out, "pipe train"):
         return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step, growth)
 
