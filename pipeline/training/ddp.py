@@ -190,7 +190,9 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
     for name, flag in (("device", "--device"), ("cache_mb", "--cache-mb")):
         if getattr(config, name) != getattr(default, name) and not (name == "device" and config.device == "cpu"):
             raise PipelineError(f"{flag} goes with one process (--nproc runs on the CPU and keeps every bag in memory); leave it out or drop --nproc")
-    config = config.resolved(Shards(shards).count_training(config.val_fraction))  # a bad shard directory fails here in one line
+    sh = Shards(shards)  # a bad shard directory fails here with its one-line message
+    if not config.batch_size:  # auto: fixed from the number of training images
+        config = config.resolved(sh.count_training(config.val_fraction))
     o = Path(out)
     outputs.check_out(o, [shards])
     with outputs.locked(o, "pipe train"):

@@ -130,7 +130,15 @@ class StepShards(Shards):
         return got[got >= 0]
 
     def count_training(self, fraction: float) -> int:
-        return sum(int(((~is_validation(b.image_ids, fraction)) & (b.labels >= 0)).sum()) for b in self._labels())
+        return int(self.class_counts(fraction).sum())
+
+    def class_counts(self, fraction: float) -> np.ndarray:
+        """Training images (not held out, labelled) per class."""
+        counts = np.zeros(len(self.class_names), np.int64)
+        for b in self._labels():
+            keep = (~is_validation(b.image_ids, fraction)) & (b.labels >= 0)
+            counts += np.bincount(b.labels[keep], minlength=len(counts))
+        return counts
 
     def _labels(self):
         """(image ids, labels) of every image, read from the id and label columns only."""
@@ -179,10 +187,7 @@ def choose_earlier(lineage: list[dict], class_names: list[str], fingerprint: str
 def balanced_weights(step: StepShards, fraction: float) -> np.ndarray:
     """Per class: the step's training images over (classes trained on x that class's images), so
     every class weighs the same in the loss (0 for a class with no image in the step)."""
-    counts = np.zeros(len(step.class_names), np.int64)
-    for b in step._labels():
-        keep = (~is_validation(b.image_ids, fraction)) & (b.labels >= 0)
-        counts += np.bincount(b.labels[keep], minlength=len(counts))
+    counts = step.class_counts(fraction)
     w = np.zeros(len(counts), np.float32)
     seen = counts > 0
     w[seen] = counts.sum() / (seen.sum() * counts[seen])

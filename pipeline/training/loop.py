@@ -251,7 +251,8 @@ def train(
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root] + ([growth.parent.root] if growth else []))
-    config = config.resolved(shards.count_training(config.val_fraction))
+    if not config.batch_size:  # auto: fixed from the number of training images
+        config = config.resolved(shards.count_training(config.val_fraction))
     with outputs.locked(out, "pipe train"):
         return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step, growth)
 
@@ -359,7 +360,8 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     history, best = run_epochs(out, model, opts, config, start, history, best, train_epoch, validate, state, on_epoch, select=select)
     if not history:
         raise PipelineError(f"{out} trained no epoch; raise --epochs")
-    del model, opts, caches, train_epoch, validate  # the table, its optimizer state and the bags; the best epoch is reloaded from model.pt
+    # the table, its optimizer state, the bags and a step's copy of the earlier table; the best epoch is reloaded from model.pt
+    del model, opts, caches, train_epoch, validate, teacher
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
     final = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
