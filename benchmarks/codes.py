@@ -9,7 +9,7 @@ Each row is a full ``pipeline.extraction.stage`` + ``pipeline.train`` in a fresh
 accuracy is the best validation accuracy of the run, on the images the trainer holds
 out (``pipeline.data.split.is_validation``), which the dictionary fit also leaves out.
 Rows: exact views only / code view only / both, dictionary size, k nearest and the
-weighting, whitening, code shapes, grid cells, the head, and no augmentation (the
+weighting, whitening, the scaling of a patch (``--code-norm``), code shapes, grid cells, the head, and no augmentation (the
 default mirrors colour images). ``--out FILE``
 also writes the rows as JSON (benchmarks/results/codes.json is what docs/results.md shows).
 """
@@ -41,6 +41,8 @@ ROWS: list[tuple[str, dict, dict, str]] = [
     ("k", {"code_k": 10}, {}, "auto"),
     ("k", {"code_weight": "hard"}, {}, "auto"),
     ("whiten", {"whiten": 0.0}, {}, "auto"),
+    ("norm", {"code_norm": "none", "whiten": 0.01}, {}, "auto"),
+    ("norm", {"code_norm": "none", "whiten": 0.001}, {}, "auto"),
     ("shapes", {"code_shapes": "4x4"}, {}, "auto"),
     ("shapes", {"code_shapes": "8x8"}, {}, "auto"),
     ("shapes", {"code_shapes": "4x4,6x6"}, {}, "auto"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=1000, help="held-out images per class (the last, by file number)")
     ap.add_argument("--no-retrain", action="store_true", help="leave out the retrain-from-scratch reference but its last step (the joint run)")
     ap.add_argument("--no-naive", action="store_true", help="leave out the naive side (continuing on the new images only)")
+    ap.add_argument("--step-args", default="", help="more flags for the steps side's pipe train --from, e.g. '--distill 2'")
     ap.add_argument("--smoke", action="store_true", help="digits, three steps of a few images (seconds)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -128,7 +130,8 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
             (tmp / "n0").symlink_to(tmp / "r0")
         else:
             row["steps_extract"] = stage(["extract", str(folder), "--like", str(tmp / f"r{i - 1}"), "--out", str(tmp / f"s{i}")])
-            row["steps_train"] = stage(["train", str(tmp / f"s{i}"), "--from", str(tmp / f"r{i - 1}"), "--out", str(tmp / f"r{i}")])
+            row["steps_train"] = stage(["train", str(tmp / f"s{i}"), "--from", str(tmp / f"r{i - 1}"), "--out", str(tmp / f"r{i}"),
+                                        *shlex.split(a.step_args)])
             if not a.no_naive:
                 row["naive_train"] = stage(["train", str(tmp / f"s{i}"), "--from", str(tmp / f"n{i - 1}"), "--replay", "0", "--distill", "0",
                                             "--out", str(tmp / f"n{i}")])
@@ -156,6 +159,7 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
         "scenario": a.scenario,
         "per_class": a.per_class,
         "held_out": a.held_out,
+        "step_args": a.step_args,
         "order": ["/".join(p) for p in order],
         "steps": rows,
         "final": {"steps": rows[-1]["steps"]["seen"], "naive": rows[-1].get("naive", {}).get("seen"), "joint": joint,

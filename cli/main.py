@@ -141,7 +141,8 @@ def source_options(f):
 @click.option("--atoms", type=int, default=ExtractConfig.atoms, show_default=True, help="Code view: dictionary atoms per shape (FAISS k-means on sampled training patches).")
 @click.option("--code-k", type=int, default=ExtractConfig.code_k, show_default=True, help="Code view: nearest atoms kept per patch, each a key with a weight.")
 @click.option("--code-weight", type=click.Choice(["triangle", "hard"]), default=ExtractConfig.code_weight, show_default=True, help="Code view: weight of a kept atom: triangle (mean distance to all atoms minus its distance) or hard (1).")
-@click.option("--whiten", type=float, default=ExtractConfig.whiten, show_default=True, help="Code view: ZCA regularisation of the normalised patches; 0 = no whitening.")
+@click.option("--code-norm", type=click.Choice(["contrast", "none"]), default=ExtractConfig.code_norm, show_default=True, help="Code view: how a patch is scaled before whitening: contrast (each patch's brightness and contrast normalised) or none (pixels on [0, 1], e.g. with --whiten 0.01); atoms of none are drawn in their own colours.")
+@click.option("--whiten", type=float, default=ExtractConfig.whiten, show_default=True, help="Code view: ZCA regularisation added to the eigenvalues of the scaled patches' covariance; 0 = no whitening.")
 @click.option("--code-stride", type=int, default=ExtractConfig.code_stride, show_default=True, help="Code view: step between patch positions, in pixels.")
 @click.option("--code-sample", type=int, default=ExtractConfig.code_sample, show_default=True, help="Code view: patches per shape sampled to fit the dictionary.")
 @click.option("--dictionary", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Code view: use this dictionary.npz (e.g. the training shards') instead of fitting one on SOURCE.")
@@ -149,7 +150,7 @@ def source_options(f):
 @click.option("--seed", type=int, default=0, show_default=True, help="Hash seed (also seeds the dictionary fit).")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
 @click.option("--augment", default="auto", show_default=True, help="Extra copies of each image: none, flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1; auto = flip for colour images, none for grayscale.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Processes that decode, hash and write shards (with --engine ray: CPUs of the local Ray instance).")
+@click.option("--workers", type=int, default=0, show_default=True, help="Processes that decode, hash and write shards (with --engine ray: CPUs of the local Ray instance); 0 = one per core, at most one per shard.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run the shard tasks in local processes, or on Ray (pip install 'patchhash[ray]').")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to use (e.g. ray://head:10001 or auto) [a local instance].")
 @click.option("--compression", type=click.Choice(["snappy", "lz4", "zstd", "none"]), default="snappy", show_default=True, help="Parquet codec of the shards.")
@@ -157,7 +158,7 @@ def source_options(f):
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
+def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -166,7 +167,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
 
     \b
     Example:
-      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --workers 2 --out artifacts/cifar/shards
+      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --out artifacts/cifar/shards
       pipe extract new-images/ --like artifacts/cifar/run --out artifacts/new/shards
     """
     if like is not None:
@@ -181,7 +182,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     mh, mw = (0, 0) if max_size == "auto" else _size(max_size, "--max-size")
     config = ExtractConfig(
         levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
-        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_weight=code_weight, whiten=whiten,
+        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_weight=code_weight, code_norm=code_norm, whiten=whiten,
         code_stride=code_stride, code_sample=code_sample,
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
@@ -218,7 +219,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
 
 # the options of pipe extract that --like takes from the earlier run or shards
 SETTINGS_OF_LIKE = ("levels", "views", "color", "max_size", "shapes", "stride", "position", "grid", "code_shapes", "atoms", "code_k",
-                    "code_weight", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
+                    "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
 
 
 def _patch_progress(bar: tqdm):

@@ -63,7 +63,8 @@ def physical_memory() -> int:
 
 VIEW_KINDS = ("levels", "norm", "grad")
 CODE_WEIGHTS = ("triangle", "hard")
-CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_weight", "whiten", "code_stride", "code_sample", "dictionary")
+CODE_NORMS = ("none", "contrast")
+CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary")
 
 
 def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
@@ -152,7 +153,8 @@ class ExtractConfig:
     atoms: int = 1024  # dictionary atoms per code shape (FAISS k-means) [1024]
     code_k: int = 5  # nearest atoms kept per patch of the code view [5]
     code_weight: str = "triangle"  # weight of a kept atom: 'triangle' (mean distance minus its distance, at least 0) or 'hard' (1) [triangle]
-    whiten: float = 0.1  # ZCA regularisation added to the eigenvalues of the normalised patches; 0 = no whitening [0.1]
+    code_norm: str = "contrast"  # how a code-view patch is scaled before whitening: 'contrast' (each patch's brightness and contrast normalised) or 'none' (pixels on [0, 1]) [contrast]
+    whiten: float = 0.1  # ZCA regularisation added to the eigenvalues of the scaled patches' covariance; 0 = no whitening [0.1]
     code_stride: int = 1  # step between code-view patch positions, in pixels [1]
     code_sample: int = 200000  # patches per code shape sampled from the training images to fit the dictionary [200000]
     dictionary: str = ""  # SHA-256 of the dictionary the code view was made with (set by pipe extract) []
@@ -191,6 +193,8 @@ class ExtractConfig:
             raise PipelineError(f"--code-k {self.code_k} must be from 1 to --atoms ({self.atoms})")
         if self.code_weight not in CODE_WEIGHTS:
             raise PipelineError(f"--code-weight {self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
+        if self.code_norm not in CODE_NORMS:
+            raise PipelineError(f"--code-norm {self.code_norm!r} is not one of {', '.join(CODE_NORMS)}")
         if not 0 <= self.whiten < 1e6:
             raise PipelineError(f"--whiten {self.whiten} must be 0 (no whitening) or a positive regularisation such as 0.1")
         if not 1 <= self.code_stride < 1 << 16:
@@ -265,6 +269,7 @@ class ExtractConfig:
         d = dict(d)
         d.setdefault("views", "levels")  # written before --views existed: one view, whatever today's default
         d.setdefault("code_shapes", "none")  # written before the code view existed
+        d.setdefault("code_norm", "contrast")  # written before --code-norm existed: contrast normalisation
         if d.get("resize") is not None:
             d["resize"] = tuple(d["resize"])
         return cls(**d)
@@ -279,6 +284,8 @@ class ExtractConfig:
         if not self.has_code:  # configs without a code view hash as before it existed
             for k in CODE_FIELDS:
                 del d[k]
+        if d.get("code_norm") == "contrast":  # contrast-normalised codes hash as before --code-norm existed
+            del d["code_norm"]
         if d["views"] == "levels":  # the single default view hashes as before views existed
             del d["views"]
         payload = json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True)

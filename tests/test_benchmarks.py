@@ -107,6 +107,14 @@ def test_defaults_benchmark_smoke():
     assert r["extract_peak_rss_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["run_mb"] > 0 and r["shards_mb"] > 0
 
 
+def test_small_data_benchmark_smoke():
+    (r,) = smoke("benchmarks/small.py")
+    (row,) = r["rows"]
+    assert row["train_images"] == 100 and row["scored_images"] == 899
+    assert 0 < row["ours"] <= 1 and 0 < row["logistic_regression"] <= 1 and 0 < row["nearest_neighbour"] <= 1
+    assert row["beats_both"] == (row["ours"] > max(row["logistic_regression"], row["nearest_neighbour"]))
+
+
 def test_the_results_page_is_the_rendering_of_the_committed_json():
     r = subprocess.run([sys.executable, "benchmarks/results_page.py", "--check"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -228,7 +228,8 @@ def test_progress_in_a_log_is_plain_lines_and_names_the_finishing_steps(trained,
     assert "then: building the pattern index (Flat over" in out.stdout
     quiet = subprocess.run([sys.executable, "-m", "cli.main", "--progress", "off", "train", str(trained / "shards"), "--out", str(tmp_path / "q"),
                             "--epochs", "1", "--dim", "8"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    # no progress at all; what is left is the warning that the held-out part is small
+    assert quiet.returncode == 0 and all(l.startswith("WARNING ") for l in quiet.stderr.splitlines()), quiet.stderr
 
 
 def test_a_query_never_imports_torch(trained):

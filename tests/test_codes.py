@@ -27,11 +27,11 @@ GOLDEN = [
 ]
 
 
-def small_dictionary(shapes=((2, 2), (2, 3)), atoms=8, eps=0.1, seed=0, channels=1):
+def small_dictionary(shapes=((2, 2), (2, 3)), atoms=8, eps=0.1, seed=0, channels=1, norm="contrast"):
     imgs, _ = digits_images("train", 200)
     if channels == 3:
         imgs = np.repeat(imgs, 3, -1)
-    return codes.fit([imgs[:100], imgs[100:]], list(shapes), atoms, eps, 3000, seed, channels), imgs
+    return codes.fit([imgs[:100], imgs[100:]], list(shapes), atoms, eps, 3000, seed, channels, norm), imgs
 
 
 def test_fit_is_deterministic_for_a_seed():
@@ -43,10 +43,12 @@ def test_fit_is_deterministic_for_a_seed():
     assert [(s.h, s.w, s.atoms.shape) for s in a.shapes] == [(2, 2, (8, 4)), (2, 3, (8, 6))]
 
 
+@pytest.mark.parametrize("norm,eps", [("contrast", 0.1), ("none", 0.001)])
 @pytest.mark.parametrize("weighting", ["triangle", "hard"])
 @pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (8, 2)])
-def test_coding_equals_brute_force(weighting, k, stride):
-    d, imgs = small_dictionary()
+def test_coding_equals_brute_force(weighting, k, stride, norm, eps):
+    d, imgs = small_dictionary(eps=eps, norm=norm)
+    assert d.norm == norm
     atoms, weights = d.encode(imgs[:20], stride, k, weighting)
     ref_atoms, ref_weights = codes.brute_force(imgs[:20], d, stride, k, weighting)
     assert atoms.dtype == np.uint16 and atoms.shape == ref_atoms.shape
@@ -65,6 +67,37 @@ def test_coding_in_blocks_equals_one_block(monkeypatch):
     parts = d.encode(imgs[:30], 1, 3, "triangle")
     assert np.array_equal(whole[0], parts[0])
     np.testing.assert_allclose(whole[1], parts[1], rtol=1e-6)
+
+
+def test_codes_do_not_depend_on_the_thread_count():
+    """The compiled selection on one thread and on two: the same atoms and the same weights, bit for bit."""
+    import numba
+
+    d, imgs = small_dictionary(norm="none", eps=0.001)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = d.encode(imgs[:40], 1, 3, "triangle")
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = d.encode(imgs[:40], 1, 3, "triangle")
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1].view(np.uint32), two[1].view(np.uint32))
+
+
+def test_scaled_atoms_are_drawn_in_their_own_colours(tmp_path):
+    """Without whitening, an atom of pixels on [0, 1] is its mean patch: drawn as round(255 * (atom + mean)),
+    not stretched; the scaling survives saving, and a file written without one is contrast-normalised."""
+    d, _ = small_dictionary(eps=0.0, norm="none", channels=3)
+    s = d.shapes[0]
+    expect = np.clip(np.rint((s.atoms.astype(np.float64) + s.mean) * 255), 0, 255).astype(np.uint8)
+    assert np.array_equal(s.pixels(3).reshape(len(s.atoms), -1), expect)
+    d.save(tmp_path / "d.npz")
+    assert codes.Dictionary.load(tmp_path / "d.npz").norm == "none"
+    with np.load(tmp_path / "d.npz") as z:
+        old = {k: z[k] for k in z.files if k != "norm"}
+    np.savez(tmp_path / "old.npz", **old)
+    assert codes.Dictionary.load(tmp_path / "old.npz").norm == "contrast"
 
 
 def test_whitening_on_a_known_covariance():

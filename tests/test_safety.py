@@ -161,7 +161,7 @@ def slow(task, progress=None):
     return real(task, progress)
 ex.write_shard = slow
 pipeline.extract(pipeline.open_source("digits", limit=20), sys.argv[1], pipeline.ExtractConfig(levels=2, max_h=2, max_w=2, code_shapes="none"),
-                 images_per_shard=1)
+                 images_per_shard=1, workers=1)  # in this process, where write_shard is the slow one
 """
 
 
@@ -200,8 +200,8 @@ def test_3_a_changed_source_is_not_mixed_into_a_resumed_extract(tmp_path, monkey
         return real(task, progress)
 
     monkeypatch.setattr(extract_mod, "write_shard", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.extract(pipeline.open_source(str(src)), tmp_path / "s", small_config(), images_per_shard=10)
+    with pytest.raises(KeyboardInterrupt):  # one worker: write_shard runs in this process, where it is the dying one
+        pipeline.extract(pipeline.open_source(str(src)), tmp_path / "s", small_config(), images_per_shard=10, workers=1)
     monkeypatch.setattr(extract_mod, "write_shard", real)
     _npz(src, 1)  # same name, same image count, other images
     with pytest.raises(PipelineError, match="has changed since an unfinished extract"):

@@ -452,3 +452,24 @@ def test_the_automatic_batch_size():
 
     assert [auto_batch(n) for n in (0, 100, 800, 4096, 4127, 100_000)] == [8, 8, 25, 128, 128, 128]
     assert TrainConfig().resolved(808).batch_size == 25 and TrainConfig(batch_size=64).resolved(808).batch_size == 64
+
+
+def test_a_small_held_out_part_is_warned_about(digits_shards, tmp_path, caplog):
+    """About 180 digits images are held out: the run says the epoch choice rests on them, once; with
+    --val-fraction 0 nothing is held out and nothing is said."""
+    import logging
+
+    from pipeline.training.loop import FEW_HELD_OUT
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.loop"):
+        m = pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "a", TrainConfig(epochs=2, dim=8))
+    n = m["final"]["val_images"]
+    assert 0 < n < FEW_HELD_OUT
+    said = [r.getMessage() for r in caplog.records if "held-out images choose the best epoch" in r.getMessage()]
+    assert said == [f"only {n} held-out images choose the best epoch (one image is {100 / n:.2f} points of accuracy), "
+                    "so the choice is mostly noise: raise --val-fraction (now 0.1) if there are images to spare, "
+                    "or train on every image with --val-fraction 0, which keeps the last epoch"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.loop"):
+        pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "b", TrainConfig(epochs=1, dim=8, val_fraction=0))
+    assert not [r for r in caplog.records if "held-out" in r.getMessage()]

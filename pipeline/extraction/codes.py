@@ -2,15 +2,16 @@
 
 For every code shape (h x w) a patch of ``h*w*C`` pixel values ``p`` (0..255) is
 
-1. normalised for brightness and contrast: ``n = (p - mean(p)) / sqrt(var(p) + CONTRAST)``;
+1. scaled: ``n = p / 255`` (``--code-norm none``, pixels on [0, 1]) or normalised for brightness
+   and contrast: ``n = (p - mean(p)) / sqrt(var(p) + CONTRAST)`` (``--code-norm contrast``);
 2. whitened: ``z = (n - mu) @ W`` with ``W`` the ZCA matrix ``V diag(1 / sqrt(lambda + eps)) V^T``
-   of the normalised patches' covariance (``eps`` = ``--whiten``; 0 turns whitening off);
+   of the scaled patches' covariance (``eps`` = ``--whiten``; 0 turns whitening off);
 3. compared with the shape's K atoms ``c_j`` (FAISS k-means on whitened sample patches):
    ``d_j = ||z - c_j||``. The patch keeps its ``k`` nearest atoms, nearest first, with weight
    ``max(0, mean_j d_j - d_a)`` (``triangle``, the soft code of Coates, Lee & Ng 2011, kept
    to the k nearest) or 1 (``hard``).
 
-A :class:`Dictionary` holds, per shape, ``mu``, ``W`` and the atoms; it is saved as a plain
+A :class:`Dictionary` holds the scaling and, per shape, ``mu``, ``W`` and the atoms; it is saved as a plain
 ``.npz`` (no pickle) whose SHA-256 is recorded in the extract config, so shards, runs and
 queries coded with another dictionary are refused. The distances are one matrix product
 per block of patches (BLAS through numpy); choosing the k nearest is a compiled loop.
@@ -31,13 +32,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import ThreadpoolController
 
 from pipeline import layout
+from pipeline.config import CODE_NORMS as NORMS  # how a patch is scaled before whitening (the module's first step)
 from pipeline.errors import PipelineError
 
 MAX_ATOMS = 65535  # atoms per shape: a code holds an atom id in 16 bits
 MAX_DICTIONARY_BYTES = 1 << 32  # a dictionary file larger than this is not one
 
 CONTRAST = 10.0  # added to each patch's variance (pixel values 0..255) before dividing by its square root
-BLOCK_PATCHES = 16384  # patches per matrix product: 64 MiB of distances at K = 1024
+BLOCK_PATCHES = 4096  # patches per matrix product: 16 MiB of distances at K = 1024, read back while still cached
 FIT_PATCHES_PER_IMAGE = 20  # the fit's sample takes about this many patches from each image it reads
 FIT_MIN_IMAGES = 1000  # ... from at least this many images (all, when the source has fewer)
 DICTIONARY_FORMAT = "patchhash-dictionary-v1"
@@ -61,8 +63,12 @@ def patch_matrix(images: np.ndarray, h: int, w: int, stride: int) -> tuple[np.nd
     return np.ascontiguousarray(view.transpose(0, 1, 2, 4, 5, 3), dtype=np.float32).reshape(n * ny * nx, -1), ny, nx
 
 
-def normalise(patches: np.ndarray) -> np.ndarray:
-    """Brightness and contrast normalisation of each row, in place; returns it."""
+def normalise(patches: np.ndarray, norm: str = "contrast") -> np.ndarray:
+    """Each row of 0..255 pixel values scaled to [0, 1] (``none``) or normalised for brightness and
+    contrast (``contrast``), in place; returns it."""
+    if norm == "none":
+        patches *= np.float32(1 / 255)
+        return patches
     patches -= patches.mean(1, keepdims=True)
     patches /= np.sqrt(patches.var(1, keepdims=True) + CONTRAST)
     return patches
@@ -141,14 +147,15 @@ class ShapeCode:
 
     h: int
     w: int
-    mean: np.ndarray  # d float32: mean of the normalised sample patches
+    mean: np.ndarray  # d float32: mean of the scaled sample patches
     whiten: np.ndarray  # d x d float32
     atoms: np.ndarray  # K x d float32, whitened space
+    norm: str = "contrast"  # one of NORMS
 
     def encode(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised-and-whitened codes of raw patch rows (P x d float32, changed in place):
+        """Scaled-and-whitened codes of raw patch rows (P x d float32, changed in place):
         (atoms P x k int64, weights P x k float32)."""
-        normalise(patches)
+        normalise(patches, self.norm)
         atoms = np.empty((len(patches), k), np.int64)
         weights = np.empty((len(patches), k), np.float32)
         c2 = (self.atoms**2).sum(1)
@@ -161,10 +168,13 @@ class ShapeCode:
         return atoms, weights
 
     def pixels(self, channels: int) -> np.ndarray:
-        """Every atom shown as pixels (K x h x w x C uint8): un-whitened back to a normalised patch,
-        then each stretched linearly to 0..255."""
+        """Every atom shown as pixels (K x h x w x C uint8): un-whitened back to a scaled patch, then
+        with ``none`` scaled back by 255 (its own colours), with ``contrast`` (which lost the
+        patch's brightness and contrast) stretched linearly to 0..255."""
         inv = np.linalg.pinv(self.whiten.astype(np.float64))
         x = self.atoms.astype(np.float64) @ inv + self.mean
+        if self.norm == "none":
+            return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8).reshape(len(x), self.h, self.w, channels)
         lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
         x = (x - lo) * (255.0 / np.maximum(hi - lo, 1e-9))
         return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(len(x), self.h, self.w, channels)
@@ -176,6 +186,10 @@ class Dictionary:
 
     shapes: list[ShapeCode]
     channels: int
+
+    @property
+    def norm(self) -> str:
+        return self.shapes[0].norm
 
     def encode(self, images: np.ndarray, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
         """Codes of N x H x W x C uint8 images: (atoms N x S uint16, weights N x S float32) over the
@@ -192,6 +206,8 @@ class Dictionary:
     def to_bytes(self) -> bytes:
         arrays = {"format": np.array(DICTIONARY_FORMAT), "channels": np.int64(self.channels),
                   "shapes": np.array([[s.h, s.w] for s in self.shapes], np.int64)}
+        if self.norm != "contrast":  # files without it were all written with contrast normalisation
+            arrays["norm"] = np.array(self.norm)
         for i, s in enumerate(self.shapes):
             arrays[f"mean_{i}"], arrays[f"whiten_{i}"], arrays[f"atoms_{i}"] = s.mean, s.whiten, s.atoms
         buf = io.BytesIO()
@@ -227,8 +243,11 @@ class Dictionary:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 if str(z["format"]) != DICTIONARY_FORMAT:
                     raise ValueError(f"format {z['format']}")
+                norm = str(z["norm"]) if "norm" in z.files else "contrast"
+                if norm not in NORMS:
+                    raise ValueError(f"scaling {norm!r}")
                 shapes = [
-                    ShapeCode(int(h), int(w), z[f"mean_{i}"], z[f"whiten_{i}"], z[f"atoms_{i}"])
+                    ShapeCode(int(h), int(w), z[f"mean_{i}"], z[f"whiten_{i}"], z[f"atoms_{i}"], norm)
                     for i, (h, w) in enumerate(z["shapes"])
                 ]
                 d = cls(shapes, int(z["channels"]))
@@ -242,6 +261,8 @@ class Dictionary:
         finite, and every shape has the same number of atoms, which a code key can hold."""
         if self.channels not in (1, 3) or not self.shapes:
             raise ValueError(f"{len(self.shapes)} shapes on {self.channels} channels")
+        if len({s.norm for s in self.shapes}) != 1 or self.norm not in NORMS:
+            raise ValueError(f"scalings {sorted({s.norm for s in self.shapes})}; every shape needs the same one of {', '.join(NORMS)}")
         counts = set()
         for s in self.shapes:
             d = s.h * s.w * self.channels
@@ -264,10 +285,11 @@ def fit(
     sample: int,
     seed: int,
     channels: int,
+    norm: str = "contrast",
 ) -> Dictionary:
     """Fit each shape's whitening and atoms on patches sampled from ``images`` (batches of
-    N x H x W x C uint8): up to ``sample`` patches per shape, drawn uniformly from every image
-    with a seeded generator, then ``faiss.Kmeans`` (seeded) in the whitened space."""
+    N x H x W x C uint8), scaled by ``norm``: up to ``sample`` patches per shape, drawn uniformly
+    from every image with a seeded generator, then ``faiss.Kmeans`` (seeded) in the whitened space."""
     import faiss
 
     rng = np.random.default_rng(seed)
@@ -283,7 +305,7 @@ def fit(
             p, ny, nx = patch_matrix(b, h, w, 1)
             pick = rng.integers(0, ny * nx, size=(len(b), per)) + (np.arange(len(b)) * ny * nx)[:, None]
             rows.append(p[pick.ravel()])
-        x = normalise(np.concatenate(rows)[:sample])
+        x = normalise(np.concatenate(rows)[:sample], norm)
         if len(x) < atoms:
             raise PipelineError(
                 f"--atoms {atoms} is more than the {len(x)} {h}x{w} patches sampled to fit them; use fewer atoms or more images"
@@ -292,7 +314,7 @@ def fit(
         z = np.ascontiguousarray((x - mu) @ wz, dtype=np.float32)
         km = faiss.Kmeans(z.shape[1], atoms, niter=20, seed=seed + 1, max_points_per_centroid=max(256, len(z) // atoms + 1))
         km.train(z)
-        out.append(ShapeCode(h, w, mu, wz, np.ascontiguousarray(km.centroids, dtype=np.float32)))
+        out.append(ShapeCode(h, w, mu, wz, np.ascontiguousarray(km.centroids, dtype=np.float32), norm))
     return Dictionary(out, channels)
 
 
@@ -304,7 +326,10 @@ def brute_force(images: np.ndarray, d: Dictionary, stride: int, k: int, weightin
         view = sliding_window_view(images.astype(np.float64), (s.h, s.w), axis=(1, 2))[:, ::stride, ::stride]
         ny, nx = view.shape[1:3]
         p = view.transpose(0, 1, 2, 4, 5, 3).reshape(n * ny * nx, -1)
-        p = (p - p.mean(1, keepdims=True)) / np.sqrt(p.var(1, keepdims=True) + CONTRAST)
+        if s.norm == "none":
+            p = p / 255.0
+        else:
+            p = (p - p.mean(1, keepdims=True)) / np.sqrt(p.var(1, keepdims=True) + CONTRAST)
         z = (p - s.mean) @ s.whiten.astype(np.float64)
         dist = np.sqrt(((z[:, None, :] - s.atoms[None].astype(np.float64)) ** 2).sum(-1))
         order = np.argsort(dist, axis=1, kind="stable")[:, :k]

@@ -38,7 +38,7 @@ from pipeline.engines.ray_engine import check_engine, run_tasks
 from pipeline.extraction.shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
 from pipeline.data.sources import RawImage, Source, decode_checked
 from pipeline.data.split import DEFAULT_VAL_FRACTION, is_validation
-from pipeline.extraction.workers import die_with_parent
+from pipeline.extraction.workers import machine_cores, shard_worker
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def fit_dictionary(source: Source, config: ExtractConfig, progress: Callable[[in
             picked.append(b.images[keep])
         if progress:
             progress(len(b.ids))
-    return codes.fit(picked, config.code_shape_list(), config.atoms, config.whiten, config.code_sample, config.seed, config.channels)
+    return codes.fit(picked, config.code_shape_list(), config.atoms, config.whiten, config.code_sample, config.seed, config.channels, config.code_norm)
 
 
 # ------------------------------------------------------------------ one shard (runs in a worker)
@@ -173,8 +173,8 @@ def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit)
             f"--dictionary {given} has {have} atoms on {d.channels} channel(s), but this extract codes "
             f"{config.code_shapes} on {config.channels}; pass the same --code-shapes and --color as the training extract"
         )
-    if given is not None and len(d.shapes[0].atoms) != config.atoms:
-        config = dataclasses.replace(config, atoms=len(d.shapes[0].atoms))
+    if given is not None and (len(d.shapes[0].atoms), d.norm) != (config.atoms, config.code_norm):
+        config = dataclasses.replace(config, atoms=len(d.shapes[0].atoms), code_norm=d.norm)
     return d, dataclasses.replace(config, dictionary=d.digest())
 
 
@@ -296,7 +296,7 @@ def _run_pool(tasks: Iterator[ShardTask], workers: int, progress: Progress | Non
     """Write shards in ``workers`` processes, at most two tasks per worker in flight (bounded memory)."""
     records = []
     ctx = multiprocessing.get_context("spawn")  # portable; the workers import only what extraction needs
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=shard_worker) as pool:
         pending: set[Future] = set()
         try:
             for task in tasks:
@@ -330,7 +330,7 @@ def extract(
     config: ExtractConfig = ExtractConfig(),
     overwrite: bool = False,
     images_per_shard: int | None = None,
-    workers: int = 1,
+    workers: int = 0,
     compression: str = DEFAULT_CODEC,
     progress: Progress | None = None,
     augment: str = "auto",
@@ -344,8 +344,10 @@ def extract(
 
     An unfinished extract into ``out`` with the same settings is resumed; a finished one is
     returned as is (``resumed_shards`` in the result says how many shards were reused).
-    ``workers > 1`` starts processes with the ``spawn`` method, so a script that calls this
-    needs the usual ``if __name__ == "__main__":`` guard. ``engine="ray"`` runs the same
+    ``workers`` = 0 runs one worker per core (:func:`machine_cores`), at most one per shard left
+    to write. More than one starts processes with the ``spawn`` method, so a script that calls
+    this needs the usual ``if __name__ == "__main__":`` guard; the keys do not depend on the
+    number of workers. ``engine="ray"`` runs the same
     shard tasks on Ray (:mod:`pipeline.engines.ray_engine`): a local Ray instance of ``workers``
     CPUs, or the cluster at ``address``.
 
@@ -369,8 +371,8 @@ def extract(
     if address is not None and engine != "ray":
         raise PipelineError("--address goes with --engine ray")
     check_engine(engine)  # a missing Ray extra fails before anything is written
-    if workers < 1:
-        raise PipelineError(f"--workers {workers} must be at least 1")
+    if workers < 0:
+        raise PipelineError(f"--workers {workers} must be at least 1, or 0 for one per core")
     if images_per_shard is not None and images_per_shard < 1:
         raise PipelineError(f"--images-per-shard {images_per_shard} must be at least 1")
     out = Path(out)
@@ -428,6 +430,8 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
         return ShardTask(index, total, str(out.resolve()), config, height, width, compression, source.skip_bad, images, augment)
 
     tasks = _tasks(source, per_shard, done, make)
+    if workers == 0:
+        workers = max(1, min(machine_cores(), total - len(done)))
     if engine == "ray":
         records = run_tasks(write_shard, tasks, workers, address, progress)
     elif workers == 1:

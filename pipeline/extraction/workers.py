@@ -21,6 +21,23 @@ _PR_SET_PDEATHSIG = 1
 WATCH_SECONDS = 1.0
 
 
+def machine_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def shard_worker() -> None:
+    """Initializer of an extract worker process: it ends with its parent, and its compiled loops run
+    on one thread, since the pool already runs one worker per core."""
+    die_with_parent()
+    import numba
+
+    numba.set_num_threads(1)
+
+
 def die_with_parent() -> None:
     """Arrange for this process to end when its parent does (a pool initializer)."""
     parent = os.getppid()

@@ -48,6 +48,7 @@ from pipeline.extraction.shards import Shards
 log = logging.getLogger(__name__)
 
 RESTART = "start the run again with --overwrite"
+FEW_HELD_OUT = 500  # fewer held-out images than this choose the best epoch by noise (one image is over 0.2 points)
 
 StepProgress = Callable[[int, int], None]  # (images in this step, raw keys in this step)
 EpochReport = Callable[[dict], None]
@@ -393,6 +394,8 @@ def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history:
         if master:
             val = validate()
             n = val.pop("n")
+            if epoch == start and 0 < n < FEW_HELD_OUT:
+                log.warning(few_held_out(n, config.val_fraction))
             balanced = val.pop("balanced_accuracy")
             row.update(val_loss=val.pop("loss") if n else None, val_accuracy=val.pop("accuracy") if n else None,
                        val_balanced_accuracy=balanced if n else None, val_images=n, **val)
@@ -407,6 +410,13 @@ def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history:
         if agree is not None and agree(stop):
             break
     return history, best
+
+
+def few_held_out(n: int, val_fraction: float) -> str:
+    """The warning of a run whose held-out part is too small to choose its best epoch by."""
+    return (f"only {n} held-out images choose the best epoch (one image is {100 / n:.2f} points of accuracy), "
+            f"so the choice is mostly noise: raise --val-fraction (now {val_fraction:g}) if there are images to spare, "
+            "or train on every image with --val-fraction 0, which keeps the last epoch")
 
 
 class _Caches:
