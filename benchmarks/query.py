@@ -85,7 +85,8 @@ def main() -> None:
             pipeline.extract(src, shards_dir, bench_config(a.current_defaults), overwrite=True, augment=bench_augment(a.current_defaults))
         sh = pipeline.open_shards(shards_dir)
         if not (run_dir / "run.json").exists():  # an existing run in --work is measured as it is
-            pipeline.train(sh, run_dir, bench_train(a.current_defaults, epochs=a.epochs), overwrite=True)
+            # refit off: the held-out images measured below must stay out of training
+            pipeline.train(sh, run_dir, bench_train(a.current_defaults, epochs=a.epochs, refit="off"), overwrite=True)
         run = pipeline.load(run_dir)
         vectors = np.ascontiguousarray(run.table[: run.vocab.size], np.float32)
         info = run.index_info

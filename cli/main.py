@@ -196,7 +196,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     note = " (already complete)" if resumed == len(m["shards"]) else (f" ({resumed} shard(s) kept from an interrupted run)" if resumed else "")
     click.echo(
         f"{m['images']} images"
-        + (f" (with {m['variants_per_image']} augmented copies each)" if m.get("variants_per_image") else "")
+        + (f" (with {m['variants_per_image']} augmented cop{'y' if m['variants_per_image'] == 1 else 'ies'} each)" if m.get("variants_per_image") else "")
         + f" ({m['height']}x{m['width']}, {m['channels']} channel(s)), {m['patches']:,} patches "
         f"({m['keys']:,} keys) in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB "
         f"({m['bytes_per_patch']:.2f} B/patch) -> {out}{note}"
@@ -261,6 +261,7 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--vocab-mb", "Memory for counting keys (MB); past it the count takes several passes over key ranges.")
 @_train_option("--cache-mb", "Memory for keeping every image's bags after the first epoch (MB); 0 = read the shards every epoch.")
 @_train_option("--val-fraction", "Share of images held out for validation.")
+@_train_option("--refit", "auto = when fewer than 500 images are held out, train again on every image for the epochs they chose; off = keep them held out.", type=click.Choice(["auto", "off"]))
 @_train_option("--seed", "Seed for initialisation, shuffling and dropout.")
 @_train_option("--device", "auto = CUDA when present.", type=click.Choice(["auto", "cpu", "cuda"]))
 @_train_option("--index", "Pattern index: auto (flat up to 100k patterns, else ivf), flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
@@ -349,6 +350,7 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
     click.echo(
         f"run written to {out}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
         + (f"{m['final']['val_accuracy']:.4f}" if m["final"]["val_accuracy"] is not None else "n/a")
+        + (f" (then trained again on all {m['refit']['images']:,} images for {m['refit']['epochs']} epoch(s))" if m.get("refit") else "")
         + f"; vocabulary {v['vocabulary']:,} of {v['distinct_keys']:,} distinct keys, {m['rows']:,} rows, index {m['index']['factory']}"
         + (f"; grown from {m['grown_from']} (+{v['new_keys']:,} patterns, {len(m['class_names'])} classes, "
            f"{m['replayed_images']:,} earlier images trained again)" if "grown_from" in m else "")
@@ -384,7 +386,8 @@ def evaluate(run, source, split, limit, per_class, skip_bad, validation, resize,
       pipe evaluate artifacts/digits/run --validation
     """
     if bool(source) == validation:
-        raise click.ClickException("give SOURCE to score, or --validation for the run's held-out part, not both")
+        raise click.ClickException("give SOURCE to score, or --validation for the run's held-out part, not both" if source else
+                                   "nothing to score: give SOURCE (e.g. digits --split test, an image folder), or --validation for the run's held-out part")
     r = pipeline.load(run)
     src = r.validation_shards() if validation else pipeline.open_data(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
     if validation and (split or limit or per_class or skip_bad):
@@ -423,6 +426,8 @@ def info(run, as_json):
     click.echo(f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
                f"code shapes {ex['code_shapes']}" + (f" ({ex['atoms']} atoms, k {ex['code_k']})" if ex["code_shapes"] != "none" else "")
                + f"; trained {tr['epochs']} epochs max, lr {tr['lr']}, bag {tr['bag']}; from {s['shards']}")
+    if s["refit"]:
+        click.echo(f"  then trained again on all {s['refit']['images']:,} images for those {s['refit']['epochs']} epoch(s) (--refit auto): nothing is held out")
     if s["lineage"]:
         click.echo("  grown in steps: " + " -> ".join(f"{e['shards']}" + (f" (on top of {e['run']})" if e["run"] else "") for e in s["lineage"]))
     click.echo(f"  on disk {s['bytes'] / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in s["files_bytes"].items()))

@@ -293,6 +293,7 @@ class ExtractConfig:
 
 
 OPTIMIZERS = ("adagrad", "rowwise-adagrad", "sparseadam", "sgd")
+REFITS = ("auto", "off")
 BAGS = ("mean", "sum", "sqrt")
 
 
@@ -317,6 +318,7 @@ class TrainConfig:
     vocab_mb: int = 4096  # memory for counting keys; past it the count is split into passes over key ranges [4096]
     cache_mb: int = 4096  # memory for keeping every image's bags after the first epoch; 0 = read the shards every epoch [4096]
     val_fraction: float = 0.1  # share of images held out for validation, chosen by a hash of image_id [0.1]
+    refit: str = "auto"  # 'auto': when fewer than 500 images are held out, train again on every image for the epochs they chose; 'off' [auto]
     seed: int = 0  # seed for initialisation, shuffling and dropout [0]
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda' [auto]
     index: str = "auto"  # pattern index: 'auto', 'flat', 'hnsw', 'ivf', 'ivfpq' or a FAISS factory string [auto]
@@ -370,6 +372,8 @@ class TrainConfig:
             raise PipelineError(f"--cache-mb {self.cache_mb} must be 0 (no cache) or more")
         if not 0.0 <= self.val_fraction < 1.0:
             raise PipelineError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        if self.refit not in REFITS:
+            raise PipelineError(f"--refit {self.refit!r} is not one of {', '.join(REFITS)}")
         if not self.index.strip():
             raise PipelineError("--index must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
         if self.nprobe < 1 or self.ef_search < 1:

@@ -107,6 +107,13 @@ def test_defaults_benchmark_smoke():
     assert r["extract_peak_rss_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["run_mb"] > 0 and r["shards_mb"] > 0
 
 
+def test_factors_benchmark_smoke():
+    (r,) = smoke("benchmarks/factors.py")
+    assert [row["row"] for row in r["rows"]] == ["default", "atoms"]
+    assert all(0 <= row["val_accuracy"] <= 1 and row["train"]["seconds"] > 0 and row["shards_mb"] > 0 for row in r["rows"])
+    assert r["rows"][1]["extract_flags"] == ["--atoms", "64"] and "extract" in r["rows"][1]
+
+
 def test_small_data_benchmark_smoke():
     (r,) = smoke("benchmarks/small.py")
     (row,) = r["rows"]

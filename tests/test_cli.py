@@ -36,7 +36,8 @@ def trained(tmp_path_factory):
     # 441 patches per view of an 8x8 image up to 3x3 ((8+7+6)**2); two exact views (levels,grad), one grid key each;
     # and the code view: 25 4x4 patches x 5 nearest atoms
     assert "898 images (8x8, 1 channel(s)), 904,286 patches (904,286 keys) in 1 shard(s)" in r.stdout
-    r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--dim", "16")
+    # --refit off: these tests score the run's held-out part, which a refit would train on
+    r = run("train", root / "shards", "--out", root / "run", "--epochs", "2", "--dim", "16", "--refit", "off")
     assert r.exit_code == 0, r.output
     assert "epoch 2: train loss" in r.output and "run written to" in r.stdout and "distinct keys" in r.stdout
     return root
@@ -133,7 +134,7 @@ def test_cifar_archive_end_to_end(tmp_path):
     r = run("extract", CIFAR_TAR, "--per-class", "6", "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
     # 60 images and their mirrors (--augment auto on colour) x (3,969 levels patches up to 2x2 + 729 6x6 code patches x 5 atoms)
-    assert "120 images (with 1 augmented copies each) (32x32, 3 channel(s)), 913,680 patches" in r.stdout
+    assert "120 images (with 1 augmented copy each) (32x32, 3 channel(s)), 913,680 patches" in r.stdout
     r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--val-fraction", "0.2")
     assert r.exit_code == 0, r.output
     r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")
@@ -172,7 +173,7 @@ def test_evaluate_validation_scores_the_held_out_part_and_reports_classes(traine
     assert abs(res["accuracy"] - m["final"]["val_accuracy"]) < 1e-6  # what training measured on the same images
     conf = np.array(res["confusion"])
     assert conf.sum() == res["n"] and np.trace(conf) == round(res["accuracy"] * res["n"])
-    one_line_error(run("evaluate", trained / "run"), "give SOURCE to score, or --validation")
+    one_line_error(run("evaluate", trained / "run"), "nothing to score: give SOURCE")
 
 
 def test_info_describes_the_run(trained):

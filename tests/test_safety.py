@@ -461,6 +461,9 @@ def test_10_options_that_do_nothing_are_refused(small_run, tmp_path):
         one_line_error(cli("query", run, "--batch", shards, "--out", tmp_path / "q.parquet", *flag), "is a shard directory")
     one_line_error(cli("query", run, "--batch", "digits", "--workers", "2", "--out", tmp_path / "q.parquet"), "goes with --engine ray")
     one_line_error(cli("query", run, image, "--workers", "2"), "go with --batch")
+    one_line_error(cli("evaluate", run), "nothing to score: give SOURCE")
+    one_line_error(cli("evaluate", run, shards, "--validation"), "not both")
+    assert repr(pipeline.load(run)) == f"Run({str(run)!r}: 10 classes, 8x8x1 images, {pipeline.load(run).vocab.size:,} patterns)"
     one_line_error(cli("train", shards, "--out", tmp_path / "r", "--nproc", "2", "--cache-mb", "10"), "--cache-mb goes with one process")
     one_line_error(cli("train", shards, "--out", tmp_path / "r", "--nproc", "2", "--device", "cuda"), "--device goes with one process")
 

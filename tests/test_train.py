@@ -467,9 +467,42 @@ def test_a_small_held_out_part_is_warned_about(digits_shards, tmp_path, caplog):
     assert 0 < n < FEW_HELD_OUT
     said = [r.getMessage() for r in caplog.records if "held-out images choose the best epoch" in r.getMessage()]
     assert said == [f"only {n} held-out images choose the best epoch (one image is {100 / n:.2f} points of accuracy), "
-                    "so the choice is mostly noise: raise --val-fraction (now 0.1) if there are images to spare, "
-                    "or train on every image with --val-fraction 0, which keeps the last epoch"]
+                    "so the choice is mostly noise: raise --val-fraction (now 0.1) if there are images to spare"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.training.loop"):
         pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "b", TrainConfig(epochs=1, dim=8, val_fraction=0))
     assert not [r for r in caplog.records if "held-out" in r.getMessage()]
+
+
+def test_a_refit_is_the_run_trained_on_every_image_for_the_chosen_epochs(digits_shards, tmp_path, monkeypatch):
+    """About 180 held-out digits images: the run chooses its epoch count on them, then trains again on
+    every image. Reference: a run started with --val-fraction 0 and that many epochs (same batch size,
+    seed and settings), whose vocabulary and weights must be the refit's bit for bit. Its held-out
+    part is gone, so scoring it is refused; --refit off keeps it; a refit killed half-way starts again."""
+    from pipeline.training import loop
+
+    sh = pipeline.open_shards(digits_shards)
+    m = pipeline.train(sh, tmp_path / "a", TrainConfig(epochs=3, dim=8))
+    e = m["best_epoch"]
+    assert m["refit"]["epochs"] == e and m["refit"]["images"] == sh.count_training(0.0) > m["final"]["train_images"]
+    ref = pipeline.train(sh, tmp_path / "b", TrainConfig(epochs=e, dim=8, val_fraction=0.0, refit="off", batch_size=m["train_config"]["batch_size"]))
+    assert ref["refit"] is None
+    assert (tmp_path / "a" / layout.VOCAB).read_bytes() == (tmp_path / "b" / layout.VOCAB).read_bytes()
+    a, b = weights.load(tmp_path / "a" / layout.WEIGHTS, ""), weights.load(tmp_path / "b" / layout.WEIGHTS, "")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(PipelineError, match="trained again on every image"):
+        pipeline.load(tmp_path / "a").evaluate(sh, validation=True)
+
+    off = pipeline.train(sh, tmp_path / "c", TrainConfig(epochs=1, dim=8, refit="off"))
+    assert off["refit"] is None and pipeline.load(tmp_path / "c").evaluate(sh, validation=True)["n"] == off["final"]["val_images"]
+
+    real = loop.finish_run
+    monkeypatch.setattr(loop, "finish_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(sh, tmp_path / "d", TrainConfig(epochs=3, dim=8))
+    monkeypatch.setattr(loop, "finish_run", real)
+    with pytest.raises(PipelineError, match="no checkpoint to resume from"):
+        pipeline.train(sh, tmp_path / "d", TrainConfig(epochs=3, dim=8), resume=True)
+    again = pipeline.train(sh, tmp_path / "d", TrainConfig(epochs=3, dim=8))
+    d = weights.load(tmp_path / "d" / layout.WEIGHTS, "")
+    assert again["refit"] == m["refit"] and all(np.array_equal(a[k], d[k]) for k in a)

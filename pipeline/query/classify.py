@@ -143,6 +143,11 @@ class Classify:
         :meth:`key_batches`), per-class accuracy and the confusion matrix (``confusion[i][j]``:
         images of class i predicted as j). ``validation`` keeps only the images the run's
         training held out (original images of shards, chosen as training chose them)."""
+        if validation and self.manifest.get("refit"):
+            raise PipelineError(
+                f"{self.root} trained again on every image once its held-out part had chosen the epoch count (refit), so no image is "
+                f"held out any more; its held-out accuracy before that, {self.manifest['final']['val_accuracy']:.4f}, is in run.json "
+                "(train with --refit off to keep a held-out part)")
         c = len(self.class_names)
         confusion = np.zeros((c, c), np.int64)
         loss_sum = 0.0

@@ -97,6 +97,10 @@ class Run(Classify, LookUp):
             if (self.root / name).exists():
                 getattr(self, "pattern_file" if name == layout.PATTERNS else "image_file")
 
+    def __repr__(self) -> str:
+        return (f"Run({str(self.root)!r}: {len(self.class_names)} classes, {self.height}x{self.width}x{self.extract_config.channels} images, "
+                f"{self.vocab.size:,} patterns)")
+
     def check_unchanged(self) -> None:
         """Raise :class:`PipelineError` when the run directory was trained again (or its manifest
         replaced) after it was loaded: files opened from now on would belong to another run."""
@@ -198,6 +202,7 @@ class Run(Classify, LookUp):
             "index": m["index"]["factory"],
             "unseen_rule": self.unseen_rule,
             "shards": m.get("shards"),
+            "refit": m.get("refit"),  # trained again on every image for the chosen epochs (then nothing is held out)
             "lineage": m.get("lineage"),  # a run grown in steps (pipe train --from): each step's shards and the run it grew from
             "extract_config": m["extract_config"],
             "train_config": m["train_config"],

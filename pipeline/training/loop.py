@@ -23,6 +23,7 @@ validated on the same images.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -102,7 +103,7 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
             raise PipelineError(f"--out {out} holds a finished run; nothing to resume (pass --overwrite to train again)")
         if unstarted:
             raise PipelineError(
-                f"--out {out} stopped before its first epoch ended, so there is no checkpoint to resume from; "
+                f"--out {out} stopped before its first epoch ended (or while training again on every image), so there is no checkpoint to resume from; "
                 "run the same command without --resume to start it again"
             )
         if not (out / layout.TRAIN_JOB).exists():
@@ -311,23 +312,60 @@ class _Growth:
                 "bias_offsets": self.offsets}
 
 
+def _fresh(shards: Shards, config: TrainConfig, out: Path, on_vocab) -> tuple[np.random.Generator, vocab.Vocabulary, PatchBagModel]:
+    """A new run's start: seeded generators, the vocabulary of its training part, a new model."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    v = build_vocab(shards, config, out, on_vocab)
+    release_unused()
+    config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
+    return rng, v, build_model(config, v.rows, len(shards.class_names))
+
+
+def refits(config: TrainConfig, held_out: int, growth) -> bool:
+    """Whether a run trains again on every image once its held-out part has chosen the epoch count:
+    with ``refit`` auto, a single-process run that is not a step and held out fewer than
+    :data:`FEW_HELD_OUT` images (more are worth keeping for ``pipe evaluate --validation``)."""
+    return config.refit == "auto" and growth is None and 0 < held_out < FEW_HELD_OUT
+
+
+def _refit(shards: Shards, out: Path, config: TrainConfig, epochs: int, device, on_step) -> tuple[vocab.Vocabulary, dict]:
+    """Train a new run on every labelled image (``val_fraction`` 0) for ``epochs`` epochs, as a run
+    started with those settings would (same seeds, its own vocabulary), and keep it as model.pt.
+    The checkpoint of the choosing run goes first: a refit killed half-way leaves a run that
+    starts again with the same command, ending as it would have."""
+    (out / layout.CHECKPOINT).unlink(missing_ok=True)
+    every = dataclasses.replace(config, val_fraction=0.0, epochs=epochs, patience=0, refit="off")
+    images = shards.count_training(0.0)
+    if on_step:
+        on_step(f"training again on all {images:,} images for the {epochs} epoch(s) the held-out part chose (--refit off keeps it held out)", 0)
+    rng, v, model = _fresh(shards, every, out, None)
+    model = model.to(device)
+    opts = _optimizers(model, every)
+    caches = _Caches(every, shards, v, False)
+    rows = [_epoch(model, opts, shards, v, every, rng, device, e, None, caches) for e in range(1, epochs + 1)]
+    _save_model(out, model)
+    last = rows[-1]
+    return v, {"epochs": epochs, "images": last["train_images"], "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"]}
+
+
 def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step=None, growth: _Growth | None = None) -> dict:
     """:func:`train` with ``out`` locked."""
     resuming = prepare_run(out, shards, config, overwrite, resume, growth.job() if growth else None)
     if resuming:
         check_checkpoint(out, None)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     num_classes = len(shards.class_names)
-    if resuming:
-        v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
-    elif growth is None:
-        v = build_vocab(shards, config, out, on_vocab)
-        release_unused()
+    if resuming or growth is not None:
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        if resuming:
+            v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
+        else:
+            v = growth.vocabulary(out, config, on_vocab)
+        config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
+        model = build_model(config, v.rows, num_classes)
     else:
-        v = growth.vocabulary(out, config, on_vocab)
-    config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
-    model = build_model(config, v.rows, num_classes)
+        rng, v, model = _fresh(shards, config, out, on_vocab)
     if growth is not None:  # a resumed step's checkpoint replaces these values below; its teacher keeps them
         grow.initialise(model, growth.parent, growth.rows(v))
     model = model.to(device)
@@ -364,6 +402,10 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     # the table, its optimizer state, the bags and a step's copy of the earlier table; the best epoch is reloaded from model.pt
     del model, opts, caches, train_epoch, validate, teacher
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
+    refit = None
+    if refits(config, history[-1].get("val_images") or 0, growth):
+        v, refit = _refit(shards, out, config, max(1, best["epoch"]), device, on_step)
+        release_unused()
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
     final = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
     if growth is not None:
@@ -371,7 +413,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         offsets = grow.calibrate(final, validation_bags(shards, v, config.val_fraction))
         head.bias = nn.Parameter(head.bias.detach() + torch.from_numpy(offsets))
         growth.offsets = [round(float(o), 6) for o in offsets]
-    return finish_run(out, shards, config, final, v, history, best, on_step, growth)
+    return finish_run(out, shards, config, final, v, history, best, on_step, growth, refit)
 
 
 def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history: list[dict], best: dict,
@@ -415,8 +457,7 @@ def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history:
 def few_held_out(n: int, val_fraction: float) -> str:
     """The warning of a run whose held-out part is too small to choose its best epoch by."""
     return (f"only {n} held-out images choose the best epoch (one image is {100 / n:.2f} points of accuracy), "
-            f"so the choice is mostly noise: raise --val-fraction (now {val_fraction:g}) if there are images to spare, "
-            "or train on every image with --val-fraction 0, which keeps the last epoch")
+            f"so the choice is mostly noise: raise --val-fraction (now {val_fraction:g}) if there are images to spare")
 
 
 class _Caches:
@@ -518,10 +559,11 @@ def _fused_step(model, opts, b: Bags, device, fused, weight: torch.Tensor | None
 
 def finish_run(
     out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict,
-    on_step: artifacts.Step | None = None, growth: _Growth | None = None,
+    on_step: artifacts.Step | None = None, growth: _Growth | None = None, refit: dict | None = None,
 ) -> dict:
     looked = shards if growth is None else growth.new_only  # a step's look-ups add the new images to the earlier run's
-    lookups = artifacts.write_lookups(out, looked, model, v, config.index, config.nprobe, config.ef_search, config.val_fraction, config.seed, on_step)
+    trained_on = 0.0 if refit else config.val_fraction  # a refit trained on every image: the look-ups hold them all
+    lookups = artifacts.write_lookups(out, looked, model, v, config.index, config.nprobe, config.ef_search, trained_on, config.seed, on_step)
     if growth is not None:
         lookups = grow.merge_lookups(out, growth.parent, growth.rows(v), lookups, len(shards.class_names), config.seed)
     manifest = {
@@ -541,6 +583,7 @@ def finish_run(
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
         "final": next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1],
+        "refit": refit,  # trained again on every image for the chosen epochs: no held-out part is left
         **(growth.manifest() if growth else {}),
     }
     torchfiles.save_weights(model.state_dict(), out / layout.WEIGHTS)

@@ -1,0 +1,85 @@
+"""The code view's factors on all the shared CIFAR-10 training images: one full run per row, the defaults with one change.
+
+    python benchmarks/factors.py --out benchmarks/results/factors.json           # every row below
+    python benchmarks/factors.py --only norm,atoms --out ...                      # some rows
+    python benchmarks/factors.py --smoke --json                                   # seconds: digits, two rows (what CI runs)
+
+Each row is ``pipe extract`` + ``pipe train`` as their own processes (``benchmarks/defaults.py``'s
+``stage``: wall time and peak RSS of each), on all 50,000 images of the shared archive; a row that
+changes only training reuses the default row's shards. The accuracy is the best epoch's on the
+images the trainer holds out (never the official test split), with the training accuracy at that
+epoch, the shard and run sizes. ``--out`` keeps finished rows: run again to add the missing ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import CIFAR_TAR  # noqa: E402
+from benchmarks.defaults import size_mb, stage  # noqa: E402
+
+# (name, pipe extract flags, pipe train flags); an empty extract list reuses the default shards
+ROWS: list[tuple[str, list[str], list[str]]] = [
+    ("default", [], []),
+    ("norm", ["--code-norm", "none", "--whiten", "0.01"], []),
+    ("atoms", ["--atoms", "2048"], []),
+    ("k", ["--code-k", "10"], []),
+    ("head", [], ["--dim", "128"]),
+    ("schedule", [], ["--epochs", "10", "--patience", "3", "--lr", "0.5"]),
+]
+SMOKE_ROWS = [("default", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
+
+
+def row(name: str, extract: list[str], train: list[str], source: str, work: Path, smoke: bool) -> dict:
+    shards = work / ("shards" if not extract else f"shards-{name}")
+    out: dict = {"row": name, "extract_flags": extract, "train_flags": train}
+    if extract or not (shards / "manifest.json").exists():
+        limit = ["--limit", "200"] if smoke else []
+        out["extract"] = stage(["extract", source, "--out", str(shards), "--overwrite", *limit, *extract])
+    run = work / f"run-{name}"
+    out["train"] = stage(["train", str(shards), "--out", str(run), "--overwrite", *train])
+    m = json.loads((run / "run.json").read_text())
+    out.update(val_accuracy=m["final"]["val_accuracy"], train_accuracy=m["final"]["train_accuracy"], best_epoch=m["best_epoch"],
+               epochs_run=m["epochs_run"], rows=m["rows"], run_mb=size_mb(run), shards_mb=size_mb(shards))
+    shutil.rmtree(run)
+    if extract:
+        shutil.rmtree(shards)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", default=str(CIFAR_TAR))
+    ap.add_argument("--only", default=None, help="only these rows, comma-separated (the default row is run first when another needs its shards)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 200 digits images, two rows of one epoch")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows here, keeping rows it already holds")
+    a = ap.parse_args()
+    rows = SMOKE_ROWS if a.smoke else ROWS
+    source = "digits" if a.smoke else a.source
+    if a.only:
+        rows = [r for r in rows if r[0] in a.only.split(",")]
+    done = {r["row"]: r for r in json.loads(a.out.read_text())["rows"]} if a.out and a.out.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="factors-") as work:
+        for name, extract, train in rows:
+            if name in done:
+                continue
+            done[name] = row(name, extract, train, source, Path(work), a.smoke)
+            if a.out:
+                a.out.write_text(json.dumps({"source": Path(source).name, "rows": list(done.values())}, indent=1) + "\n")
+            if not a.json:
+                r = done[name]
+                print(f"{name:10s} held-out {r['val_accuracy']:.4f} train {r['train_accuracy']:.4f} "
+                      f"extract {r.get('extract', {}).get('seconds', 0):.0f} s train {r['train']['seconds']:.0f} s", flush=True)
+    if a.json:
+        print(json.dumps({"source": Path(source).name, "rows": list(done.values())}))
+
+
+if __name__ == "__main__":
+    main()
