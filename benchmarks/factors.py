@@ -32,6 +32,7 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("k", ["--code-k", "10"], []),
     ("head", [], ["--dim", "128"]),
     ("schedule", [], ["--epochs", "10", "--patience", "3", "--lr", "0.5"]),
+    ("combined", ["--atoms", "2048", "--code-k", "10"], ["--epochs", "10", "--patience", "3", "--lr", "0.5"]),  # the rows that helped
 ]
 SMOKE_ROWS = [("default", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
 
