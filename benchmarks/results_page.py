@@ -308,8 +308,7 @@ def limitations() -> str:
 - At its best epoch the CIFAR run's training accuracy is {d['train_accuracy']:.4f} against {d['val_accuracy']:.4f} held out.
 - The soft-code papers reach 79.6% (Coates et al. 2011, 4,000 atoms) and 82% (Thiry et al. 2021): a
   dense code (hundreds of atoms per patch, both signs), overlapping pooling and a head trained 80 epochs.
-- The figures are from one 2-core machine with other work on it at times: compare the
-  ratios within one run, not the seconds across runs.
+- One 2-core machine, with other work on it at times: compare ratios within a run, not seconds across runs.
 - How each default was chosen, and every earlier figure, is in CHANGELOG.md.
 """
 
