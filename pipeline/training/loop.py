@@ -205,6 +205,7 @@ def build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callab
         raise PipelineError(f"no key occurs --min-count {config.min_count} times in the training images; lower --min-count")
     v.save(out / layout.VOCAB)
     layout.write_json(out / layout.VOCAB_STATS, v.stats)
+    release_unused()  # the counting tables' pages
     return v
 
 
@@ -312,14 +313,12 @@ class _Growth:
                 "bias_offsets": self.offsets}
 
 
-def _fresh(shards: Shards, config: TrainConfig, out: Path, on_vocab) -> tuple[np.random.Generator, vocab.Vocabulary, PatchBagModel]:
-    """A new run's start: seeded generators, the vocabulary of its training part, a new model."""
+def _start(config: TrainConfig, v: vocab.Vocabulary, num_classes: int) -> tuple[np.random.Generator, PatchBagModel]:
+    """A run's seeded generators and new model over vocabulary ``v`` (refused when the table cannot fit)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    v = build_vocab(shards, config, out, on_vocab)
-    release_unused()
     config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
-    return rng, v, build_model(config, v.rows, len(shards.class_names))
+    return rng, build_model(config, v.rows, num_classes)
 
 
 def refits(config: TrainConfig, held_out: int, growth) -> bool:
@@ -339,7 +338,8 @@ def _refit(shards: Shards, out: Path, config: TrainConfig, epochs: int, device, 
     images = shards.count_training(0.0)
     if on_step:
         on_step(f"training again on all {images:,} images for the {epochs} epoch(s) the held-out part chose (--refit off keeps it held out)", 0)
-    rng, v, model = _fresh(shards, every, out, None)
+    v = build_vocab(shards, every, out, None)
+    rng, model = _start(every, v, len(shards.class_names))
     model = model.to(device)
     opts = _optimizers(model, every)
     caches = _Caches(every, shards, v, False)
@@ -355,17 +355,13 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     if resuming:
         check_checkpoint(out, None)
     num_classes = len(shards.class_names)
-    if resuming or growth is not None:
-        torch.manual_seed(config.seed)
-        rng = np.random.default_rng(config.seed)
-        if resuming:
-            v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
-        else:
-            v = growth.vocabulary(out, config, on_vocab)
-        config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
-        model = build_model(config, v.rows, num_classes)
+    if resuming:
+        v = vocab.Vocabulary.load(out / layout.VOCAB, layout.read_json(out / layout.VOCAB_STATS))
+    elif growth is None:
+        v = build_vocab(shards, config, out, on_vocab)
     else:
-        rng, v, model = _fresh(shards, config, out, on_vocab)
+        v = growth.vocabulary(out, config, on_vocab)
+    rng, model = _start(config, v, num_classes)
     if growth is not None:  # a resumed step's checkpoint replaces these values below; its teacher keeps them
         grow.initialise(model, growth.parent, growth.rows(v))
     model = model.to(device)
