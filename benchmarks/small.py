@@ -87,7 +87,7 @@ def cifar_rows(per_class_sizes, source: Path = CIFAR_TAR) -> list[dict]:
     if not source.exists():
         raise SystemExit(f"benchmark data {source} is missing; it is the shared CIFAR-10 archive (see ../shared/data/README.md)")
     take = max(per_class_sizes) + CIFAR_SCORED
-    src = pipeline.open_source(str(source), per_class=take)  # the first images of each class, in file order
+    src = pipeline.open_source(str(source), per_class=take)  # the first images of each class, in sorted-name order
     batches = list(src.batches(1024, 3))
     images, labels = np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches])
     rank = np.zeros(len(labels), np.int64)

@@ -113,8 +113,10 @@ def main(verbose: bool, progress: str) -> None:
 
 _source_options = [
     click.option("--split", type=click.Choice(["train", "test"]), default=None, help="Which split of the source [train where present]."),
-    click.option("--limit", type=int, default=None, help="Keep only the first N images [all]."),
-    click.option("--per-class", type=int, default=None, help="Keep only the first N images of each class [all]."),
+    click.option("--holdout", type=float, default=None,
+                 help="Divide a source that has one split (or none) by a hash of each image's name: this share is --split test, the rest train [off]."),
+    click.option("--limit", type=int, default=None, help="Keep only the first N images, in sorted-name order [all]."),
+    click.option("--per-class", type=int, default=None, help="Keep only the first N images of each class, in sorted-name order [all]."),
     click.option("--skip-bad", is_flag=True, help="Skip unreadable image files (counted in the manifest) instead of failing."),
 ]
 
@@ -158,7 +160,7 @@ def source_options(f):
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
+def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -185,7 +187,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
         resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_weight=code_weight, code_norm=code_norm, whiten=whiten,
         code_stride=code_stride, code_sample=code_sample,
     )
-    src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+    src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
     with _bar(len(src), "img", "dictionary") as fit_bar, _bar(len(src), "img", "extract") as bar:
         m = pipeline.extract(
             src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers, engine=engine, address=address,
@@ -206,7 +208,7 @@ def extract(source, out, split, limit, per_class, skip_bad, levels, views, color
     if audit:
         from pipeline.extraction import audit as audits
 
-        src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+        src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
         with _bar(min(len(src), audit_images or len(src)), "img", "audit") as bar:
             res = audits.audit(src, ExtractConfig.from_dict(m["config"]), limit=audit_images, progress=_patch_progress(bar))
         audits.save(out, res)
@@ -376,7 +378,7 @@ _classifier_option = click.option(
 @_rule_option
 @_classifier_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with per-class accuracy and the confusion matrix).")
-def evaluate(run, source, split, limit, per_class, skip_bad, validation, resize, rule, classifier, as_json):
+def evaluate(run, source, split, holdout, limit, per_class, skip_bad, validation, resize, rule, classifier, as_json):
     """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config),
     or with --validation on the part of its training shards it held out.
 
@@ -389,9 +391,9 @@ def evaluate(run, source, split, limit, per_class, skip_bad, validation, resize,
         raise click.ClickException("give SOURCE to score, or --validation for the run's held-out part, not both" if source else
                                    "nothing to score: give SOURCE (e.g. digits --split test, an image folder), or --validation for the run's held-out part")
     r = pipeline.load(run)
-    src = r.validation_shards() if validation else pipeline.open_data(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
-    if validation and (split or limit or per_class or skip_bad):
-        raise click.ClickException("--split, --limit, --per-class and --skip-bad choose images of SOURCE; they do not go with --validation")
+    src = r.validation_shards() if validation else pipeline.open_data(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
+    if validation and (split or holdout or limit or per_class or skip_bad):
+        raise click.ClickException("--split, --holdout, --limit, --per-class and --skip-bad choose images of SOURCE; they do not go with --validation")
     total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
     with _bar(total, "img", "evaluate") as bar:
         res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier, validation=validation, resize=_size(resize, "--resize"))
@@ -400,7 +402,8 @@ def evaluate(run, source, split, limit, per_class, skip_bad, validation, resize,
     if as_json:
         click.echo(json.dumps(res))
     else:
-        click.echo(f"accuracy {res['accuracy']:.4f} on {res['n']} images of {source or run} ({res['scored']}; loss {res['loss']:.4f})")
+        fitted = f"; {res['fitted']} of another size fitted to {r.height}x{r.width}" if res.get("fitted") else ""
+        click.echo(f"accuracy {res['accuracy']:.4f} on {res['n']} images of {source or run} ({res['scored']}; loss {res['loss']:.4f}{fitted})")
 
 
 @main.command()
@@ -469,7 +472,7 @@ def index(run, kind, nprobe, ef_search):
 @click.option("--nprobe", type=int, default=None, help="Override the index's nprobe (ivf kinds) for this query.")
 @click.option("--ef-search", type=int, default=None, help="Override the index's efSearch (hnsw kinds) for this query.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
-def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, out, engine, workers, address, png_dir, resize, rule, classifier, nprobe, ef_search, as_json):
+def query(run, images, k, top, batch_source, split, holdout, limit, per_class, skip_bad, out, engine, workers, address, png_dir, resize, rule, classifier, nprobe, ef_search, as_json):
     """Classify IMAGES with RUN and show their patches' nearest learned patterns.
 
     Patches unseen in training are left out of the prediction by default (--unseen
@@ -490,8 +493,8 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
     folders = [p for p in images if Path(p).is_dir()]
     if folders:
         raise click.ClickException(f"{folders[0]} is a directory; to query every image in it use --batch {folders[0]}")
-    if not batch_source and (out or split or limit or per_class or skip_bad or engine != "local" or address or workers != 1):
-        raise click.ClickException("--out, --split, --limit, --per-class, --skip-bad, --engine, --workers and --address go with --batch")
+    if not batch_source and (out or split or holdout or limit or per_class or skip_bad or engine != "local" or address or workers != 1):
+        raise click.ClickException("--out, --split, --holdout, --limit, --per-class, --skip-bad, --engine, --workers and --address go with --batch")
     check_counts(k, top)
     if batch_source and png_dir:
         raise click.ClickException("--png draws the image files given as IMAGES; it does not go with --batch")
@@ -499,7 +502,7 @@ def query(run, images, k, top, batch_source, split, limit, per_class, skip_bad, 
     if nprobe is not None or ef_search is not None:
         r.tune(nprobe, ef_search)
     if batch_source:
-        src = pipeline.open_data(batch_source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad)
+        src = pipeline.open_data(batch_source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
         total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
         with _bar(total, "img", "query") as bar:
             res = pipeline.query_batch(

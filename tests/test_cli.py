@@ -108,9 +108,16 @@ def test_extract_config_that_does_not_match_the_run(trained, tmp_path):
     one_line_error(run("evaluate", trained / "run", tmp_path / "s8"), "extract the images again")
 
 
-def test_query_image_of_wrong_size(trained, tmp_path):
+def test_images_of_another_size_are_fitted_with_a_note(trained, tmp_path):
     (tmp_path / "big.png").write_bytes(encode_png(np.zeros((10, 10, 1), np.uint8)))
-    one_line_error(run("query", trained / "run", tmp_path / "big.png"), "resize them to 8x8")
+    r = run("query", trained / "run", tmp_path / "big.png")
+    assert r.exit_code == 0 and "is 10x10 (height x width): fitted to the run's 8x8, scaled to cover it" in r.output
+    folder = tmp_path / "mixed"
+    for i, side in enumerate((8, 12, 20)):
+        (folder / "3").mkdir(parents=True, exist_ok=True)
+        (folder / "3" / f"{i}.png").write_bytes(encode_png(np.zeros((side, side + 1, 1), np.uint8)))
+    r = run("evaluate", trained / "run", folder)
+    assert r.exit_code == 0 and "on 3 images" in r.output and "; 3 of another size fitted to 8x8)" in r.output
 
 
 def test_bad_options(trained, tmp_path):
@@ -194,9 +201,10 @@ def test_query_resizes_and_converts_with_a_notice(trained, tmp_path):
     x, _ = digits_images("test", 1)
     big = np.asarray(Image.fromarray(x[0][..., 0]).resize((24, 16)))
     (tmp_path / "big.png").write_bytes(encode_png(big[..., None]))
-    one_line_error(run("query", trained / "run", tmp_path / "big.png"), "(pass --resize 8x8)")
+    r = run("query", trained / "run", tmp_path / "big.png", "--json")
+    assert r.exit_code == 0 and "note: " in r.stderr and "fitted to the run's 8x8" in r.stderr, r.output
     r = run("query", trained / "run", tmp_path / "big.png", "--resize", "8x8", "--json")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "fitted" not in r.stderr, r.output
     rgb = np.repeat(x[0], 3, axis=-1)
     (tmp_path / "rgb.png").write_bytes(encode_png(rgb))
     r = run("query", trained / "run", tmp_path / "rgb.png", "--json")

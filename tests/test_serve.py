@@ -96,13 +96,22 @@ def test_an_oversized_upload_is_a_413_whether_or_not_it_says_its_length(server):
     assert httpx.get(server + "/health").status_code == 200
 
 
-def test_a_wrong_size_is_a_422_naming_the_resize_and_resize_answers(server, digits_run):
+def test_another_size_is_fitted_with_a_note_and_resize_stretches(server, digits_run):
+    """An image of another size is scaled to cover the run's 8x8 and centre-cropped (the answer is
+    the one for those pixels, fitted here by hand) with a note; ``resize`` stretches instead."""
+    from pipeline.data.images import resize_array
+
     img = np.asarray(Image.fromarray(digits_images("test", 1)[0][0][..., 0]).resize((16, 12)))
     data = encode_png(img[..., None])
     r = post(server, [("big.png", data)])
-    assert r.status_code == 422 and "12x16 (height x width)" in r.json()["error"] and "--resize 8x8" in r.json()["error"]
-    r = post(server, [("big.png", data)], resize="8x8")
     assert r.status_code == 200 and r.json()["results"][0]["image"] == "big.png"
+    assert r.json()["notes"] == ["big.png is 12x16 (height x width): fitted to the run's 8x8, scaled to cover it (proportions kept), then centre-cropped"]
+    by_hand = resize_array(img[..., None], (8, 11))[:, 1:9]  # 12x16 scaled by 8/12 to 8x11, centre 8 columns
+    run = pipeline.load(digits_run)
+    want = run.predict(by_hand[None])[1][0]
+    assert np.allclose([r.json()["results"][0]["probabilities"][c] for c in run.class_names], want, atol=1e-5)
+    r = post(server, [("big.png", data)], resize="8x8")
+    assert r.status_code == 200 and r.json()["results"][0]["image"] == "big.png" and "notes" not in r.json()
     assert post(server, [("big.png", data)], resize="eight").status_code == 400
     assert post(server, [("x.png", data)], k=0).status_code == 400
 

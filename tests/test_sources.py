@@ -193,3 +193,52 @@ def test_truncated_jpeg_and_unknown_mode_are_named_with_a_fix(tmp_path):
     (tmp_path / "f" / "a" / "deep.png").write_bytes(buf16.getvalue())
     with pytest.raises(PipelineError, match=r"cannot read .*deep\.png: unsupported image mode.*--skip-bad"):
         list(pipeline.open_source(str(tmp_path / "f")).batches(4, 1))
+
+
+def test_holdout_divides_a_one_split_source_by_name_the_same_in_any_archive_order(tmp_path):
+    """``holdout`` puts an image in split 'test' by a hash of its path below the split folder
+    (reference: blake2b written out here), whatever order and wrapper the archive has;
+    ``limit``/``per_class`` count in sorted-name order; a source with two splits refuses it."""
+    import hashlib
+
+    imgs, labels = digits_images("train", 60)
+    root = write_folder(tmp_path / "f", imgs, labels, split="train")
+    files = sorted(p.relative_to(root / "train").as_posix() for p in (root / "train").rglob("*.png"))
+    order = np.random.default_rng(0).permutation(len(files))
+    with tarfile.open(tmp_path / "shuffled.tar.gz", "w:gz") as tf:  # archive order shuffled, inside a wrapper folder
+        for i in order:
+            tf.add(root / "train" / files[i], arcname=f"wrap/train/{files[i]}")
+
+    def h(name):
+        return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") % 10000 < 3000
+
+    want_test = sorted(f for f in files if h(f))
+    assert 5 < len(want_test) < 55
+    for spec in (root, tmp_path / "shuffled.tar.gz"):
+        got = {}
+        for split in ("train", "test"):
+            src = pipeline.open_source(str(spec), split=split, holdout=0.3)
+            assert src.split == split and src.describe()["holdout"] == 0.3
+            got[split] = sorted(n.split("train/", 1)[1] for b in src.batches(100, 1) for n in b.names)
+        assert got["test"] == want_test
+        assert got["train"] == sorted(set(files) - set(want_test))
+        # the first 3 of each class and the first 7 overall, in sorted-name order, of the held-out part
+        firsts = {}
+        for f in want_test:
+            firsts.setdefault(f.split("/")[0], []).append(f)
+        want_pc = sorted(f for fs in firsts.values() for f in fs[:3])
+        src = pipeline.open_source(str(spec), split="test", holdout=0.3, per_class=3)
+        assert sorted(n.split("train/", 1)[1] for b in src.batches(100, 1) for n in b.names) == want_pc
+        src = pipeline.open_source(str(spec), split="test", holdout=0.3, limit=7)
+        assert sorted(n.split("train/", 1)[1] for b in src.batches(100, 1) for n in b.names) == want_test[:7]
+    with pytest.raises(PipelineError, match="has no test/ folder.*--holdout 0.1"):
+        pipeline.open_source(str(root), split="test")
+    with pytest.raises(PipelineError, match="has its own train and test; choose one with --split and leave out --holdout"):
+        pipeline.open_source("digits", holdout=0.1)
+    both = write_folder(tmp_path / "both", imgs[:4], labels[:4], split="train")
+    write_folder(both, imgs[4:8], labels[4:8], split="test")
+    with pytest.raises(PipelineError, match="has its own test and train folders"):
+        pipeline.open_source(str(both), holdout=0.1)
+    for bad in (0, 1, -0.5):
+        with pytest.raises(PipelineError, match="--holdout .* must be a share between 0 and 1"):
+            pipeline.open_source(str(root), holdout=bad)

@@ -122,6 +122,23 @@ def resize_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[..., None] if mode == "L" else out
 
 
+def fit_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One H x W x C uint8 image fitted to ``size`` = (height, width) by :data:`FIT_RULE`: scaled
+    (bilinear, proportions kept) until it covers ``size``, then the centre ``size`` cut out."""
+    h, w = image.shape[:2]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return image
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    big = resize_array(image, (nh, nw))
+    y, x = (nh - th) // 2, (nw - tw) // 2
+    return np.ascontiguousarray(big[y : y + th, x : x + tw])
+
+
+FIT_RULE = "scaled to cover it (proportions kept), then centre-cropped"
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """Encode one H x W x C (C 1 or 3) uint8 array as PNG."""
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)

@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.errors import PipelineError
-from pipeline.data.images import MAX_FILE_BYTES, BadImage, decode, is_image_name, resize_array
+from pipeline.data.images import MAX_FILE_BYTES, BadImage, decode, fit_array, is_image_name, resize_array
 from pipeline.data.pixels import as_nhwc, to_channels
 
 SPLITS = ("train", "test")
@@ -151,8 +151,10 @@ class Source:
     _items: Callable[[], Iterator[_Item]] = field(repr=False)
     skip_bad: bool = False
     skipped: list[str] = field(default_factory=list)
+    fitted: int = 0  # images of the last :meth:`batches` pass fitted to its ``fit`` size
     limit: int | None = None
     per_class: int | None = None
+    holdout: float | None = None  # the share held out by name as split 'test' (:func:`held_out`)
     _identity: Callable[[], dict] | None = field(default=None, repr=False)
     _identity_cache: dict | None = field(default=None, repr=False)
 
@@ -169,6 +171,7 @@ class Source:
         return {
             "kind": self.kind, "path": self.path, "split": self.split, "images": self.count,
             "location": where, "limit": self.limit, "per_class": self.per_class, "identity": self.identity(),
+            **({"holdout": self.holdout} if self.holdout is not None else {}),
         }
 
     def __len__(self) -> int:
@@ -219,16 +222,21 @@ class Source:
             yield rank, (self._raw(item, by_reference) if wanted is None or wanted(rank) else None)
 
     def batches(
-        self, batch_size: int, channels: int, resize: tuple[int, int] | None = None, start: int = 0
+        self, batch_size: int, channels: int, resize: tuple[int, int] | None = None, start: int = 0,
+        fit: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
         """Yield batches of ``batch_size`` images converted to ``channels`` (1 or 3), from ``start`` on.
 
         Images of a size different from the first raise :class:`PipelineError` naming the file,
-        unless ``resize`` makes them equal. Unreadable files raise, or with ``skip_bad`` are
-        recorded in :attr:`skipped` and left out (later images keep their ids).
+        unless ``resize`` makes them equal, or ``fit`` (without ``resize``) fits each image of
+        another size to it (:func:`pipeline.data.images.fit_array`; counted in :attr:`fitted`).
+        Unreadable files raise, or with ``skip_bad`` are recorded in :attr:`skipped` and left out
+        (later images keep their ids).
         """
         size = tuple(resize) if resize else None
+        fit = None if resize else fit
         self.skipped = []  # each pass records its own skips
+        self.fitted = 0
         imgs: list[np.ndarray] = []
         labels: list[int] = []
         ids: list[int] = []
@@ -236,10 +244,13 @@ class Source:
         for item in self._items():
             if item.index < start:
                 continue
-            arr = decode_checked(self._raw(item), channels, resize, self.skip_bad, size)
+            arr = decode_checked(self._raw(item), channels, resize, self.skip_bad, None if fit else size)
             if arr is None:
                 self.skipped.append(item.name)
                 continue
+            if fit and arr.shape[:2] != tuple(fit):
+                arr = fit_array(arr, fit)
+                self.fitted += 1
             size = size or arr.shape[:2]
             imgs.append(arr)
             labels.append(item.label)
@@ -252,18 +263,31 @@ class Source:
             yield Batch(np.stack(imgs), np.asarray(labels, np.int64), np.asarray(ids, np.int64), names)
 
 
-def _select(labels: np.ndarray, limit: int | None, per_class: int | None) -> np.ndarray:
-    """Boolean mask of the images kept: the first ``per_class`` of each class, then the first ``limit``."""
-    keep = np.ones(len(labels), dtype=bool)
+def held_out(names: list[str], share: float) -> np.ndarray:
+    """True for the images of the held-out part: the first 8 bytes of ``blake2b(name)`` modulo 10,000
+    below ``share * 10,000``; ``name`` is the image's path below its split folder (``class/file``)
+    or, for arrays, its index, so the part depends on neither the archive's order nor its place."""
+    cut = round(share * 10000)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(n.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little") % 10000 < cut
+         for n in names), dtype=bool, count=len(names))
+
+
+def _select(labels: np.ndarray, keep: np.ndarray, limit: int | None, per_class: int | None, names: list[str] | None) -> np.ndarray:
+    """``keep`` narrowed to the first ``per_class`` images of each class, then the first ``limit``, counted
+    in sorted-name order (``names``; the source's order for arrays, which have none)."""
+    keep = keep.copy()
+    order = np.arange(len(labels)) if names is None else np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
     if per_class is not None:
-        rank = np.zeros(len(labels), dtype=np.int64)
         seen: dict[int, int] = {}
-        for i, lab in enumerate(labels.tolist()):
-            rank[i] = seen.get(lab, 0)
-            seen[lab] = rank[i] + 1
-        keep &= rank < per_class
+        for i in order.tolist():
+            if keep[i]:
+                lab = int(labels[i])
+                seen[lab] = seen.get(lab, 0) + 1
+                keep[i] = seen[lab] <= per_class
     if limit is not None:
-        keep &= np.cumsum(keep) <= limit
+        kept = np.cumsum(keep[order])
+        keep[order[kept > limit]] = False
     return keep
 
 
@@ -273,11 +297,14 @@ def open_source(
     limit: int | None = None,
     per_class: int | None = None,
     skip_bad: bool = False,
+    holdout: float | None = None,
 ) -> Source:
     """Open ``spec`` (``digits``, a folder, a tar, a CIFAR batches folder or an ``.npz``).
 
-    ``split`` picks ``train`` or ``test`` where the source has them (default ``train``);
-    ``limit`` keeps the first N images, ``per_class`` the first N of each class.
+    ``split`` picks ``train`` or ``test`` where the source has them (default ``train``). A source
+    with one split (or none) is divided by ``holdout`` instead: that share of its images, chosen
+    by a hash of each image's name (:func:`held_out`), is ``test``, the rest ``train``.
+    ``limit`` keeps the first N images, ``per_class`` the first N of each class, in sorted-name order.
     """
     if split is not None and split not in SPLITS:
         raise PipelineError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
@@ -285,25 +312,36 @@ def open_source(
         raise PipelineError(f"--limit {limit} must be at least 1")
     if per_class is not None and per_class < 1:
         raise PipelineError(f"--per-class {per_class} must be at least 1")
+    if holdout is not None and not 0 < holdout < 1:
+        raise PipelineError(f"--holdout {holdout} must be a share between 0 and 1, e.g. 0.1")
+    asked = split
     path = Path(spec)
     if spec == "digits" and not path.exists():
-        kind, split, names, labels, items = _digits(split)
+        _no_holdout(holdout, "digits", "train and test")
+        kind, split, names, labels, items, files = _digits(split)
     elif not path.exists():
         raise PipelineError(f"source {spec!r} does not exist; give 'digits', an image folder, a .tar(.gz), a CIFAR batches folder or an .npz")
     elif path.is_dir() and (path / layout.MANIFEST).exists():
         raise PipelineError(f"{spec} is a shard directory, not an image source; pass the images it was extracted from")
     elif path.is_dir() and _is_cifar(path):
-        kind, split, names, labels, items = _cifar(path, split)
+        _no_holdout(holdout, spec, "train and test batches")
+        kind, split, names, labels, items, files = _cifar(path, split)
     elif path.is_dir():
-        kind, split, names, labels, items = _folder(path, split)
+        kind, split, names, labels, items, files = _folder(path, split, holdout is not None)
     elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
-        kind, split, names, labels, items = _tar(path, split)
+        kind, split, names, labels, items, files = _tar(path, split, holdout is not None)
     elif path.suffix == ".npz":
-        kind, split, names, labels, items = _npz(path, split)
+        kind, split, names, labels, items, files = _npz(path, None if holdout is not None else split)
     else:
         raise PipelineError(f"{spec} is not a source I can read; give 'digits', an image folder, a .tar(.gz), a CIFAR batches folder or an .npz")
 
-    keep = _select(np.asarray(labels, dtype=np.int64), limit, per_class)
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = np.ones(len(labels), dtype=bool)
+    if holdout is not None:
+        split = asked or "train"
+        held = held_out(files if files is not None else [str(i) for i in range(len(labels))], holdout)
+        keep = held if split == "test" else ~held
+    keep = _select(labels, keep, limit, per_class, files)
 
     def make() -> Iterator[_Item]:
         return items(keep)
@@ -312,7 +350,12 @@ def open_source(
     if count == 0:
         raise PipelineError(f"{spec} holds no images{' in split ' + repr(split) if split else ''}; check the path and --split")
     return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad, limit=limit, per_class=per_class,
-                  _identity=lambda: _identity(kind, path))
+                  holdout=holdout, _identity=lambda: _identity(kind, path))
+
+
+def _no_holdout(holdout: float | None, where: str, splits: str) -> None:
+    if holdout is not None:
+        raise PipelineError(f"{where} has its own {splits}; choose one with --split and leave out --holdout")
 
 
 def file_identity(path: Path) -> dict:
@@ -360,7 +403,8 @@ def reopen(described: dict) -> Source:
     spec = described.get("location") or described["path"]
     if not (spec == "digits" or Path(spec).exists()):
         raise PipelineError(f"{spec} is no longer there")
-    src = open_source(spec, described.get("split"), described.get("limit"), described.get("per_class"), skip_bad=True)
+    src = open_source(spec, described.get("split"), described.get("limit"), described.get("per_class"), skip_bad=True,
+                      holdout=described.get("holdout"))
     if len(src) != described.get("images"):
         raise PipelineError(f"{spec} now holds {len(src)} images, not {described.get('images')}")
     if described.get("identity") and src.identity() != described["identity"]:
@@ -402,14 +446,16 @@ def _digits(split: str | None):
         for i in np.flatnonzero(keep):
             yield _Item(int(i), int(y[i]), f"digits:{split}:{i}", array=x[i])
 
-    return "digits", split, [str(c) for c in range(10)], y, items
+    return "digits", split, [str(c) for c in range(10)], y, items, None
 
 
 # ------------------------------------------------------------------ image folders and tars
 
-def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None):
+def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None, by_name: bool = False):
     """Split-filter relative paths ``[wrapper/][split/]class/.../file``; returns (split, class names,
-    [(path, class)]).
+    [(path, class)], names), a name being the path below the split folder (``class/.../file``).
+    With ``by_name`` (a share held out by name) the source's one split folder, if any, is read
+    whatever ``split`` says, and a source with two is refused.
 
     The class of a file is the first folder below the root (below the split folder, where there
     is one), however deep the file sits inside it. A single top folder holding everything (a
@@ -431,27 +477,34 @@ def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None):
                 loose.append(rel)
             continue  # other files at the top level carry no class (e.g. a README)
         if parts[0] in SPLITS and len(parts) >= 3:
-            entries.append((rel, parts[0], shown_name(parts[1])))
+            entries.append((rel, parts[0], shown_name(parts[1]), "/".join(parts[1:])))
         else:
-            entries.append((rel, None, shown_name(parts[0])))
+            entries.append((rel, None, shown_name(parts[0]), "/".join(parts)))
     if loose and not entries:
-        if split is not None:
-            raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it")
-        return None, [], [(rel, -1) for rel in loose]
+        if split is not None and not by_name:
+            raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it, "
+                                "or hold out a share of it by name with --holdout 0.1")
+        return None, [], [(rel, -1) for rel in loose], list(loose)
     if loose:
         raise PipelineError(f"{where} holds {len(loose)} images at its top level ({loose[0]}, ...) beside class folders; "
                             "move them into their class's folder, or query them as a folder of their own")
-    present = sorted({sp for _, sp, _ in entries if sp})
+    present = sorted({e[1] for e in entries if e[1]})
+    if by_name:
+        if len(present) > 1:
+            raise PipelineError(f"{where} has its own {' and '.join(present)} folders; choose one with --split and leave out --holdout")
+        split = present[0] if present else None
     if split is not None and present and split not in present:
-        raise PipelineError(f"{where} has no {split}/ folder; available: {', '.join(present)}")
+        raise PipelineError(f"{where} has no {split}/ folder; available: {', '.join(present)}; "
+                            "to hold out a share of it by name, add --holdout 0.1")
     if split is not None and not present:
-        raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it")
+        raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it, "
+                            "or hold out a share of it by name with --holdout 0.1")
     chosen = split or ("train" if present else None)
     if chosen and present:
         entries = [e for e in entries if e[1] == chosen]
-    classes = sorted({c for _, _, c in entries})
+    classes = sorted({e[2] for e in entries})
     index = {c: i for i, c in enumerate(classes)}
-    return chosen, classes, [(rel, index[c]) for rel, _, c in entries]
+    return chosen, classes, [(rel, index[c]) for rel, _, c, _ in entries], [e[3] for e in entries]
 
 
 def shown_name(name: str) -> str:
@@ -481,13 +534,13 @@ def _check_image_name(rel: str, where: str) -> None:
         raise BadImage(f"not an image file (unknown extension); remove it from {where}")
 
 
-def _folder(root: Path, split: str | None):
+def _folder(root: Path, split: str | None, by_name: bool = False):
     rels = sorted(
         str(PurePosixPath(*Path(dp, f).relative_to(root).parts))
         for dp, _, files in _walk(root)
         for f in files
     )
-    split, classes, entries = _labelled_paths(rels, str(root), split)
+    split, classes, entries, names = _labelled_paths(rels, str(root), split, by_name)
 
     def items(keep: np.ndarray) -> Iterator[_Item]:
         for i in np.flatnonzero(keep):
@@ -501,7 +554,7 @@ def _folder(root: Path, split: str | None):
             ref = ("file", os.path.abspath(full)) if is_image_name(rel) else None  # a bad name is reported by load
             yield _Item(int(i), label, shown_name(str(full)), load=load, ref=ref)
 
-    return "folder", split, classes, [lab for _, lab in entries], items
+    return "folder", split, classes, [lab for _, lab in entries], items, names
 
 
 def _safe_member(name: str, archive: Path) -> str:
@@ -545,7 +598,7 @@ def _has_end_marker(archive: Path, offset: int) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
-def _tar(archive: Path, split: str | None):
+def _tar(archive: Path, split: str | None, by_name: bool = False):
     plain, where = _plain_tar(archive), os.path.abspath(archive)
     rels = [name for name, _, _ in _tar_members(archive, plain)]
     if len(set(rels)) != len(rels):
@@ -553,7 +606,7 @@ def _tar(archive: Path, split: str | None):
         twice = next(r for r in rels if r in seen or seen.add(r))
         raise PipelineError(f"{archive} holds the member {shown_name(twice)!r} more than once (a later copy hides the earlier one); "
                             "pack it again without duplicates")
-    split, classes, entries = _labelled_paths(rels, str(archive), split)
+    split, classes, entries, names = _labelled_paths(rels, str(archive), split, by_name)
     position = {name: i for i, (name, _) in enumerate(entries)}
 
     def items(keep: np.ndarray) -> Iterator[_Item]:
@@ -577,7 +630,7 @@ def _tar(archive: Path, split: str | None):
 
             yield _Item(i, entries[i][1], shown_name(f"{archive}:{name}"), load=load, ref=ref)
 
-    return "tar", split, classes, [lab for _, lab in entries], items
+    return "tar", split, classes, [lab for _, lab in entries], items, names
 
 
 # ------------------------------------------------------------------ CIFAR python batches
@@ -656,7 +709,7 @@ def _cifar(root: Path, split: str | None):
                     yield _Item(n, int(labels[n]), f"{root}:{split}:{n}", array=x[i])
                 n += 1
 
-    return "cifar", split, classes, labels, items
+    return "cifar", split, classes, labels, items, None
 
 
 # ------------------------------------------------------------------ npz
@@ -713,7 +766,7 @@ def _npz(path: Path, split: str | None):
             if keep[i]:
                 yield _Item(i, int(y[i]), f"{path}:{xk}:{i}", array=row)
 
-    return "npz", split, classes, y, items
+    return "npz", split, classes, y, items, None
 
 
 MAX_CLASSES = 1 << 16  # without class names, labels above this are taken for a mistake, not for classes

@@ -104,7 +104,8 @@ class Classify:
     ) -> Iterator[KeyBatch]:
         """Keys of every image of ``data`` (a source, hashed the run's way, or shards extracted with
         the run's config) in batches, labels mapped to the run's classes (-1 when unknown). A
-        source's images are resized to ``resize`` (default: the run's own ``--resize``). Of shards,
+        source's images are resized to ``resize`` (default: the run's own ``--resize``; without one, an
+        image of another size than the run's is fitted to it, :func:`pipeline.data.images.fit_array`). Of shards,
         only the original images: the augmented copies an extract wrote for training are left out."""
         if resize is not None and isinstance(data, Shards):
             raise PipelineError("--resize changes images of a source; shards hold keys already made, so leave it out")
@@ -123,7 +124,7 @@ class Classify:
                     yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], [b.names[j] for j in sl], w)
             return
         mapping = self._label_map(data.class_names, data.path)
-        for b in data.batches(batch_size, self.extract_config.channels, resize or self.extract_config.resize):
+        for b in data.batches(batch_size, self.extract_config.channels, resize or self.extract_config.resize, fit=(self.height, self.width)):
             if progress:
                 progress(len(b.labels))
             keys, weights = self.encode(b.images)
@@ -163,8 +164,9 @@ class Classify:
             np.add.at(confusion, (y, probs.argmax(1)), 1)
         n = int(confusion.sum())
         per_class = {name: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None) for i, name in enumerate(self.class_names)}
+        fitted = getattr(data, "fitted", 0)
         return {"accuracy": float(np.trace(confusion)) / max(n, 1), "loss": loss_sum / max(n, 1), "n": n,
-                "per_class": per_class, "confusion": confusion.tolist()}
+                "per_class": per_class, "confusion": confusion.tolist(), **({"fitted": fitted} if fitted else {})}
 
     def validation_shards(self) -> Shards:
         """The shards this run was trained on (for scoring its held-out part)."""

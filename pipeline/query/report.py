@@ -7,19 +7,16 @@ import numpy as np
 
 from pipeline.config import check_resize
 from pipeline.errors import PipelineError
-from pipeline.data.images import MAX_PIXELS, BadImage, decode, file_channels
+from pipeline.data.images import FIT_RULE, MAX_PIXELS, BadImage, decode, file_channels, fit_array
 from pipeline.query.run import PatchLookup, Run
 from pipeline.data.sources import read_ref
 
 
-class WrongSize(PipelineError):
-    """An image whose size is not the run's (and no resize was asked for)."""
-
-
 def read_image(run: Run, path: Path | str, resize: tuple[int, int] | None = None, notes: list[str] | None = None) -> np.ndarray:
     """One image file as H x W x C uint8 in the run's channel count, resized to ``resize`` (default:
-    the run's own ``--resize``, if it has one). A grayscale file on a colour run (or the reverse) is
-    converted as docs/extract.md documents, and ``notes`` is told so."""
+    the run's own ``--resize``, if it has one; else an image of another size than the run's is
+    fitted to it by :func:`pipeline.data.images.fit_array`). A grayscale file on a colour run (or
+    the reverse) is converted as docs/extract.md documents; ``notes`` is told of each change."""
     if resize is not None:
         check_resize(resize)
     if not Path(path).exists():
@@ -34,8 +31,7 @@ def read_image(run: Run, path: Path | str, resize: tuple[int, int] | None = None
 def image_from_bytes(run: Run, data: bytes, name: str, resize: tuple[int, int] | None = None, notes: list[str] | None = None,
                      max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """:func:`read_image` of an encoded image already in memory (an upload); ``name`` names it in messages.
-    Raises :class:`PipelineError` for bytes that are no image (or of more than ``max_pixels``
-    pixels) and :class:`WrongSize` for an image of another size than the run's."""
+    Raises :class:`PipelineError` for bytes that are no image (or of more than ``max_pixels`` pixels)."""
     cfg = run.extract_config
     if resize is not None:
         check_resize(resize)
@@ -49,10 +45,9 @@ def image_from_bytes(run: Run, data: bytes, name: str, resize: tuple[int, int] |
         notes.append(f"{name} is {kinds[own]} and the run {kinds[cfg.channels]}: converted "
                      + ("by repeating the gray channel" if cfg.channels == 3 else "to gray with Pillow's luma formula"))
     if img.shape[:2] != (run.height, run.width):
-        raise WrongSize(
-            f"{name} is {img.shape[0]}x{img.shape[1]} (height x width) but the run was trained on {run.height}x{run.width}; "
-            f"resize them to {run.height}x{run.width} (pass --resize {run.height}x{run.width})"
-        )
+        if notes is not None:
+            notes.append(f"{name} is {img.shape[0]}x{img.shape[1]} (height x width): fitted to the run's {run.height}x{run.width}, {FIT_RULE}")
+        img = fit_array(img, (run.height, run.width))
     return img
 
 

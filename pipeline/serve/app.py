@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import parse_size
 from pipeline.errors import PipelineError
-from pipeline.query.report import WrongSize, image_from_bytes, query_one
+from pipeline.query.report import image_from_bytes, query_one
 from pipeline.query.run import Run
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
 from pipeline.serve.server import run_server  # noqa: F401 (for pipe serve)
@@ -195,8 +195,6 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
             try:
                 with decoders:
                     decoded.append((name, image_from_bytes(run, f.file.read(), name, size, notes, MAX_UPLOAD_PIXELS), notes))
-            except WrongSize as e:
-                return _error(422, str(e), image=name)
             except PipelineError as e:
                 return _error(400, str(e), image=name)
         results, notes = [], []
