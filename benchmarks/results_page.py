@@ -20,7 +20,6 @@ PAGE = ROOT / "docs" / "results.md"
 
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.codes import markdown as codes_table  # noqa: E402
 
 
 def load(name: str) -> dict:
@@ -76,21 +75,10 @@ def digits() -> str:
 
 `python benchmarks/digits.py --defaults --json > benchmarks/results/digits_defaults.json` and `python benchmarks/digits.py --json >
 benchmarks/results/digits_tuned.json`: train on `digits --split train` (898 images), score `--split test` (899); scikit-learn's
-models see the raw pixels of the same images. Seeds 0, 1, 2: their mean (each seed in brackets).
+models see the raw pixels of the same images. Seeds 0, 1, 2: their mean (each seed in brackets). The code view's settings on a CIFAR
+subset (one change per row, 500 images per class, before the factors above): `python benchmarks/codes.py --out benchmarks/results/codes.json`.
 
 {table(["model", "test accuracy"], rows)}
-"""
-
-
-def code_settings() -> str:
-    d = load("codes.json")
-    return f"""## The code view's settings (CIFAR-10 subset)
-
-`python benchmarks/codes.py --out benchmarks/results/codes.json`: {d['per_class']} images per class,
-one full `pipeline.extract` + `pipeline.train` per row in its own process, the defaults with one
-change per row, scored on the held-out part (about 500 images: differences under 2 points are noise).
-
-{codes_table(d['rows'])}
 """
 
 
@@ -124,7 +112,7 @@ def small_data() -> str:
 
 `python benchmarks/small.py --out benchmarks/results/small.json`: the defaults against logistic regression
 and 1-nearest-neighbour on the raw pixels of the same images; digits scored on `--split test`, CIFAR-10 on
-images 201-400 of each class. Bold: ours beats both.
+images 201-400 of each class (in sorted-name order). Bold: ours beats both.
 
 {table(["slice", "train", "scored", "ours", "logistic regression", "1-NN"], rows)}
 """
@@ -275,6 +263,23 @@ clients, throughput stays); server memory {ld['rss_start_mb']:,} → {ld['rss_en
 """
 
 
+def familiarity() -> str:
+    if not (RESULTS / "familiarity.json").exists():
+        return ""
+    d = load("familiarity.json")
+    rows = [[k, f"{r['images']:,}", f"**{r['auroc']:.4f}**", f"{r['flagged']:.1%}", f"{r['median']:.3f}"] for k, r in d["kinds"].items()]
+    rows.append(["all three", "", f"**{d['auroc_all']:.4f}**", "", ""])
+    return f"""## Familiarity
+
+`python benchmarks/familiarity.py --run RUN --out benchmarks/results/familiarity.json` (RUN as above; docs/query.md says what
+the familiarity is): {d['images']:,} held-out CIFAR images not in the run's reference ({d['reference_images']:,} {d['reference']} images)
+against images of other kinds. AUROC: the chance that a held-out image scores above an image of that kind. Under
+{d['threshold']}: {d['flagged_in_distribution']:.1%} of the held-out images; {d['images_per_s']:,.0f} images/s.
+
+{table(["other kind", "images", "AUROC", f"under {d['threshold']}", "median"], rows)}
+"""
+
+
 def incremental() -> str:
     d = load("incremental.json")
     f, steps, pairs = d["final"], d["steps"], d["order"]
@@ -318,7 +323,7 @@ def render() -> str:
         "# Results\n\nEvery figure below is read from a JSON file in `benchmarks/results/`, written by the command\n"
         "named in its section on the project's reference machine (2 cores, 24 GiB, no GPU); this page is\n"
         "rendered from them by `python benchmarks/results_page.py`. Rerun a command to check a figure.\n",
-        cifar_defaults(), factors(), digits(), small_data(), code_settings(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), serving(),
+        cifar_defaults(), factors(), digits(), small_data(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), familiarity(), serving(),
         *([incremental()] if (RESULTS / "incremental.json").exists() else []), limitations(),
     ]
     return "\n".join(parts)

@@ -20,6 +20,7 @@ import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
 from pipeline.errors import environment_message
+from pipeline.familiarity import describe as describe_familiarity
 
 
 class _Group(click.Group):
@@ -335,6 +336,10 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
         steps: list = []
 
         def on_step(what: str, items: int):
+            if 0 < bar.n < bar.total:  # stopped early: the epochs it did are all there was
+                bar.total = bar.n
+                bar.set_description("train (stopped early)")
+                bar.refresh()
             for b in [bar, *steps]:
                 b.close()
             click.echo(f"then: {what}")
@@ -451,7 +456,7 @@ def index(run, kind, nprobe, ef_search):
     info = pipeline.rebuild_index(run, kind, nprobe, ef_search)
     knobs = ", ".join(f"{k} {info[k]}" for k in ("nprobe", "ef_search") if info[k] is not None)
     click.echo(f"{run}: index {info['factory']} over {info['vectors']:,} patterns ({'exact' if info['exact'] else 'approximate'}"
-               + (f", {knobs}" if knobs else "") + f"), built in {info['build_s']:.1f} s")
+               + (f", {knobs}" if knobs else "") + (f"), built in {info['build_s']:.1f} s" if info["rebuilt"] else "): the same index, only its settings changed"))
 
 
 @main.command()
@@ -532,6 +537,7 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
         probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])[:3]
         c = res["patches"]
         click.echo(f"{path}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})" + (f"  -> {res['png']}" if png_dir else ""))
+        click.echo(f"  {describe_familiarity(res['familiarity'])}")
         click.echo(f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)")
         for p in res["top_patches"]:
             where = f"{p['view']} {p['h']}x{p['w']} at ({p['y']},{p['x']})" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")

@@ -38,6 +38,7 @@ PATTERNS = "patterns.parquet"
 PATTERN_INDEX = "patterns.faiss"
 IMAGE_INDEX = "images.faiss"  # pooled vectors of the training images (originals)
 IMAGES = "images.parquet"  # row i of the image index: image_id, label
+FAMILIARITY = "familiarity.npz"  # the familiarity reference: signs of the held-out images (pipeline.familiarity)
 VOCAB = "vocab.npz"  # vocabulary keys (own rows, ascending) and counts; tail buckets
 VOCAB_STATS = "vocab.json"
 CURVES = "curves.png"

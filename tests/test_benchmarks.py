@@ -151,3 +151,10 @@ def test_incremental_benchmark_smoke():
     assert r["final"]["joint"] == last["retrain"]["seen"] and "retrain" not in first
     assert r["final"]["steps"] == last["steps"]["seen"] and r["final"]["naive"] == last["naive"]["seen"]
     assert last["steps_train"]["peak_rss_mb"] > 0 and last["naive_train"]["seconds"] > 0
+
+
+def test_familiarity_benchmark_smoke():
+    (r,) = smoke("benchmarks/familiarity.py")
+    assert r["reference"] == "held-out, before the refit" and r["images"] == 200 and r["threshold"] == 0.01
+    assert set(r["kinds"]) == {"flat colours", "noise"}
+    assert all(k["images"] == 60 and k["flagged"] == 1.0 and k["median"] == 0.0 for k in r["kinds"].values())

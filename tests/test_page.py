@@ -49,14 +49,23 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
             names = page.text_content("[data-testid=neighbours]")
             assert "digits:train:" in names
             assert page.text_content("[data-testid=error]") == ""
+            fam = float(run.familiarity(img[None])[0])
+            assert page.text_content("[data-testid=familiarity]").startswith(f"familiarity {fam:.2f}: ")
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOTS / "serve-page.png"), full_page=True)
-            # a file that is no image: the page says why, and the server stays up
+            # an image of another size: answered, with the note saying how it was fitted
+            big = tmp_path / "big.png"
+            big.write_bytes(encode_png(np.repeat(np.repeat(img, 3, 0), 2, 1)))
+            page.set_input_files("[data-testid=file]", str(big))
+            page.wait_for_function("() => document.getElementById('notes').textContent.includes('fitted')")
+            assert "big.png is 24x16 (height x width): fitted to the run's 8x8" in page.text_content("[data-testid=notes]")
+            # a file that is no image: the page says why, hides the last answer, and the server stays up
             bad = tmp_path / "notes.png"
             bad.write_bytes(b"not an image")
             page.set_input_files("[data-testid=file]", str(bad))
             page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
             assert "cannot read notes.png" in page.text_content("[data-testid=error]")
+            assert not page.locator("[data-testid=answer]").is_visible() and page.text_content("[data-testid=notes]") == ""
             browser.close()
     finally:
         proc.terminate()

@@ -207,7 +207,7 @@ def test_rebuild_index_records_the_kind(digits_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(digits_run, copy)
     info = pipeline.rebuild_index(copy, "hnsw", ef_search=40)
-    assert info["factory"] == "HNSW32" and info["ef_search"] == 40
+    assert info["factory"] == "HNSW32" and info["ef_search"] == 40 and info["rebuilt"]
     run = pipeline.load(copy)
     assert run.index_info.factory == "HNSW32"
     imgs, _ = digits_images("train", 1)
@@ -215,7 +215,8 @@ def test_rebuild_index_records_the_kind(digits_run, tmp_path):
     s = np.flatnonzero(lk.seen)[:20]
     assert np.all(lk.distances[s, 0] < 1e-6)  # a seen patch finds its own vector
     info = pipeline.rebuild_index(copy, "hnsw", ef_search=80)  # same kind: only the knob changes
-    assert info["ef_search"] == 80 and json.loads((copy / "run.json").read_text())["index"]["ef_search"] == 80
+    assert info["ef_search"] == 80 and not info["rebuilt"] and json.loads((copy / "run.json").read_text())["index"]["ef_search"] == 80
+    assert "rebuilt" not in json.loads((copy / "run.json").read_text())["index"]
     with pytest.raises(PipelineError, match="neither a kind"):
         pipeline.rebuild_index(copy, "IVF9,Bogus")
 

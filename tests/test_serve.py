@@ -148,6 +148,9 @@ def test_class_patterns_are_ranked_by_their_push_over_the_class(server, digits_r
     best = sorted(range(len(score)), key=lambda i: -score[i])[:10]
     assert [p["pattern_id"] for p in got["patterns"]] == best and got["class"] == run.class_names[c]
     assert httpx.get(server + "/class/99").status_code == 404
+    assert httpx.get(server + f"/class/{run.class_names[c]}", params={"n": 10}).json() == got  # by name, too
+    r = httpx.get(server + "/class/cat")
+    assert r.status_code == 404 and "class 'cat' does not exist; name one of 0, 1, 2" in r.json()["error"]
 
 
 def test_a_port_in_use_is_one_line(digits_run):

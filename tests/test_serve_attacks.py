@@ -243,7 +243,7 @@ def test_fuzzed_requests_get_no_server_error(fuzzed):
 
     schema = schemathesis.openapi.from_url(f"{fuzzed}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /query", "GET /pattern/{pid}.png", "GET /class/{c}", "GET /info"}
+    assert {op.label for op in operations} >= {"POST /query", "GET /pattern/{pid}.png", "GET /class/{name}", "GET /info"}
     calls = []
     for op in operations:
         @given(op.as_strategy())

@@ -29,6 +29,7 @@ def schema(num_classes: int) -> pa.Schema:
             pa.field("label", pa.string()),  # null when the source has no label
             pa.field("prediction", pa.string(), nullable=False),
             pa.field("probabilities", pa.list_(pa.float32(), num_classes), nullable=False),
+            pa.field("familiarity", pa.float32()),  # in [0, 1] (pipeline.familiarity); null for a run without a reference
             # the most decisive patches, most decisive first; per patch its k nearest patterns
             pa.field("patch_slots", pa.list_(pa.int32()), nullable=False),
             pa.field("patch_contributions", pa.list_(pa.float32()), nullable=False),
@@ -60,6 +61,7 @@ def result_table(
     pooled = run.pooled_keys(keys, rule, weights)
     probs = run.classify_pooled(pooled, classifier)
     near = run.neighbours(pooled, k)
+    fam = run.familiarity_keys(keys, weights, pooled if (rule or run.unseen_rule) == "drop" else None)
     pred = probs.argmax(1)
     looks = [
         run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i]) if patches else None
@@ -71,6 +73,7 @@ def result_table(
         "label": [cls[y] if y >= 0 else None for y in labels],
         "prediction": [cls[p] for p in pred],
         "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).ravel()), len(cls)),
+        "familiarity": pa.nulls(len(pred), pa.float32()) if fam is None else pa.array(fam.astype(np.float32), pa.float32()),
         "patch_slots": [lk.slots.astype(np.int32) if lk else [] for lk in looks],
         "patch_contributions": [lk.contribution.astype(np.float32) if lk else [] for lk in looks],
         "patch_seen": [lk.seen if lk else [] for lk in looks],

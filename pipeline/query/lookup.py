@@ -7,11 +7,13 @@ A mixin of :class:`pipeline.query.run.Run`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+from pipeline import familiarity
 from pipeline import index as pattern_index
-from pipeline import patterns
+from pipeline import layout, patterns
 from pipeline.errors import PipelineError
 from pipeline.query import pooling, unseen
 
@@ -77,6 +79,32 @@ class LookUp:
         composed = np.zeros(len(keys), bool)
         composed[u.slot[u.has]] = True
         return vectors, seen, composed
+
+    @cached_property
+    def familiarity_reference(self) -> familiarity.Reference | None:
+        """The held-out images' familiarity signs (:mod:`pipeline.familiarity`); None for a run trained
+        before they were measured."""
+        try:
+            return familiarity.Reference.load(self.root / layout.FAMILIARITY)
+        except ValueError as e:
+            raise PipelineError(f"{e}; train the run again") from None
+
+    def familiarity_keys(self, keys: np.ndarray, weights: np.ndarray | None = None, pooled: np.ndarray | None = None) -> np.ndarray | None:
+        """How much each image (keys N x K, their weights) is like the training images, in [0, 1]
+        (:mod:`pipeline.familiarity`); None when the run has no reference. ``pooled``: the images'
+        pooled vectors with unseen patches dropped, where already computed."""
+        ref = self.familiarity_reference
+        if ref is None:
+            return None
+        if pooled is None:
+            pooled = self.pooled_keys(keys, "drop", weights)
+        d, _ = pattern_index.search(self.image_index, pooled, familiarity.NEIGHBOURS)
+        return ref.score(familiarity.signs(self.seen_ids(keys), d))
+
+    def familiarity(self, images: np.ndarray) -> np.ndarray | None:
+        """:meth:`familiarity_keys` of uint8 images."""
+        keys, weights = self.encode(images)
+        return self.familiarity_keys(keys, weights)
 
     def nearest_images(self, images: np.ndarray, k: int = 5, rule: str | None = None) -> ImageLookup:
         """The k nearest training images of each image by pooled vector."""

@@ -101,6 +101,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     lookup = run.lookup_keys(keys[0], head, k, top or None, None if weights is None else weights[0])
     probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
     near = run.neighbours(pooled, k)
+    fam = run.familiarity_keys(keys, weights, pooled if run.unseen_rule == "drop" else None)
     order = np.argsort(-lookup.contribution, kind="stable")
     nearest = _patterns(run, lookup.ids[order], lookup.distances[order])
     patches = []
@@ -123,6 +124,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
         "image": name,
         "prediction": run.class_names[int(probs.argmax())],
         "probabilities": {c: float(p) for c, p in zip(run.class_names, probs)},
+        "familiarity": None if fam is None else float(fam[0]),
         "patches": lookup.counts,
         "top_patches": patches,
         "nearest_images": [

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import index as pattern_index
-from pipeline import layout, patterns, weights
+from pipeline import familiarity, layout, patterns, weights
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.images import MAX_PIXELS
 from pipeline.data.pixels import as_nhwc, to_channels
@@ -204,6 +204,9 @@ class Run(Classify, LookUp):
             "shards": m.get("shards"),
             "refit": m.get("refit"),  # trained again on every image for the chosen epochs (then nothing is held out)
             "lineage": m.get("lineage"),  # a run grown in steps (pipe train --from): each step's shards and the run it grew from
+            "familiarity": None if self.familiarity_reference is None else {
+                "reference": self.familiarity_reference.source, "images": self.familiarity_reference.images,
+                "unfamiliar_below": familiarity.UNFAMILIAR},
             "extract_config": m["extract_config"],
             "train_config": m["train_config"],
             "files_bytes": files,

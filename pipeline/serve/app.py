@@ -10,7 +10,7 @@
   ``patches``, ``classifier`` and ``resize`` as in ``pipe query``;
 * ``GET /pattern/{id}.png``: a learned pattern's pixels, enlarged;
 * ``GET /training-image/{row}.png``: a thumbnail of an image-index image (``nearest_images[].row``);
-* ``GET /class/{index}``: the patterns a class relies on most (:meth:`Run.class_patterns`);
+* ``GET /class/{name or index}``: the patterns a class relies on most (:meth:`Run.class_patterns`);
 * ``GET /``: the page (``page.html``), which uses the endpoints above.
 
 Every error is a JSON object ``{"error": "..."}`` with a 4xx status, and the server stays up.
@@ -246,10 +246,12 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
             ],
         }
 
-    @app.get("/class/{c}")
-    def class_patterns(c: int, n: int = Query(24)):
+    @app.get("/class/{name}")
+    def class_patterns(name: str, n: int = Query(24)):
+        c = run.class_names.index(name) if name in run.class_names else int(name) if name.isdigit() else -1
         if not 0 <= c < len(run.class_names):
-            return _error(404, f"class {c} does not exist; the run has classes 0..{len(run.class_names) - 1}")
+            return _error(404, f"class {name!r} does not exist; name one of {', '.join(run.class_names[:20])}"
+                          f"{', ...' if len(run.class_names) > 20 else ''} or give its index 0..{len(run.class_names) - 1}")
         if not 1 <= n <= 256:
             return _error(400, f"n {n} must be between 1 and 256")
         return class_view(c, n)

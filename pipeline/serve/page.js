@@ -45,6 +45,12 @@ function show(res, file) {
   const stage = $("stage");
   stage.querySelectorAll(".box").forEach(b => b.remove());
   $("prediction").textContent = res.prediction;
+  const fam = $("familiarity"), f = res.familiarity;
+  const below = run.familiarity ? run.familiarity.unfamiliar_below : 0;
+  fam.classList.toggle("odd", f !== null && f < below);
+  fam.textContent = f === null ? "familiarity unknown (the run was trained before it was measured)"
+    : f < below ? `familiarity ${f.toFixed(3)}: unlike the images this run learned from; treat the answer with care`
+    : `familiarity ${f.toFixed(2)}: ${(100 * f).toFixed(0)}% of the images it was checked against look at least as unusual`;
   const bars = $("bars"); bars.replaceChildren();
   Object.entries(res.probabilities).sort((a, b) => b[1] - a[1]).forEach(([c, p]) => bars.append(
     el("div", { className: "bar" }, [el("span", { textContent: c }), el("div", { className: "track" }, [el("div", { className: "fill", style: `width:${(100 * p).toFixed(1)}%` })]), el("span", { className: "num", textContent: p.toFixed(3) })])));
@@ -77,11 +83,17 @@ function show(res, file) {
 
 async function query(file) {
   $("error").textContent = "";
+  $("notes").replaceChildren();
   const form = new FormData();
   form.append("images", file, file.name);
   const r = await fetch("/query?patches=5&k=5", { method: "POST", body: form });
   const body = await r.json();
-  if (!r.ok) { $("error").textContent = body.error || `error ${r.status}`; return; }
+  if (!r.ok) {  // the last answer is not this file's: hide it under the error
+    ["answer", "patches-section", "images-section"].forEach(id => $(id).classList.add("hidden"));
+    $("error").textContent = body.error || `error ${r.status}`;
+    return;
+  }
+  (body.notes || []).forEach(n => $("notes").append(el("div", { textContent: `note: ${n}` })));
   show(body.results[0], file);
 }
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from pipeline import familiarity
 from pipeline import index as pattern_index
 from pipeline import layout, outputs, patterns, weights
 from pipeline.data import augment
@@ -171,6 +172,86 @@ def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list
         yield keys, lab, img
 
 
+def _reference_signs(batches, model: PatchBagModel, v: Vocabulary, index, index_ids: np.ndarray, leave_out: bool) -> dict | None:
+    """The familiarity signs of up to REFERENCE_IMAGES original images of ``batches``, pooled the
+    way a query pools them (unseen patches dropped); with ``leave_out`` each image (a training
+    image, so in ``index``) is left out of its own neighbours. None when there are no images."""
+    k = familiarity.NEIGHBOURS + int(leave_out)
+    got: list[dict] = []
+    left = familiarity.REFERENCE_IMAGES
+    model.eval()
+    for keys, lab, img, weights in batches:
+        keep = np.flatnonzero(img < VARIANT_STRIDE)[:left]
+        if not len(keep):
+            continue
+        w = None if weights is None else weights[keep]
+        rows, offsets, counts, _ = to_bags(v, keys[keep], lab[keep], w).tensors(torch.device("cpu"))
+        with torch.no_grad():
+            pooled = model.pooled(rows, offsets, counts).numpy()
+        d, ids = pattern_index.search(index, pooled, k)
+        if leave_out:  # drop each image's own entry (or, where it is not among them, the farthest)
+            own = index_ids[np.maximum(ids, 0)] == img[keep][:, None]
+            own[~own.any(1), -1] = True
+            own &= np.cumsum(own, 1) == 1
+            d = d[~own].reshape(len(keep), k - 1)
+        r = v.rows_of(keys[keep])
+        got.append(familiarity.signs(np.where((r >= 0) & (r < v.size), r, -1), d))
+        left -= len(keep)
+        if left == 0:
+            break
+    if not got:
+        return None
+    return {name: np.concatenate([g[name] for g in got]) for name in familiarity.SIGNS}
+
+
+def write_familiarity(
+    out: Path, shards: Shards, model: PatchBagModel, v: Vocabulary, image_index: dict, val_fraction: float,
+    given: familiarity.Reference | None = None,
+) -> str:
+    """Write the run's familiarity reference (:func:`familiarity_reference` against its finished
+    image index, ``image_index`` being its manifest entry; or the one ``given``); returns where
+    the reference came from."""
+    if given is None:
+        index = pattern_index.load(out / layout.IMAGE_INDEX, pattern_index.IndexInfo.from_dict(image_index), gpu=False)
+        ids = pq.read_table(out / layout.IMAGES, columns=["image_id"]).column("image_id").to_numpy()
+        given = familiarity_reference(shards, model, v, index, ids, val_fraction)
+    with layout.atomic(out / layout.FAMILIARITY) as tmp:
+        tmp.write_bytes(given.to_bytes())
+    return given.source
+
+
+def chooser_reference(shards: Shards, model: PatchBagModel, v: Vocabulary, val_fraction: float) -> familiarity.Reference | None:
+    """The familiarity reference of a run about to train again on its held-out images (a refit):
+    their signs as the model that chose the epoch count saw them, against its own training
+    images; once trained on, they would look more familiar than new images do. None when
+    nothing is held out."""
+    import faiss
+
+    vecs: list = []
+    ids: list = []
+    labels: list = []
+    for _ in _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels):
+        pass
+    if not vecs:
+        return None
+    index = faiss.IndexFlatL2(model.table.weight.shape[1])
+    index.add(np.ascontiguousarray(np.concatenate(vecs), np.float32))
+    held = _reference_signs(part_batches(shards, True, val_fraction), model, v, index, np.concatenate(ids), False)
+    return None if held is None else familiarity.Reference(held, "held-out, before the refit")
+
+
+def familiarity_reference(shards: Shards, model: PatchBagModel, v: Vocabulary, index, index_ids: np.ndarray, val_fraction: float) -> familiarity.Reference:
+    """The run's familiarity reference (:mod:`pipeline.familiarity`): the held-out images' signs, or
+    with none held out, training images' signs with each left out of its own neighbours."""
+    held = _reference_signs(part_batches(shards, True, val_fraction), model, v, index, index_ids, False) if val_fraction > 0 else None
+    if held is not None:
+        return familiarity.Reference(held, "held-out")
+    train = _reference_signs(part_batches(shards, False, val_fraction), model, v, index, index_ids, True)
+    if train is None:
+        train = {name: np.zeros(0) for name in familiarity.SIGNS}
+    return familiarity.Reference(train, "training, each left out")
+
+
 Step = Callable[[str, int], Callable[[int], None] | None]  # (what starts, items it has or 0) -> its progress
 
 
@@ -220,10 +301,9 @@ def write_lookups(
 
 
 def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | None = None, seed: int = 0) -> dict:
-    """Rebuild a finished run's pattern index as ``kind`` and record it in the run manifest; returns its entry.
-
-    Only the query-time knobs change (no rebuild) when ``kind`` is what the run already has.
-    """
+    """Rebuild a finished run's pattern index as ``kind`` and record it in the run manifest; returns its
+    entry, with ``rebuilt`` False when only the query-time knobs changed (``kind`` is what the run
+    already has, so nothing is rebuilt)."""
     root = Path(root)
     pattern_index.check_params(nprobe, ef_search)
     mpath = root / layout.RUN_MANIFEST
@@ -252,4 +332,4 @@ def _rebuild(root: Path, mpath: Path, kind: str, nprobe: int | None, ef_search: 
         info = pattern_index.build(vectors, root / layout.PATTERN_INDEX, kind, nprobe, ef_search, seed)
     manifest["index"] = info.to_dict()
     layout.write_json(mpath, manifest)
-    return manifest["index"]
+    return dict(manifest["index"], rebuilt=factory != old.factory)

@@ -398,8 +398,11 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     # the table, its optimizer state, the bags and a step's copy of the earlier table; the best epoch is reloaded from model.pt
     del model, opts, caches, train_epoch, validate, teacher
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
-    refit = None
+    refit = reference = None
     if refits(config, history[-1].get("val_images") or 0, growth):
+        chooser = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
+        reference = artifacts.chooser_reference(shards, chooser, v, config.val_fraction)
+        del chooser
         v, refit = _refit(shards, out, config, max(1, best["epoch"]), device, on_step)
         release_unused()
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
@@ -409,7 +412,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         offsets = grow.calibrate(final, validation_bags(shards, v, config.val_fraction))
         head.bias = nn.Parameter(head.bias.detach() + torch.from_numpy(offsets))
         growth.offsets = [round(float(o), 6) for o in offsets]
-    return finish_run(out, shards, config, final, v, history, best, on_step, growth, refit)
+    return finish_run(out, shards, config, final, v, history, best, on_step, growth, refit, reference)
 
 
 def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history: list[dict], best: dict,
@@ -556,12 +559,16 @@ def _fused_step(model, opts, b: Bags, device, fused, weight: torch.Tensor | None
 def finish_run(
     out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict,
     on_step: artifacts.Step | None = None, growth: _Growth | None = None, refit: dict | None = None,
+    reference=None,
 ) -> dict:
     looked = shards if growth is None else growth.new_only  # a step's look-ups add the new images to the earlier run's
     trained_on = 0.0 if refit else config.val_fraction  # a refit trained on every image: the look-ups hold them all
     lookups = artifacts.write_lookups(out, looked, model, v, config.index, config.nprobe, config.ef_search, trained_on, config.seed, on_step)
     if growth is not None:
         lookups = grow.merge_lookups(out, growth.parent, growth.rows(v), lookups, len(shards.class_names), config.seed)
+    if on_step:
+        on_step("measuring the familiarity of the held-out images", 0)
+    lookups["familiarity"] = artifacts.write_familiarity(out, looked, model, v, lookups["image_index"], trained_on, reference)
     manifest = {
         "format": RUN_FORMAT,
         "extract_config": shards.config.to_dict(),
