@@ -12,8 +12,13 @@ written as PNG files into an image folder (``label/name.png``). Side by side fro
   the loop's images/s is their count over the summed walls;
 * **batch**: ``pipe query RUN --batch FOLDER`` over all of them, one process: wall seconds
   (loading included) and images/s; ``ratio`` = batch images/s over the loop's;
+* **evaluate**: ``pipe evaluate RUN FOLDER`` over the same folder, one process: images/s, and
+  ``batch_share_of_evaluate`` = the batch's images/s over it (the batch also looks up each
+  image's decisive patterns and nearest training images, and writes them);
 * **in process**: ``pipeline.load`` once, then the same answer per image as a library call
-  (``warm_ms`` median, after one warm-up).
+  (``warm_ms`` median, after one warm-up); and ``run.nearest_patterns`` of every patch of an
+  image (``all_patches_ms``: the first image's, then the median of the last half, when the run
+  remembers the nearest patterns of the learned patterns it met before).
 
 Only ``pipe`` commands and ``pipeline``'s public API are used.
 """
@@ -95,7 +100,14 @@ def main() -> None:
             singles.append((wall, rss))
         walls = np.array([s[0] for s in singles])
         bwall, brss, _ = timed(["query", str(run), "--batch", str(tmp / "images"), "--out", str(tmp / "results.parquet")])
+        ewall, erss, _ = timed(["evaluate", str(run), str(tmp / "images")])
         read = [read_image(r, p) for p in paths[: max(a.singles, 20)]]
+        fresh = pipeline.load(run)
+        every = []
+        for img in read:
+            t = time.perf_counter()
+            fresh.nearest_patterns(img, k=5)
+            every.append(time.perf_counter() - t)
         query_one(r, read[0], "warm-up")
         warm = []
         for img in read:
@@ -111,7 +123,11 @@ def main() -> None:
                        "peak_rss_mb": round(max(s[1] for s in singles)), "images_per_s": round(loop_ips, 3)},
             "batch": {"images": len(paths), "wall_s": round(bwall, 2), "peak_rss_mb": round(brss), "images_per_s": round(batch_ips, 2)},
             "ratio": round(batch_ips / loop_ips, 1),
-            "in_process": {"images": len(warm), "warm_ms": round(1000 * float(np.median(warm)), 1)},
+            "evaluate": {"images": len(paths), "wall_s": round(ewall, 2), "peak_rss_mb": round(erss), "images_per_s": round(len(paths) / ewall, 2)},
+            "batch_share_of_evaluate": round(bwall and ewall / bwall, 3),
+            "in_process": {"images": len(warm), "warm_ms": round(1000 * float(np.median(warm)), 1),
+                           "all_patches_first_ms": round(1000 * every[0], 1),
+                           "all_patches_ms": round(1000 * float(np.median(every[len(every) // 2:])), 1)},
         }
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
@@ -121,7 +137,10 @@ def main() -> None:
     s, b = res["single"], res["batch"]
     print(f"single pipe query: median {s['median_s']} s (max {s['max_s']} s), peak {s['peak_rss_mb']} MB; loop {s['images_per_s']} images/s")
     print(f"pipe query --batch: {b['images']} images in {b['wall_s']} s = {b['images_per_s']} images/s ({res['ratio']}x the loop)")
-    print(f"in process: {res['in_process']['warm_ms']} ms per image (warm)")
+    e, w = res["evaluate"], res["in_process"]
+    print(f"pipe evaluate: {e['images_per_s']} images/s; the batch answers {res['batch_share_of_evaluate']:.0%} of that")
+    print(f"in process: {w['warm_ms']} ms per image (warm); every patch's nearest patterns {w['all_patches_first_ms']} ms first, "
+          f"{w['all_patches_ms']} ms later")
 
 
 if __name__ == "__main__":

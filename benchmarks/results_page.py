@@ -226,40 +226,44 @@ The default rule is `{d['default_rule']}`; the most any other reader gains over 
 
 def answering() -> str:
     d = load("query_latency.json")
-    s, b, w = d["single"], d["batch"], d["in_process"]
+    s, b, w, e = d["single"], d["batch"], d["in_process"], d["evaluate"]
     return f"""## Answering one image
 
 `python benchmarks/query_latency.py --run RUN --json --out benchmarks/results/query_latency.json`, RUN the
-full-CIFAR default run of the first section (`python benchmarks/defaults.py --keep DIR`: {d['patterns']:,} patterns,
-{d['run_mb']:,.0f} MB on disk), images {d['image']} from the shared archive, written as PNG files:
+full-CIFAR default run of the first section ({d['patterns']:,} patterns, {d['run_mb']:,.0f} MB on disk), images {d['image']} from
+the shared archive, written as PNG files:
 
 {table(["", "images", "wall", "peak RSS", "images/s"], [
     ["`pipe query RUN IMAGE --json`, one process per image", f"{s['images']}", f"median {s['median_s']:.2f} s (max {s['max_s']:.2f} s)", f"{s['peak_rss_mb']:,} MB", f"{s['images_per_s']:.2f}"],
     ["`pipe query RUN --batch FOLDER`, one process", f"{b['images']:,}", f"{b['wall_s']:.1f} s", f"{b['peak_rss_mb']:,} MB", f"{b['images_per_s']:.1f}"],
+    ["`pipe evaluate RUN FOLDER`, one process", f"{e['images']:,}", f"{e['wall_s']:.1f} s", f"{e['peak_rss_mb']:,} MB", f"{e['images_per_s']:.1f}"],
 ])}
 
-The batch answers {d['ratio']:.0f}× the images per second of a loop of single queries. In one process,
-after loading, an image costs {w['warm_ms']:.0f} ms (median of {w['images']}) with the pattern metadata read by id; `pipe serve`
-loads that table once and answers faster (next section). The first query after installing compiles the kernels.
+The batch answers {d['ratio']:.0f}× the images per second of a loop of single queries and {d['batch_share_of_evaluate']:.0%} of what
+`evaluate` scores (the rest: each image's decisive patterns and nearest training images, looked up and written). In one
+process, after loading: an answer costs {w['warm_ms']:.0f} ms (median of {w['images']}); the nearest patterns of every patch of an
+image (`run.nearest_patterns`) {w['all_patches_first_ms']:,.0f} ms for the first image, {w['all_patches_ms']:,.0f} ms (median of the later
+half) once the run has met the common patterns (one search per distinct pattern; a learned pattern's answer is kept).
 """
 
 
 def serving() -> str:
     d = load("serve.json")
-    lat, ld = d["latency"], d["load"]
+    lat, ld, one = d["latency"], d["load"], d["load_one_worker"]
     return f"""## Serving
 
-`python benchmarks/serve.py --run RUN --json --out benchmarks/results/serve.json` (RUN as above,
-{d['patterns']:,} patterns, {d['image']} images): one `pipe serve` process on 127.0.0.1, asked from another.
+`python benchmarks/serve.py --run RUN --json --out benchmarks/results/serve.json` (RUN as above, {d['patterns']:,} patterns,
+{d['image']} images): `pipe serve` on 127.0.0.1 with its default workers (one per core), asked from another process.
 
-{table(["", "requests", "p50", "p95", "max"], [
-    ["one image per request, one client, warm", f"{lat['requests']}", f"{lat['p50_ms']:.0f} ms", f"{lat['p95_ms']:.0f} ms", f"{lat['max_ms']:.0f} ms"],
-    [f"{ld['clients']} clients at once for {ld['seconds']:.0f} s", f"{ld['requests']:,}", f"{ld['p50_ms']:,.0f} ms", f"{ld['p95_ms']:,.0f} ms", f"{ld['max_ms']:,.0f} ms"],
+{table(["", "requests", "requests/s", "p50", "p95", "max"], [
+    ["one image per request, one client, warm", f"{lat['requests']}", "", f"{lat['p50_ms']:.0f} ms", f"{lat['p95_ms']:.0f} ms", f"{lat['max_ms']:.0f} ms"],
+    [f"{ld['clients']} clients at once for {ld['seconds']:.0f} s", f"{ld['requests']:,}", f"{ld['requests_per_s']:.0f}", f"{ld['p50_ms']:,.0f} ms", f"{ld['p95_ms']:,.0f} ms", f"{ld['max_ms']:,.0f} ms"],
+    ["the same, `--workers 1`", f"{one['requests']:,}", f"{one['requests_per_s']:.0f}", f"{one['p50_ms']:,.0f} ms", f"{one['p95_ms']:,.0f} ms", f"{one['max_ms']:,.0f} ms"],
 ])}
 
-Under load: {ld['errors']} errors, {ld['requests_per_s']:.0f} requests/s (requests queue on the run's lock: latency grows with the
-clients, throughput stays); server memory {ld['rss_start_mb']:,} → {ld['rss_end_mb']:,} MB (at most {ld['rss_max_mb']:,}; every 5 s:
-{', '.join(str(v) for v in ld['rss_every_5s_mb'])} MB, the first seconds' worker threads, flat after). One `pipe query` process: {d['cli_single_s']:.1f} s.
+Under load the default answers {d['throughput_ratio']:.2f}× the requests of one worker, {ld['errors'] + one['errors']} errors; server memory (the
+processes summed, shared pages counted in each) {ld['rss_start_mb']:,} → {ld['rss_end_mb']:,} MB (at most {ld['rss_max_mb']:,}), one worker
+{one['rss_start_mb']:,} → {one['rss_end_mb']:,} MB. One `pipe query` process: {d['cli_single_s']:.1f} s.
 """
 
 

@@ -4,7 +4,8 @@
     python benchmarks/serve.py --smoke --json      # seconds: a tiny digits run, 5 clients for 3 s (what CI runs)
     python benchmarks/serve.py --run RUN --screenshot docs/serve-page.png --requests 0 --seconds 0   # the page only
 
-One real server process (``pipe serve RUN`` on a free 127.0.0.1 port), and from this process:
+A real server (``pipe serve RUN`` on a free 127.0.0.1 port, its default worker processes: one per
+core), and from this process:
 
 * **latency**: ``--requests`` sequential ``POST /query`` of one image each (the first
   ``--requests`` images of ``--source``, PNG-encoded), after ``--warmup`` requests: p50, p95 and
@@ -12,8 +13,11 @@ One real server process (``pipe serve RUN`` on a free 127.0.0.1 port), and from 
   (``cli_single_s``: what answering costs without a server);
 * **load**: ``--clients`` threads, each with its own connection, posting images back to back
   for ``--seconds``: requests, errors (any non-200 answer or failed connection), requests/s,
-  p50 / p95 latency under load, and the server's resident memory (``/proc/PID/status`` VmRSS)
-  sampled each second: at the start of the load, at its end, at most, and every 5 s.
+  p50 / p95 latency under load, and the server's resident memory (``/proc/PID/status`` VmRSS of
+  the server and its worker processes, summed: pages they share are counted in each) sampled
+  each second: at the start of the load, at its end, at most, and every 5 s;
+* **load, one worker**: the same load on ``pipe serve RUN --workers 1`` (``throughput_ratio``:
+  the default's requests/s over it).
 
 Only ``pipe`` commands and HTTP are used.
 """
@@ -43,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(run: Path) -> tuple[subprocess.Popen, str]:
+def start(run: Path, workers: int = 0) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", str(run), "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", str(run), "--port", str(port), "--workers", str(workers)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -60,6 +64,60 @@ def start(run: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     proc.kill()
     sys.exit("pipe serve did not answer /health")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (worker processes), summed, in MB."""
+    try:
+        kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        kids = []
+    total = 0.0
+    for p in [pid, *kids]:
+        try:
+            total += proc_status_kb(p)["VmRSS"] / 1024
+        except (OSError, KeyError):
+            pass
+    return total
+
+
+def load(base: str, pid: int, images: list[bytes], clients: int, seconds: float) -> dict:
+    """``clients`` threads posting images back to back for ``seconds``: counts, latency, memory."""
+    import httpx
+
+    stop = time.time() + seconds
+    counts = {"requests": 0, "errors": 0}
+    under: list[float] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            i = seed
+            while time.time() < stop:
+                t = time.perf_counter()
+                try:
+                    ok = c.post("/query", files={"images": (f"{i}.png", images[i % len(images)], "image/png")}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    counts["requests"] += 1
+                    counts["errors"] += not ok
+                    under.append(time.perf_counter() - t)
+                i += clients
+
+    rss = [rss_mb(pid)]
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(clients)]
+    t0 = time.time()
+    for th in threads:
+        th.start()
+    while any(th.is_alive() for th in threads):
+        time.sleep(1)
+        rss.append(rss_mb(pid))
+    took = time.time() - t0
+    alive = httpx.get(base + "/health").status_code == 200
+    return {"clients": clients, "seconds": round(took, 1), **counts, "requests_per_s": round(counts["requests"] / took, 1),
+            **ms(under), "rss_start_mb": round(rss[0]), "rss_end_mb": round(rss[-1]), "rss_max_mb": round(max(rss)),
+            "rss_every_5s_mb": [round(v) for v in rss[::5]], "healthy_after": alive}
 
 
 def pngs(source: str, n: int, size: tuple[int, int]) -> list[bytes]:
@@ -153,45 +211,21 @@ def main() -> None:
                     t = time.perf_counter()
                     c.post("/query", files={"images": (f"{i}.png", images[i % len(images)], "image/png")}).raise_for_status()
                     lat.append(time.perf_counter() - t)
-            stop = time.time() + a.seconds
-            counts = {"requests": 0, "errors": 0}
-            under: list[float] = []
-            lock = threading.Lock()
-
-            def client(seed: int) -> None:
-                with httpx.Client(base_url=base, timeout=120) as c:
-                    i = seed
-                    while time.time() < stop:
-                        t = time.perf_counter()
-                        try:
-                            ok = c.post("/query", files={"images": (f"{i}.png", images[i % len(images)], "image/png")}).status_code == 200
-                        except httpx.HTTPError:
-                            ok = False
-                        with lock:
-                            counts["requests"] += 1
-                            counts["errors"] += not ok
-                            under.append(time.perf_counter() - t)
-                        i += a.clients
-
-            rss = [proc_status_kb(proc.pid)["VmRSS"] / 1024]
-            threads = [threading.Thread(target=client, args=(s,)) for s in range(a.clients)]
-            t0 = time.time()
-            for th in threads:
-                th.start()
-            while any(th.is_alive() for th in threads):
-                time.sleep(1)
-                rss.append(proc_status_kb(proc.pid)["VmRSS"] / 1024)
-            took = time.time() - t0
-            alive = httpx.get(base + "/health").status_code == 200
+            loaded = load(base, proc.pid, images, a.clients, a.seconds)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        proc, base = start(run, workers=1)
+        try:
+            one = load(base, proc.pid, images, a.clients, a.seconds)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     res = {
         "run": str(run), "image": f"{size[0]}x{size[1]}", "patterns": info["patterns"],
         "latency": {"requests": len(lat), **ms(lat)}, "cli_single_s": round(cli_single, 2),
-        "load": {"clients": a.clients, "seconds": round(took, 1), **counts, "requests_per_s": round(counts["requests"] / took, 1),
-                 **ms(under), "rss_start_mb": round(rss[0]), "rss_end_mb": round(rss[-1]), "rss_max_mb": round(max(rss)),
-                 "rss_every_5s_mb": [round(v) for v in rss[::5]], "healthy_after": alive},
+        "load": loaded, "load_one_worker": one,
+        "throughput_ratio": round(loaded["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
     }
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
@@ -202,6 +236,8 @@ def main() -> None:
     print(f"warm latency over {L['requests']} requests: p50 {L['p50_ms']} ms, p95 {L['p95_ms']} ms (one pipe query process: {res['cli_single_s']} s)")
     print(f"{D['clients']} clients for {D['seconds']} s: {D['requests']} requests, {D['errors']} errors, {D['requests_per_s']} req/s, "
           f"p50 {D['p50_ms']} ms; server RSS {D['rss_start_mb']} -> {D['rss_end_mb']} MB (max {D['rss_max_mb']})")
+    O = res["load_one_worker"]
+    print(f"one worker: {O['requests_per_s']} req/s, p50 {O['p50_ms']} ms; the default answers {res['throughput_ratio']}x that")
 
 
 if __name__ == "__main__":

@@ -553,8 +553,10 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--max-upload-mb", type=float, default=16, show_default=True, help="Largest request accepted; larger ones get 413.")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Processes answering, each with the run loaded; 0 = one per core (a process answers one image at a time).")
 @_rule_option
-def serve(run, host, port, max_upload_mb, rule):
+def serve(run, host, port, max_upload_mb, workers, rule):
     """Keep RUN loaded and answer queries over HTTP, with a page at / to look at them.
 
     \b
@@ -573,15 +575,20 @@ def serve(run, host, port, max_upload_mb, rule):
         raise click.ClickException(f"pipe serve needs the serve extra ({e.name} is not installed): pip install 'patchhash[serve]'")
     serving.check_upload_mb(max_upload_mb)
     serving.check_port(host, port)
-    r = pipeline.load(run, rule)
-    serving.warm(r)
+    workers = serving.check_workers(workers)
+    r = pipeline.load(run, rule)  # any problem with the run is said here, once, before a worker starts
     loopback = serving.is_loopback(host)
-    app = serving.make_app(r, max_upload_mb, loopback_only=loopback)
     if not loopback:
         click.echo(f"warning: listening on {host} makes the server reachable from other machines, and it has no "
                    "authentication: anyone who can reach the port can query the run and see its training images", err=True)
-    click.echo(f"serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    serving.run_server(app, host, port)
+    click.echo(f"serving {run} on http://{host}:{port}/ with {workers} worker process(es) (Ctrl-C stops)", err=True)
+    if workers == 1:
+        serving.warm(r)
+        serving.run_server(serving.make_app(r, max_upload_mb, loopback_only=loopback), host, port)
+        return
+    del r
+    serving.run_workers({"run": str(Path(run).resolve()), "rule": rule, "max_upload_mb": max_upload_mb, "loopback_only": loopback},
+                        host, port, workers)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,9 @@ def test_query_latency_benchmark_smoke():
 def test_serve_benchmark_smoke():
     (r,) = smoke("benchmarks/serve.py")
     assert r["latency"]["requests"] == 20 and r["latency"]["p50_ms"] > 0
-    assert r["load"]["clients"] == 5 and r["load"]["requests"] > 0 and r["load"]["errors"] == 0 and r["load"]["healthy_after"]
+    for load in (r["load"], r["load_one_worker"]):
+        assert load["clients"] == 5 and load["requests"] > 0 and load["errors"] == 0 and load["healthy_after"]
+    assert r["throughput_ratio"] == round(r["load"]["requests_per_s"] / r["load_one_worker"]["requests_per_s"], 2)
 
 
 def test_incremental_benchmark_smoke():

@@ -99,3 +99,18 @@ def test_answers_carry_the_familiarity_and_other_kinds_of_image_score_low(digits
 
     assert res["images"] == 50
     assert np.allclose(pq.read_table(tmp_path / "r.parquet").column("familiarity").to_numpy(), ok, atol=1e-6)
+
+
+def test_predict_files_answers_with_class_names(digits_run, tmp_path):
+    run = pipeline.load(digits_run)
+    x, _ = digits_images("test", 3)
+    paths = []
+    for i, img in enumerate(x):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(encode_png(img if i < 2 else np.repeat(np.repeat(img, 2, 0), 2, 1)))  # the last one 16x16
+    got = run.predict_files(paths)
+    labels, probs = run.predict(x)
+    assert [g["prediction"] for g in got[:2]] == [run.class_names[i] for i in labels[:2]]
+    assert np.allclose([got[0]["probabilities"][c] for c in run.class_names], probs[0], atol=1e-6)
+    assert got[0]["familiarity"] == pytest.approx(float(run.familiarity(x[:1])[0])) and got[0]["notes"] == []
+    assert got[2]["notes"] == ["%s is 16x16 (height x width): fitted to the run's 8x8, scaled to cover it (proportions kept), then centre-cropped" % paths[2]]

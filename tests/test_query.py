@@ -282,3 +282,23 @@ def test_png_names_never_collide():
 
     names = png_names(["a/x.png", "b/x.png", "x.jpg", "y.png"])
     assert names == {"a/x.png": "x.png", "b/x.png": "x-2.png", "x.jpg": "x-3.png", "y.png": "y.png"}
+
+
+def test_nearest_patterns_searched_once_per_key_and_remembered_are_each_patchs_own_search(digits_run):
+    """A pattern met at several places is searched once, and a learned pattern's answer is kept for
+    the next image: the answers are still each patch's own search (reference: every patch searched
+    alone, in a run loaded afresh), for a second call, and for a larger k than the one remembered."""
+    from pipeline import index as pattern_index
+
+    imgs, _ = digits_images("test", 2)
+    run, ref = pipeline.load(digits_run), pipeline.load(digits_run)
+    for k, img in ((4, imgs[0]), (4, imgs[0]), (4, imgs[1]), (6, imgs[0])):
+        got = run.nearest_patterns(img, k=k)
+        vectors, seen, composed = ref.patch_vectors(ref.images_to_keys(img[None])[0])
+        has = np.flatnonzero(seen | composed)
+        want = [pattern_index.search(ref.index, vectors[s : s + 1], k) for s in has]
+        # batched and single products round apart, so near ties may swap places: the same distances, the same ids but for those
+        assert np.allclose(got.distances[has], np.concatenate([d for d, _ in want]), rtol=1e-4, atol=1e-3)
+        assert (got.ids[has] == np.concatenate([i for _, i in want])).mean() > 0.99
+        assert len(np.unique(got.keys[has])) < len(has)  # there were repeats to share
+    assert 0 < len(run._near_cache) <= len(run.vocab.keys)

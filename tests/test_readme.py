@@ -16,5 +16,5 @@ def test_the_readme_python_example_runs(digits_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
-    assert len(scope["labels"]) == len(scope["images"]) == 16
+    assert len(scope["labels"]) == len(scope["images"]) == 16 == len(scope["familiar"])
     assert scope["lookup"].ids.shape[1] == 5 and scope["near"].ids.shape == (16, 5)

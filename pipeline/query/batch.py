@@ -64,9 +64,10 @@ def result_table(
     fam = run.familiarity_keys(keys, weights, pooled if (rule or run.unseen_rule) == "drop" else None)
     pred = probs.argmax(1)
     looks = [
-        run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i]) if patches else None
+        run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i], search=False) if patches else None
         for i in range(len(pred))
     ]
+    run.search_lookups([lk for lk in looks if lk is not None], k)  # one search for the batch's decisive patterns
     cols = {
         "image_id": np.asarray(image_ids, np.int64),
         "name": list(names) if names is not None else [None] * len(pred),

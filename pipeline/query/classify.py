@@ -92,6 +92,25 @@ class Classify:
         probs = self.predict_keys(keys, rule, classifier, weights=weights)
         return probs.argmax(1), probs
 
+    def predict_files(self, paths, resize: tuple[int, int] | None = None, rule: str | None = None, classifier: str = "head") -> list[dict]:
+        """One answer per image file: ``{"file", "prediction"`` (the class name), ``"probabilities"``
+        ({class name: p}), ``"familiarity"`` (docs/query.md), ``"notes"`` (how the file was
+        converted or fitted to the run's size)}``. Files are read as ``pipe query`` reads them."""
+        from pipeline.query.report import read_image  # report builds on Run
+
+        out = []
+        for path in paths:
+            notes: list[str] = []
+            img = read_image(self, path, resize, notes)
+            keys, weights = self.encode(img)
+            pooled = self.pooled_keys(keys, rule, weights)
+            probs = self.classify_pooled(pooled, classifier)[0]
+            fam = self.familiarity_keys(keys, weights, pooled if (rule or self.unseen_rule) == "drop" else None)
+            out.append({"file": str(path), "prediction": self.class_names[int(probs.argmax())],
+                        "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
+                        "familiarity": None if fam is None else float(fam[0]), "notes": notes})
+        return out
+
     def _label_map(self, class_names: list[str], where: str) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.class_names)}
         missing = [c for c in class_names if c not in index]

@@ -33,6 +33,7 @@ class PatchLookup:
     counts: dict[str, int]  # over all patches of the image: total, seen, composed, unmatched
     probabilities: np.ndarray  # C: the image's class probabilities (what ``predict`` gives)
     occurrences: np.ndarray  # S: how many slots of the image hold the same pattern (key); 1 for every slot without ``top``
+    pending: tuple | None = None  # made with search=False: what Run.search_lookups searches for
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ImageLookup:
     image_ids: np.ndarray  # the training images' ids in their shards / source order
     labels: np.ndarray  # their class indices
     names: np.ndarray  # their file names in the training source (None where unknown)
+
+
+NEAR_CACHE = 1 << 18  # learned patterns whose nearest patterns a loaded run remembers (a few tens of MB at most)
 
 
 def distinct_top(keys: np.ndarray, contribution: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,27 +154,74 @@ class LookUp:
         w = None if weights is None else weights[0]
         return self.lookup_keys(keys[0], self.predict_keys(keys, weights=weights)[0], k, top, w)
 
-    def lookup_keys(self, keys: np.ndarray, probs: np.ndarray, k: int, top: int | None, weights: np.ndarray | None = None) -> PatchLookup:
-        """:meth:`nearest_patterns` for one image's keys (K) and weights whose class probabilities are known."""
+    def lookup_keys(self, keys: np.ndarray, probs: np.ndarray, k: int, top: int | None, weights: np.ndarray | None = None,
+                    search: bool = True) -> PatchLookup:
+        """:meth:`nearest_patterns` for one image's keys (K) and weights whose class probabilities are
+        known. ``search`` False leaves the distances and ids to :meth:`search_lookups`, which
+        searches for many images' patches at once."""
         vectors, seen, composed = self.patch_vectors(keys)
         has = seen | composed
         w = np.ones(len(keys), np.float32) if weights is None else weights
         share = w / max(float(w.sum()), 1e-12)
-        contribution = np.where(has, np.nan_to_num(vectors) @ self._class_direction(int(probs.argmax())) * share, 0.0)
+        contribution = np.zeros(len(keys), np.float64)
+        contribution[has] = vectors[has] @ self._class_direction(int(probs.argmax())) * share[has]
         occurrences = np.ones(len(keys), np.int64)
         if top is None:
             slots = np.arange(len(keys))
         else:
             slots, contribution, occurrences = distinct_top(keys, contribution, top)
-        d = np.full((len(slots), k), np.inf, np.float32)
-        ids = np.full((len(slots), k), -1, np.int64)
-        sel = has[slots]
-        d[sel], ids[sel] = pattern_index.search(self.index, vectors[slots[sel]], k)
+        sel = np.flatnonzero(has[slots])
         counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
-        return PatchLookup(
-            slots, d, ids, seen[slots], composed[slots], self.plan.locate(slots), keys[slots], contribution, counts, probs,
-            occurrences,
+        lookup = PatchLookup(
+            slots, np.full((len(slots), k), np.inf, np.float32), np.full((len(slots), k), -1, np.int64), seen[slots], composed[slots],
+            self.plan.locate(slots), keys[slots], contribution, counts, probs, occurrences,
         )
+        lookup.pending = (sel, keys[slots[sel]], vectors[slots[sel]], seen[slots[sel]])
+        if search:
+            self.search_lookups([lookup], k)
+        return lookup
+
+    def search_lookups(self, lookups: list[PatchLookup], k: int) -> None:
+        """Fill in the nearest patterns of lookups made with ``search=False``, in one search."""
+        todo = [lk for lk in lookups if lk.pending is not None]
+        if not todo:
+            return
+        keys = np.concatenate([lk.pending[1] for lk in todo])
+        vectors = np.concatenate([lk.pending[2] for lk in todo]) if keys.size else np.zeros((0, self.train_config.dim), np.float32)
+        seen = np.concatenate([lk.pending[3] for lk in todo])
+        d, ids = self._search_patterns(keys, vectors, seen, k) if len(keys) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        at = 0
+        for lk in todo:
+            sel = lk.pending[0]
+            lk.distances[sel], lk.ids[sel] = d[at : at + len(sel)], ids[at : at + len(sel)]
+            at += len(sel)
+            lk.pending = None
+
+    def _search_patterns(self, keys: np.ndarray, vectors: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest patterns of each query vector (its key, whether the key is a learned
+        pattern): one search per distinct key (a pattern met at many places is one question), and
+        none for a learned pattern answered before in this process (:data:`NEAR_CACHE` of them
+        kept; an unseen key's composed vector depends on its place, so only learned ones)."""
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        d = np.empty((len(uniq), k), np.float32)
+        ids = np.empty((len(uniq), k), np.int64)
+        cache = self._near_cache
+        todo = []
+        for j, key in enumerate(uniq.tolist()):
+            hit = cache.get(key)
+            if hit is not None and hit[0].shape[0] >= k:
+                d[j], ids[j] = hit[0][:k], hit[1][:k]
+            else:
+                todo.append(j)
+        if todo:
+            todo = np.asarray(todo)
+            d[todo], ids[todo] = pattern_index.search(self.index, vectors[first[todo]], k)
+            learned = todo[seen[first[todo]]]
+            if len(cache) + len(learned) > NEAR_CACHE:
+                cache.clear()
+            for j, key in zip(learned.tolist(), uniq[learned].tolist()):
+                cache[key] = (d[j].copy(), ids[j].copy())
+        return d[inverse.reshape(-1)], ids[inverse.reshape(-1)]
 
     def pattern_pixels(self, ids: np.ndarray) -> list[np.ndarray | None]:
         """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where unknown."""

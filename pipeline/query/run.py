@@ -92,6 +92,7 @@ class Run(Classify, LookUp):
         self.weights = weights.load(self.root / layout.WEIGHTS, "train the run again")
         self._table, self.head_layers = self._check_weights()
         self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
+        self._near_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # learned key -> its nearest patterns (lookup.py)
         # the tables are opened now (their footers read), so the whole run is the files present at load
         for name in (layout.PATTERNS, layout.IMAGES):
             if (self.root / name).exists():
@@ -155,6 +156,7 @@ class Run(Classify, LookUp):
     def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change the pattern index's query-time knobs (recall against speed) for this session."""
         pattern_index.apply_params(self.index, nprobe, ef_search)
+        self._near_cache.clear()  # answers of the old settings
 
     @cached_property
     def image_index(self):

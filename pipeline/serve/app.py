@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import socket
 import threading
 from functools import lru_cache
@@ -47,7 +48,7 @@ from pipeline.errors import PipelineError
 from pipeline.query.report import image_from_bytes, query_one
 from pipeline.query.run import Run
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
-from pipeline.serve.server import run_server  # noqa: F401 (for pipe serve)
+from pipeline.serve.server import run_server, run_workers  # noqa: F401 (for pipe serve)
 from pipeline.serve.limits import LimitBody
 from pipeline.serve.turns import Turns
 
@@ -104,6 +105,17 @@ def check_upload_mb(mb: float) -> None:
     """Refuse a request-size limit that is not a positive finite number of MiB (at most 1 GiB)."""
     if not (math.isfinite(mb) and 0 < mb <= MAX_UPLOAD_LIMIT_MB):
         raise PipelineError(f"--max-upload-mb {mb} must be a number of MiB above 0 and at most {MAX_UPLOAD_LIMIT_MB}")
+
+
+MAX_WORKERS = 64
+
+
+def check_workers(workers: int) -> int:
+    """The number of worker processes: ``workers``, or one per core for 0; refuses a negative or
+    absurd count."""
+    if not 0 <= workers <= MAX_WORKERS:
+        raise PipelineError(f"--workers {workers} must be 0 (one per core) to {MAX_WORKERS}")
+    return workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def check_port(host: str, port: int) -> None:

@@ -6,10 +6,17 @@ face hostile clients:
 * garbage sent instead of HTTP is answered 400 by uvicorn but not logged, so stray bytes
   cannot fill the log; and at most ``MAX_CONNECTIONS`` connections are served at once
   (more get 503).
+
+With several workers, uvicorn's supervisor shares one listening socket among that many
+processes, each loading the run itself (:func:`app_from_env`): a run answers one image at a
+time per process, so the processes are what use more than one core. Their memory-mapped files
+(weights, indexes) are shared pages.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -31,10 +38,45 @@ class _NoInvalidRequests(logging.Filter):
         return "Invalid HTTP request" not in record.getMessage()
 
 
+SPEC_ENV = "PATCHHASH_SERVE"  # how pipe serve tells its worker processes what to serve (JSON)
+
+
+def app_from_env():
+    """The application of one worker process, from the settings in ``$PATCHHASH_SERVE``: ``run``,
+    ``rule``, ``max_upload_mb``, ``loopback_only``."""
+    import pipeline
+    from pipeline.serve import app as serving
+
+    spec = json.loads(os.environ[SPEC_ENV])
+    logging.getLogger("uvicorn.error").addFilter(_NoInvalidRequests())  # this process's logging is set up by now
+    run = pipeline.load(spec["run"], spec["rule"])
+    serving.warm(run)
+    return serving.make_app(run, spec["max_upload_mb"], loopback_only=spec["loopback_only"])
+
+
+def _config(app, host: str, port: int, **kw) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=IdleClosingH11,
+                          timeout_keep_alive=IDLE_S, limit_concurrency=MAX_CONNECTIONS, **kw)
+
+
 def run_server(app, host: str, port: int) -> None:
-    """Serve ``app`` on ``host:port`` until interrupted."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=IdleClosingH11,
-                            timeout_keep_alive=IDLE_S, limit_concurrency=MAX_CONNECTIONS)
+    """Serve ``app`` on ``host:port`` in this process until interrupted."""
+    config = _config(app, host, port)
     server = uvicorn.Server(config)
     logging.getLogger("uvicorn.error").addFilter(_NoInvalidRequests())  # after Config, which sets up uvicorn's logging
     server.run()
+
+
+def run_workers(spec: dict, host: str, port: int, workers: int) -> None:
+    """Serve the run ``spec`` describes (see :func:`app_from_env`) from ``workers`` processes sharing
+    ``host:port``, until interrupted."""
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[SPEC_ENV] = json.dumps(spec)
+    config = _config("pipeline.serve.server:app_from_env", host, port, factory=True, workers=workers)
+    logging.getLogger("uvicorn.error").addFilter(_NoInvalidRequests())
+    sock = config.bind_socket()
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
