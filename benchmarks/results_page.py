@@ -253,7 +253,8 @@ def serving() -> str:
     return f"""## Serving
 
 `python benchmarks/serve.py --run RUN --json --out benchmarks/results/serve.json` (RUN as above, {d['patterns']:,} patterns,
-{d['image']} images): `pipe serve` on 127.0.0.1 with its default workers (one per core), asked from another process.
+{d['image']} images): `pipe serve` on 127.0.0.1 with its default workers (one per core), asked from another process
+whose client threads (PNG upload, JSON parsing) run on the same two cores.
 
 {table(["", "requests", "requests/s", "p50", "p95", "max"], [
     ["one image per request, one client, warm", f"{lat['requests']}", "", f"{lat['p50_ms']:.0f} ms", f"{lat['p95_ms']:.0f} ms", f"{lat['max_ms']:.0f} ms"],
