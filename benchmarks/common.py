@@ -52,6 +52,16 @@ def bench_config(current: bool, **changes):
     return ExtractConfig(**changes) if current else measured_config(**changes)
 
 
+def emit(res: dict, out: Path | None, as_json: bool) -> bool:
+    """Write a benchmark's result to ``out`` (when given) and print it as one JSON line with
+    ``as_json``; True when printed (the caller's text table is then left out)."""
+    if out:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(res))
+    return as_json
+
+
 def cifar_source(n: int | None, path: Path = CIFAR_TAR, **kw):
     import pipeline
 

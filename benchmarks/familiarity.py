@@ -21,7 +21,6 @@ set under ``familiarity.UNFAMILIAR`` (the threshold below which an answer says s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, smoke_run  # noqa: E402
+from benchmarks.common import CIFAR_TAR, emit, smoke_run  # noqa: E402
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -123,10 +122,7 @@ def main() -> None:
                       "median": float(np.median(s))} for k, s in scores.items()},
         "images_per_s": (len(inside) + len(everything)) / seconds,
     }
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
-    if a.json:
-        print(json.dumps(res))
+    if emit(res, a.out, a.json):
         return
     print(f"{res['images']} {what}: {res['flagged_in_distribution']:.1%} under {res['threshold']}")
     for k, r in res["kinds"].items():

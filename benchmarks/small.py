@@ -19,7 +19,6 @@ and scoring images. Each slice's row says whether ours beats both.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR  # noqa: E402
+from benchmarks.common import CIFAR_TAR, emit  # noqa: E402
 
 DIGITS_SLICES = (100, 300, 898)
 CIFAR_SLICES = (50, 100, 200)  # images per class
@@ -115,10 +114,7 @@ def main() -> None:
         rows = digits_rows(DIGITS_SLICES) + ([] if a.no_cifar else cifar_rows(CIFAR_SLICES, a.source))
     res = {"command": "python benchmarks/small.py" + (" --smoke" if a.smoke else ""), "rows": rows,
            "all_beat_both": all(r["beats_both"] for r in rows)}
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
-    if a.json:
-        print(json.dumps(res))
+    if emit(res, a.out, a.json):
         return
     print(f"{'slice':28s} {'train':>6s} {'ours':>7s} {'logreg':>7s} {'1-NN':>7s}")
     for r in rows:
