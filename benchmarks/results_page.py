@@ -268,6 +268,19 @@ processes summed, shared pages counted in each) {ld['rss_start_mb']:,} → {ld['
 """
 
 
+def pictures() -> str:
+    if not (RESULTS / "pictures.json").exists():
+        return ""
+    d = load("pictures.json")
+    return f"""## Pictures of code patterns
+
+`python benchmarks/pictures.py --run RUN --out benchmarks/results/pictures.json` (RUN as above): the {d['code_patches']:,} decisive
+code patches (top {d['top']}) of {d['images']} held-out images, each against the picture of its own pattern (d = 0). Mean absolute
+difference to the patch's pixels (0-255), median: **{d['like_patch_mad']:.1f}** drawn in the patch's brightness and contrast (what
+`pipe query --png` and the page show; 90th percentile {d['like_patch_mad_p90']:.1f}), {d['stored_mad']:.1f} with the atom stretched to 0-255.
+"""
+
+
 def familiarity() -> str:
     if not (RESULTS / "familiarity.json").exists():
         return ""
@@ -328,7 +341,7 @@ def render() -> str:
         "# Results\n\nEvery figure below is read from a JSON file in `benchmarks/results/`, written by the command\n"
         "named in its section on the project's reference machine (2 cores, 24 GiB, no GPU); this page is\n"
         "rendered from them by `python benchmarks/results_page.py`. Rerun a command to check a figure.\n",
-        cifar_defaults(), factors(), digits(), small_data(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), familiarity(), serving(),
+        cifar_defaults(), factors(), digits(), small_data(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), pictures(), familiarity(), serving(),
         *([incremental()] if (RESULTS / "incremental.json").exists() else []), limitations(),
     ]
     return "\n".join(parts)

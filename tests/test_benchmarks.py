@@ -160,3 +160,9 @@ def test_familiarity_benchmark_smoke():
     assert r["reference"] == "held-out, before the refit" and r["images"] == 200 and r["threshold"] == 0.01
     assert set(r["kinds"]) == {"flat colours", "noise"}
     assert all(k["images"] == 60 and k["flagged"] == 1.0 and k["median"] == 0.0 for k in r["kinds"].values())
+
+
+def test_pictures_benchmark_smoke():
+    (r,) = smoke("benchmarks/pictures.py")
+    assert r["images"] == 30 and r["top"] == 5 and r["code_patches"] > 50
+    assert r["like_patch_mad"] < r["stored_mad"]  # drawn in the patch's brightness and contrast, the atom is nearer the patch

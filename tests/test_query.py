@@ -302,3 +302,23 @@ def test_nearest_patterns_searched_once_per_key_and_remembered_are_each_patchs_o
         assert (got.ids[has] == np.concatenate([i for _, i in want])).mean() > 0.99
         assert len(np.unique(got.keys[has])) < len(has)  # there were repeats to share
     assert 0 < len(run._near_cache) <= len(run.vocab.keys)
+
+
+def test_a_code_pattern_is_drawn_in_the_brightness_and_contrast_of_a_patch(digits_run):
+    """Reference: the atom un-whitened by hand (pseudo-inverse of the whitening, plus the mean),
+    then the contrast scaling undone with the patch's own mean and standard deviation."""
+    from pipeline.extraction.codes import CONTRAST, brightness_contrast
+
+    run = pipeline.load(digits_run)
+    p = run.patterns
+    pid = int(np.flatnonzero(p["atom"] >= 0)[0])
+    shape = next(s for s in run.dictionary.shapes if (s.h, s.w) == (p["h"][pid], p["w"][pid]))
+    img = digits_images("test", 1)[0][0]
+    patch = img[: shape.h, : shape.w]
+    b, c = brightness_contrast(patch)
+    assert (b, c) == (pytest.approx(patch.mean()), pytest.approx(patch.astype(float).std()))
+    atom = shape.atoms[int(p["atom"][pid])].astype(np.float64) @ np.linalg.pinv(shape.whiten.astype(np.float64)) + shape.mean
+    want = np.clip(np.rint(atom * np.sqrt(c**2 + CONTRAST) + b), 0, 255).astype(np.uint8).reshape(shape.h, shape.w, 1)
+    assert np.array_equal(run.pattern_pixels([pid], like=(b, c))[0], want)
+    exact = int(np.flatnonzero(p["atom"] < 0)[0])  # an exact pattern keeps its first example
+    assert np.array_equal(run.pattern_pixels([exact], like=(b, c))[0], run.pattern_pixels([exact])[0])

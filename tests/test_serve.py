@@ -124,6 +124,14 @@ def test_pictures_are_the_runs_own_pixels(server, digits_run):
     scale = got.shape[0] // want.shape[0]
     assert scale >= 1 and np.array_equal(got[::scale, ::scale], want)
     assert httpx.get(server + f"/pattern/{run.vocab.size}.png").status_code == 404
+    # a code pattern in a patch's brightness and contrast (rounded to a tenth, as the server caches them)
+    code = int(np.flatnonzero(run.patterns["atom"] >= 0)[0])
+    got = np.asarray(Image.open(io.BytesIO(httpx.get(server + f"/pattern/{code}.png", params={"brightness": 90.04, "contrast": 30.0}).content)))
+    want = run.pattern_pixels([code], like=(90.0, 30.0))[0][..., 0]
+    scale = got.shape[0] // want.shape[0]
+    assert np.array_equal(got[::scale, ::scale], want) and not np.array_equal(want, run.pattern_pixels([code])[0][..., 0])
+    for bad in ({"brightness": 10}, {"brightness": 10, "contrast": 300}, {"brightness": -1, "contrast": 3}):
+        assert httpx.get(server + f"/pattern/{code}.png", params=bad).status_code == 400
     # a training image's thumbnail is that image of the source (digits are 8x8: stored as they are)
     row = 5
     image_id = int(run.images["image_id"][row])

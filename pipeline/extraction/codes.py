@@ -22,7 +22,7 @@ import hashlib
 import io
 import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -43,6 +43,13 @@ BLOCK_PATCHES = 4096  # patches per matrix product: 16 MiB of distances at K = 1
 FIT_PATCHES_PER_IMAGE = 20  # the fit's sample takes about this many patches from each image it reads
 FIT_MIN_IMAGES = 1000  # ... from at least this many images (all, when the source has fewer)
 DICTIONARY_FORMAT = "patchhash-dictionary-v1"
+
+
+def brightness_contrast(patch: np.ndarray) -> tuple[float, float]:
+    """A patch's brightness and contrast as ``contrast`` scaling measures them: the mean and the
+    standard deviation of its pixel values (0..255, every channel)."""
+    p = np.asarray(patch, np.float64)
+    return float(p.mean()), float(p.std())
 
 
 def auto_shapes(height: int, width: int) -> list[tuple[int, int]]:
@@ -167,12 +174,28 @@ class ShapeCode:
                 _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
         return atoms, weights
 
+    @cached_property
+    def unwhitened(self) -> np.ndarray:
+        """Every atom un-whitened back to a scaled patch (K x d float64)."""
+        return self.atoms.astype(np.float64) @ np.linalg.pinv(self.whiten.astype(np.float64)) + self.mean
+
+    def pixels_like(self, atoms: np.ndarray, brightness: float, contrast: float, channels: int) -> np.ndarray:
+        """Atoms ``atoms`` drawn as pixels (len x h x w x C uint8) a person can compare with a patch of
+        that ``brightness`` and ``contrast`` (:func:`brightness_contrast`): with ``contrast``
+        scaling, its inverse applied with the patch's own values; with ``none``, in the atoms'
+        own colours."""
+        x = self.unwhitened[np.asarray(atoms, np.int64)]
+        if self.norm == "contrast":
+            x = x * np.sqrt(contrast**2 + CONTRAST) + brightness
+        else:
+            x = x * 255
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(len(x), self.h, self.w, channels)
+
     def pixels(self, channels: int) -> np.ndarray:
         """Every atom shown as pixels (K x h x w x C uint8): un-whitened back to a scaled patch, then
         with ``none`` scaled back by 255 (its own colours), with ``contrast`` (which lost the
         patch's brightness and contrast) stretched linearly to 0..255."""
-        inv = np.linalg.pinv(self.whiten.astype(np.float64))
-        x = self.atoms.astype(np.float64) @ inv + self.mean
+        x = self.unwhitened
         if self.norm == "none":
             return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8).reshape(len(x), self.h, self.w, channels)
         lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)

@@ -223,9 +223,22 @@ class LookUp:
                 cache[key] = (d[j].copy(), ids[j].copy())
         return d[inverse.reshape(-1)], ids[inverse.reshape(-1)]
 
-    def pattern_pixels(self, ids: np.ndarray) -> list[np.ndarray | None]:
-        """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where unknown."""
-        return patterns.pixels(self.pattern_file, np.asarray(ids, np.int64), self.extract_config.channels)
+    def pattern_pixels(self, ids: np.ndarray, like: tuple[float, float] | None = None) -> list[np.ndarray | None]:
+        """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where
+        unknown. A code pattern's pixels are its atom: drawn with ``like`` = (brightness, contrast)
+        of a patch (:func:`pipeline.extraction.codes.brightness_contrast`, e.g. of the query patch
+        it is compared with) where given, else stretched to the full range (docs/query.md)."""
+        ids = np.asarray(ids, np.int64)
+        out = patterns.pixels(self.pattern_file, ids, self.extract_config.channels)
+        if like is None or self.dictionary is None or not len(ids):
+            return out
+        meta = self.pattern_rows(ids)
+        shapes = {(s.h, s.w): s for s in self.dictionary.shapes}
+        for i, (atom, h, w) in enumerate(zip(meta["atom"], meta["h"], meta["w"])):
+            shape = shapes.get((int(h), int(w))) if atom >= 0 else None
+            if shape is not None:
+                out[i] = shape.pixels_like([int(atom)], like[0], like[1], self.extract_config.channels)[0]
+        return out
 
     def class_patterns(self, c: int, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` patterns class ``c`` relies on most: (pattern ids, scores), best first.

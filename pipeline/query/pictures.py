@@ -10,6 +10,7 @@ from matplotlib.patches import Rectangle
 
 from pipeline import layout, outputs
 
+from pipeline.extraction.codes import brightness_contrast
 from pipeline.query.run import PatchLookup, Run
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
@@ -31,7 +32,8 @@ EXPLAINED = (
     "Outlines: the most decisive distinct patterns of the image (colour = row). Row title: view, size, seen or not, "
     "push on the predicted class (xN: the pattern fills N places).\n"
     "Under each nearest learned pattern: d = squared distance between learned vectors (0 = the same pattern), its view, "
-    "seen N = occurrences in training (code view: its atom), and the class it occurred with most."
+    "seen N = occurrences in training (code view: its atom), and the class it occurred with most.\n"
+    "A code pattern is drawn as its dictionary atom given the brightness and contrast of the row's patch, so the two compare."
 )
 
 
@@ -51,7 +53,6 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     probs = lookup.probabilities
     main.set_title(f"{title}\n{run.class_names[int(probs.argmax())]} ({probs.max():.2f})", fontsize=8)
     flat_ids = lookup.ids[lookup.ids >= 0]
-    pix = dict(zip(flat_ids.tolist(), run.pattern_pixels(flat_ids))) if len(flat_ids) else {}
     meta = run.pattern_rows(flat_ids) if len(flat_ids) else {}
     row_of = {pid: i for i, pid in enumerate(flat_ids.tolist())}
     for r in range(n):
@@ -59,7 +60,10 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         y, x, h, w = (int(lookup.location[c][r]) for c in ("y", "x", "h", "w"))
         main.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linewidth=2))
         own = fig.add_subplot(grid[r, 1])
-        _show(own, img[y : y + h, x : x + w])
+        patch = img[y : y + h, x : x + w]
+        _show(own, patch)
+        near = lookup.ids[r][lookup.ids[r] >= 0]
+        pix = dict(zip(near.tolist(), run.pattern_pixels(near, like=brightness_contrast(patch)))) if len(near) else {}
         for side in own.spines.values():
             side.set_edgecolor(color)
             side.set_linewidth(2)

@@ -8,6 +8,7 @@ import numpy as np
 from pipeline.config import check_resize
 from pipeline.errors import PipelineError
 from pipeline.data.images import FIT_RULE, MAX_PIXELS, BadImage, decode, file_channels, fit_array
+from pipeline.extraction.codes import brightness_contrast
 from pipeline.query.run import PatchLookup, Run
 from pipeline.data.sources import read_ref
 
@@ -107,6 +108,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     patches = []
     for n, s in enumerate(order):
         loc = {c: int(v[s]) for c, v in lookup.location.items()}
+        brightness, contrast = brightness_contrast(image[loc["y"] : loc["y"] + loc["h"], loc["x"] : loc["x"] + loc["w"]])
         patches.append(
             {
                 "slot": int(lookup.slots[s]),
@@ -117,6 +119,8 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
                 "contribution": float(lookup.contribution[s]),
                 "occurrences": int(lookup.occurrences[s]),
                 "view": run.view_name(int(lookup.location["view"][s])),
+                "brightness": round(brightness, 3),  # of the patch's pixels (mean): code patterns are drawn with it
+                "contrast": round(contrast, 3),  # (standard deviation)
                 "nearest": nearest[n],
             }
         )

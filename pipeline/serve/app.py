@@ -8,7 +8,8 @@
   one object per image, each what ``pipe query --json`` prints for it (and ``"notes"``: what
   ``pipe query`` prints as ``note:`` lines, when there are any); query parameters ``k``,
   ``patches``, ``classifier`` and ``resize`` as in ``pipe query``;
-* ``GET /pattern/{id}.png``: a learned pattern's pixels, enlarged;
+* ``GET /pattern/{id}.png``: a learned pattern's pixels, enlarged (``brightness`` and ``contrast``:
+  a code pattern drawn in a patch's, as ``top_patches`` give them);
 * ``GET /training-image/{row}.png``: a thumbnail of an image-index image (``nearest_images[].row``);
 * ``GET /class/{name or index}``: the patterns a class relies on most (:meth:`Run.class_patterns`);
 * ``GET /``: the page (``page.html``), which uses the endpoints above.
@@ -217,9 +218,9 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
         return {"results": results, **({"notes": notes} if notes else {})}
 
     @lru_cache(maxsize=4096)
-    def pattern_png(pid: int) -> bytes | None:
+    def pattern_png(pid: int, like: tuple[float, float] | None = None) -> bytes | None:
         with lock:
-            pixels = run.pattern_pixels(np.array([pid]))[0]
+            pixels = run.pattern_pixels(np.array([pid]), like)[0]
         return None if pixels is None else png_bytes(pixels)
 
     @lru_cache(maxsize=1024)
@@ -229,10 +230,15 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
         return None if pixels is None else png_bytes(pixels)
 
     @app.get("/pattern/{pid}.png")
-    def pattern(pid: int):
+    def pattern(pid: int, brightness: float | None = Query(None), contrast: float | None = Query(None)):
         if not 0 <= pid < run.vocab.size:
             return _error(404, f"pattern {pid} does not exist; the run has patterns 0..{run.vocab.size - 1}")
-        png = pattern_png(pid)
+        like = None
+        if brightness is not None or contrast is not None:
+            if brightness is None or contrast is None or not (0 <= brightness <= 255 and 0 <= contrast <= 255):
+                return _error(400, "brightness and contrast go together, each from 0 to 255 (a patch's mean and standard deviation)")
+            like = (round(brightness, 1), round(contrast, 1))  # rounded: one cached picture per look a person can tell apart
+        png = pattern_png(pid, like)
         return _error(404, f"pattern {pid} has no pixels in this run") if png is None else Response(png, media_type="image/png")
 
     @app.get("/training-image/{row}.png")

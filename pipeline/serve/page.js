@@ -63,7 +63,8 @@ function show(res, file) {
       stage.append(el("div", { className: "box", style: `left:${p.x * scale}px;top:${p.y * scale}px;width:${p.w * scale}px;height:${p.h * scale}px;border-color:${color}` }));
       const state = p.seen ? "seen" : (p.composed ? "unseen, composed" : "unseen, unmatched");
       const near = el("div", { className: "pics" });
-      p.nearest.forEach(q => near.append(figure(`/pattern/${q.pattern_id}.png`, [`d=${q.distance.toFixed(1)} ${q.view}`, `seen ${q.count.toLocaleString()}`, q.top_class || "–"], `pattern ${q.pattern_id}`)));
+      const look = (q) => q.view === "code" ? `?brightness=${p.brightness}&contrast=${p.contrast}` : "";  // an atom in this patch's brightness and contrast
+      p.nearest.forEach(q => near.append(figure(`/pattern/${q.pattern_id}.png${look(q)}`, [`d=${q.distance.toFixed(1)} ${q.view}`, `seen ${q.count.toLocaleString()}`, q.top_class || "–"], `pattern ${q.pattern_id}`)));
       body.append(el("tr", { className: "patch-row" }, [
         el("td", {}, [el("span", { className: "chip", style: `background:${color}`, textContent: i + 1 })]),
         el("td", {}, [cropCanvas(shown, p, h, w)]),
