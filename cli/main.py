@@ -540,11 +540,11 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
         click.echo(f"  {describe_familiarity(res['familiarity'])}")
         click.echo(f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)")
         for p in res["top_patches"]:
-            where = f"{p['view']} {p['h']}x{p['w']} at ({p['y']},{p['x']})" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
-            where += f" x{p['occurrences']}" if p["occurrences"] > 1 else ""
+            where = f"{p['view']} {p['h']}x{p['w']} at row {p['y']} col {p['x']}" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
+            where += f", {p['occurrences']} places" if p["occurrences"] > 1 else ""
             state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
-            near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} x{n['count']} {n['top_class']}" for n in p["nearest"])
-            click.echo(f"  {where:<32} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
+            near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} seen {n['count']} {n['top_class']}" for n in p["nearest"])
+            click.echo(f"  {where:<40} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
         click.echo("  nearest training images: " + ", ".join(f"{_short(n['name']) or '#' + str(n['image_id'])} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
 
 

@@ -29,8 +29,8 @@ def _show(ax, pixels: np.ndarray | None) -> None:
 
 
 EXPLAINED = (
-    "Outlines: the most decisive distinct patterns of the image (colour = row). Row title: view, size, seen or not, "
-    "push on the predicted class (xN: the pattern fills N places).\n"
+    "Outlines: the most decisive distinct patterns of the image (colour = row; nested where they share a place). Row title: view, "
+    "size, place (row, col of its top-left pixel), seen or not, push on the predicted class (xN: the pattern fills N places).\n"
     "Under each nearest learned pattern: d = squared distance between learned vectors (0 = the same pattern), its view, "
     "seen N = occurrences in training (code view: its atom), and the class it occurred with most.\n"
     "A code pattern is drawn as its dictionary atom given the brightness and contrast of the row's patch, so the two compare."
@@ -46,9 +46,13 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         img = img[..., None]
     n = len(lookup.slots)
     k = lookup.ids.shape[1] if n else 0
-    fig = Figure(figsize=(3.2 + 1.15 * (k + 1), max(3.2, 1.05 * n + 1.1)))
-    grid = fig.add_gridspec(max(n, 1), k + 2, width_ratios=[3] + [1] * (k + 1))
-    main = fig.add_subplot(grid[:, 0])
+    keys, weights = run.encode(img)
+    near = run.neighbours(run.pooled_keys(keys, weights=weights), max(k, 1))
+    rows = near.ids[0][near.ids[0] >= 0]
+    thumbs = run.thumbnails(rows) if len(rows) else []
+    fig = Figure(figsize=(3.2 + 1.15 * (k + 1), max(3.2, 1.05 * (n + 1) + 1.1)))
+    grid = fig.add_gridspec(max(n, 1) + 1, k + 2, width_ratios=[3] + [1] * (k + 1))
+    main = fig.add_subplot(grid[:-1, 0])
     _show(main, img)
     probs = lookup.probabilities
     main.set_title(f"{title}\n{run.class_names[int(probs.argmax())]} ({probs.max():.2f})", fontsize=8)
@@ -58,19 +62,20 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     for r in range(n):
         color = COLORS[r % len(COLORS)]
         y, x, h, w = (int(lookup.location[c][r]) for c in ("y", "x", "h", "w"))
-        main.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linewidth=2))
+        inset = 0.12 * (r % 4)  # patches at one place: nested outlines, none hidden under another
+        main.add_patch(Rectangle((x - 0.5 + inset, y - 0.5 + inset), w - 2 * inset, h - 2 * inset, fill=False, edgecolor=color, linewidth=1.5))
         own = fig.add_subplot(grid[r, 1])
         patch = img[y : y + h, x : x + w]
         _show(own, patch)
-        near = lookup.ids[r][lookup.ids[r] >= 0]
-        pix = dict(zip(near.tolist(), run.pattern_pixels(near, like=brightness_contrast(patch)))) if len(near) else {}
+        nearby = lookup.ids[r][lookup.ids[r] >= 0]
+        pix = dict(zip(nearby.tolist(), run.pattern_pixels(nearby, like=brightness_contrast(patch)))) if len(nearby) else {}
         for side in own.spines.values():
             side.set_edgecolor(color)
             side.set_linewidth(2)
         state = "seen" if lookup.seen[r] else ("composed" if lookup.composed[r] else "unmatched")
         view = run.view_name(int(lookup.location["view"][r]))
         times = f" x{int(lookup.occurrences[r])}" if lookup.occurrences[r] > 1 else ""
-        own.set_title(f"#{r + 1} {view} {h}x{w} {state}\npush {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
+        own.set_title(f"#{r + 1} {view} {h}x{w} row {y} col {x}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         for j in range(k):
             ax = fig.add_subplot(grid[r, j + 2])
             pid = int(lookup.ids[r, j])
@@ -84,6 +89,17 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
             atom = int(meta["atom"][i]) if "atom" in meta else -1
             what = f"atom {atom}" if atom >= 0 else f"seen {int(meta['count'][i])}"
             ax.set_title(f"d={lookup.distances[r, j]:.1f} {run.view_name(int(meta['view'][i]))}\n{what} {top}", fontsize=6)
+    label = fig.add_subplot(grid[-1, 0])
+    label.axis("off")
+    label.text(1.0, 0.5, "nearest training images\n(pooled vectors)", ha="right", va="center", fontsize=7, transform=label.transAxes)
+    for j in range(k + 1):
+        ax = fig.add_subplot(grid[-1, j + 1])
+        if j >= len(rows):
+            ax.axis("off")
+            continue
+        _show(ax, thumbs[j])
+        name = str(near.names[0][j] or f"#{near.image_ids[0][j]}").rsplit("/", 1)[-1]
+        ax.set_title(f"{run.class_names[int(near.labels[0][j])]}\n{name} d={near.distances[0][j]:.2f}", fontsize=6)
     fig.text(0.01, 0.005, EXPLAINED, fontsize=5.5, color="#444444", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)

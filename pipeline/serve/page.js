@@ -69,9 +69,9 @@ function show(res, file) {
         el("td", {}, [el("span", { className: "chip", style: `background:${color}`, textContent: i + 1 })]),
         el("td", {}, [cropCanvas(shown, p, h, w)]),
         el("td", {}, [el("b", { textContent: p.view }), ...lines([
-          ` ${p.h}×${p.w} at (${p.y}, ${p.x})${p.cell >= 0 ? `, cell ${p.cell}` : ""}`,
+          ` ${p.h}×${p.w} at row ${p.y}, col ${p.x}${p.cell >= 0 ? `, cell ${p.cell}` : ""}`,
           ...(p.view === "code" ? [`its ${ordinal(p.rank + 1)} nearest atom`] : []),
-          `${state}${p.occurrences > 1 ? `, ×${p.occurrences}` : ""}`])]),
+          `${state}${p.occurrences > 1 ? `, in ${p.occurrences} places` : ""}`])]),
         el("td", { textContent: (p.contribution >= 0 ? "+" : "") + p.contribution.toFixed(3) }),
         el("td", {}, [near]),
       ]));
