@@ -2,6 +2,7 @@
 download; the executable is the OS package's). Saves a screenshot to artifacts/screenshots/."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -59,6 +60,28 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
             page.set_input_files("[data-testid=file]", str(big))
             page.wait_for_function("() => document.getElementById('notes').textContent.includes('fitted')")
             assert "big.png is 24x16 (height x width): fitted to the run's 8x8" in page.text_content("[data-testid=notes]")
+            # the controls: 3 decisive patterns with 2 nearest each; three files at once, each answer a click away
+            page.fill("[data-testid=k]", "2")
+            page.fill("[data-testid=top]", "3")
+            others = []
+            for i, x in enumerate(digits_images("test", 4)[0][1:]):
+                others.append(tmp_path / f"other{i}.png")
+                others[-1].write_bytes(encode_png(x))
+            page.set_input_files("[data-testid=file]", [str(f) for f in others])
+            page.wait_for_function("() => document.querySelectorAll('#strip figure').length === 3")
+            page.wait_for_function("() => document.querySelectorAll('.patch-row').length === 3")
+            assert page.locator(".patch-row").first.locator("figure").count() == 2
+            labels, _ = run.predict(digits_images("test", 4)[0][1:])
+            for i in (2, 0):
+                page.locator("#strip figure").nth(i).click()
+                assert page.text_content("[data-testid=prediction]") == run.class_names[int(labels[i])]
+                page.wait_for_function("() => document.querySelectorAll('.patch-row').length === 3")
+            with page.expect_download() as got:
+                page.click("[data-testid=download]")
+            answer = json.loads(Path(got.value.path()).read_text())
+            assert [r["image"] for r in answer["results"]] == [f.name for f in others]
+            assert all(len(r["top_patches"]) == 3 and all(len(p["nearest"]) == 2 for p in r["top_patches"]) for r in answer["results"])
+            page.screenshot(path=str(SCREENSHOTS / "serve-page-several.png"), full_page=True)
             # a file that is no image: the page says why, hides the last answer, and the server stays up
             bad = tmp_path / "notes.png"
             bad.write_bytes(b"not an image")

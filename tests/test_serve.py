@@ -167,3 +167,19 @@ def test_a_port_in_use_is_one_line(digits_run):
         out = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(digits_run), "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
+
+
+def test_workers_are_processes_that_each_answer(digits_run):
+    """--workers 2: two answering processes under the one that was started, both serving the port."""
+    proc, base = start_server(digits_run, "--workers", "2")
+    try:
+        kids = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        assert len(kids) >= 2  # the supervisor's worker processes
+        data = encode_png(digits_images("test", 1)[0][0])
+        assert all(post(base, [("d.png", data)]).status_code == 200 for _ in range(10))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    r = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(digits_run), "--workers", "-1"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "Error: --workers -1 must be 0 (one per core) to 64"

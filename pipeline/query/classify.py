@@ -18,6 +18,7 @@ from pipeline.data.split import is_validation
 from pipeline.errors import PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
 from pipeline.query import pooling, unseen
+from pipeline.query.files import read_image
 
 
 class Classify:
@@ -96,8 +97,6 @@ class Classify:
         """One answer per image file: ``{"file", "prediction"`` (the class name), ``"probabilities"``
         ({class name: p}), ``"familiarity"`` (docs/query.md), ``"notes"`` (how the file was
         converted or fitted to the run's size)}``. Files are read as ``pipe query`` reads them."""
-        from pipeline.query.report import read_image  # report builds on Run
-
         out = []
         for path in paths:
             notes: list[str] = []

@@ -93,16 +93,21 @@ class LookUp:
         except ValueError as e:
             raise PipelineError(f"{e}; train the run again") from None
 
-    def familiarity_keys(self, keys: np.ndarray, weights: np.ndarray | None = None, pooled: np.ndarray | None = None) -> np.ndarray | None:
+    def familiarity_keys(self, keys: np.ndarray, weights: np.ndarray | None = None, pooled: np.ndarray | None = None,
+                         near: ImageLookup | None = None) -> np.ndarray | None:
         """How much each image (keys N x K, their weights) is like the training images, in [0, 1]
         (:mod:`pipeline.familiarity`); None when the run has no reference. ``pooled``: the images'
-        pooled vectors with unseen patches dropped, where already computed."""
+        pooled vectors with unseen patches dropped, where already computed; ``near``: their nearest
+        training images (at least NEIGHBOURS of them), where already searched."""
         ref = self.familiarity_reference
         if ref is None:
             return None
-        if pooled is None:
-            pooled = self.pooled_keys(keys, "drop", weights)
-        d, _ = pattern_index.search(self.image_index, pooled, familiarity.NEIGHBOURS)
+        if near is not None and pooled is not None and near.distances.shape[1] >= familiarity.NEIGHBOURS:
+            d = near.distances[:, : familiarity.NEIGHBOURS]
+        else:
+            if pooled is None:
+                pooled = self.pooled_keys(keys, "drop", weights)
+            d, _ = pattern_index.search(self.image_index, pooled, familiarity.NEIGHBOURS)
         return ref.score(familiarity.signs(self.seen_ids(keys), d))
 
     def familiarity(self, images: np.ndarray) -> np.ndarray | None:
@@ -159,18 +164,36 @@ class LookUp:
         """:meth:`nearest_patterns` for one image's keys (K) and weights whose class probabilities are
         known. ``search`` False leaves the distances and ids to :meth:`search_lookups`, which
         searches for many images' patches at once."""
-        vectors, seen, composed = self.patch_vectors(keys)
+        rows = self.vocab.rows_of(keys[None])
+        u = unseen.find(self.plan, rows, self.vocab.size)
+        seen = u.own[0]
+        made = u.has
+        composed = np.zeros(len(keys), bool)
+        composed[u.slot[made]] = True
         has = seen | composed
         w = np.ones(len(keys), np.float32) if weights is None else weights
         share = w / max(float(w.sum()), 1e-12)
+        # a patch's push is its vector along the class direction; a composed vector is a mean of parts,
+        # so its push is the mean of theirs: the table is projected once per class, not every vector built
+        push = self._class_push(int(probs.argmax()))
         contribution = np.zeros(len(keys), np.float64)
-        contribution[has] = vectors[has] @ self._class_direction(int(probs.argmax())) * share[has]
+        contribution[seen] = push[rows[0][seen]]
+        per = np.diff(u.offsets)
+        parts_push = np.bincount(np.repeat(np.arange(len(per)), per), weights=push[u.parts], minlength=len(per))
+        contribution[u.slot[made]] = (parts_push / np.maximum(per, 1))[made]
+        contribution *= share
         occurrences = np.ones(len(keys), np.int64)
         if top is None:
             slots = np.arange(len(keys))
         else:
             slots, contribution, occurrences = distinct_top(keys, contribution, top)
         sel = np.flatnonzero(has[slots])
+        vectors = np.empty((len(keys), self.table.shape[1]), np.float32)  # filled only where searched
+        want = slots[sel]
+        own = want[seen[want]]
+        vectors[own] = self.table[rows[0][own]]
+        if made.any():
+            vectors[u.slot[made]] = u.vectors(self.table)[made]
         counts = {"total": len(keys), "seen": int(seen.sum()), "composed": int(composed.sum()), "unmatched": int((~has).sum())}
         lookup = PatchLookup(
             slots, np.full((len(slots), k), np.inf, np.float32), np.full((len(slots), k), -1, np.int64), seen[slots], composed[slots],
@@ -254,6 +277,13 @@ class LookUp:
         score = push * self.patterns["class_counts"][:, c]
         best = np.argsort(-score, kind="stable")[:n]
         return best, score[best]
+
+    def _class_push(self, c: int) -> np.ndarray:
+        """Every table row's push on class ``c``'s logit (rows float64), computed once per class."""
+        cache = self.__dict__.setdefault("_pushes", {})
+        if c not in cache:
+            cache[c] = np.asarray(self.table, np.float64) @ self._class_direction(c)
+        return cache[c]
 
     def _class_direction(self, c: int) -> np.ndarray:
         """How much a unit of pooled vector along each dimension adds to class ``c``'s logit

@@ -30,6 +30,8 @@ loading is refused (503) rather than answered from a mix of two runs.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import math
 import os
 import socket
@@ -47,9 +49,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.config import parse_size
 from pipeline.errors import PipelineError
 from pipeline.query.report import image_from_bytes, query_one
-from pipeline.query.run import Run
+from pipeline.query.run import Run, load
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
-from pipeline.serve.server import run_server, run_workers  # noqa: F401 (for pipe serve)
+from pipeline.serve import server
+from pipeline.serve.server import run_server  # noqa: F401 (for pipe serve)
 from pipeline.serve.limits import LimitBody
 from pipeline.serve.turns import Turns
 
@@ -109,6 +112,21 @@ def check_upload_mb(mb: float) -> None:
 
 
 MAX_WORKERS = 64
+
+
+def app_from_env():
+    """The application of one worker process of :func:`run_workers`, from the settings in
+    ``$PATCHHASH_SERVE``: ``run``, ``rule``, ``max_upload_mb``, ``loopback_only``."""
+    spec = json.loads(os.environ[server.SPEC_ENV])
+    logging.getLogger("uvicorn.error").addFilter(server.NoInvalidRequests())  # this process's logging is set up by now
+    run = load(spec["run"], spec["rule"])
+    warm(run)
+    return make_app(run, spec["max_upload_mb"], loopback_only=spec["loopback_only"])
+
+
+def run_workers(spec: dict, host: str, port: int, workers: int) -> None:
+    """Serve the run ``spec`` describes (see :func:`app_from_env`) from ``workers`` processes."""
+    server.run_workers("pipeline.serve.app:app_from_env", spec, host, port, workers)
 
 
 def check_workers(workers: int) -> int:

@@ -9,10 +9,12 @@ const ordinal = (n) => n + (n % 10 === 1 && n % 100 !== 11 ? "st" : n % 10 === 2
 // Strings from the run (class names, file names) always go in as text, never as markup.
 const lines = (parts) => parts.flatMap((p, i) => (i ? [el("br"), p] : [p]));
 
-function figure(src, captions, alt) {
-  const img = el("img", { src, alt, loading: "lazy" });
-  return el("figure", {}, [img, el("figcaption", {}, lines(captions.map(String)))]);
+function figure(src, captions, alt) {  // a server picture: click it for the full-size one in a new tab
+  const img = el("img", { src, alt });
+  return el("figure", {}, [el("a", { href: src, target: "_blank", rel: "noopener" }, [img]), el("figcaption", {}, lines(captions.map(String)))]);
 }
+
+const bounded = (id, lo, hi) => Math.min(hi, Math.max(lo, Math.round(Number($(id).value) || lo)));
 
 async function loadInfo() {
   run = await (await fetch("/info")).json();
@@ -60,7 +62,8 @@ function show(res, file) {
   shown.onload = () => {
     res.top_patches.forEach((p, i) => {
       const color = COLORS[i % COLORS.length];
-      stage.append(el("div", { className: "box", style: `left:${p.x * scale}px;top:${p.y * scale}px;width:${p.w * scale}px;height:${p.h * scale}px;border-color:${color}` }));
+      const inset = 3 * (i % 4);  // patterns at one place: nested outlines, none hidden under another
+      stage.append(el("div", { className: "box", style: `left:${p.x * scale + inset}px;top:${p.y * scale + inset}px;width:${p.w * scale - 2 * inset}px;height:${p.h * scale - 2 * inset}px;border-color:${color}` }));
       const state = p.seen ? "seen" : (p.composed ? "unseen, composed" : "unseen, unmatched");
       const near = el("div", { className: "pics" });
       const look = (q) => q.view === "code" ? `?brightness=${p.brightness}&contrast=${p.contrast}` : "";  // an atom in this patch's brightness and contrast
@@ -82,27 +85,43 @@ function show(res, file) {
   ["answer", "patches-section", "images-section"].forEach(id => $(id).classList.remove("hidden"));
 }
 
-async function query(file) {
+async function query(chosen) {
+  const files = [...chosen].slice(0, 64);
   $("error").textContent = "";
   $("notes").replaceChildren();
   const form = new FormData();
-  form.append("images", file, file.name);
-  const r = await fetch("/query?patches=5&k=5", { method: "POST", body: form });
+  files.forEach(f => form.append("images", f, f.name));
+  const k = bounded("k", 1, 32), patches = bounded("top", 1, 50);
+  const r = await fetch(`/query?patches=${patches}&k=${k}`, { method: "POST", body: form });
   const body = await r.json();
-  if (!r.ok) {  // the last answer is not this file's: hide it under the error
-    ["answer", "patches-section", "images-section"].forEach(id => $(id).classList.add("hidden"));
+  if (!r.ok) {  // the last answer is not these files': hide it under the error
+    ["answer", "patches-section", "images-section", "strip", "download"].forEach(id => $(id).classList.add("hidden"));
     $("error").textContent = body.error || `error ${r.status}`;
     return;
   }
   (body.notes || []).forEach(n => $("notes").append(el("div", { textContent: `note: ${n}` })));
-  show(body.results[0], file);
+  const link = $("download");
+  if (link.href) URL.revokeObjectURL(link.href);
+  link.href = URL.createObjectURL(new Blob([JSON.stringify(body, null, 1)], { type: "application/json" }));
+  link.classList.remove("hidden");
+  const strip = $("strip"); strip.replaceChildren();
+  strip.classList.toggle("hidden", files.length < 2);
+  body.results.forEach((res, i) => {
+    const fig = el("figure", { title: "show this image's answer" }, [
+      el("img", { src: URL.createObjectURL(files[i]), alt: res.image }),
+      el("figcaption", {}, lines([res.image, `${res.prediction} ${Math.max(...Object.values(res.probabilities)).toFixed(2)}`]))]);
+    fig.onclick = () => { strip.querySelectorAll("figure").forEach(f => f.classList.remove("current")); fig.classList.add("current"); show(res, files[i]); };
+    strip.append(fig);
+  });
+  strip.firstChild.classList.add("current");
+  show(body.results[0], files[0]);
 }
 
 const drop = $("drop");
 drop.onclick = () => $("file").click();
-$("file").onchange = (e) => e.target.files.length && query(e.target.files[0]);
+$("file").onchange = (e) => e.target.files.length && query(e.target.files);
 drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
 drop.ondragleave = () => drop.classList.remove("over");
-drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files.length) query(e.dataTransfer.files[0]); };
+drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files.length) query(e.dataTransfer.files); };
 $("class").onchange = (e) => showClass(e.target.value);
 loadInfo();

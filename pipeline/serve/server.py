@@ -8,7 +8,7 @@ face hostile clients:
   (more get 503).
 
 With several workers, uvicorn's supervisor shares one listening socket among that many
-processes, each loading the run itself (:func:`app_from_env`): a run answers one image at a
+processes, each loading the run itself (:func:`pipeline.serve.app.app_from_env`): a run answers one image at a
 time per process, so the processes are what use more than one core. Their memory-mapped files
 (weights, indexes) are shared pages.
 """
@@ -33,25 +33,12 @@ class IdleClosingH11(H11Protocol):
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
-class _NoInvalidRequests(logging.Filter):
+class NoInvalidRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Invalid HTTP request" not in record.getMessage()
 
 
 SPEC_ENV = "PATCHHASH_SERVE"  # how pipe serve tells its worker processes what to serve (JSON)
-
-
-def app_from_env():
-    """The application of one worker process, from the settings in ``$PATCHHASH_SERVE``: ``run``,
-    ``rule``, ``max_upload_mb``, ``loopback_only``."""
-    import pipeline
-    from pipeline.serve import app as serving
-
-    spec = json.loads(os.environ[SPEC_ENV])
-    logging.getLogger("uvicorn.error").addFilter(_NoInvalidRequests())  # this process's logging is set up by now
-    run = pipeline.load(spec["run"], spec["rule"])
-    serving.warm(run)
-    return serving.make_app(run, spec["max_upload_mb"], loopback_only=spec["loopback_only"])
 
 
 def _config(app, host: str, port: int, **kw) -> uvicorn.Config:
@@ -63,18 +50,19 @@ def run_server(app, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` in this process until interrupted."""
     config = _config(app, host, port)
     server = uvicorn.Server(config)
-    logging.getLogger("uvicorn.error").addFilter(_NoInvalidRequests())  # after Config, which sets up uvicorn's logging
+    logging.getLogger("uvicorn.error").addFilter(NoInvalidRequests())  # after Config, which sets up uvicorn's logging
     server.run()
 
 
-def run_workers(spec: dict, host: str, port: int, workers: int) -> None:
-    """Serve the run ``spec`` describes (see :func:`app_from_env`) from ``workers`` processes sharing
-    ``host:port``, until interrupted."""
+def run_workers(factory: str, spec: dict, host: str, port: int, workers: int) -> None:
+    """Serve from ``workers`` processes sharing ``host:port``, until interrupted: each builds its
+    application by calling ``factory`` (an import string, ``module:function``), which reads
+    ``spec`` back from ``$PATCHHASH_SERVE``."""
     from uvicorn.supervisors import Multiprocess
 
     os.environ[SPEC_ENV] = json.dumps(spec)
-    config = _config("pipeline.serve.server:app_from_env", host, port, factory=True, workers=workers)
-    logging.getLogger("uvicorn.error").addFilter(_NoInvalidRequests())
+    config = _config(factory, host, port, factory=True, workers=workers)
+    logging.getLogger("uvicorn.error").addFilter(NoInvalidRequests())
     sock = config.bind_socket()
     try:
         Multiprocess(config, sockets=[sock]).run()
