@@ -174,7 +174,7 @@ class LookUp:
         w = np.ones(len(keys), np.float32) if weights is None else weights
         share = w / max(float(w.sum()), 1e-12)
         # a patch's push is its vector along the class direction; a composed vector is a mean of parts,
-        # so its push is the mean of theirs: the table is projected once per class, not every vector built
+        # so its push is the mean of theirs: the table is projected once per class, no vector built to rank
         push = self._class_push(int(probs.argmax()))
         contribution = np.zeros(len(keys), np.float64)
         contribution[seen] = push[rows[0][seen]]
@@ -279,10 +279,15 @@ class LookUp:
         return best, score[best]
 
     def _class_push(self, c: int) -> np.ndarray:
-        """Every table row's push on class ``c``'s logit (rows float64), computed once per class."""
+        """Every table row's push on class ``c``'s logit (float32), projected once per class, a block
+        of rows at a time (no copy of the table)."""
         cache = self.__dict__.setdefault("_pushes", {})
         if c not in cache:
-            cache[c] = np.asarray(self.table, np.float64) @ self._class_direction(c)
+            direction = self._class_direction(c).astype(np.float32)
+            push = np.empty(len(self.table), np.float32)
+            for s in range(0, len(push), 1 << 16):
+                push[s : s + (1 << 16)] = self.table[s : s + (1 << 16)] @ direction
+            cache[c] = push
         return cache[c]
 
     def _class_direction(self, c: int) -> np.ndarray:
