@@ -33,7 +33,8 @@ EXPLAINED = (
     "size, place (row, col of its top-left pixel), seen or not, push on the predicted class (xN: the pattern fills N places).\n"
     "Under each nearest learned pattern: d = squared distance between learned vectors (0 = the same pattern), its view, "
     "seen N = occurrences in training (code view: its atom), and the class it occurred with most.\n"
-    "A code pattern is drawn as its dictionary atom given the brightness and contrast of the row's patch, so the two compare."
+    "A code pattern is drawn as its dictionary atom given the brightness and contrast of the row's patch, so the two compare. "
+    "Dashed lines: the grid of position cells (numbered); a patch belongs to the cell holding its centre."
 )
 
 
@@ -54,6 +55,14 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     grid = fig.add_gridspec(max(n, 1) + 1, k + 2, width_ratios=[3] + [1] * (k + 1))
     main = fig.add_subplot(grid[:-1, 0])
     _show(main, img)
+    g = run.plan.config.grid
+    if "grid" in run.plan.config.position_modes and g > 1:  # the cells of "cell N": a patch is in the cell of its centre
+        for i in range(1, g):
+            main.axhline(i * run.height / g - 0.5, color="white", linewidth=0.6, linestyle=(0, (2, 2)), alpha=0.8)
+            main.axvline(i * run.width / g - 0.5, color="white", linewidth=0.6, linestyle=(0, (2, 2)), alpha=0.8)
+        for c in range(g * g):
+            main.text((c % g) * run.width / g, (c // g) * run.height / g, str(c), color="white", fontsize=5, va="top", ha="left",
+                      bbox={"facecolor": "black", "alpha": 0.4, "pad": 0.5, "linewidth": 0})
     probs = lookup.probabilities
     main.set_title(f"{title}\n{run.class_names[int(probs.argmax())]} ({probs.max():.2f})", fontsize=8)
     flat_ids = lookup.ids[lookup.ids >= 0]
@@ -75,7 +84,9 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         state = "seen" if lookup.seen[r] else ("composed" if lookup.composed[r] else "unmatched")
         view = run.view_name(int(lookup.location["view"][r]))
         times = f" x{int(lookup.occurrences[r])}" if lookup.occurrences[r] > 1 else ""
-        own.set_title(f"#{r + 1} {view} {h}x{w} row {y} col {x}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
+        cell = int(lookup.location["cell"][r])
+        where = f"row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "")
+        own.set_title(f"#{r + 1} {view} {h}x{w} {where}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         for j in range(k):
             ax = fig.add_subplot(grid[r, j + 2])
             pid = int(lookup.ids[r, j])
