@@ -250,3 +250,18 @@ def test_a_query_never_imports_torch(trained):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_every_option_of_every_command_is_in_its_section_of_docs_cli():
+    """docs/cli.md has one section per command (``## `pipe NAME``); each names every option click knows."""
+    import re
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    parts = re.split(r"^## `pipe (\w+)", doc, flags=re.M)
+    sections: dict[str, str] = {}
+    for name, text in zip(parts[1::2], parts[2::2]):
+        sections[name] = sections.get(name, "") + text
+    assert sorted(sections) == sorted(main.commands)
+    missing = {name: [o for p in cmd.params for o in getattr(p, "opts", []) if o.startswith("--") and o not in sections[name]]
+               for name, cmd in main.commands.items()}
+    assert {k: v for k, v in missing.items() if v} == {}
