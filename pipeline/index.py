@@ -163,7 +163,8 @@ def build(
         need = ivf.nlist if ivf is not None else 1
         if n < need:
             raise PipelineError(f"--index {kind!r} needs at least {need} vectors to train, got {n}; use --index flat")
-        take = min(n, TRAIN_PER_LIST * need)
+        # a product quantizer's codebooks (256 centroids each) want PQ_TRAIN points, more than the coarse lists may
+        take = min(n, max(TRAIN_PER_LIST * need, PQ_TRAIN if "PQ" in factory.upper() else 0))
         sample = v if take == n else v[np.sort(np.random.default_rng(seed).choice(n, take, replace=False))]
         idx.train(sample)
     ivf_like = _faiss().try_extract_index_ivf(idx) is not None
@@ -196,6 +197,7 @@ def build(
 
 
 ADD_CHUNK = 1 << 16  # vectors added per call when the build reports progress
+PQ_TRAIN = 39 * 256  # training points FAISS asks for to fit 256 centroids per product-quantizer codebook
 
 DIGEST_BYTES = 1 << 20
 
