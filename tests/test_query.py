@@ -322,3 +322,21 @@ def test_a_code_pattern_is_drawn_in_the_brightness_and_contrast_of_a_patch(digit
     assert np.array_equal(run.pattern_pixels([pid], like=(b, c))[0], want)
     exact = int(np.flatnonzero(p["atom"] < 0)[0])  # an exact pattern keeps its first example
     assert np.array_equal(run.pattern_pixels([exact], like=(b, c))[0], run.pattern_pixels([exact])[0])
+
+
+def test_an_answers_nearest_patterns_put_the_patchs_own_view_and_shape_first(digits_run):
+    from pipeline.query.report import query_one
+
+    run = pipeline.load(digits_run)
+    res, lookup = query_one(run, digits_images("test", 1)[0][0], "x", k=8, top=10)
+    mixed = 0
+    for p in res["top_patches"]:
+        same = [(n["view"], n["h"], n["w"]) == (p["view"], p["h"], p["w"]) for n in p["nearest"]]
+        assert same == sorted(same, reverse=True)  # own kind first
+        for group in (True, False):
+            d = [n["distance"] for n, s in zip(p["nearest"], same) if s == group]
+            assert d == sorted(d)
+        r = int(np.flatnonzero(lookup.slots == p["slot"])[0])
+        assert sorted(n["pattern_id"] for n in p["nearest"]) == sorted(int(i) for i in lookup.ids[r] if i >= 0)  # the same ones, reordered
+        mixed += 0 < sum(same) < len(same)
+    assert mixed > 0  # the reordering had something to do

@@ -87,12 +87,16 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         cell = int(lookup.location["cell"][r])
         where = f"row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "")
         own.set_title(f"#{r + 1} {view} {h}x{w} {where}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
-        for j in range(k):
-            ax = fig.add_subplot(grid[r, j + 2])
-            pid = int(lookup.ids[r, j])
-            if pid < 0:
+        found = [j for j in range(k) if lookup.ids[r, j] >= 0]  # the patch's own view and shape first, each group nearest first
+        kind = (int(lookup.location["view"][r]), h, w)
+        found.sort(key=lambda j: tuple(int(meta[c][row_of[int(lookup.ids[r, j])]]) for c in ("view", "h", "w")) != kind)
+        for col in range(k):
+            ax = fig.add_subplot(grid[r, col + 2])
+            if col >= len(found):
                 ax.axis("off")
                 continue
+            j = found[col]
+            pid = int(lookup.ids[r, j])
             _show(ax, pix.get(pid))
             i = row_of[pid]
             cc = meta["class_counts"][i]

@@ -11,16 +11,22 @@ from pipeline.query.files import image_from_bytes, read_image  # noqa: F401 (whe
 from pipeline.query.run import PatchLookup, Run
 
 
-def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray) -> list[list[dict]]:
+def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.ndarray, ...] | None = None) -> list[list[dict]]:
     """The nearest-pattern entries of each row of ``ids`` / ``distances`` (S x k; id -1 = none),
-    their metadata read once for all rows."""
+    their metadata read once for all rows. With ``kinds`` (view, h, w of each row's patch) the
+    patterns of the patch's own view and shape come first, each group nearest first."""
     ok = ids >= 0
     p = run.pattern_rows(ids[ok])
     pos = np.cumsum(ok.ravel()).reshape(ids.shape) - 1  # row of p of each valid entry
     out = []
     for s in range(len(ids)):
         row = []
-        for j in np.flatnonzero(ok[s]):
+        found = np.flatnonzero(ok[s])
+        if kinds is not None and len(found):
+            i = pos[s, found]
+            other = (p["view"][i] != kinds[0][s]) | (p["h"][i] != kinds[1][s]) | (p["w"][i] != kinds[2][s])
+            found = found[np.argsort(other, kind="stable")]
+        for j in found:
             i = pos[s, j]
             cc = p["class_counts"][i]
             row.append({
@@ -36,11 +42,6 @@ def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray) -> list[list[dic
             })
         out.append(row)
     return out
-
-
-def query_image(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10, classifier: str = "head") -> dict:
-    """What :func:`query_one` reports, without the look-up."""
-    return query_one(run, image, name, k, top, classifier)[0]
 
 
 def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10, classifier: str = "head") -> tuple[dict, PatchLookup]:
@@ -64,7 +65,8 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     drop = run.unseen_rule == "drop"  # the familiarity's vectors: unseen patches dropped
     fam = run.familiarity_keys(keys, weights, pooled if drop else None, near if drop else None)
     order = np.argsort(-lookup.contribution, kind="stable")
-    nearest = _patterns(run, lookup.ids[order], lookup.distances[order])
+    loc = lookup.location
+    nearest = _patterns(run, lookup.ids[order], lookup.distances[order], (loc["view"][order], loc["h"][order], loc["w"][order]))
     patches = []
     for n, s in enumerate(order):
         loc = {c: int(v[s]) for c, v in lookup.location.items()}
