@@ -172,6 +172,12 @@ def main() -> None:
         raise SystemExit(1) from None  # rank 0's line is the message
     except PipelineError as e:
         raise SystemExit(f"Error: {e}") from None
+    # Everything is written and the process group is gone. Leave without the interpreter's teardown:
+    # under load a worker thread of a native library still alive at exit can abort the process
+    # ("terminate called without an active exception"), and torchrun then counts a finished run as failed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int, overwrite: bool = False, resume: bool = False) -> dict:
