@@ -61,8 +61,7 @@ def result_table(
     pooled = run.pooled_keys(keys, rule, weights)
     probs = run.classify_pooled(pooled, classifier)
     near = run.neighbours(pooled, k)
-    drop = (rule or run.unseen_rule) == "drop"  # the familiarity's vectors: unseen patches dropped
-    fam = run.familiarity_keys(keys, weights, pooled if drop else None, near if drop else None)
+    fam = run.familiarity_keys(keys, weights, pooled, near, rule)
     pred = probs.argmax(1)
     looks = [
         run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i], search=False) if patches else None

@@ -104,7 +104,7 @@ class Classify:
             keys, weights = self.encode(img)
             pooled = self.pooled_keys(keys, rule, weights)
             probs = self.classify_pooled(pooled, classifier)[0]
-            fam = self.familiarity_keys(keys, weights, pooled if (rule or self.unseen_rule) == "drop" else None)
+            fam = self.familiarity_keys(keys, weights, pooled, rule=rule)
             out.append({"file": str(path), "prediction": self.class_names[int(probs.argmax())],
                         "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
                         "familiarity": None if fam is None else float(fam[0]), "notes": notes})

@@ -65,8 +65,7 @@ class LookUp:
 
     def seen_ids(self, keys: np.ndarray) -> np.ndarray:
         """Pattern id of each key (its vocabulary row), -1 for keys outside the vocabulary."""
-        rows = self.vocab.rows_of(keys)
-        return np.where(rows < self.vocab.size, rows, -1)
+        return self.vocab.own_ids(keys)
 
     def patch_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
@@ -94,15 +93,18 @@ class LookUp:
             raise PipelineError(f"{e}; train the run again") from None
 
     def familiarity_keys(self, keys: np.ndarray, weights: np.ndarray | None = None, pooled: np.ndarray | None = None,
-                         near: ImageLookup | None = None) -> np.ndarray | None:
+                         near: ImageLookup | None = None, rule: str | None = None) -> np.ndarray | None:
         """How much each image (keys N x K, their weights) is like the training images, in [0, 1]
-        (:mod:`pipeline.familiarity`); None when the run has no reference. ``pooled``: the images'
-        pooled vectors with unseen patches dropped, where already computed; ``near``: their nearest
-        training images (at least NEIGHBOURS of them), where already searched."""
+        (:mod:`pipeline.familiarity`); None when the run has no reference. ``pooled`` and ``near``:
+        the images' pooled vectors and nearest training images where already computed, with unseen
+        rule ``rule`` (default: the run's); reused when that rule drops unseen patches, as the
+        familiarity's vectors do."""
         ref = self.familiarity_reference
         if ref is None:
             return None
-        if near is not None and pooled is not None and near.distances.shape[1] >= familiarity.NEIGHBOURS:
+        if (rule or self.unseen_rule) != "drop":
+            pooled = near = None
+        if near is not None and near.distances.shape[1] >= familiarity.NEIGHBOURS:
             d = near.distances[:, : familiarity.NEIGHBOURS]
         else:
             if pooled is None:
@@ -178,9 +180,7 @@ class LookUp:
         push = self._class_push(int(probs.argmax()))
         contribution = np.zeros(len(keys), np.float64)
         contribution[seen] = push[rows[0][seen]]
-        per = np.diff(u.offsets)
-        parts_push = np.bincount(np.repeat(np.arange(len(per)), per), weights=push[u.parts], minlength=len(per))
-        contribution[u.slot[made]] = (parts_push / np.maximum(per, 1))[made]
+        contribution[u.slot[made]] = u.means(push)[made]
         contribution *= share
         occurrences = np.ones(len(keys), np.int64)
         if top is None:
@@ -209,10 +209,8 @@ class LookUp:
         todo = [lk for lk in lookups if lk.pending is not None]
         if not todo:
             return
-        keys = np.concatenate([lk.pending[1] for lk in todo])
-        vectors = np.concatenate([lk.pending[2] for lk in todo]) if keys.size else np.zeros((0, self.train_config.dim), np.float32)
-        seen = np.concatenate([lk.pending[3] for lk in todo])
-        d, ids = self._search_patterns(keys, vectors, seen, k) if len(keys) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        keys, vectors, seen = (np.concatenate([lk.pending[i] for lk in todo]) for i in (1, 2, 3))
+        d, ids = self._search_patterns(keys, vectors, seen, k)
         at = 0
         for lk in todo:
             sel = lk.pending[0]
@@ -281,14 +279,13 @@ class LookUp:
     def _class_push(self, c: int) -> np.ndarray:
         """Every table row's push on class ``c``'s logit (float32), projected once per class, a block
         of rows at a time (no copy of the table)."""
-        cache = self.__dict__.setdefault("_pushes", {})
-        if c not in cache:
+        if c not in self._pushes:
             direction = self._class_direction(c).astype(np.float32)
             push = np.empty(len(self.table), np.float32)
             for s in range(0, len(push), 1 << 16):
                 push[s : s + (1 << 16)] = self.table[s : s + (1 << 16)] @ direction
-            cache[c] = push
-        return cache[c]
+            self._pushes[c] = push
+        return self._pushes[c]
 
     def _class_direction(self, c: int) -> np.ndarray:
         """How much a unit of pooled vector along each dimension adds to class ``c``'s logit

@@ -11,6 +11,7 @@ from matplotlib.patches import Rectangle
 from pipeline import layout, outputs
 
 from pipeline.extraction.codes import brightness_contrast
+from pipeline.query.report import own_kind_first
 from pipeline.query.run import PatchLookup, Run
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
@@ -87,9 +88,10 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         cell = int(lookup.location["cell"][r])
         where = f"row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "")
         own.set_title(f"#{r + 1} {view} {h}x{w} {where}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
-        found = [j for j in range(k) if lookup.ids[r, j] >= 0]  # the patch's own view and shape first, each group nearest first
-        kind = (int(lookup.location["view"][r]), h, w)
-        found.sort(key=lambda j: tuple(int(meta[c][row_of[int(lookup.ids[r, j])]]) for c in ("view", "h", "w")) != kind)
+        found = np.flatnonzero(lookup.ids[r] >= 0)  # the patch's own view and shape first, each group nearest first
+        at = np.array([row_of[int(pid)] for pid in lookup.ids[r, found]], np.int64)
+        if len(found):
+            found = found[own_kind_first((int(lookup.location["view"][r]), h, w), meta["view"][at], meta["h"][at], meta["w"][at])]
         for col in range(k):
             ax = fig.add_subplot(grid[r, col + 2])
             if col >= len(found):

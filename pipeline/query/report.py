@@ -11,6 +11,12 @@ from pipeline.query.files import image_from_bytes, read_image  # noqa: F401 (whe
 from pipeline.query.run import PatchLookup, Run
 
 
+def own_kind_first(kind: tuple[int, int, int], view: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The order that puts the patterns of a patch's ``kind`` (view, h, w) first, each group in the
+    order given (nearest first)."""
+    return np.argsort((view != kind[0]) | (h != kind[1]) | (w != kind[2]), kind="stable")
+
+
 def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.ndarray, ...] | None = None) -> list[list[dict]]:
     """The nearest-pattern entries of each row of ``ids`` / ``distances`` (S x k; id -1 = none),
     their metadata read once for all rows. With ``kinds`` (view, h, w of each row's patch) the
@@ -24,8 +30,7 @@ def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.
         found = np.flatnonzero(ok[s])
         if kinds is not None and len(found):
             i = pos[s, found]
-            other = (p["view"][i] != kinds[0][s]) | (p["h"][i] != kinds[1][s]) | (p["w"][i] != kinds[2][s])
-            found = found[np.argsort(other, kind="stable")]
+            found = found[own_kind_first((kinds[0][s], kinds[1][s], kinds[2][s]), p["view"][i], p["h"][i], p["w"][i])]
         for j in found:
             i = pos[s, j]
             cc = p["class_counts"][i]
@@ -62,8 +67,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     lookup = run.lookup_keys(keys[0], head, k, top or None, None if weights is None else weights[0])
     probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
     near = run.neighbours(pooled, k)
-    drop = run.unseen_rule == "drop"  # the familiarity's vectors: unseen patches dropped
-    fam = run.familiarity_keys(keys, weights, pooled if drop else None, near if drop else None)
+    fam = run.familiarity_keys(keys, weights, pooled, near)
     order = np.argsort(-lookup.contribution, kind="stable")
     loc = lookup.location
     nearest = _patterns(run, lookup.ids[order], lookup.distances[order], (loc["view"][order], loc["h"][order], loc["w"][order]))

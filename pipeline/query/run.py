@@ -93,6 +93,7 @@ class Run(Classify, LookUp):
         self._table, self.head_layers = self._check_weights()
         self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
         self._near_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # learned key -> its nearest patterns (lookup.py)
+        self._pushes: dict[int, np.ndarray] = {}  # class -> every table row's push on its logit (lookup.py)
         # the tables are opened now (their footers read), so the whole run is the files present at load
         for name in (layout.PATTERNS, layout.IMAGES):
             if (self.root / name).exists():

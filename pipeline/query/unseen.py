@@ -60,6 +60,13 @@ class Unseen:
         """U bool: at least one seen sub-patch (a vector can be composed)."""
         return np.diff(self.offsets) > 0
 
+    def means(self, values: np.ndarray) -> np.ndarray:
+        """U: the mean of a per-row value over each unseen patch's parts (0 where there is none),
+        what :meth:`vectors` gives for a one-column table, without building the vectors."""
+        per = np.diff(self.offsets)
+        sums = np.bincount(np.repeat(np.arange(len(per)), per), weights=values[self.parts], minlength=len(per))
+        return sums / np.maximum(per, 1)
+
     def vectors(self, table: np.ndarray) -> np.ndarray:
         """U x d composed vectors (mean of the parts; NaN where there is none)."""
         d = table.shape[1]

@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import parse_size
 from pipeline.errors import PipelineError
+from pipeline.extraction.workers import machine_cores
 from pipeline.query.report import image_from_bytes, query_one
 from pipeline.query.run import Run, load
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
@@ -134,7 +135,7 @@ def check_workers(workers: int) -> int:
     absurd count."""
     if not 0 <= workers <= MAX_WORKERS:
         raise PipelineError(f"--workers {workers} must be 0 (one per core) to {MAX_WORKERS}")
-    return workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return workers or machine_cores()
 
 
 def check_port(host: str, port: int) -> None:

@@ -156,6 +156,14 @@ def atom_pictures(atoms: np.ndarray, shape_of: np.ndarray, pixels: pa.Array, dic
     return pc.replace_with_mask(pixels.cast(pa.large_binary()), pa.array(mask), pa.array(values, pa.large_binary()))
 
 
+def _pool(model: PatchBagModel, v: Vocabulary, keys: np.ndarray, labels: np.ndarray, weights: np.ndarray | None, keep: np.ndarray) -> np.ndarray:
+    """Pooled vectors (len(keep) x d) of the images ``keep`` of a batch, as the model pools them."""
+    w = None if weights is None else weights[keep]
+    rows, offsets, counts, _ = to_bags(v, keys[keep], labels[keep], w).tensors(torch.device("cpu"))
+    with torch.no_grad():
+        return model.pooled(rows, offsets, counts).numpy()
+
+
 def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list, labels: list):
     """Pass ``batches`` (keys, labels, image_ids) through unchanged, collecting the pooled vectors,
     ids and labels of their original images (no augmented copies) on the way."""
@@ -163,10 +171,7 @@ def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list
     for keys, lab, img, weights in batches:
         keep = img < VARIANT_STRIDE
         if keep.any():
-            w = None if weights is None else weights[keep]
-            rows, offsets, counts, _ = to_bags(v, keys[keep], lab[keep], w).tensors(torch.device("cpu"))
-            with torch.no_grad():
-                vecs.append(model.pooled(rows, offsets, counts).numpy())
+            vecs.append(_pool(model, v, keys, lab, weights, keep))
             ids.append(img[keep])
             labels.append(lab[keep])
         yield keys, lab, img
@@ -184,18 +189,13 @@ def _reference_signs(batches, model: PatchBagModel, v: Vocabulary, index, index_
         keep = np.flatnonzero(img < VARIANT_STRIDE)[:left]
         if not len(keep):
             continue
-        w = None if weights is None else weights[keep]
-        rows, offsets, counts, _ = to_bags(v, keys[keep], lab[keep], w).tensors(torch.device("cpu"))
-        with torch.no_grad():
-            pooled = model.pooled(rows, offsets, counts).numpy()
-        d, ids = pattern_index.search(index, pooled, k)
+        d, ids = pattern_index.search(index, _pool(model, v, keys, lab, weights, keep), k)
         if leave_out:  # drop each image's own entry (or, where it is not among them, the farthest)
             own = index_ids[np.maximum(ids, 0)] == img[keep][:, None]
             own[~own.any(1), -1] = True
             own &= np.cumsum(own, 1) == 1
             d = d[~own].reshape(len(keep), k - 1)
-        r = v.rows_of(keys[keep])
-        got.append(familiarity.signs(np.where((r >= 0) & (r < v.size), r, -1), d))
+        got.append(familiarity.signs(v.own_ids(keys[keep]), d))
         left -= len(keep)
         if left == 0:
             break

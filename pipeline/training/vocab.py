@@ -109,6 +109,12 @@ class Vocabulary:
         out = np.empty(keys.shape, np.int64)
         return count_tables.lookup_rows(keys, self._slots, len(self.keys), self.buckets, out)
 
+    def own_ids(self, keys: np.ndarray) -> np.ndarray:
+        """The pattern id of each key (its own row), -1 for a key without one (dropped, or sharing
+        a bucket row)."""
+        rows = self.rows_of(keys)
+        return np.where(rows < self.size, rows, -1)
+
     def bags(self, keys: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each image's keys (N x K) as distinct rows with counts: (rows, offsets N+1, counts float32).
 
