@@ -142,7 +142,7 @@ def extract_engine() -> str:
         [f"{d['images']:,} images, patches up to 3×3 ({d['patches']:,} patches)", mps(d["ours_patches_per_s"]), mps(d["baseline_patches_per_s"]), f"{d['ratio']:.2f}", d["outputs_identical"]],
         [f"{d['full_images']:,} images, every rectangle up to 32×32 ({d['full_patches']:,} patches)", mps(d["full_ours_patches_per_s"]), mps(d["full_baseline_patches_per_s"]), f"{d['full_ratio']:.2f}", d["full_outputs_identical"]],
     ]
-    workers = [[w, f"{v['images_per_s']:.0f}", mps(v["patches_per_s"]), f"{v['speedup']:.2f}"] for w, v in d["workers"].items()]
+    workers = "; ".join(f"{w} worker(s) {v['images_per_s']:.0f} images/s, {mps(v['patches_per_s'])} M patches/s ({v['speedup']:.2f}×)" for w, v in d["workers"].items())
     rss = "; ".join(f"{r['images']:,} → {r['peak_rss_mb']:.0f} MB" for r in d["rss_default"] + d["rss_full"])
     return f"""## Extract engine
 
@@ -153,12 +153,9 @@ compiled with numba) against `torch.Tensor.unfold` per shape and a wrapping dot 
 
 {table(["input", "ours M patches/s", "baseline M patches/s", "ratio", "identical keys"], rows)}
 
-The whole stage from the archive (decode included), by worker processes:
-
-{table(["workers", "images/s", "M patches/s", "speedup"], workers)}
-
-Peak RSS of a separate extract process does not grow with the number of images (3×3, then
-full enumeration): {rss}.
+The whole stage from the archive (decode included), by worker processes: {workers}. Peak RSS of
+a separate extract process does not grow with the number of images (3×3, then full
+enumeration): {rss}.
 """
 
 
@@ -300,16 +297,16 @@ against images of other kinds. AUROC: the chance that a held-out image scores ab
 
 def incremental() -> str:
     d = load("incremental.json")
+    ref = load("incremental_references.json")  # naive and retrain: they do not depend on --replay
     f, steps, pairs = d["final"], d["steps"], d["order"]
     rows = []
-    for r in steps:
+    for r, o in zip(steps, ref["steps"]):
         per = r["steps"]["per_step_classes"]
-        rows.append([f"{r['step']}: {'/'.join(r['classes'])}", *(f"{r[s]['seen']:.4f}" if s in r else "" for s in ("steps", "naive", "retrain")),
+        rows.append([f"{r['step']}: {'/'.join(r['classes'])}", f"{r['steps']['seen']:.4f}", *(f"{o[s]['seen']:.4f}" if s in o else "" for s in ("naive", "retrain")),
                      " ".join(f"{per[p]:.2f}" for p in pairs if p in per),
-                     f"{r['steps_seconds']:.0f} s, {max(r['steps_extract']['peak_rss_mb'], r['steps_train']['peak_rss_mb']):,} MB",
-                     f"{r['retrain_seconds']:.0f} s" if "retrain_seconds" in r else ""])
+                     f"{r['steps_seconds']:.0f} s, {max(r['steps_extract']['peak_rss_mb'], r['steps_train']['peak_rss_mb']):,} MB"])
     joint = steps[-1]["retrain"]["per_step_classes"]
-    rows[-1][3] += " (joint; per pair " + " ".join(f"{joint[p]:.2f}" for p in pairs) + ")"
+    rows[-1][3] = f"{steps[-1]['retrain']['seen']:.4f} (joint, {steps[-1]['retrain_seconds']:.0f} s; per pair " + " ".join(f"{joint[p]:.2f}" for p in pairs) + ")"
     slices = ""
     if (RESULTS / "incremental_slices.json").exists():
         sl = load("incremental_slices.json")["final"]
@@ -318,9 +315,18 @@ def incremental() -> str:
                   f" its last step took {100 * sl['last_step_share_of_joint']:.0f}% of the joint run's time.")
     return f"""## Learning in steps
 
-`python benchmarks/incremental.py --out benchmarks/results/incremental.json`: CIFAR-10, {d['per_class']:,} training and {d['held_out']:,} held-out images per class (first and last by file number), five steps of two classes. **steps**: `pipe extract --like` + `pipe train --from` the previous run; **naive**: `--replay 0 --distill 0`; **retrain**: from scratch on everything seen so far, whose last step is the joint run. Accuracy on the held-out images of the classes seen so far, then of each step's pair; the last step took {100 * f['last_step_share_of_joint']:.0f}% of the joint run's time.{slices}
+`python benchmarks/incremental.py --no-naive --no-retrain --out benchmarks/results/incremental.json`: CIFAR-10, {d['per_class']:,} training and {d['held_out']:,} held-out images per class (first and last by file number), five steps of two classes. **steps**: `pipe extract --like` + `pipe train --from` the previous run (defaults); the joint run learns all images at once (same settings). **naive** (`--replay 0 --distill 0`) and **retrain** (from scratch on everything seen so far) come from the same benchmark's full run with `--step-args "--replay 1000"` (`incremental_references.json`; neither depends on `--replay`, and its joint run scored {ref['final']['joint']:.4f}, this run's {f['joint']:.4f}; its steps ended at {ref['final']['steps']:.4f}). Accuracy on the held-out images of the classes seen so far, then of each step's pair. After five steps: {f['steps']:.4f} against the joint {f['joint']:.4f} ({100 * f['steps_minus_joint']:+.2f} points), cat/dog {f['first_classes_steps']:.2f} against {f['first_classes_joint']:.2f}; the last step took {100 * f['last_step_share_of_joint']:.1f}% of the joint run's extract + train time.{slices}
 
-{table(["step", "steps", "naive", "retrain", "steps, per pair", "steps: time, peak RSS", "retrain: time"], rows)}
+{table(["step", "steps", "naive", "retrain", "steps, per pair", "steps: time, peak RSS"], rows)}
+"""
+
+
+def teach() -> str:
+    d = load("teach.json")
+    o, p = d["ours"], d["plain"]
+    return f"""## Teaching from the page
+
+`python benchmarks/teach.py --run RUN --out benchmarks/results/teach.json` (RUN: the CIFAR default run): {o['taught']} held-out images it got wrong taught their class one at a time, then {o['others']:,} other held-out images answered again. Each row's step divided by its training count (ours): {o['taught_answered_as_taught']:.0%} of the taught images answered as taught after the last lesson, the others {o['others_accuracy_before']:.4f} → {o['others_accuracy_after']:.4f} ({o['others_now_right']} now right, {o['others_now_wrong']} now wrong), {o['lesson_ms_median']:.0f} ms and {o['patterns_moved_median']:,.0f} patterns moved per lesson (median), the taught run saved in {o['save_seconds']:.1f} s. Plain gradient steps: {p['taught_answered_as_taught']:.0%}, the others {p['others_accuracy_before']:.4f} → {p['others_accuracy_after']:.4f} ({p['others_now_right']} now right, {p['others_now_wrong']} now wrong).
 """
 
 
@@ -342,7 +348,8 @@ def render() -> str:
         "named in its section on the project's reference machine (2 cores, 24 GiB, no GPU); this page is\n"
         "rendered from them by `python benchmarks/results_page.py`. Rerun a command to check a figure.\n",
         cifar_defaults(), factors(), digits(), small_data(), coding_speed(), extract_engine(), training(), storage(), query(), answering(), pictures(), familiarity(), serving(),
-        *([incremental()] if (RESULTS / "incremental.json").exists() else []), limitations(),
+        *([incremental()] if (RESULTS / "incremental.json").exists() else []),
+        *([teach()] if (RESULTS / "teach.json").exists() else []), limitations(),
     ]
     return "\n".join(parts)
 

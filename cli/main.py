@@ -20,7 +20,6 @@ import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
 from pipeline.errors import environment_message
-from pipeline.familiarity import describe as describe_familiarity
 
 
 class _Group(click.Group):
@@ -80,11 +79,6 @@ class _LineProgress(tqdm):
             self._final = True
             self._line()
         self.disable = True  # tqdm's own close would redraw the bar
-
-
-def _short(name: str | None) -> str | None:
-    """A training image's name for a terminal line: an archive member without the archive's path."""
-    return None if name is None else name.rsplit(":", 1)[-1] if ".tar" in name else name
 
 
 PROGRESS = {"mode": "auto"}  # set by the --progress option of the command group
@@ -438,6 +432,10 @@ def info(run, as_json):
         click.echo(f"  then trained again on all {s['refit']['images']:,} images for those {s['refit']['epochs']} epoch(s) (--refit auto): nothing is held out")
     if s["lineage"]:
         click.echo("  grown in steps: " + " -> ".join(f"{e['shards']}" + (f" (on top of {e['run']})" if e["run"] else "") for e in s["lineage"]))
+    if s["taught"]:
+        taught = s["taught"]["images"]
+        click.echo(f"  taught {len(taught)} image(s) on top of {s['taught']['from']}: "
+                   + ", ".join(f"{t['name']} as {t['class']}" for t in taught[:5]) + (", ..." if len(taught) > 5 else ""))
     click.echo(f"  on disk {s['bytes'] / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in s["files_bytes"].items()))
 
 
@@ -489,7 +487,7 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
       pipe query artifacts/digits/run --batch digits --split test --out artifacts/results.parquet
     """
     from pipeline.query.batch import check_counts
-    from pipeline.query.report import png_names, query_one, read_image
+    from pipeline.query.report import png_names, query_one, read_image, text_lines
 
     if images and batch_source:
         raise click.ClickException("give image files, or --batch SOURCE, not both")
@@ -534,18 +532,8 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
         if as_json:
             click.echo(json.dumps(res))
             continue
-        probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])[:3]
-        c = res["patches"]
-        click.echo(f"{path}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})" + (f"  -> {res['png']}" if png_dir else ""))
-        click.echo(f"  {describe_familiarity(res['familiarity'])}")
-        click.echo(f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)")
-        for p in res["top_patches"]:
-            where = f"{p['view']} {p['h']}x{p['w']} at row {p['y']} col {p['x']}" + (f" cell {p['cell']}" if p["cell"] >= 0 else "")
-            where += f", {p['occurrences']} places" if p["occurrences"] > 1 else ""
-            state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
-            near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} seen {n['count']} {n['top_class']}" for n in p["nearest"])
-            click.echo(f"  {where:<40} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
-        click.echo("  nearest training images: " + ", ".join(f"{_short(n['name']) or '#' + str(n['image_id'])} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
+        for line in text_lines(res, str(path)):
+            click.echo(line)
 
 
 @main.command()
@@ -554,19 +542,23 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--max-upload-mb", type=float, default=16, show_default=True, help="Largest request accepted; larger ones get 413.")
 @click.option("--workers", type=int, default=0, show_default=True,
-              help="Processes answering, each with the run loaded; 0 = one per core (a process answers one image at a time).")
+              help="Processes answering, each with the run loaded; 0 = one per core (a process answers one image at a time), 1 with --learn-into.")
+@click.option("--learn-into", type=click.Path(path_type=Path), default=None,
+              help="Let the page teach the run (POST /learn) and write what it learned as a new run here (POST /save, and at shutdown); RUN is never changed.")
 @_rule_option
-def serve(run, host, port, max_upload_mb, workers, rule):
+def serve(run, host, port, max_upload_mb, workers, rule, learn_into):
     """Keep RUN loaded and answer queries over HTTP, with a page at / to look at them.
 
     \b
     Endpoints: GET /health, GET /info, POST /query (multipart field "images"),
-    GET /pattern/ID.png, GET /training-image/ROW.png, GET /class/INDEX, GET / (the page).
+    GET /pattern/ID.png, GET /training-image/ROW.png, GET /class/NAME, GET / (the page);
+    with --learn-into: POST /learn (fields "image" and "label"), POST /save.
     Needs the serve extra: pip install 'patchhash[serve]'.
 
     \b
     Example:
       pipe serve artifacts/digits/run --port 8000   # then open http://127.0.0.1:8000/
+      pipe serve artifacts/digits/run --learn-into artifacts/digits/taught   # the page can teach it
     """
     try:
         import uvicorn
@@ -575,7 +567,9 @@ def serve(run, host, port, max_upload_mb, workers, rule):
         raise click.ClickException(f"pipe serve needs the serve extra ({e.name} is not installed): pip install 'patchhash[serve]'")
     serving.check_upload_mb(max_upload_mb)
     serving.check_port(host, port)
-    workers = serving.check_workers(workers)
+    workers = serving.check_workers(workers or (1 if learn_into else 0), learn_into)
+    if learn_into is not None:
+        serving.check_learn_into(learn_into, run)
     r = pipeline.load(run, rule)  # any problem with the run is said here, once, before a worker starts
     loopback = serving.is_loopback(host)
     if not loopback:
@@ -584,7 +578,7 @@ def serve(run, host, port, max_upload_mb, workers, rule):
     click.echo(f"serving {run} on http://{host}:{port}/ with {workers} worker process(es) (Ctrl-C stops)", err=True)
     if workers == 1:
         serving.warm(r)
-        serving.run_server(serving.make_app(r, max_upload_mb, loopback_only=loopback), host, port)
+        serving.run_server(serving.make_app(r, max_upload_mb, loopback_only=loopback, learn_into=learn_into), host, port)
         return
     del r
     serving.run_workers({"run": str(Path(run).resolve()), "rule": rule, "max_upload_mb": max_upload_mb, "loopback_only": loopback},

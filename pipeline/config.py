@@ -131,7 +131,7 @@ def auto_batch(train_images: int) -> int:
     return int(min(128, max(8, train_images // 32)))
 
 
-REPLAY = 1000  # pipe train --from: earlier original images per class a step trains on again
+REPLAY = 2000  # pipe train --from: earlier original images per class a step trains on again
 DISTILL = 1.0  # pipe train --from: weight of the earlier run's answers (distillation) in a step's loss
 
 

@@ -59,6 +59,24 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, split: str 
     return root
 
 
+def cli(*args):
+    """``pipe ARGS`` in process (click's runner), exceptions left to the test."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, pattern: str, code: int = 1) -> None:
+    """A user mistake's answer: exit ``code``, one ``Error: ...`` line on stderr holding ``pattern``, no traceback."""
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

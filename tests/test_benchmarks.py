@@ -166,3 +166,14 @@ def test_pictures_benchmark_smoke():
     (r,) = smoke("benchmarks/pictures.py")
     assert r["images"] == 30 and r["top"] == 5 and r["code_patches"] > 50
     assert r["like_patch_mad"] < r["stored_mad"]  # drawn in the patch's brightness and contrast, the atom is nearer the patch
+
+
+def test_teach_benchmark_smoke():
+    (r,) = smoke("benchmarks/teach.py")
+    for side in (r["ours"], r["plain"]):
+        assert side["taught"] == 5 and side["taught_answered_as_taught"] == 1.0 and side["others"] == 300
+        # a wrong answer can change to another wrong one, so the two kinds of change are at most all changes
+        assert side["others_now_right"] + side["others_now_wrong"] <= side["others_changed"]
+        after = side["others_accuracy_before"] + (side["others_now_right"] - side["others_now_wrong"]) / side["others"]
+        assert abs(after - side["others_accuracy_after"]) < 1e-9
+        assert side["patterns_moved_median"] > 0 and side["save_seconds"] > 0

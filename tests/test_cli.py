@@ -8,24 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from cli.main import main
 from pipeline.data.images import encode_png
 
-from .conftest import CIFAR_TAR, ROOT, digits_images
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, pattern: str, code: int = 1):
-    assert result.exit_code == code, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert pattern in lines[0], lines[0]
-    assert "Traceback" not in result.output
+from .conftest import CIFAR_TAR, ROOT, digits_images, one_line_error
+from .conftest import cli as run
 
 
 @pytest.fixture(scope="module")

@@ -138,3 +138,58 @@ def test_names_from_the_data_are_shown_as_text_never_run(hostile_run, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_wrong_answer_taught_on_the_page_is_answered_right_and_others_stay(digits_run, tmp_path):
+    """The founding scenario in the browser: a wrong answer, the true class picked, the same image
+    asked again answered right, other images' answers as before, what it learned saved as a run."""
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+
+    run = pipeline.load(digits_run)
+    images, labels = digits_images("test")
+    pred, _ = run.predict(images)
+    wrong = np.flatnonzero(pred != labels)
+    i, truth = int(wrong[0]), run.class_names[int(labels[wrong[0]])]
+    path = tmp_path / "wrong.png"
+    path.write_bytes(encode_png(images[i]))
+    others = [j for j in range(len(images)) if j != i][:24]
+    paths = []
+    for j in others:
+        paths.append(tmp_path / f"other-{j:03d}.png")
+        paths[-1].write_bytes(encode_png(images[j]))
+    proc, base = start_server(digits_run, "--learn-into", str(tmp_path / "taught"))
+    try:
+        with sync_playwright() as p:
+            browser, page = answered(p, exe, base, path, timeout_ms=30000)
+            assert page.text_content("[data-testid=prediction]") == run.class_names[int(pred[i])] != truth
+            assert page.locator("[data-testid=teach]").is_visible()
+            page.select_option("[data-testid=teach-class]", truth)
+            page.click("[data-testid=teach-go]")
+            page.wait_for_function("() => document.getElementById('teach-status').textContent.startsWith('learned as')", timeout=30000)
+            assert page.text_content("[data-testid=prediction]") == truth
+            assert "of its patterns moved, nothing else. 1 taught, 1 not saved yet" in page.text_content("[data-testid=teach-status]")
+            page.wait_for_function("() => [...document.images].every(i => i.complete)")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "serve-page-taught.png"), full_page=True)
+            # the same image asked again, among the others: it is answered as taught, they as before
+            page.set_input_files("[data-testid=file]", [str(path)] + [str(q) for q in paths])
+            page.wait_for_function(f"() => document.querySelectorAll('#strip figure').length === {len(paths) + 1}")
+            answers = [c.split("\n")[1].split(" ")[0] for c in page.locator("#strip figcaption").all_inner_texts()]
+            assert answers == [truth] + [run.class_names[int(pred[j])] for j in others]
+            # a class the run does not know, typed in
+            page.locator("#strip figure").nth(2).click()
+            page.select_option("[data-testid=teach-class]", "")
+            page.fill("[data-testid=teach-new]", "eleven")
+            page.click("[data-testid=teach-go]")
+            page.wait_for_function("() => document.getElementById('teach-status').textContent.startsWith('learned as eleven (a new class)')", timeout=30000)
+            assert page.text_content("[data-testid=prediction]") == "eleven"
+            assert "eleven" in page.locator("[data-testid=class] option").all_inner_texts()
+            page.click("[data-testid=save]")
+            page.wait_for_function("() => document.getElementById('teach-status').textContent.startsWith('saved 2 taught')", timeout=120000)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    saved = pipeline.load(tmp_path / "taught")
+    assert saved.class_names[-1] == "eleven" and saved.predict(images[i][None])[0][0] == labels[i]

@@ -21,30 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import pipeline
-from cli.main import main
 from pipeline import ExtractConfig, PipelineError, TrainConfig, layout, outputs
 from pipeline.data.images import encode_png
 
-from .conftest import digits_images
+from .conftest import cli, digits_images, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 extract_mod = importlib.import_module("pipeline.extraction.stage")
 trainer_mod = importlib.import_module("pipeline.training.loop")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, pattern: str):
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert pattern in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 SMALL = ["--levels", "2", "--max-size", "2", "--code-shapes", "none"]

@@ -52,7 +52,7 @@ def cli_json(run: Path, path: Path) -> dict:
 def test_health_and_info(server, digits_run):
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     info = httpx.get(server + "/info").json()
-    assert info == json.loads(json.dumps(pipeline.load(digits_run).summary()))
+    assert info == json.loads(json.dumps({**pipeline.load(digits_run).summary(), "learning": None}))
 
 
 def test_one_image_answers_what_pipe_query_json_prints(server, digits_run, test_pngs):
@@ -183,3 +183,56 @@ def test_workers_are_processes_that_each_answer(digits_run):
     r = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(digits_run), "--workers", "-1"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "Error: --workers -1 must be 0 (one per core) to 64"
+
+
+def learn(base: str, data: bytes, label: str, **headers) -> httpx.Response:
+    return httpx.post(base + "/learn", files={"image": ("wrong.png", data, "image/png")}, data={"label": label}, headers=headers, timeout=60)
+
+
+def test_learning_is_off_unless_the_server_was_started_to_learn(server):
+    data = encode_png(digits_images("test", 1)[0][0])
+    for r in (learn(server, data, "3"), httpx.post(server + "/save")):
+        assert r.status_code == 403 and "--learn-into" in r.json()["error"]
+
+
+def test_a_learning_server_answers_a_taught_image_as_taught_and_saves_a_run(digits_run, tmp_path):
+    run = pipeline.load(digits_run)
+    images, labels = digits_images("test")
+    pred, _ = run.predict(images)
+    wrong = np.flatnonzero(pred != labels)
+    truth = run.class_names[int(labels[wrong[0]])]
+    data = encode_png(images[wrong[0]])
+    out = tmp_path / "taught"
+    proc, base = start_server(digits_run, "--learn-into", str(out))
+    try:
+        assert httpx.get(base + "/info").json()["learning"] == {"into": str(out.resolve()), "lessons": 0, "unsaved": 0}
+        assert learn(base, data, "3", Origin="http://elsewhere.example").status_code == 403  # another site's page cannot teach it
+        assert learn(base, data, "").status_code == 400
+        assert httpx.post(base + "/learn", files={"image": ("a.png", data, "image/png")}).status_code == 400  # no label
+        r = learn(base, data, truth)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["learned"]["before"]["prediction"] != truth and body["learned"]["after"]["prediction"] == truth
+        assert body["result"]["prediction"] == truth and body["lessons"] == 1 and body["unsaved"] == 1
+        assert post(base, [("again.png", data)]).json()["results"][0]["prediction"] == truth  # asked again: the new answer
+        saved = httpx.post(base + "/save", timeout=120).json()
+        assert saved == {"saved": str(out.resolve()), "into": str(out.resolve()), "lessons": 1, "unsaved": 0}
+        assert pipeline.load(out).predict(images[wrong[0]][None])[0][0] == labels[wrong[0]]
+        assert learn(base, encode_png(images[wrong[1]]), "ten").json()["learned"]["new_class"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    taught = pipeline.load(out)  # the lesson after the save was written at shutdown
+    assert [t["class"] for t in taught.manifest["taught"]["images"]] == [truth, "ten"] and taught.class_names[-1] == "ten"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--workers", "2"], "--learn-into needs one worker process"),
+    (["--learn-into", "RUN"], "is (or holds, or is inside) the served run"),
+])
+def test_learning_options_that_cannot_work_are_one_line(digits_run, extra, says):
+    args = [str(digits_run) if a == "RUN" else a for a in extra]
+    if "--learn-into" not in args:
+        args += ["--learn-into", str(digits_run.parent / "elsewhere")]
+    r = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(digits_run), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and says in r.stderr.strip().splitlines()[-1]

@@ -136,6 +136,20 @@ def fit_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(big[y : y + th, x : x + tw])
 
 
+THUMBNAIL_SIDE = 64  # training images larger than this are stored shrunk to fit it (a run's images.parquet)
+
+
+def thumbnail(img: np.ndarray) -> np.ndarray:
+    """``img`` (h x w x C uint8), shrunk (box filter, proportions kept) to at most :data:`THUMBNAIL_SIDE` a side."""
+    h, w = img.shape[:2]
+    if max(h, w) <= THUMBNAIL_SIDE:
+        return img
+    scale = THUMBNAIL_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).resize(size, Image.Resampling.BOX)
+    return np.asarray(pil).reshape(size[1], size[0], img.shape[2])
+
+
 FIT_RULE = "scaled to cover it (proportions kept), then centre-cropped"
 
 

@@ -10,7 +10,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline import index as pattern_index
 from pipeline.config import check_resize
 from pipeline.data.augment import is_original
 from pipeline.data.sources import Source
@@ -35,7 +34,7 @@ class Classify:
         has = u.has
         out = np.array(keys, dtype=np.uint64, copy=True)
         if has.any():
-            _, ids = pattern_index.search(self.index, vec[has], 1)
+            _, ids = self.search_patterns(vec[has], 1)
             ok = ids[:, 0] >= 0
             out[u.image[has][ok], u.slot[has][ok]] = self.vocab.keys[ids[ok, 0]]
         return out, u

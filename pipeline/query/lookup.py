@@ -60,6 +60,9 @@ def distinct_top(keys: np.ndarray, contribution: np.ndarray, top: int) -> tuple[
     return first[order], total[order], n[order]
 
 
+MOVED_SLACK = 64  # more index answers asked per query when rows moved, to make up for the dropped ones
+
+
 class LookUp:
     """Nearest patterns and images of a run (see :class:`pipeline.query.run.Run`)."""
 
@@ -153,7 +156,7 @@ class LookUp:
             d = np.full((len(arr), k), np.inf, np.float32)
             ids = np.full((len(arr), k), -1, np.int64)
             ok = pid >= 0
-            d[ok], ids[ok] = pattern_index.search(self.index, self.table[pid[ok]], k)
+            d[ok], ids[ok] = self.search_patterns(self.table[pid[ok]], k)
             return d, ids
         keys, weights = self.encode(arr)
         if len(keys) != 1:
@@ -236,13 +239,39 @@ class LookUp:
                 todo.append(j)
         if todo:
             todo = np.asarray(todo)
-            d[todo], ids[todo] = pattern_index.search(self.index, vectors[first[todo]], k)
+            d[todo], ids[todo] = self.search_patterns(vectors[first[todo]], k)
             learned = todo[seen[first[todo]]]
             if len(cache) + len(learned) > NEAR_CACHE:
                 cache.clear()
             for j, key in zip(learned.tolist(), uniq[learned].tolist()):
                 cache[key] = (d[j].copy(), ids[j].copy())
         return d[inverse.reshape(-1)], ids[inverse.reshape(-1)]
+
+    def search_patterns(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances, pattern ids), each Q x k, of the learned patterns nearest ``vectors``.
+
+        Rows changed in memory since loading (:attr:`moved`, by learning) are still at their old
+        place in the index: the index is asked for more, its answers for moved rows are dropped,
+        and the moved rows are searched exactly at their new place; the two lists are merged."""
+        moved = self.moved
+        if not len(moved):
+            return pattern_index.search(self.index, vectors, k)
+        q = np.ascontiguousarray(vectors, np.float32)
+        extra = min(len(moved), MOVED_SLACK)
+        d, ids = pattern_index.search(self.index, q, k + extra)
+        stale = np.isin(ids, moved) | (ids < 0)
+        d = np.where(stale, np.inf, d)
+        at = self.table[moved]
+        norms = (at * at).sum(1)
+        out_d, out_ids = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+        for s in range(0, len(q), 1024):  # a block of queries at a time: Q x moved distances stay small
+            qs = q[s : s + 1024]
+            dm = np.maximum((qs * qs).sum(1)[:, None] - 2 * qs @ at.T + norms[None], 0).astype(np.float32)
+            all_d = np.concatenate([d[s : s + 1024], dm], 1)
+            all_ids = np.concatenate([ids[s : s + 1024], np.broadcast_to(moved, dm.shape)], 1)
+            best = np.argsort(all_d, 1, kind="stable")[:, :k]
+            out_d[s : s + 1024], out_ids[s : s + 1024] = np.take_along_axis(all_d, best, 1), np.take_along_axis(all_ids, best, 1)
+        return out_d, np.where(np.isfinite(out_d), out_ids, -1)
 
     def pattern_pixels(self, ids: np.ndarray, like: tuple[float, float] | None = None) -> list[np.ndarray | None]:
         """Example pixels (h x w x C uint8) of patterns ``ids`` as first seen in training; None where

@@ -11,7 +11,7 @@ from matplotlib.patches import Rectangle
 from pipeline import layout, outputs
 
 from pipeline.extraction.codes import brightness_contrast
-from pipeline.query.report import own_kind_first
+from pipeline.query.report import FLAT, own_kind_first
 from pipeline.query.run import PatchLookup, Run
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
@@ -30,8 +30,9 @@ def _show(ax, pixels: np.ndarray | None) -> None:
 
 
 EXPLAINED = (
-    "Outlines: the most decisive distinct patterns of the image (colour = row; nested where they share a place). Row title: view, "
-    "size, place (row, col of its top-left pixel), seen or not, push on the predicted class (xN: the pattern fills N places).\n"
+    "Outlines: the places of the most decisive distinct patterns (one colour per place; its patterns' rows share it). Row title: "
+    "view (code: which nearest atom and its weight), size, place (row, col of its top-left pixel), flat = no edge inside, seen or not, "
+    "push on the predicted class (xN: the pattern fills N places).\n"
     "Under each nearest learned pattern: d = squared distance between learned vectors (0 = the same pattern), its view, "
     "seen N = occurrences in training (code view: its atom), and the class it occurred with most.\n"
     "A code pattern is drawn as its dictionary atom given the brightness and contrast of the row's patch, so the two compare. "
@@ -52,7 +53,7 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     near = run.neighbours(run.pooled_keys(keys, weights=weights), max(k, 1))
     rows = near.ids[0][near.ids[0] >= 0]
     thumbs = run.thumbnails(rows) if len(rows) else []
-    fig = Figure(figsize=(3.2 + 1.15 * (k + 1), max(3.2, 1.05 * (n + 1) + 1.1)))
+    fig = Figure(figsize=(3.2 + 1.15 * (k + 1), max(3.2, 1.45 * (n + 1) + 1.1)))
     grid = fig.add_gridspec(max(n, 1) + 1, k + 2, width_ratios=[3] + [1] * (k + 1))
     main = fig.add_subplot(grid[:-1, 0])
     _show(main, img)
@@ -69,11 +70,15 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     flat_ids = lookup.ids[lookup.ids >= 0]
     meta = run.pattern_rows(flat_ids) if len(flat_ids) else {}
     row_of = {pid: i for i, pid in enumerate(flat_ids.tolist())}
+    places: dict[tuple[int, int, int, int], int] = {}  # one colour and one outline per place; its patterns' rows share them
     for r in range(n):
-        color = COLORS[r % len(COLORS)]
         y, x, h, w = (int(lookup.location[c][r]) for c in ("y", "x", "h", "w"))
-        inset = 0.12 * (r % 4)  # patches at one place: nested outlines, none hidden under another
-        main.add_patch(Rectangle((x - 0.5 + inset, y - 0.5 + inset), w - 2 * inset, h - 2 * inset, fill=False, edgecolor=color, linewidth=1.5))
+        first = (y, x, h, w) not in places
+        g = places.setdefault((y, x, h, w), len(places))
+        color = COLORS[g % len(COLORS)]
+        if first:
+            inset = 0.12 * (g % 4)  # overlapping places: nested outlines, none hidden under another
+            main.add_patch(Rectangle((x - 0.5 + inset, y - 0.5 + inset), w - 2 * inset, h - 2 * inset, fill=False, edgecolor=color, linewidth=1.5))
         own = fig.add_subplot(grid[r, 1])
         patch = img[y : y + h, x : x + w]
         _show(own, patch)
@@ -87,7 +92,9 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         times = f" x{int(lookup.occurrences[r])}" if lookup.occurrences[r] > 1 else ""
         cell = int(lookup.location["cell"][r])
         where = f"row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "")
-        own.set_title(f"#{r + 1} {view} {h}x{w} {where}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
+        atom = f" atom {int(lookup.location['rank'][r]) + 1} w{weights[0][lookup.slots[r]]:.2f}" if view == "code" and weights is not None else ""
+        flat = " flat" if brightness_contrast(patch)[1] < FLAT else ""
+        own.set_title(f"#{r + 1} {view}{atom}\n{h}x{w} {where}{flat}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         found = np.flatnonzero(lookup.ids[r] >= 0)  # the patch's own view and shape first, each group nearest first
         at = np.array([row_of[int(pid)] for pid in lookup.ids[r, found]], np.int64)
         if len(found):

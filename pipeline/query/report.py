@@ -7,8 +7,11 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.extraction.codes import brightness_contrast
+from pipeline.familiarity import describe as describe_familiarity
 from pipeline.query.files import image_from_bytes, read_image  # noqa: F401 (where the CLI and the server read images)
 from pipeline.query.run import PatchLookup, Run
+
+FLAT = 4.0  # a patch whose pixels' standard deviation is under this (of 255) is flat: no edge inside it
 
 
 def own_kind_first(kind: tuple[int, int, int], view: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -85,8 +88,10 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
                 "contribution": float(lookup.contribution[s]),
                 "occurrences": int(lookup.occurrences[s]),
                 "view": run.view_name(int(lookup.location["view"][s])),
+                "weight": 1.0 if weights is None else float(weights[0][lookup.slots[s]]),  # its weight in the image's bag
                 "brightness": round(brightness, 3),  # of the patch's pixels (mean): code patterns are drawn with it
                 "contrast": round(contrast, 3),  # (standard deviation)
+                "flat": bool(contrast < FLAT),
                 "nearest": nearest[n],
             }
         )
@@ -97,11 +102,45 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
         "familiarity": None if fam is None else float(fam[0]),
         "patches": lookup.counts,
         "top_patches": patches,
+        "background_only": bool(patches) and all(p["flat"] for p in patches),  # every decisive pattern is flat
         "nearest_images": [
             {"image_id": int(i), "row": int(r), "name": name, "label": run.class_names[int(c)], "distance": float(d)}
             for i, r, name, c, d in zip(near.image_ids[0], near.ids[0], near.names[0], near.labels[0], near.distances[0]) if i >= 0
         ],
     }, lookup
+
+
+def short_name(name: str | None) -> str | None:
+    """A training image's name for a terminal line: an archive member without the archive's path."""
+    return None if name is None else name.rsplit(":", 1)[-1] if ".tar" in name else name
+
+
+def text_lines(res: dict, label: str) -> list[str]:
+    """What ``pipe query`` prints for one answer of :func:`query_one` (``label``: the first line's
+    start, the image's path): the top classes, the familiarity, the patch counts, one line per
+    place of the decisive patterns with each pattern found there, and the nearest training images."""
+    probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+    c = res["patches"]
+    out = [f"{label}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})" + (f"  -> {res['png']}" if "png" in res else ""),
+           f"  {describe_familiarity(res['familiarity'])}",
+           f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)"]
+    if res.get("background_only"):
+        out.append("  every decisive pattern is flat (no edge inside it): the answer rests on brightness and colour, not on a shape")
+    places: dict[tuple, list] = {}
+    for i, p in enumerate(res["top_patches"]):
+        places.setdefault((p["y"], p["x"], p["h"], p["w"]), []).append((i, p))
+    for (y, x, h, w), items in places.items():
+        cell = items[0][1]["cell"]
+        out.append(f"  {h}x{w} at row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "") + (" (flat)" if items[0][1]["flat"] else ""))
+        for i, p in items:
+            what = p["view"] + (f" atom {p['rank'] + 1} weight {p['weight']:.2f}" if p["view"] == "code" else "")
+            what += f", {p['occurrences']} places" if p["occurrences"] > 1 else ""
+            state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
+            near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} seen {n['count']} {n['top_class']}" for n in p["nearest"])
+            out.append(f"    #{i + 1} {what:<30} {state:<17} {p['contribution']:+.4f}  nearest: {near}")
+    out.append("  nearest training images: " + ", ".join(
+        f"{short_name(n['name']) or '#' + str(n['image_id'])} {n['label']} d={n['distance']:.3f}" for n in res["nearest_images"]))
+    return out
 
 
 def png_names(paths) -> dict:

@@ -37,6 +37,12 @@ MAX_SIDE = 1 << 16  # image sides a run records; more is a damaged run.json
 RUN_FILES = (layout.VOCAB, layout.WEIGHTS, layout.PATTERNS, layout.IMAGES, layout.PATTERN_INDEX, layout.IMAGE_INDEX, layout.DICTIONARY)
 
 
+def head_names(hidden: int) -> list[str]:
+    """The head's tensors in ``model.safetensors``: a linear head's weight and bias, or (``hidden`` > 0)
+    both layers' around the ReLU."""
+    return ["head.weight", "head.bias"] if hidden == 0 else ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
+
+
 def _identity(path: Path) -> tuple:
     """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
     try:
@@ -94,6 +100,7 @@ class Run(Classify, LookUp):
         self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
         self._near_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # learned key -> its nearest patterns (lookup.py)
         self._pushes: dict[int, np.ndarray] = {}  # class -> every table row's push on its logit (lookup.py)
+        self.moved = np.zeros(0, np.int64)  # rows changed in memory since loading (learn), ascending
         # the tables are opened now (their footers read), so the whole run is the files present at load
         for name in (layout.PATTERNS, layout.IMAGES):
             if (self.root / name).exists():
@@ -207,6 +214,7 @@ class Run(Classify, LookUp):
             "shards": m.get("shards"),
             "refit": m.get("refit"),  # trained again on every image for the chosen epochs (then nothing is held out)
             "lineage": m.get("lineage"),  # a run grown in steps (pipe train --from): each step's shards and the run it grew from
+            "taught": m.get("taught"),  # a run taught on pipe serve's page: the run taught from, each image's name and class
             "familiarity": None if self.familiarity_reference is None else {
                 "reference": self.familiarity_reference.source, "images": self.familiarity_reference.images,
                 "unfamiliar_below": familiarity.UNFAMILIAR},
@@ -225,7 +233,7 @@ class Run(Classify, LookUp):
         """The table (rows x dim) and the head's (weight, bias) layers, refused unless their shapes
         are what the run's vocabulary and settings make."""
         w, cfg, c = self.weights, self.train_config, len(self.class_names)
-        names = ["head.weight", "head.bias"] if cfg.hidden == 0 else ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
+        names = head_names(cfg.hidden)
         shapes = {"table.weight": (self.vocab.rows, cfg.dim)}
         shapes.update({"head.weight": (c, cfg.dim), "head.bias": (c,)} if cfg.hidden == 0 else
                       {"head.0.weight": (cfg.hidden, cfg.dim), "head.0.bias": (cfg.hidden,), "head.2.weight": (c, cfg.hidden), "head.2.bias": (c,)})
@@ -253,6 +261,36 @@ class Run(Classify, LookUp):
         state = {k: torch.from_numpy(np.array(v)) for k, v in self.weights.items()}
         model = build_model(self.train_config, self.vocab.rows, len(self.class_names), state)
         return model.eval()
+
+    def learned(self, rows: np.ndarray, vectors: np.ndarray, head_layers: list[tuple[np.ndarray, np.ndarray]],
+                class_names: list[str], class_counts: np.ndarray) -> None:
+        """Take what learning an image changed, in memory (:mod:`pipeline.teach`): table ``rows`` get
+        ``vectors``, the head becomes ``head_layers`` for ``class_names`` (the old ones first), and
+        ``class_counts`` (patterns x classes) are added to the pattern table's. The files on disk are
+        not touched; the pattern index still holds the moved rows' old vectors, so searches find a
+        moved row at its new place instead (:meth:`search_patterns`)."""
+        if len(class_names) < len(self.class_names) or class_names[: len(self.class_names)] != self.class_names:
+            raise ValueError("class_names must extend the run's classes")
+        cc = self.patterns["class_counts"]
+        grown = np.zeros((len(cc), len(class_names)), np.int64)
+        grown[:, : cc.shape[1]] = cc
+        self.patterns["class_counts"] = grown + class_counts
+        if not self._table.flags.writeable:  # the memory-mapped file stays as it is: learn on a copy
+            self._table = np.array(self._table)
+        rows = np.asarray(rows, np.int64)
+        self._table[rows] = vectors
+        self.head_layers = [(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)) for w, b in head_layers]
+        self.weights = dict(self.weights, **self.head_tensors(), **{"table.weight": self._table})
+        self.class_names = list(class_names)
+        self.moved = np.union1d(self.moved, rows[rows < self.vocab.size])
+        self._pushes.clear()
+        self._near_cache.clear()
+        self.__dict__.pop("model", None)
+
+    def head_tensors(self) -> dict[str, np.ndarray]:
+        """The head's layers by their names in ``model.safetensors``."""
+        names = head_names(0 if len(self.head_layers) == 1 else 1)
+        return dict(zip(names, [x for layer in self.head_layers for x in layer]))
 
     def images_to_keys(self, images: np.ndarray) -> np.ndarray:
         """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""

@@ -12,6 +12,9 @@
   a code pattern drawn in a patch's, as ``top_patches`` give them);
 * ``GET /training-image/{row}.png``: a thumbnail of an image-index image (``nearest_images[].row``);
 * ``GET /class/{name or index}``: the patterns a class relies on most (:meth:`Run.class_patterns`);
+* ``POST /learn`` (with ``--learn-into DIR``): multipart ``image`` (one file) and ``label`` (a class
+  name, known or new) -> the run learns that image (:mod:`pipeline.serve.learning`) and answers it
+  again; ``POST /save`` writes what it learned as a new run in ``DIR`` (also done at shutdown);
 * ``GET /``: the page (``page.html``), which uses the endpoints above.
 
 Every error is a JSON object ``{"error": "..."}`` with a 4xx status, and the server stays up.
@@ -36,11 +39,13 @@ import math
 import os
 import socket
 import threading
+from contextlib import asynccontextmanager
 from functools import lru_cache
+from pathlib import Path
 from importlib import resources
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -54,7 +59,9 @@ from pipeline.query.run import Run, load
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
 from pipeline.serve import server
 from pipeline.serve.server import run_server  # noqa: F401 (for pipe serve)
+from pipeline.serve.learning import Learning
 from pipeline.serve.limits import LimitBody
+from pipeline.teach.save import check_out as check_learn_into  # noqa: F401 (for pipe serve)
 from pipeline.serve.turns import Turns
 
 MAX_UPLOAD_MB = 16  # default request-size limit
@@ -130,11 +137,13 @@ def run_workers(spec: dict, host: str, port: int, workers: int) -> None:
     server.run_workers("pipeline.serve.app:app_from_env", spec, host, port, workers)
 
 
-def check_workers(workers: int) -> int:
+def check_workers(workers: int, learn_into: Path | str | None = None) -> int:
     """The number of worker processes: ``workers``, or one per core for 0; refuses a negative or
-    absurd count."""
+    absurd count, and more than one for a server that learns (each process would learn alone)."""
     if not 0 <= workers <= MAX_WORKERS:
         raise PipelineError(f"--workers {workers} must be 0 (one per core) to {MAX_WORKERS}")
+    if learn_into is not None and workers != 1:
+        raise PipelineError("--learn-into needs one worker process (each would learn on its own); pass --workers 1 or leave it out")
     return workers or machine_cores()
 
 
@@ -159,11 +168,22 @@ def warm(run: Run) -> None:
     query_one(run, blank, "warm-up")
 
 
-def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = MAX_IMAGES, loopback_only: bool = True):
+def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = MAX_IMAGES, loopback_only: bool = True,
+             learn_into: Path | str | None = None):
     """The application serving ``run`` (see the module docstring); requests over ``max_upload_mb``
     MiB or with more than ``max_images`` images are refused. ``loopback_only``: the server
-    listens on a loopback address, so requests naming another host are refused."""
-    app = FastAPI(title="patchhash", docs_url="/docs", redoc_url=None)
+    listens on a loopback address, so requests naming another host are refused. ``learn_into``:
+    ``POST /learn`` teaches the run, and what it learned is written there (else learning is off)."""
+    learning = None if learn_into is None else Learning(run, learn_into)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        if learning is not None:
+            with lock:
+                learning.save_unsaved()
+
+    app = FastAPI(title="patchhash", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     lock = Turns()  # first come, first served: image by image, requests take turns
     decoders = threading.BoundedSemaphore(DECODERS)
     files = resources.files("pipeline.serve")
@@ -196,7 +216,8 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
 
     @app.get("/info")
     def info():
-        return run.summary()
+        with lock:  # a lesson may be changing the classes
+            return {**run.summary(), "learning": None if learning is None else learning.status()}
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -222,19 +243,46 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
             return _error(400, str(e))
         decoded = []
         for f in images:
-            name = f.filename or "upload"
-            notes: list[str] = []
             try:
-                with decoders:
-                    decoded.append((name, image_from_bytes(run, f.file.read(), name, size, notes, MAX_UPLOAD_PIXELS), notes))
+                decoded.append(decode(f, size))
             except PipelineError as e:
-                return _error(400, str(e), image=name)
+                return _error(400, str(e), image=f.filename or "upload")
         results, notes = [], []
         for name, img, said in decoded:
             with lock:  # per image, so that one request's images take turns with other requests'
                 results.append(query_one(run, img, name, k=k, top=patches, classifier=classifier)[0])
             notes += said
         return {"results": results, **({"notes": notes} if notes else {})}
+
+    def decode(f: UploadFile, size: tuple[int, int] | None) -> tuple[str, np.ndarray, list[str]]:
+        name = f.filename or "upload"
+        notes: list[str] = []
+        with decoders:
+            return name, image_from_bytes(run, f.file.read(), name, size, notes, MAX_UPLOAD_PIXELS), notes
+
+    @app.post("/learn")
+    def learn(image: UploadFile = File(...), label: str = Form(...), k: int = Query(5), patches: int = Query(5)):
+        if learning is None:
+            return _error(403, "this server does not learn; start it with pipe serve RUN --learn-into NEW_DIR to teach it")
+        try:
+            check_request(1, k, patches)
+            name, img, notes = decode(image, None)
+            with lock:
+                out = learning.learn(img, label, name, k, patches)
+        except PipelineError as e:
+            return _error(400, str(e))
+        class_view.cache_clear()  # the head and the class counts changed
+        return {**out, **({"notes": notes} if notes else {})}
+
+    @app.post("/save")
+    def save():
+        if learning is None:
+            return _error(403, "this server does not learn; start it with pipe serve RUN --learn-into NEW_DIR to teach it")
+        try:
+            with lock:
+                return learning.save()
+        except PipelineError as e:
+            return _error(409, str(e))
 
     @lru_cache(maxsize=4096)
     def pattern_png(pid: int, like: tuple[float, float] | None = None) -> bytes | None:

@@ -20,8 +20,40 @@ async function loadInfo() {
   run = await (await fetch("/info")).json();
   const acc = run.val_accuracy == null ? "" : `, held-out accuracy ${(100 * run.val_accuracy).toFixed(1)}%`;
   $("info").textContent = `${run.run}: ${run.classes.length} classes, ${run.image.height}×${run.image.width}×${run.image.channels} images, ${run.patterns.toLocaleString()} patterns${acc}`;
-  run.classes.forEach((c, i) => $("class").append(el("option", { value: i, textContent: c })));
-  showClass(0);
+  $("class").replaceChildren(...run.classes.map((c, i) => el("option", { value: i, textContent: c })));
+  $("teach-class").replaceChildren(...run.classes.map(c => el("option", { value: c, textContent: c })), el("option", { value: "", textContent: "a new class…" }));
+  showClass($("class").value || 0);
+}
+
+let current = null;  // the answer shown: {res, file, fig}
+
+async function teach() {  // learn the shown image as the chosen class, then show its new answer
+  const label = $("teach-class").value || $("teach-new").value.trim();
+  const status = $("teach-status");
+  if (!label) { status.textContent = "type the new class's name first"; return; }
+  const form = new FormData();
+  form.append("image", current.file, current.file.name);
+  form.append("label", label);
+  status.textContent = "learning…";
+  const r = await fetch(`/learn?patches=${bounded("top", 1, 50)}&k=${bounded("k", 1, 32)}`, { method: "POST", body: form });
+  const body = await r.json();
+  if (!r.ok) { status.textContent = body.error || `error ${r.status}`; return; }
+  const l = body.learned;
+  const fig = current.fig;
+  await loadInfo();
+  show(body.result, current.file, fig);
+  if (fig) fig.answer = body.result;
+  if (fig) fig.querySelector("figcaption").replaceChildren(...lines([body.result.image, `${body.result.prediction} ${Math.max(...Object.values(body.result.probabilities)).toFixed(2)}`]));
+  $("teach-status").textContent = `learned as ${l.class}${l.new_class ? " (a new class)" : ""}: it said ${l.before.prediction} ${l.before.probability.toFixed(2)}, now ${l.after.prediction} ${l.after.probability.toFixed(2)}; ` +
+    `${l.patterns_moved.toLocaleString()} of its patterns moved, nothing else. ${body.lessons} taught, ${body.unsaved} not saved yet (into ${body.into}).`;
+}
+
+async function save() {
+  const status = $("teach-status");
+  status.textContent = "saving…";
+  const r = await fetch("/save", { method: "POST" });
+  const body = await r.json();
+  status.textContent = r.ok ? `saved ${body.lessons} taught image(s) as a new run in ${body.saved}; serve it with pipe serve ${body.saved}` : (body.error || `error ${r.status}`);
 }
 
 async function showClass(c) {
@@ -39,7 +71,10 @@ function cropCanvas(img, p, h, w) {
   return c;
 }
 
-function show(res, file) {
+function show(res, file, fig = null) {
+  current = { res, file, fig };
+  $("teach").classList.toggle("hidden", !run.learning);
+  $("teach-status").textContent = "";
   const h = run.image.height, w = run.image.width, scale = Math.max(1, Math.floor(320 / Math.max(h, w)));
   const shown = $("shown");
   shown.width = w * scale; shown.height = h * scale;
@@ -56,28 +91,41 @@ function show(res, file) {
   const bars = $("bars"); bars.replaceChildren();
   Object.entries(res.probabilities).sort((a, b) => b[1] - a[1]).forEach(([c, p]) => bars.append(
     el("div", { className: "bar" }, [el("span", { textContent: c }), el("div", { className: "track" }, [el("div", { className: "fill", style: `width:${(100 * p).toFixed(1)}%` })]), el("span", { className: "num", textContent: p.toFixed(3) })])));
+  $("background").classList.toggle("hidden", !res.background_only);
   const n = res.patches;
   $("counts").textContent = `${n.total.toLocaleString()} patches: ${n.seen.toLocaleString()} seen in training, ${n.composed.toLocaleString()} unseen but composed from seen parts, ${n.unmatched.toLocaleString()} unmatched (left out).`;
   const body = $("patches"); body.replaceChildren();
   shown.onload = () => {
+    // one table row per place: the patch once, then each decisive pattern found there (a code
+    // patch's atoms, other views of the same pixels), numbered in the order of their push
+    const places = [];
     res.top_patches.forEach((p, i) => {
-      const color = COLORS[i % COLORS.length];
-      const inset = 3 * (i % 4);  // patterns at one place: nested outlines, none hidden under another
-      stage.append(el("div", { className: "box", style: `left:${p.x * scale + inset}px;top:${p.y * scale + inset}px;width:${p.w * scale - 2 * inset}px;height:${p.h * scale - 2 * inset}px;border-color:${color}` }));
-      const state = p.seen ? "seen" : (p.composed ? "unseen, composed" : "unseen, unmatched");
-      const near = el("div", { className: "pics" });
-      const look = (q) => q.view === "code" ? `?brightness=${p.brightness}&contrast=${p.contrast}` : "";  // an atom in this patch's brightness and contrast
-      p.nearest.forEach(q => near.append(figure(`/pattern/${q.pattern_id}.png${look(q)}`, [`d=${q.distance.toFixed(1)} ${q.view}`, `seen ${q.count.toLocaleString()}`, q.top_class || "–"], `pattern ${q.pattern_id}`)));
-      body.append(el("tr", { className: "patch-row" }, [
-        el("td", {}, [el("span", { className: "chip", style: `background:${color}`, textContent: i + 1 })]),
-        el("td", {}, [cropCanvas(shown, p, h, w)]),
-        el("td", {}, [el("b", { textContent: p.view }), ...lines([
-          ` ${p.h}×${p.w} at row ${p.y}, col ${p.x}${p.cell >= 0 ? `, cell ${p.cell}` : ""}`,
-          ...(p.view === "code" ? [`its ${ordinal(p.rank + 1)} nearest atom`] : []),
-          `${state}${p.occurrences > 1 ? `, in ${p.occurrences} places` : ""}`])]),
-        el("td", { textContent: (p.contribution >= 0 ? "+" : "") + p.contribution.toFixed(3) }),
-        el("td", {}, [near]),
-      ]));
+      const key = `${p.y},${p.x},${p.h},${p.w}`;
+      const place = places.find(g => g.key === key) || (places.push({ key, p, items: [] }), places[places.length - 1]);
+      place.items.push([p, i]);
+    });
+    places.forEach((place, g) => {
+      const color = COLORS[g % COLORS.length], p0 = place.p;
+      const inset = 3 * (g % 4);  // overlapping places: nested outlines, none hidden under another
+      stage.append(el("div", { className: "box", style: `left:${p0.x * scale + inset}px;top:${p0.y * scale + inset}px;width:${p0.w * scale - 2 * inset}px;height:${p0.h * scale - 2 * inset}px;border-color:${color}` }));
+      place.items.forEach(([p, i], j) => {
+        const state = p.seen ? "seen" : (p.composed ? "unseen, composed" : "unseen, unmatched");
+        const near = el("div", { className: "pics" });
+        const look = (q) => q.view === "code" ? `?brightness=${p.brightness}&contrast=${p.contrast}` : "";  // an atom in this patch's brightness and contrast
+        p.nearest.forEach(q => near.append(figure(`/pattern/${q.pattern_id}.png${look(q)}`, [`d=${q.distance.toFixed(1)} ${q.view}`, `seen ${q.count.toLocaleString()}`, q.top_class || "–"], `pattern ${q.pattern_id}`)));
+        const cells = [el("td", {}, [el("span", { className: "chip", style: `background:${color}`, textContent: i + 1 })])];
+        if (j === 0) {
+          cells.push(el("td", { rowSpan: place.items.length }, [cropCanvas(shown, p, h, w)]),
+            el("td", { rowSpan: place.items.length, className: "where", textContent: `${p.h}×${p.w} at row ${p.y}, col ${p.x}${p.cell >= 0 ? `, cell ${p.cell}` : ""}${p.flat ? " (flat)" : ""}` }));
+        }
+        cells.push(
+          el("td", { className: "pattern" }, [el("b", { textContent: p.view }), el("br"), ...lines([
+            ...(p.view === "code" ? [`its ${ordinal(p.rank + 1)} nearest atom, weight ${p.weight.toFixed(2)}`] : []),
+            `${state}${p.occurrences > 1 ? `, in ${p.occurrences} places` : ""}`])]),
+          el("td", { textContent: (p.contribution >= 0 ? "+" : "") + p.contribution.toFixed(3) }),
+          el("td", {}, [near]));
+        body.append(el("tr", { className: j === 0 ? "patch-row place" : "patch-row" }, cells));
+      });
     });
   };
   const nb = $("neighbours"); nb.replaceChildren();
@@ -110,11 +158,11 @@ async function query(chosen) {
     const fig = el("figure", { title: "show this image's answer" }, [
       el("img", { src: URL.createObjectURL(files[i]), alt: res.image }),
       el("figcaption", {}, lines([res.image, `${res.prediction} ${Math.max(...Object.values(res.probabilities)).toFixed(2)}`]))]);
-    fig.onclick = () => { strip.querySelectorAll("figure").forEach(f => f.classList.remove("current")); fig.classList.add("current"); show(res, files[i]); };
+    fig.onclick = () => { strip.querySelectorAll("figure").forEach(f => f.classList.remove("current")); fig.classList.add("current"); show(fig.answer || res, files[i], fig); };
     strip.append(fig);
   });
   strip.firstChild.classList.add("current");
-  show(body.results[0], files[0]);
+  show(body.results[0], files[0], strip.firstChild);
 }
 
 const drop = $("drop");
@@ -124,4 +172,7 @@ drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
 drop.ondragleave = () => drop.classList.remove("over");
 drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files.length) query(e.dataTransfer.files); };
 $("class").onchange = (e) => showClass(e.target.value);
+$("teach-class").onchange = (e) => $("teach-new").classList.toggle("hidden", e.target.value !== "");
+$("teach-go").onclick = teach;
+$("save").onclick = save;
 loadInfo();

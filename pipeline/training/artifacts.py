@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from pipeline import familiarity
 from pipeline import index as pattern_index
@@ -30,10 +29,10 @@ from pipeline.model import PatchBagModel
 from pipeline.memory import release_unused
 from pipeline.extraction.shards import Shards
 from pipeline.data.sources import reopen
+from pipeline.data.images import thumbnail
 from pipeline.training.vocab import Vocabulary, pattern_stats
 
 
-THUMBNAIL_SIDE = 64  # training images larger than this are stored shrunk to fit it (images.parquet)
 
 
 @dataclasses.dataclass
@@ -42,19 +41,9 @@ class SourcePixels:
 
     patterns: pa.Array  # each pattern's example: h*w*C bytes, row-major HWC (null when unread)
     names: list  # per image-index image: its file name in the source (None when unread)
-    thumbnails: pa.Array  # per image-index image: raw HWC pixels, at most THUMBNAIL_SIDE a side (null when unread)
+    thumbnails: pa.Array  # per image-index image: raw HWC pixels, at most THUMBNAIL_SIDE (pipeline.data.images) a side (null when unread)
     thumbnail_shape: list  # per image-index image: [height, width, channels] of its thumbnail
     missing: str | None  # why pixels are missing, None when complete
-
-
-def _thumbnail(img: np.ndarray) -> np.ndarray:
-    h, w = img.shape[:2]
-    if max(h, w) <= THUMBNAIL_SIDE:
-        return img
-    scale = THUMBNAIL_SIDE / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).resize(size, Image.Resampling.BOX)
-    return np.asarray(pil).reshape(size[1], size[0], img.shape[2])
 
 
 def source_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, shards: Shards, image_ids: np.ndarray) -> SourcePixels:
@@ -92,7 +81,7 @@ def source_pixels(example_image: np.ndarray, slots: np.ndarray, plan: KeyPlan, s
         for r in img_order[lo:hi]:
             at = int(np.searchsorted(b.ids, image_ids[r]))
             if at < len(b.ids) and b.ids[at] == image_ids[r]:
-                t = _thumbnail(b.images[at])
+                t = thumbnail(b.images[at])
                 names[r], thumbs[r], shapes[r] = b.names[at], t.tobytes(), list(t.shape)
         lo, hi = np.searchsorted(sorted_ids, [b.ids.min(), b.ids.max() + 1])
         if lo == hi:
