@@ -41,11 +41,12 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     engines = (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))
+    folder_engines = engines
     query_engines = (("local", 1), ("ray", 1), ("ray", 2))
     procs = (1, 2)
-    if a.smoke:
+    if a.smoke:  # each path once: Ray starts twice (archive extract, query), the folder is read locally
         a.per_class, a.query_images, a.epochs = 5, 20, 1
-        engines, query_engines, procs = (("local", 1), ("ray", 1)), (("local", 1), ("ray", 1)), (2,)
+        engines, folder_engines, query_engines, procs = (("local", 1), ("ray", 1)), (("local", 1),), (("local", 1), ("ray", 1)), (2,)
 
     import pipeline
 
@@ -70,7 +71,7 @@ def main() -> None:
             f.write_bytes(raw.data)
         fsrc = pipeline.open_source(str(folder))
         res["folder_extract_s"] = {}
-        for engine, workers in engines:
+        for engine, workers in folder_engines:
             out = work / f"folder-{engine}{workers}"
             t = time.perf_counter()
             pipeline.extract(fsrc, out, measured_config(), engine=engine, workers=workers, augment=MEASURED_AUGMENT)

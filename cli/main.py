@@ -19,15 +19,26 @@ from tqdm import tqdm
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
-from pipeline.errors import environment_message
+from pipeline.errors import ParameterError, environment_message
+
+
+# a library parameter whose flag is not its name with dashes
+FLAGS = {"start": "--from", "rule": "--unseen", "top": "--patches", "unseen_rule": "--unseen", "kind": "--index"}
+
+
+def flag(param: str) -> str:
+    """The flag of library parameter ``param`` (``val_fraction`` -> ``--val-fraction``)."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
 class _Group(click.Group):
-    """Turns library errors into one ``Error: ...`` line and exit code 1."""
+    """Turns library errors into one ``Error: ...`` line and exit code 1, a bad parameter named by its flag."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except ParameterError as e:
+            raise click.ClickException(f"{flag(e.param)} {e.text}") from None
         except PipelineError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:

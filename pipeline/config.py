@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 HASH_VERSION = "patchhash-v1"  # bump when the key specification in docs/hashing.md changes
 
@@ -47,9 +47,9 @@ def check_resize(size: tuple[int, int]) -> tuple[int, int]:
     """A ``--resize`` (height, width) of at least 1 and at most :data:`MAX_SIDE` a side."""
     h, w = size
     if h < 1 or w < 1:
-        raise PipelineError(f"--resize {h}x{w} must be at least 1x1")
+        raise ParameterError("resize", f"{h}x{w} must be at least 1x1")
     if h > MAX_SIDE or w > MAX_SIDE:
-        raise PipelineError(f"--resize {h}x{w} is past {MAX_SIDE} pixels on a side; resize to a smaller size")
+        raise ParameterError("resize", f"{h}x{w} is past {MAX_SIDE} pixels on a side; resize to a smaller size")
     return h, w
 
 
@@ -81,12 +81,12 @@ def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
         if kind == "grad" and not n:
             lv = 2
         if kind not in VIEW_KINDS or not 2 <= lv <= 256 or (kind == "grad" and lv != 2):
-            raise PipelineError(
-                f"--views {text!r}: {part.strip()!r} is not a view; use levels or norm, optionally with :N levels (2..256), "
+            raise ParameterError(
+                "views", f"{text!r}: {part.strip()!r} is not a view; use levels or norm, optionally with :N levels (2..256), "
                 "or grad, e.g. levels,norm:3,grad; or none (code view only)"
             )
         if (kind, lv) in out:
-            raise PipelineError(f"--views {text!r} lists {kind}:{lv} twice")
+            raise ParameterError("views", f"{text!r} lists {kind}:{lv} twice")
         out.append((kind, lv))
     return out
 
@@ -96,13 +96,13 @@ def canonical_position(text: str) -> str:
     parts = POSITION_ALIASES.get(text.strip().lower()) or [p.strip().lower() for p in text.split(",")]
     bad = [p for p in parts if p not in POSITION_MODES]
     if bad or not parts:
-        raise PipelineError(
-            f"--position {text!r}: {bad[0] if bad else text!r} is not a key kind; use one or more of "
+        raise ParameterError(
+            "position", f"{text!r}: {bad[0] if bad else text!r} is not a key kind; use one or more of "
             f"{', '.join(POSITION_MODES)} (or both = none,grid), e.g. grid,offset"
         )
     modes = tuple(m for m in POSITION_MODES if m in parts)
     if len(modes) != len(parts):
-        raise PipelineError(f"--position {text!r} lists a key kind twice")
+        raise ParameterError("position", f"{text!r} lists a key kind twice")
     return next((alias for alias, ms in POSITION_ALIASES.items() if ms == modes), ",".join(modes))
 
 
@@ -162,9 +162,9 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 256:
-            raise PipelineError(f"--levels {self.levels} is out of range; use 2 to 256")
+            raise ParameterError("levels", f"{self.levels} is out of range; use 2 to 256")
         if self.color not in COLORS:
-            raise PipelineError(f"--color {self.color!r} is not one of {', '.join(COLORS)}")
+            raise ParameterError("color", f"{self.color!r} is not one of {', '.join(COLORS)}")
         if self.shapes not in SHAPE_SETS:
             listed = parse_shapes(self.shapes)
             # an explicit list decides the bounds; it is stored in canonical order
@@ -172,35 +172,35 @@ class ExtractConfig:
             object.__setattr__(self, "max_h", max(h for h, _ in listed))
             object.__setattr__(self, "max_w", max(w for _, w in listed))
         if (self.max_h == 0) != (self.max_w == 0) or self.max_h < 0 or self.max_w < 0:
-            raise PipelineError(f"--max-size {self.max_h}x{self.max_w} must be at least 1x1 (or auto)")
+            raise ParameterError("max_size", f"{self.max_h}x{self.max_w} must be at least 1x1 (or auto)")
         if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
-            raise PipelineError("--max-size must be below 65536 on each side")
+            raise ParameterError("max_size", "must be below 65536 on each side")
         if not 1 <= self.stride < 1 << 16:
-            raise PipelineError(f"--stride {self.stride} is out of range; use 1 to 65535")
+            raise ParameterError("stride", f"{self.stride} is out of range; use 1 to 65535")
         object.__setattr__(self, "position", canonical_position(self.position))
         if not 0 <= self.grid <= 255:
-            raise PipelineError(f"--grid {self.grid} is out of range; use 1 to 255, or 0 (auto)")
+            raise ParameterError("grid", f"{self.grid} is out of range; use 1 to 255, or 0 (auto)")
         if "offset" in self.position_modes and self.grid > 254:
-            raise PipelineError(f"--grid {self.grid} is too fine for --position offset, whose grid has one more cell per side; use 1 to 254")
+            raise ParameterError("grid", f"{self.grid} is too fine for --position offset, whose grid has one more cell per side; use 1 to 254")
         if not 0 <= self.seed < 1 << 32:
-            raise PipelineError(f"--seed {self.seed} is out of range; use 0 to 2**32-1")
+            raise ParameterError("seed", f"{self.seed} is out of range; use 0 to 2**32-1")
         if self.code_shapes not in ("auto", "none"):
             listed = parse_shapes(self.code_shapes, "--code-shapes")
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
         if not 2 <= self.atoms <= 65535:
-            raise PipelineError(f"--atoms {self.atoms} is out of range; use 2 to 65535")
+            raise ParameterError("atoms", f"{self.atoms} is out of range; use 2 to 65535")
         if not 1 <= self.code_k <= self.atoms:
-            raise PipelineError(f"--code-k {self.code_k} must be from 1 to --atoms ({self.atoms})")
+            raise ParameterError("code_k", f"{self.code_k} must be from 1 to --atoms ({self.atoms})")
         if self.code_weight not in CODE_WEIGHTS:
-            raise PipelineError(f"--code-weight {self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
+            raise ParameterError("code_weight", f"{self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
         if self.code_norm not in CODE_NORMS:
-            raise PipelineError(f"--code-norm {self.code_norm!r} is not one of {', '.join(CODE_NORMS)}")
+            raise ParameterError("code_norm", f"{self.code_norm!r} is not one of {', '.join(CODE_NORMS)}")
         if not 0 <= self.whiten < 1e6:
-            raise PipelineError(f"--whiten {self.whiten} must be 0 (no whitening) or a positive regularisation such as 0.1")
+            raise ParameterError("whiten", f"{self.whiten} must be 0 (no whitening) or a positive regularisation such as 0.1")
         if not 1 <= self.code_stride < 1 << 16:
-            raise PipelineError(f"--code-stride {self.code_stride} is out of range; use 1 to 65535")
+            raise ParameterError("code_stride", f"{self.code_stride} is out of range; use 1 to 65535")
         if self.code_sample < 1:
-            raise PipelineError(f"--code-sample {self.code_sample} must be at least 1")
+            raise ParameterError("code_sample", f"{self.code_sample} must be at least 1")
         if self.views != "auto":
             views = parse_views(self.views, self.levels)
             object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views) or "none")
@@ -251,13 +251,13 @@ class ExtractConfig:
 
     def check_image_size(self, height: int, width: int) -> None:
         if self.max_h > height or self.max_w > width:
-            raise PipelineError(
-                f"--max-size {self.max_h}x{self.max_w} is larger than the {height}x{width} images; "
+            raise ParameterError(
+                "max_size", f"{self.max_h}x{self.max_w} is larger than the {height}x{width} images; "
                 f"use at most {height}x{width}"
             )
         for h, w in self.code_shape_list() if self.code_shapes != "auto" else []:
             if h > height or w > width:
-                raise PipelineError(f"--code-shapes {h}x{w} is larger than the {height}x{width} images; use shapes of at most {height}x{width}")
+                raise ParameterError("code_shapes", f"{h}x{w} is larger than the {height}x{width} images; use shapes of at most {height}x{width}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -327,59 +327,59 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
-            raise PipelineError(f"--min-count {self.min_count} must be at least 1")
+            raise ParameterError("min_count", f"{self.min_count} must be at least 1")
         if self.buckets < 0:
-            raise PipelineError(f"--buckets {self.buckets} must be 0 (drop rare keys) or more")
+            raise ParameterError("buckets", f"{self.buckets} must be 0 (drop rare keys) or more")
         if self.dim < 1:
-            raise PipelineError(f"--dim {self.dim} must be at least 1")
+            raise ParameterError("dim", f"{self.dim} must be at least 1")
         if self.bag not in BAGS:
-            raise PipelineError(f"--bag {self.bag!r} is not one of {', '.join(BAGS)}")
+            raise ParameterError("bag", f"{self.bag!r} is not one of {', '.join(BAGS)}")
         if self.hidden < 0:
-            raise PipelineError(f"--hidden {self.hidden} must be 0 (linear head) or more")
+            raise ParameterError("hidden", f"{self.hidden} must be 0 (linear head) or more")
         if self.drop != "auto":
             try:
                 rate = float(self.drop)
             except ValueError:
                 rate = -1.0
             if not 0.0 <= rate < 1.0:
-                raise PipelineError(f"--drop {self.drop!r} must be a rate in [0, 1) or 'auto'")
+                raise ParameterError("drop", f"{self.drop!r} must be a rate in [0, 1) or 'auto'")
             object.__setattr__(self, "drop", repr(rate) if rate else "0")
         if not 0.0 <= self.pooled_dropout < 1.0:
-            raise PipelineError(f"--pooled-dropout {self.pooled_dropout} must be in [0, 1)")
+            raise ParameterError("pooled_dropout", f"{self.pooled_dropout} must be in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
-            raise PipelineError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+            raise ParameterError("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.epochs < 1:
-            raise PipelineError(f"--epochs {self.epochs} must be at least 1")
+            raise ParameterError("epochs", f"{self.epochs} must be at least 1")
         if self.patience < 0:
-            raise PipelineError(f"--patience {self.patience} must be 0 (never stop early) or more")
+            raise ParameterError("patience", f"{self.patience} must be 0 (never stop early) or more")
         if self.batch_size < 0:
-            raise PipelineError(f"--batch-size {self.batch_size} must be at least 1 (or 0 = auto)")
-        for flag, value in (("--lr", self.lr), ("--head-lr", self.head_lr)):
+            raise ParameterError("batch_size", f"{self.batch_size} must be at least 1 (or 0 = auto)")
+        for name, value in (("lr", self.lr), ("head_lr", self.head_lr)):
             if not (math.isfinite(value) and 0 < value <= MAX_LR):
-                raise PipelineError(f"{flag} {value} must be a positive number up to {MAX_LR:g}")
+                raise ParameterError(name, f"{value} must be a positive number up to {MAX_LR:g}")
         if not (math.isfinite(self.init_std) and 0 <= self.init_std <= MAX_INIT_STD):
-            raise PipelineError(f"--init-std {self.init_std} must be a number from 0 to {MAX_INIT_STD:g}")
+            raise ParameterError("init_std", f"{self.init_std} must be a number from 0 to {MAX_INIT_STD:g}")
         if self.dim > MAX_DIM:
-            raise PipelineError(f"--dim {self.dim} is past {MAX_DIM}; use a smaller dimension")
+            raise ParameterError("dim", f"{self.dim} is past {MAX_DIM}; use a smaller dimension")
         if self.hidden > MAX_DIM * 16:
-            raise PipelineError(f"--hidden {self.hidden} is past {MAX_DIM * 16}; use a smaller hidden layer")
+            raise ParameterError("hidden", f"{self.hidden} is past {MAX_DIM * 16}; use a smaller hidden layer")
         if self.batch_size > MAX_BATCH:
-            raise PipelineError(f"--batch-size {self.batch_size} is past {MAX_BATCH:,}")
+            raise ParameterError("batch_size", f"{self.batch_size} is past {MAX_BATCH:,}")
         self.check_table(self.buckets, "--buckets")
         if self.vocab_mb < 64:
-            raise PipelineError(f"--vocab-mb {self.vocab_mb} must be at least 64")
+            raise ParameterError("vocab_mb", f"{self.vocab_mb} must be at least 64")
         if self.cache_mb < 0:
-            raise PipelineError(f"--cache-mb {self.cache_mb} must be 0 (no cache) or more")
+            raise ParameterError("cache_mb", f"{self.cache_mb} must be 0 (no cache) or more")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise PipelineError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+            raise ParameterError("val_fraction", f"{self.val_fraction} must be in [0, 1)")
         if self.refit not in REFITS:
-            raise PipelineError(f"--refit {self.refit!r} is not one of {', '.join(REFITS)}")
+            raise ParameterError("refit", f"{self.refit!r} is not one of {', '.join(REFITS)}")
         if not self.index.strip():
-            raise PipelineError("--index must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
+            raise ParameterError("index", "must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
         if self.nprobe < 1 or self.ef_search < 1:
-            raise PipelineError("--nprobe and --ef-search must be at least 1")
+            raise ParameterError("nprobe", "and --ef-search must be at least 1")
         if self.device not in DEVICES:
-            raise PipelineError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+            raise ParameterError("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
 
     def table_bytes(self, rows: int) -> int:
         """Memory for a table of ``rows`` rows while training: the vectors, their gradients and the

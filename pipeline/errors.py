@@ -1,7 +1,8 @@
-"""The one exception type the library raises for user-facing problems.
+"""The exception types the library raises for user-facing problems.
 
 The CLI catches :class:`PipelineError` and prints its message as a single
-``Error: ...`` line with exit code 1, and so does it for the operating-system
+``Error: ...`` line with exit code 1 (a :class:`ParameterError` named by the
+parameter's flag), and so does it for the operating-system
 errors a user fixes outside the program (:func:`environment_message`: a full
 disk, a read-only or forbidden directory); anything else is a bug and keeps its
 traceback.
@@ -33,3 +34,13 @@ def environment_message(e: OSError) -> str | None:
     where = f" {e.filename}" if getattr(e, "filename", None) else ""
     reason = e.strerror or str(e)
     return f"cannot write{where}: {reason}; {fix}"
+
+
+class ParameterError(PipelineError):
+    """A bad value of one parameter. ``param`` names it as a Python caller passes it (``k``,
+    ``val_fraction``); the message reads ``"<param> <text>"``. The CLI says the same with the
+    parameter's flag instead (``--k``, ``--val-fraction``: cli/main.py maps the names)."""
+
+    def __init__(self, param: str, text: str):
+        self.param, self.text = param, text
+        super().__init__(f"{param} {text}")

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import layout
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 EXACT_UP_TO = 100_000  # auto: exact search below this many vectors
@@ -106,8 +106,8 @@ def _validate(factory: str, dim: int):
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError:
-        raise PipelineError(
-            f"--index {factory!r} is neither a kind ({', '.join(KINDS)}) nor a FAISS index_factory string "
+        raise ParameterError(
+            "index", f"{factory!r} is neither a kind ({', '.join(KINDS)}) nor a FAISS index_factory string "
             "(see the FAISS wiki, 'The index factory'), e.g. HNSW32 or IVF1024,PQ16"
         ) from None
 
@@ -162,7 +162,7 @@ def build(
         ivf = _faiss().try_extract_index_ivf(idx)
         need = ivf.nlist if ivf is not None else 1
         if n < need:
-            raise PipelineError(f"--index {kind!r} needs at least {need} vectors to train, got {n}; use --index flat")
+            raise ParameterError("index", f"{kind!r} needs at least {need} vectors to train, got {n}; use --index flat")
         # a product quantizer's codebooks (256 centroids each) want PQ_TRAIN points, more than the coarse lists may
         take = min(n, max(TRAIN_PER_LIST * need, PQ_TRAIN if "PQ" in factory.upper() else 0))
         sample = v if take == n else v[np.sort(np.random.default_rng(seed).choice(n, take, replace=False))]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline import layout
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 LOCK = ".patchhash.lock"
 # a directory holding one of these was written by pipe extract or pipe train (finished or not)
@@ -40,14 +40,14 @@ def check_out(out: Path, inputs: Iterable[Path | str] = ()) -> None:
     """Refuse an output directory that is a file, the current directory (or above it), or one
     that is or holds an input of the job (its files would be replaced)."""
     if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {out} is a file; give a directory")
+        raise ParameterError("out", f"{out} is a file; give a directory")
     target = out.resolve()
     if _inside(Path.cwd().resolve(), target):
-        raise PipelineError(f"--out {out} is the current directory or holds it; give a directory of its own, e.g. {out / 'out'}")
+        raise ParameterError("out", f"{out} is the current directory or holds it; give a directory of its own, e.g. {out / 'out'}")
     for given in inputs:
         inp = Path(given).resolve()
         if _inside(inp, target):
-            raise PipelineError(f"--out {out} is or holds the input {given}; writing there would replace it: choose another --out")
+            raise ParameterError("out", f"{out} is or holds the input {given}; writing there would replace it: choose another --out")
 
 
 def check_file_out(out: Path, what: str) -> None:
@@ -65,8 +65,8 @@ def _replace(out: Path) -> None:
     wrote, and the lock file (held by the caller) stays."""
     held = contents(out)
     if held and not any((out / name).exists() for name in OWN_FILES):
-        raise PipelineError(
-            f"--out {out} holds files pipe did not write (no {', '.join(OWN_FILES)}); --overwrite replaces only shard and run "
+        raise ParameterError(
+            "out", f"{out} holds files pipe did not write (no {', '.join(OWN_FILES)}); --overwrite replaces only shard and run "
             "directories: choose another --out, or empty it yourself"
         )
     for p in held:
@@ -83,7 +83,7 @@ def prepare(out: Path, overwrite: bool, commit_file: str, what: str, inputs: Ite
     if contents(out):
         if not overwrite:
             state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
-            raise PipelineError(f"--out {out} already holds {state}; pass --overwrite to replace it or choose another directory")
+            raise ParameterError("out", f"{out} already holds {state}; pass --overwrite to replace it or choose another directory")
         _replace(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -253,3 +253,26 @@ def test_every_option_of_every_command_is_in_its_section_of_docs_cli():
     missing = {name: [o for p in cmd.params for o in getattr(p, "opts", []) if o.startswith("--") and o not in sections[name]]
                for name, cmd in main.commands.items()}
     assert {k: v for k, v in missing.items() if v} == {}
+
+
+def test_library_errors_name_parameters_and_the_cli_names_their_flags(trained, tmp_path):
+    import re
+
+    import pipeline
+    from cli.main import flag
+    from pipeline.errors import ParameterError
+
+    # a Python caller reads the parameter it passed; the CLI user the flag they typed
+    with pytest.raises(ParameterError, match=r"^val_fraction 2\.0 ") as e:
+        pipeline.TrainConfig(val_fraction=2.0)
+    assert e.value.param == "val_fraction"
+    with pytest.raises(ParameterError, match=r"^k 0 must be at least 1$"):
+        pipeline.load(trained / "run").nearest_patterns(digits_images("test", 1)[0][0], k=0)
+    one_line_error(run("train", trained / "shards", "--out", tmp_path / "r", "--val-fraction", "2"), "--val-fraction 2.0 ")
+    one_line_error(run("train", trained / "shards", "--from", tmp_path, "--out", tmp_path / "r2"), f"--from {tmp_path} is not a finished run")
+    # every parameter the library names has its flag on some command (written out from the source)
+    named = set()
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        named |= set(re.findall(r'ParameterError\(\s*"([a-z_]+)"', path.read_text()))
+    options = {o for cmd in main.commands.values() for p in cmd.params for o in getattr(p, "opts", [])}
+    assert len(named) > 40 and {flag(n) for n in named} <= options, {n: flag(n) for n in named if flag(n) not in options}

@@ -253,7 +253,7 @@ def test_test_set_coded_with_the_training_dictionary(code_run, tmp_path):
     a = run.evaluate(pipeline.open_shards(tmp_path / "test"))
     b = run.evaluate(pipeline.open_source("digits", split="test"))
     assert a["accuracy"] == b["accuracy"] and a["n"] == 899
-    with pytest.raises(PipelineError, match="--code-shapes"):
+    with pytest.raises(PipelineError, match="same --code-shapes"):
         pipeline.extract(pipeline.open_source("digits", split="test"), tmp_path / "t2",
                          ExtractConfig(code_shapes="2x2", atoms=32), dictionary=root / "shards" / "dictionary.npz")
 

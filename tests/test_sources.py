@@ -240,5 +240,5 @@ def test_holdout_divides_a_one_split_source_by_name_the_same_in_any_archive_orde
     with pytest.raises(PipelineError, match="has its own test and train folders"):
         pipeline.open_source(str(both), holdout=0.1)
     for bad in (0, 1, -0.5):
-        with pytest.raises(PipelineError, match="--holdout .* must be a share between 0 and 1"):
+        with pytest.raises(PipelineError, match="holdout .* must be a share between 0 and 1"):
             pipeline.open_source(str(root), holdout=bad)

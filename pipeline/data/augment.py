@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 VARIANT_STRIDE = 1 << 40  # image ids of originals stay below it
 
@@ -42,7 +42,7 @@ def parse(spec: str) -> list[tuple[str, int]]:
         except ValueError:
             num = 0
         if kind not in ("flip", "shift") or num < 1 or (kind == "flip" and n):
-            raise PipelineError(f"--augment {spec!r}: {part.strip()!r} is not an augmentation; use none, flip, shift or shift:N, e.g. flip,shift:1")
+            raise ParameterError("augment", f"{spec!r}: {part.strip()!r} is not an augmentation; use none, flip, shift or shift:N, e.g. flip,shift:1")
         out.append((kind, num))
     return out
 
@@ -61,9 +61,9 @@ def check_size(spec: str, height: int, width: int) -> None:
     limit = max(1, min(height, width) // 4)
     for kind, n in parse(spec):
         if kind == "shift" and n > limit:
-            raise PipelineError(f"--augment shift:{n} moves {height}x{width} images by more than a quarter of their side; use shift:{limit} or less")
+            raise ParameterError("augment", f"shift:{n} moves {height}x{width} images by more than a quarter of their side; use shift:{limit} or less")
     if count(spec) > MAX_COPIES:
-        raise PipelineError(f"--augment {spec!r} makes {count(spec)} copies of every image, more than {MAX_COPIES}; use a smaller shift")
+        raise ParameterError("augment", f"{spec!r} makes {count(spec)} copies of every image, more than {MAX_COPIES}; use a smaller shift")
 
 
 def variants(image: np.ndarray, spec: str) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline import layout
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.data.images import MAX_FILE_BYTES, BadImage, decode, fit_array, is_image_name, resize_array
 from pipeline.data.pixels import as_nhwc, to_channels
 
@@ -307,13 +307,13 @@ def open_source(
     ``limit`` keeps the first N images, ``per_class`` the first N of each class, in sorted-name order.
     """
     if split is not None and split not in SPLITS:
-        raise PipelineError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+        raise ParameterError("split", f"{split!r} is not one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
-        raise PipelineError(f"--limit {limit} must be at least 1")
+        raise ParameterError("limit", f"{limit} must be at least 1")
     if per_class is not None and per_class < 1:
-        raise PipelineError(f"--per-class {per_class} must be at least 1")
+        raise ParameterError("per_class", f"{per_class} must be at least 1")
     if holdout is not None and not 0 < holdout < 1:
-        raise PipelineError(f"--holdout {holdout} must be a share between 0 and 1, e.g. 0.1")
+        raise ParameterError("holdout", f"{holdout} must be a share between 0 and 1, e.g. 0.1")
     asked = split
     path = Path(spec)
     if spec == "digits" and not path.exists():

@@ -21,7 +21,7 @@ import pickle
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 
 def _quiet() -> None:
@@ -36,7 +36,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise PipelineError("--engine ray needs Ray: pip install 'patchhash[ray]' (or pip install 'ray[data]')") from None
+        raise ParameterError("engine", "ray needs Ray: pip install 'patchhash[ray]' (or pip install 'ray[data]')") from None
     return ray
 
 
@@ -59,7 +59,7 @@ def _session(workers: int, address: str | None):
 def check_engine(engine: str) -> None:
     """``local`` or ``ray`` (with Ray installed); raises :class:`PipelineError` before anything is written."""
     if engine not in ("local", "ray"):
-        raise PipelineError(f"--engine {engine!r} is not one of local, ray")
+        raise ParameterError("engine", f"{engine!r} is not one of local, ray")
     if engine == "ray":
         require_ray()
 

@@ -33,7 +33,7 @@ from threadpoolctl import ThreadpoolController
 
 from pipeline import layout
 from pipeline.config import CODE_NORMS as NORMS  # how a patch is scaled before whitening (the module's first step)
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 MAX_ATOMS = 65535  # atoms per shape: a code holds an atom id in 16 bits
 MAX_DICTIONARY_BYTES = 1 << 32  # a dictionary file larger than this is not one
@@ -330,8 +330,8 @@ def fit(
             rows.append(p[pick.ravel()])
         x = normalise(np.concatenate(rows)[:sample], norm)
         if len(x) < atoms:
-            raise PipelineError(
-                f"--atoms {atoms} is more than the {len(x)} {h}x{w} patches sampled to fit them; use fewer atoms or more images"
+            raise ParameterError(
+                "atoms", f"{atoms} is more than the {len(x)} {h}x{w} patches sampled to fit them; use fewer atoms or more images"
             )
         mu, wz = zca(x, eps)
         z = np.ascontiguousarray((x - mu) @ wz, dtype=np.float32)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline import layout
 from pipeline.extraction.codes import Dictionary
 from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.data.split import is_validation
 from pipeline.extraction.hashing import KeyPlan
 
@@ -84,7 +84,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, compression: str = DEFAULT_CODEC):
         if compression not in CODECS:
-            raise PipelineError(f"--compression {compression!r} is not one of {', '.join(CODECS)}")
+            raise ParameterError("compression", f"{compression!r} is not one of {', '.join(CODECS)}")
         self.schema = schema
         self.rows = 0
         self.patches = 0

@@ -32,7 +32,7 @@ from pipeline.extraction import codes
 from pipeline.extraction import like as like_mod
 from pipeline import layout, outputs
 from pipeline.config import HASH_VERSION, ExtractConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.engines.ray_engine import check_engine, run_tasks
 from pipeline.extraction.shards import DEFAULT_CODEC, FORMAT, ShardWriter, schema
@@ -169,8 +169,8 @@ def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit)
             d = fit_dictionary(source, config, on_fit)
     if [(s.h, s.w) for s in d.shapes] != config.code_shape_list() or d.channels != config.channels:
         have = ",".join(f"{s.h}x{s.w}" for s in d.shapes)
-        raise PipelineError(
-            f"--dictionary {given} has {have} atoms on {d.channels} channel(s), but this extract codes "
+        raise ParameterError(
+            "dictionary", f"{given} has {have} atoms on {d.channels} channel(s), but this extract codes "
             f"{config.code_shapes} on {config.channels}; pass the same --code-shapes and --color as the training extract"
         )
     if given is not None and (len(d.shapes[0].atoms), d.norm) != (config.atoms, config.code_norm):
@@ -243,11 +243,11 @@ def _prepare(out: Path, job: dict, overwrite: bool, inputs: list) -> dict | None
                     "its shards would mix two datasets: pass --overwrite to extract the new images from the start"
                 )
             diffs = ", ".join(changed) or "format"
-            raise PipelineError(
-                f"--out {out} holds {state} extract with different settings ({diffs}); "
+            raise ParameterError(
+                "out", f"{out} holds {state} extract with different settings ({diffs}); "
                 "pass --overwrite to replace it, rerun with the same arguments, or choose another directory"
             )
-        raise PipelineError(f"--out {out} already holds other files; pass --overwrite to replace them or choose another directory")
+        raise ParameterError("out", f"{out} already holds other files; pass --overwrite to replace them or choose another directory")
     if not (out / layout.EXTRACT_JOB).exists() or overwrite:
         outputs.prepare(out, overwrite, layout.MANIFEST, "extract", inputs)
     (out / layout.PROGRESS_DIR).mkdir(exist_ok=True)
@@ -369,12 +369,12 @@ def extract(
         settings = like_mod.like(like)
         config, augment, dictionary = settings.config, settings.augment, settings.dictionary
     if address is not None and engine != "ray":
-        raise PipelineError("--address goes with --engine ray")
+        raise ParameterError("address", "goes with --engine ray")
     check_engine(engine)  # a missing Ray extra fails before anything is written
     if workers < 0:
-        raise PipelineError(f"--workers {workers} must be at least 1, or 0 for one per core")
+        raise ParameterError("workers", f"{workers} must be at least 1, or 0 for one per core")
     if images_per_shard is not None and images_per_shard < 1:
-        raise PipelineError(f"--images-per-shard {images_per_shard} must be at least 1")
+        raise ParameterError("images_per_shard", f"{images_per_shard} must be at least 1")
     out = Path(out)
     inputs = [p for p in (source.describe()["location"], dictionary) if p is not None and Path(p).exists()]
     outputs.check_out(out, inputs)
@@ -396,7 +396,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
     augment_mod.check_size(augment, height, width)
     config = resolve_size(config, height, width)
     if dictionary is not None and not config.has_code:
-        raise PipelineError("--dictionary goes with a code view; leave it out, or set --code-shapes")
+        raise ParameterError("dictionary", "goes with a code view; leave it out, or set --code-shapes")
     dict_obj = None
     if config.has_code:
         dict_obj, config = _dictionary(source, config, out, dictionary, on_fit)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout, outputs
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.engines.ray_engine import check_engine, query_tables
 from pipeline.query.run import Run, load
 from pipeline.extraction.shards import Shards
@@ -109,13 +109,13 @@ def query_batch(
     """
     check_engine(engine)
     if engine != "ray" and workers != 1:
-        raise PipelineError(f"--workers {workers} goes with --engine ray; leave it out to answer in this process")
+        raise ParameterError("workers", f"{workers} goes with --engine ray; leave it out to answer in this process")
     check_counts(k, patches)
     out = Path(out)
     if out.suffix != ".parquet":
-        raise PipelineError(f"--out {out} must end in .parquet")
+        raise ParameterError("out", f"{out} must end in .parquet")
     if out.is_dir():
-        raise PipelineError(f"--out {out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
+        raise ParameterError("out", f"{out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
     outputs.check_file_out(out, "--out")
     with outputs.locked(out, "pipe query --batch", file=True):
         return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize)
@@ -127,9 +127,9 @@ MAX_K = 1024  # nearest patterns or images asked per patch or image
 def check_counts(k: int, patches: int) -> None:
     """Refuse a --k or --patches that is out of range, before anything is loaded or written."""
     if not 1 <= k <= MAX_K:
-        raise PipelineError(f"--k {k} must be between 1 and {MAX_K}")
+        raise ParameterError("k", f"{k} must be between 1 and {MAX_K}")
     if patches < 0:
-        raise PipelineError(f"--patches {patches} must be 0 or more")
+        raise ParameterError("top", f"{patches} must be 0 or more")
 
 
 def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize) -> dict:

@@ -14,7 +14,7 @@ from pipeline.config import check_resize
 from pipeline.data.augment import is_original
 from pipeline.data.sources import Source
 from pipeline.data.split import is_validation
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
 from pipeline.query import pooling, unseen
 from pipeline.query.files import read_image
@@ -74,7 +74,7 @@ class Classify:
         if classifier == "knn":
             return self._vote(np.asarray(pooled), k)
         if classifier != "head":
-            raise PipelineError(f"--classifier {classifier!r} is not one of head, knn")
+            raise ParameterError("classifier", f"{classifier!r} is not one of head, knn")
         return pooling.softmax(pooling.head(self.head_layers, np.asarray(pooled, np.float32)))
 
     def _vote(self, pooled: np.ndarray, k: int) -> np.ndarray:
@@ -125,7 +125,7 @@ class Classify:
         image of another size than the run's is fitted to it, :func:`pipeline.data.images.fit_array`). Of shards,
         only the original images: the augmented copies an extract wrote for training are left out."""
         if resize is not None and isinstance(data, Shards):
-            raise PipelineError("--resize changes images of a source; shards hold keys already made, so leave it out")
+            raise ParameterError("resize", "changes images of a source; shards hold keys already made, so leave it out")
         if resize is not None:
             check_resize(resize)
         if isinstance(data, Shards):

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline import familiarity
 from pipeline import index as pattern_index
 from pipeline import layout, patterns
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.query import pooling, unseen
 
 
@@ -123,7 +123,7 @@ class LookUp:
     def nearest_images(self, images: np.ndarray, k: int = 5, rule: str | None = None) -> ImageLookup:
         """The k nearest training images of each image by pooled vector."""
         if k < 1:
-            raise PipelineError(f"--k {k} must be at least 1")
+            raise ParameterError("k", f"{k} must be at least 1")
         keys, weights = self.encode(images)
         return self.neighbours(self.pooled_keys(keys, rule, weights), k)
 
@@ -149,7 +149,7 @@ class LookUp:
         inf / -1 (without the patch's place no parts can be composed).
         """
         if k < 1:
-            raise PipelineError(f"--k {k} must be at least 1")
+            raise ParameterError("k", f"{k} must be at least 1")
         arr = np.asarray(patches_or_image)
         if arr.ndim == 1 and arr.dtype == np.uint64:
             pid = self.seen_ids(arr)

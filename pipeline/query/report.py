@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.codes import brightness_contrast
 from pipeline.familiarity import describe as describe_familiarity
 from pipeline.query.files import image_from_bytes, read_image  # noqa: F401 (where the CLI and the server read images)
@@ -63,7 +63,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     ``classifier`` = ``knn`` predicts by a vote of the nearest training images instead.
     """
     if k < 1:
-        raise PipelineError(f"--k {k} must be at least 1")
+        raise ParameterError("k", f"{k} must be at least 1")
     keys, weights = run.encode(image)  # hashed and pooled once for every part of the answer
     pooled = run.pooled_keys(keys, weights=weights)
     head = run.classify_pooled(pooled)[0]

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.query.pooling import pool
 
@@ -31,7 +31,7 @@ DEFAULT_RULE = "drop"  # benchmarks/query.py compares the rules (docs/results.md
 
 def check_rule(rule: str) -> str:
     if rule not in RULES:
-        raise PipelineError(f"--unseen {rule!r} is not one of {', '.join(RULES)}")
+        raise ParameterError("rule", f"{rule!r} is not one of {', '.join(RULES)}")
     return rule
 
 

@@ -52,7 +52,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import parse_size
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.workers import machine_cores
 from pipeline.query.report import image_from_bytes, query_one
 from pipeline.query.run import Run, load
@@ -116,7 +116,7 @@ def check_request(images: int, k: int, patches: int) -> None:
 def check_upload_mb(mb: float) -> None:
     """Refuse a request-size limit that is not a positive finite number of MiB (at most 1 GiB)."""
     if not (math.isfinite(mb) and 0 < mb <= MAX_UPLOAD_LIMIT_MB):
-        raise PipelineError(f"--max-upload-mb {mb} must be a number of MiB above 0 and at most {MAX_UPLOAD_LIMIT_MB}")
+        raise ParameterError("max_upload_mb", f"{mb} must be a number of MiB above 0 and at most {MAX_UPLOAD_LIMIT_MB}")
 
 
 MAX_WORKERS = 64
@@ -141,16 +141,16 @@ def check_workers(workers: int, learn_into: Path | str | None = None) -> int:
     """The number of worker processes: ``workers``, or one per core for 0; refuses a negative or
     absurd count, and more than one for a server that learns (each process would learn alone)."""
     if not 0 <= workers <= MAX_WORKERS:
-        raise PipelineError(f"--workers {workers} must be 0 (one per core) to {MAX_WORKERS}")
+        raise ParameterError("workers", f"{workers} must be 0 (one per core) to {MAX_WORKERS}")
     if learn_into is not None and workers != 1:
-        raise PipelineError("--learn-into needs one worker process (each would learn on its own); pass --workers 1 or leave it out")
+        raise ParameterError("learn_into", "needs one worker process (each would learn on its own); pass --workers 1 or leave it out")
     return workers or machine_cores()
 
 
 def check_port(host: str, port: int) -> None:
     """Refuse a host/port the server could not listen on, before the run is loaded."""
     if not 0 < port < 65536:
-        raise PipelineError(f"--port {port} must be between 1 and 65535")
+        raise ParameterError("port", f"{port} must be between 1 and 65535")
     try:
         with socket.create_server((host, port)):
             pass

@@ -36,7 +36,7 @@ from pipeline import layout, outputs, torchfiles
 from pipeline.training import vocab
 from pipeline.training.bags import concat_bags, part_groups, to_bags, validation_bags
 from pipeline.config import TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import Shards
 from pipeline.model import build_model
 from pipeline.training.loop import (
@@ -189,9 +189,9 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
     this function's :class:`PipelineError`; anything else names the log.
     """
     if nproc < 1:
-        raise PipelineError(f"--nproc {nproc} must be at least 1")
+        raise ParameterError("nproc", f"{nproc} must be at least 1")
     if config.optimizer not in DDP_OPTIMIZERS:
-        raise PipelineError(f"--optimizer {config.optimizer} runs in one process only; use {', '.join(DDP_OPTIMIZERS)} with --nproc, or drop --nproc")
+        raise ParameterError("optimizer", f"{config.optimizer} runs in one process only; use {', '.join(DDP_OPTIMIZERS)} with --nproc, or drop --nproc")
     default = TrainConfig()
     for name, flag in (("device", "--device"), ("cache_mb", "--cache-mb")):
         if getattr(config, name) != getattr(default, name) and not (name == "device" and config.device == "cpu"):

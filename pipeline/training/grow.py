@@ -35,7 +35,7 @@ from pipeline import layout, patterns, weights
 from pipeline.config import DISTILL, REPLAY, TrainConfig  # noqa: F401 (the defaults of train's replay and distill)
 from pipeline.data.augment import base_ids, is_original
 from pipeline.data.split import is_validation
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
 from pipeline.training import vocab as vocab_mod
 from pipeline.training.bags import part_batches
@@ -59,7 +59,7 @@ def load_parent(root: Path | str) -> Parent:
     root = Path(root)
     mpath = root / layout.RUN_MANIFEST
     if not (root / layout.RUN_MANIFEST).is_file():
-        raise PipelineError(f"--from {root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
+        raise ParameterError("start", f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
     try:
         m = layout.read_json(mpath)
         config = TrainConfig.from_dict(m["train_config"])

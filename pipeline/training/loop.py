@@ -39,7 +39,7 @@ from pipeline.training import artifacts, curves, grow, optim, vocab
 from pipeline import layout, outputs, torchfiles
 from pipeline import index as pattern_index
 from pipeline.config import TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.training.bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
 from pipeline.layout import RUN_FORMAT
 from pipeline.model import PatchBagModel, build_model, pick_device
@@ -100,14 +100,14 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
     unstarted = (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
     if resume and not overwrite:
         if (out / layout.RUN_MANIFEST).exists():
-            raise PipelineError(f"--out {out} holds a finished run; nothing to resume (pass --overwrite to train again)")
+            raise ParameterError("out", f"{out} holds a finished run; nothing to resume (pass --overwrite to train again)")
         if unstarted:
-            raise PipelineError(
-                f"--out {out} stopped before its first epoch ended (or while training again on every image), so there is no checkpoint to resume from; "
+            raise ParameterError(
+                "out", f"{out} stopped before its first epoch ended (or while training again on every image), so there is no checkpoint to resume from; "
                 "run the same command without --resume to start it again"
             )
         if not (out / layout.TRAIN_JOB).exists():
-            raise PipelineError(f"--out {out} has no checkpoint to resume from (no interrupted run is there); leave out --resume to start a new run")
+            raise ParameterError("out", f"{out} has no checkpoint to resume from (no interrupted run is there); leave out --resume to start a new run")
         try:
             old = layout.read_json(out / layout.TRAIN_JOB)
         except (ValueError, OSError) as e:
@@ -116,7 +116,7 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
             diffs = sorted(k for k in set(old["config"]) | set(job["config"]) if old["config"].get(k) != job["config"].get(k))
             diffs += [k for k in ("from", "replay", "distill") if old.get(k) != job.get(k)]
             what = ", ".join(diffs) or "the shards"
-            raise PipelineError(f"--out {out} was trained with different settings ({what}); resume with the same settings or start a new run")
+            raise ParameterError("out", f"{out} was trained with different settings ({what}); resume with the same settings or start a new run")
         return True
     if shards.config.has_code:
         shards.dictionary()  # refuses a dictionary file that is not the config's, before anything is written
@@ -150,7 +150,7 @@ def check_checkpoint(out: Path, processes: int | None) -> None:
     had = ck.get("processes")
     if had != processes:
         how = "without --nproc" if had is None else f"with --nproc {had}"
-        raise PipelineError(f"--out {out} was trained by {had or 'one'} process{'es' if had else ''}; resume it {how}")
+        raise ParameterError("out", f"{out} was trained by {had or 'one'} process{'es' if had else ''}; resume it {how}")
 
 
 def load_checkpoint(out: Path, model, opts, device) -> tuple[dict, list[dict], dict, int]:

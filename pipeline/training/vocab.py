@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import layout
 from pipeline.training import count_tables
 from pipeline.data.augment import VARIANT_STRIDE
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 
 
 def _table_size(n: int) -> int:
@@ -167,9 +167,9 @@ def build(
     so its total is one pass over the images.
     """
     if min_count < 1:
-        raise PipelineError(f"--min-count {min_count} must be at least 1")
+        raise ParameterError("min_count", f"{min_count} must be at least 1")
     if buckets < 0:
-        raise PipelineError(f"--buckets {buckets} must be 0 (drop rare keys) or more")
+        raise ParameterError("buckets", f"{buckets} must be 0 (drop rare keys) or more")
     budget = None if memory_mb is None else memory_mb << 20
     parts = 1
     told = [0.0]  # images reported by the attempt under way
@@ -187,7 +187,7 @@ def build(
                 progress(-told[0])  # the attempt starts again in more passes: take back what it reported
             told[0] = 0.0
             if parts >= 1 << 16:
-                raise PipelineError(f"--vocab-mb {memory_mb} is too small to count the keys even in {parts} passes; raise it") from None
+                raise ParameterError("vocab_mb", f"{memory_mb} is too small to count the keys even in {parts} passes; raise it") from None
             parts *= 2
 
 
