@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
 from pipeline.errors import ParameterError, environment_message
+
+from cli import progress as progress_bars
 
 
 # a library parameter whose flag is not its name with dashes
@@ -57,55 +57,6 @@ def _size(value: str | None, option: str) -> tuple[int, int] | None:
         raise click.BadParameter(str(e), param_hint=option) from None
 
 
-LOG_EVERY_S = 30.0  # where stderr is a file or pipe: one progress line per this many seconds per bar
-
-
-class _LineProgress(tqdm):
-    """tqdm for logs: a plain line (count, rate, ETA) when the work starts, at most every
-    LOG_EVERY_S after, and one when done, instead of carriage-return redraws that a file or
-    pipe shows as one endless line."""
-
-    def __init__(self, *a, **kw):
-        self._printed = 0.0
-        self._final = False
-        super().__init__(*a, **kw, file=sys.stderr, mininterval=1.0, ascii=True)
-
-    def clear(self, *a, **kw):  # nothing drawn in place, nothing to clear (tqdm.write calls this)
-        pass
-
-    def _line(self) -> None:
-        self.fp.write(self.format_meter(**{**self.format_dict, "ncols": 0}).replace("||", "").strip() + "\n")
-        self.fp.flush()
-        self._printed = time.time()
-
-    def display(self, msg=None, pos=None):
-        if not self.n or self._final:
-            return
-        self._final = self.total is not None and self.n >= self.total
-        if self._final or time.time() - self._printed >= LOG_EVERY_S:
-            self._line()
-
-    def close(self):
-        if not self.disable and self.n and not self._final:
-            self._final = True
-            self._line()
-        self.disable = True  # tqdm's own close would redraw the bar
-
-
-PROGRESS = {"mode": "auto"}  # set by the --progress option of the command group
-
-
-def _bar(total: int | None, unit: str, desc: str) -> tqdm:
-    """A progress bar on stderr (--progress): redrawn in place on a terminal, plain lines in a log
-    (any other stderr), or none."""
-    mode = PROGRESS["mode"]
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "lines"
-    if mode == "bar":
-        return tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr, leave=False)
-    return _LineProgress(total=total, unit=unit, desc=desc, unit_scale=True, disable=mode == "off")
-
-
 @click.group(cls=_Group)
 @click.version_option(package_name="patchhash")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
@@ -113,7 +64,7 @@ def _bar(total: int | None, unit: str, desc: str) -> tqdm:
               help="Progress on stderr: a bar redrawn in place, a plain line every 30 s (for logs), or none; auto = bar on a terminal, lines otherwise. Env: PIPE_PROGRESS.")
 def main(verbose: bool, progress: str) -> None:
     """patchhash: learn a vector for every image patch; look up the nearest learned pattern."""
-    PROGRESS["mode"] = progress
+    progress_bars.MODE["mode"] = progress
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -125,6 +76,10 @@ _source_options = [
     click.option("--per-class", type=int, default=None, help="Keep only the first N images of each class, in sorted-name order [all]."),
     click.option("--skip-bad", is_flag=True, help="Skip unreadable image files (counted in the manifest) instead of failing."),
 ]
+
+
+def _json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=what)
 
 
 def source_options(f):
@@ -166,7 +121,8 @@ def source_options(f):
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite):
+@_json_option("Print the shards' manifest (with resumed_shards, seconds, and the audit with --audit) as one JSON object.")
+def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -194,12 +150,22 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
         code_stride=code_stride, code_sample=code_sample,
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
-    with _bar(len(src), "img", "dictionary") as fit_bar, _bar(len(src), "img", "extract") as bar:
+    with progress_bars.bar(len(src), "img", "dictionary") as fit_bar, progress_bars.bar(len(src), "img", "extract") as bar:
         m = pipeline.extract(
             src, out, config, overwrite=overwrite, images_per_shard=images_per_shard, workers=workers, engine=engine, address=address,
-            compression=compression, progress=_patch_progress(bar), augment=augment, dictionary=dictionary, on_fit=fit_bar.update,
+            compression=compression, progress=progress_bars.patches(bar), augment=augment, dictionary=dictionary, on_fit=fit_bar.update,
             like=like,
         )
+    if audit:
+        from pipeline.extraction import audit as audits
+
+        src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
+        with progress_bars.bar(min(len(src), audit_images or len(src)), "img", "audit") as bar:
+            res = audits.audit(src, ExtractConfig.from_dict(m["config"]), limit=audit_images, progress=progress_bars.patches(bar))
+        audits.save(out, res)
+    if as_json:
+        click.echo(json.dumps({**m, **({"audit": res} if audit else {})}))
+        return
     resumed = m["resumed_shards"]
     note = " (already complete)" if resumed == len(m["shards"]) else (f" ({resumed} shard(s) kept from an interrupted run)" if resumed else "")
     click.echo(
@@ -212,12 +178,6 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
         + (f" ({m['unlabelled']} image(s) without a label: kept for query, left out of training and validation)" if m.get("unlabelled") else "")
     )
     if audit:
-        from pipeline.extraction import audit as audits
-
-        src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
-        with _bar(min(len(src), audit_images or len(src)), "img", "audit") as bar:
-            res = audits.audit(src, ExtractConfig.from_dict(m["config"]), limit=audit_images, progress=_patch_progress(bar))
-        audits.save(out, res)
         click.echo(
             f"audit: {res['patches']:,} patches, {res['distinct_contents']:,} distinct contents, "
             f"{res['distinct_keys']:,} distinct keys -> {res['collisions']} collision(s) "
@@ -228,17 +188,6 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
 # the options of pipe extract that --like takes from the earlier run or shards
 SETTINGS_OF_LIKE = ("levels", "views", "color", "max_size", "shapes", "stride", "position", "grid", "code_shapes", "atoms", "code_k",
                     "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
-
-
-def _patch_progress(bar: tqdm):
-    patches = [0]
-
-    def progress(images: int, n: int) -> None:
-        patches[0] += n
-        bar.update(images)
-        bar.set_postfix_str(f"{patches[0] / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.1f}M patches/s", refresh=False)
-
-    return progress
 
 
 def _train_option(name: str, help: str, **kw):
@@ -283,7 +232,8 @@ def _train_option(name: str, help: str, **kw):
 @click.option("--replay", type=int, default=REPLAY, show_default=True, help="With --from: earlier images per class trained on again.")
 @click.option("--distill", type=float, default=DISTILL, show_default=True,
               help="With --from: weight of RUN's own answers on the earlier classes in the loss (0 = none).")
-def train(shards, out, nproc, resume, overwrite, start, replay, distill, **options):
+@_json_option("Print the run's manifest (run.json) as one JSON object.")
+def train(shards, out, nproc, resume, overwrite, start, replay, distill, as_json, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
 
     Writes metrics.jsonl and curves.png after every epoch, and a checkpoint
@@ -313,7 +263,8 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
         from pipeline.training.ddp import launch
 
         m = launch(shards, out, config, nproc, overwrite, resume)
-        click.echo(f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
+        click.echo(json.dumps(m) if as_json else
+                   f"run written to {out} by {nproc} processes: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy {m['final']['val_accuracy']:.4f}")
         return
     sh = pipeline.open_shards(shards)
     # the bars' totals are exact
@@ -323,9 +274,9 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
         from pipeline.training.grow import step_images
 
         per_epoch = step_images(sh, start, replay, config.val_fraction)
-    with _bar(per_epoch, "img", "vocabulary") as vbar:
+    with progress_bars.bar(per_epoch, "img", "vocabulary") as vbar:
         vocab_progress = vbar.update
-        bar = _bar(per_epoch * config.epochs, "img", "train")
+        bar = progress_bars.bar(per_epoch * config.epochs, "img", "train")
 
         def progress(images: int, ids: int) -> None:
             bar.update(images)
@@ -335,7 +286,7 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
             rate = f", drop rate {row['drop_rate']:.3f}" if "drop_rate" in row else ""
             bar.write(
                 f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}, {val}, "
-                f"{row['ids_per_s'] / 1e6:.2f}M ids/s{rate}"
+                f"{row['ids_per_s'] / 1e6:.2f}M ids/s{rate}", file=sys.stderr if as_json else None,
             )
 
         steps: list = []
@@ -347,9 +298,9 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
                 bar.refresh()
             for b in [bar, *steps]:
                 b.close()
-            click.echo(f"then: {what}")
+            click.echo(f"then: {what}", err=as_json)  # with --json, stdout holds the JSON alone
             if items:
-                steps.append(_bar(items, "vec", "index"))
+                steps.append(progress_bars.bar(items, "vec", "index"))
                 return steps[-1].update
             return None
 
@@ -358,6 +309,9 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, **optio
                                on_vocab=vocab_progress, on_step=on_step, start=start, replay=replay, distill=distill)
         for b in steps:
             b.close()
+    if as_json:
+        click.echo(json.dumps(m))
+        return
     v = m["vocabulary"]
     click.echo(
         f"run written to {out}: best epoch {m['best_epoch']} of {m['epochs_run']}, val accuracy "
@@ -405,7 +359,7 @@ def evaluate(run, source, split, holdout, limit, per_class, skip_bad, validation
     if validation and (split or holdout or limit or per_class or skip_bad):
         raise click.ClickException("--split, --holdout, --limit, --per-class and --skip-bad choose images of SOURCE; they do not go with --validation")
     total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
-    with _bar(total, "img", "evaluate") as bar:
+    with progress_bars.bar(total, "img", "evaluate") as bar:
         res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier, validation=validation, resize=_size(resize, "--resize"))
     res["scored"] = ("the held-out part of the training shards" if validation else "the shard directory" if isinstance(src, pipeline.Shards)
                      else f"split {src.split}" if src.split else "all of it")
@@ -455,7 +409,8 @@ def info(run, as_json):
 @click.option("--index", "kind", required=True, help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
 @click.option("--nprobe", type=int, default=None, help="Inverted lists searched per query (ivf kinds) [as recorded, or 32].")
 @click.option("--ef-search", type=int, default=None, help="Search breadth (hnsw kinds) [as recorded, or 64].")
-def index(run, kind, nprobe, ef_search):
+@_json_option("Print the index's entry of run.json (and rebuilt: false when only its settings changed) as one JSON object.")
+def index(run, kind, nprobe, ef_search, as_json):
     """Rebuild RUN's pattern index as another kind (or change its query-time settings) and record it.
 
     \b
@@ -463,6 +418,9 @@ def index(run, kind, nprobe, ef_search):
       pipe index artifacts/run --index hnsw --ef-search 128
     """
     info = pipeline.rebuild_index(run, kind, nprobe, ef_search)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
     knobs = ", ".join(f"{k} {info[k]}" for k in ("nprobe", "ef_search") if info[k] is not None)
     click.echo(f"{run}: index {info['factory']} over {info['vectors']:,} patterns ({'exact' if info['exact'] else 'approximate'}"
                + (f", {knobs}" if knobs else "") + (f"), built in {info['build_s']:.1f} s" if info["rebuilt"] else "): the same index, only its settings changed"))
@@ -518,7 +476,7 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
     if batch_source:
         src = pipeline.open_data(batch_source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
         total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
-        with _bar(total, "img", "query") as bar:
+        with progress_bars.bar(total, "img", "query") as bar:
             res = pipeline.query_batch(
                 r, src, out or Path("artifacts/results.parquet"), k=k, patches=top, classifier=classifier, progress=bar.update,
                 engine=engine, workers=workers, address=address, resize=_size(resize, "--resize"),

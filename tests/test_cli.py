@@ -276,3 +276,20 @@ def test_library_errors_name_parameters_and_the_cli_names_their_flags(trained, t
         named |= set(re.findall(r'ParameterError\(\s*"([a-z_]+)"', path.read_text()))
     options = {o for cmd in main.commands.values() for p in cmd.params for o in getattr(p, "opts", [])}
     assert len(named) > 40 and {flag(n) for n in named} <= options, {n: flag(n) for n in named if flag(n) not in options}
+
+
+def test_every_command_that_prints_a_result_prints_it_as_json(tmp_path):
+    """--json on extract, train and index: stdout is one JSON object, the artifact's own record."""
+    r = run("extract", "digits", "--limit", "120", "--code-shapes", "none", "--out", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.output
+    got, manifest = json.loads(r.stdout), json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert {k: got[k] for k in manifest} == manifest and got["resumed_shards"] == 0
+    r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == json.loads((tmp_path / "r" / "run.json").read_text())
+    r = run("index", tmp_path / "r", "--index", "flat", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got.pop("rebuilt") is False and got == json.loads((tmp_path / "r" / "run.json").read_text())["index"]
+    commands = {name for name, cmd in main.commands.items() if any("--json" in getattr(p, "opts", []) for p in cmd.params)}
+    assert commands == set(main.commands) - {"serve"}  # serve answers over HTTP in JSON already
