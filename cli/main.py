@@ -17,6 +17,7 @@ import click
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
+from pipeline.extraction.shards import DEFAULT_CODEC
 from pipeline.errors import ParameterError, environment_message
 
 from cli import progress as progress_bars
@@ -92,12 +93,12 @@ def source_options(f):
 @click.argument("source")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/shards"), show_default=True, help="Shard directory to write.")
 @source_options
-@click.option("--levels", type=int, default=4, show_default=True, help="Quantization levels per channel.")
+@click.option("--levels", type=int, default=ExtractConfig.levels, show_default=True, help="Quantization levels per channel.")
 @click.option("--views", default=ExtractConfig.views, show_default=True, help="Exact views hashed side by side: levels (--levels), norm (each image's contrast stretched first), grad (ordinal: brighter than the right / lower neighbour); ':N' sets a view's levels, e.g. levels,norm:3; none = code view only; auto = levels,grad on gray images, levels on RGB.")
-@click.option("--color", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True, help="Channels hashed; auto = as the first image.")
+@click.option("--color", type=click.Choice(["auto", "gray", "rgb"]), default=ExtractConfig.color, show_default=True, help="Channels hashed; auto = as the first image.")
 @click.option("--max-size", default="auto", show_default=True, help="Largest exact-view patch, N or HxW (the full image size is allowed); auto = the largest square whose possible contents number at most 2**24 (3 on gray, 2 on RGB at 4 levels).")
-@click.option("--shapes", default="rect", show_default=True, help="rect = every HxW up to --max-size; square = squares only; or a list such as 1x1,2x2,1x3.")
-@click.option("--stride", type=int, default=1, show_default=True, help="Step between patch positions, in pixels.")
+@click.option("--shapes", default=ExtractConfig.shapes, show_default=True, help="rect = every HxW up to --max-size; square = squares only; or a list such as 1x1,2x2,1x3.")
+@click.option("--stride", type=int, default=ExtractConfig.stride, show_default=True, help="Step between patch positions, in pixels.")
 @click.option("--position", default=ExtractConfig.position, show_default=True, help="Key kinds per patch, one or more of: none (no location), grid (its grid cell), offset (its cell in the grid moved by half a cell), coarse (its cell in a grid half as fine); both = none,grid.")
 @click.option("--grid", type=int, default=ExtractConfig.grid, show_default=True, help="Grid cells per side for the grid, offset and coarse key kinds; 0 = auto: cells of about 8 pixels, at least 3 per side (3 on 8x8, 4 on 32x32).")
 @click.option("--code-shapes", default=ExtractConfig.code_shapes, show_default=True, help="Shapes of the code view (each patch keyed by its nearest learned atoms): a list such as 6x6,4x8; none = no code view; auto = one square of side min(6, half the shorter side) (4x4 on 8x8, 6x6 on 32x32).")
@@ -110,13 +111,13 @@ def source_options(f):
 @click.option("--code-sample", type=int, default=ExtractConfig.code_sample, show_default=True, help="Code view: patches per shape sampled to fit the dictionary.")
 @click.option("--dictionary", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Code view: use this dictionary.npz (e.g. the training shards') instead of fitting one on SOURCE.")
 @click.option("--like", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Take every setting (and the dictionary) from this run or shard directory, so the new keys are its keys (for pipe train --from).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Hash seed (also seeds the dictionary fit).")
+@click.option("--seed", type=int, default=ExtractConfig.seed, show_default=True, help="Hash seed (also seeds the dictionary fit).")
 @click.option("--resize", default=None, help="Resize every image to HxW first [no resize: sizes must match].")
 @click.option("--augment", default="auto", show_default=True, help="Extra copies of each image: none, flip (mirror), shift:N (every shift up to N pixels), e.g. flip,shift:1; auto = flip for colour images, none for grayscale.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Processes that decode, hash and write shards (with --engine ray: CPUs of the local Ray instance); 0 = one per core, at most one per shard.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run the shard tasks in local processes, or on Ray (pip install 'patchhash[ray]').")
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to use (e.g. ray://head:10001 or auto) [a local instance].")
-@click.option("--compression", type=click.Choice(["snappy", "lz4", "zstd", "none"]), default="snappy", show_default=True, help="Parquet codec of the shards.")
+@click.option("--compression", type=click.Choice(["snappy", "lz4", "zstd", "none"]), default=DEFAULT_CODEC, show_default=True, help="Parquet codec of the shards.")
 @click.option("--images-per-shard", type=int, default=None, help="Images per Parquet file [about 8M patches' worth].")
 @click.option("--audit", is_flag=True, help="Also count hash collisions: distinct patch contents vs distinct keys (reads the source again).")
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
@@ -380,28 +381,14 @@ def info(run, as_json):
     Example:
       pipe info artifacts/digits/run
     """
+    from pipeline.query.report import info_lines
+
     s = pipeline.load(run).summary()
     if as_json:
         click.echo(json.dumps(s))
         return
-    acc = f"{s['val_accuracy']:.4f}" if s["val_accuracy"] is not None else "n/a"
-    ex, tr = s["extract_config"], s["train_config"]
-    click.echo(f"{s['run']}: {len(s['classes'])} classes ({', '.join(s['classes'][:10])}{', ...' if len(s['classes']) > 10 else ''}), "
-               f"{s['image']['height']}x{s['image']['width']} images with {s['image']['channels']} channel(s)")
-    click.echo(f"  held-out accuracy {acc} at epoch {s['best_epoch']} of {s['epochs_run']} (train {s['train_accuracy']:.4f}); "
-               f"{s['patterns']:,} patterns, {s['rows']:,} table rows of dimension {tr['dim']}; index {s['index']}; unseen patches: {s['unseen_rule']}")
-    click.echo(f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
-               f"code shapes {ex['code_shapes']}" + (f" ({ex['atoms']} atoms, k {ex['code_k']})" if ex["code_shapes"] != "none" else "")
-               + f"; trained {tr['epochs']} epochs max, lr {tr['lr']}, bag {tr['bag']}; from {s['shards']}")
-    if s["refit"]:
-        click.echo(f"  then trained again on all {s['refit']['images']:,} images for those {s['refit']['epochs']} epoch(s) (--refit auto): nothing is held out")
-    if s["lineage"]:
-        click.echo("  grown in steps: " + " -> ".join(f"{e['shards']}" + (f" (on top of {e['run']})" if e["run"] else "") for e in s["lineage"]))
-    if s["taught"]:
-        taught = s["taught"]["images"]
-        click.echo(f"  taught {len(taught)} image(s) on top of {s['taught']['from']}: "
-                   + ", ".join(f"{t['name']} as {t['class']}" for t in taught[:5]) + (", ..." if len(taught) > 5 else ""))
-    click.echo(f"  on disk {s['bytes'] / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in s["files_bytes"].items()))
+    for line in info_lines(s):
+        click.echo(line)
 
 
 @main.command()

@@ -180,7 +180,19 @@ def test_info_describes_the_run(trained):
     assert s["classes"] == m["class_names"] and s["rows"] == m["rows"] and s["files_bytes"] == on_disk
     assert s["val_accuracy"] == m["final"]["val_accuracy"] and s["bytes"] == sum(on_disk.values())
     r = run("info", trained / "run")
-    assert r.exit_code == 0 and "held-out accuracy" in r.output and "model.safetensors" in r.output
+    assert r.exit_code == 0, r.output
+    # the text is the contract: each line written out from run.json and the directory
+    ex, tr, f = m["extract_config"], m["train_config"], m["final"]
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"{trained / 'run'}: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), 8x8 images with 1 channel(s)"
+    assert lines[1] == (f"  held-out accuracy {f['val_accuracy']:.4f} at epoch {m['best_epoch']} of {m['epochs_run']} "
+                        f"(train {f['train_accuracy']:.4f}); {m['patterns']:,} patterns, {m['rows']:,} table rows of dimension "
+                        f"{tr['dim']}; index {m['index']['factory']}; unseen patches: drop")
+    assert lines[2] == (f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
+                        f"code shapes {ex['code_shapes']} ({ex['atoms']} atoms, k {ex['code_k']}); trained {tr['epochs']} epochs max, "
+                        f"lr {tr['lr']}, bag {tr['bag']}; from {m['shards']}")
+    assert lines[3] == f"  on disk {sum(on_disk.values()) / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in sorted(on_disk.items()))
+    assert len(lines) == 4
 
 
 def test_query_resizes_and_converts_with_a_notice(trained, tmp_path):
@@ -293,3 +305,16 @@ def test_every_command_that_prints_a_result_prints_it_as_json(tmp_path):
     assert got.pop("rebuilt") is False and got == json.loads((tmp_path / "r" / "run.json").read_text())["index"]
     commands = {name for name, cmd in main.commands.items() if any("--json" in getattr(p, "opts", []) for p in cmd.params)}
     assert commands == set(main.commands) - {"serve"}  # serve answers over HTTP in JSON already
+
+
+def test_option_defaults_are_the_configs():
+    """An option that sets a config field defaults to that field's default, in extract and train alike."""
+    from pipeline import ExtractConfig, TrainConfig
+
+    checked = 0
+    for command, config in (("extract", ExtractConfig()), ("train", TrainConfig())):
+        for p in main.commands[command].params:
+            if p.name in config.__dataclass_fields__ and p.name not in ("resize", "dictionary"):  # a size text and a file, not the fields
+                assert p.default == getattr(config, p.name), (command, p.name, p.default, getattr(config, p.name))
+                checked += 1
+    assert checked > 30

@@ -143,6 +143,30 @@ def text_lines(res: dict, label: str) -> list[str]:
     return out
 
 
+def info_lines(s: dict) -> list[str]:
+    """What ``pipe info`` prints for a run's :meth:`~pipeline.query.run.Run.summary` ``s``."""
+    out: list[str] = []
+    acc = f"{s['val_accuracy']:.4f}" if s["val_accuracy"] is not None else "n/a"
+    ex, tr = s["extract_config"], s["train_config"]
+    out.append(f"{s['run']}: {len(s['classes'])} classes ({', '.join(s['classes'][:10])}{', ...' if len(s['classes']) > 10 else ''}), "
+               f"{s['image']['height']}x{s['image']['width']} images with {s['image']['channels']} channel(s)")
+    out.append(f"  held-out accuracy {acc} at epoch {s['best_epoch']} of {s['epochs_run']} (train {s['train_accuracy']:.4f}); "
+               f"{s['patterns']:,} patterns, {s['rows']:,} table rows of dimension {tr['dim']}; index {s['index']}; unseen patches: {s['unseen_rule']}")
+    out.append(f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
+               f"code shapes {ex['code_shapes']}" + (f" ({ex['atoms']} atoms, k {ex['code_k']})" if ex["code_shapes"] != "none" else "")
+               + f"; trained {tr['epochs']} epochs max, lr {tr['lr']}, bag {tr['bag']}; from {s['shards']}")
+    if s["refit"]:
+        out.append(f"  then trained again on all {s['refit']['images']:,} images for those {s['refit']['epochs']} epoch(s) (--refit auto): nothing is held out")
+    if s["lineage"]:
+        out.append("  grown in steps: " + " -> ".join(f"{e['shards']}" + (f" (on top of {e['run']})" if e["run"] else "") for e in s["lineage"]))
+    if s["taught"]:
+        taught = s["taught"]["images"]
+        out.append(f"  taught {len(taught)} image(s) on top of {s['taught']['from']}: "
+                   + ", ".join(f"{t['name']} as {t['class']}" for t in taught[:5]) + (", ..." if len(taught) > 5 else ""))
+    out.append(f"  on disk {s['bytes'] / 1e6:.1f} MB: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in s["files_bytes"].items()))
+    return out
+
+
 def png_names(paths) -> dict:
     """One PNG file name per query image: its stem, made unique (``name-2.png``, ...) where two
     inputs share one, so no picture overwrites another."""
