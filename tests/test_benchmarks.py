@@ -99,7 +99,8 @@ def test_rss_trace_smoke():
 @needs_cifar
 def test_engines_benchmark_smoke():
     (r,) = smoke("benchmarks/engines.py")
-    assert set(r["extract_s"]) == {"local_1", "ray_1"} and set(r["query_s"]) == {"local_1", "ray_1"} and "torchrun_2" in r["train_s"]
+    assert set(r["extract_s"]) == {"local_1", "ray_1"} and set(r["folder_extract_s"]) == {"local_1"}
+    assert set(r["train_s"]) == {"pipe_train"} and set(r["query_s"]) == {"local_1"} and 0 <= r["train_val_accuracy"]["pipe_train"] <= 1
 
 
 def test_defaults_benchmark_smoke():
