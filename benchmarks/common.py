@@ -1,9 +1,11 @@
 """Helpers shared by the benchmarks: the shared CIFAR-10 images, timing, and peak memory of a child process."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -127,3 +129,26 @@ def smoke_run(work: Path, images: int = 200) -> tuple[Path, Path]:
     pipeline.extract(pipeline.open_source("digits", limit=images), work / "shards")
     pipeline.train(pipeline.open_shards(work / "shards"), work / "run", TrainConfig(epochs=1, dim=16))
     return work / "shards", work / "run"
+
+
+def run_arguments(doc: str, smoke: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark that measures a trained run: ``--run``, ``--source`` (the images it
+    was trained on), ``--out``, ``--smoke`` (``smoke`` says what it measures) and ``--json``; the
+    benchmark adds its own options."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="a run trained on --source")
+    ap.add_argument("--source", default=str(CIFAR_TAR), help="the images the run was trained on")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    ap.add_argument("--smoke", action="store_true", help=f"seconds: {smoke}")
+    ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def the_run(ap: argparse.ArgumentParser, a: argparse.Namespace, name: str, images: int = 400) -> Path:
+    """The run a benchmark of :func:`run_arguments` measures: with ``--smoke`` a small digits run of
+    ``images`` images made now (under a temporary folder named after ``name``), else ``--run``."""
+    if a.smoke:
+        return smoke_run(Path(tempfile.mkdtemp(prefix=f"{name}-")), images)[1]
+    if a.run is None:
+        ap.error("--run is required (or --smoke)")
+    return a.run

@@ -20,9 +20,7 @@ set under ``familiarity.UNFAMILIAR`` (the threshold below which an answer says s
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, emit, smoke_run  # noqa: E402
+from benchmarks.common import emit, run_arguments, the_run  # noqa: E402
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -80,29 +78,20 @@ def in_distribution(run, source: str, limit: int) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, help="a run trained on --source")
-    ap.add_argument("--source", default=str(CIFAR_TAR), help="the images the run was trained on")
+    ap = run_arguments(__doc__, "a digits run against flat colours and noise")
     ap.add_argument("--images", type=int, default=3000, help="held-out images scored (after the reference's)")
     ap.add_argument("--other", type=int, default=500, help="images of each other kind")
-    ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    ap.add_argument("--smoke", action="store_true", help="seconds: a digits run against flat colours and noise")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
     import pipeline
     from pipeline import familiarity
 
+    run = pipeline.load(the_run(ap, a, "familiarity"))
     if a.smoke:
-        _, run_dir = smoke_run(Path(tempfile.mkdtemp(prefix="familiarity-")), 400)
-        run = pipeline.load(run_dir)
         inside = np.concatenate([b.images for b in pipeline.open_source("digits", split="test").batches(512, 1)])[:200]
         sets = others(60, run.height, run.width, run.extract_config.channels, digits=False)
         what = "digits test split (the smoke run)"
     else:
-        if a.run is None:
-            ap.error("--run is required (or --smoke)")
-        run = pipeline.load(a.run)
         inside = in_distribution(run, a.source, a.images)
         sets = others(a.other, run.height, run.width, run.extract_config.channels, digits=True)
         what = "held-out training images after the reference's"

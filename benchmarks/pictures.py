@@ -12,41 +12,29 @@ patch's pixels by the mean absolute difference (0..255); the medians side by sid
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, emit, smoke_run  # noqa: E402
+from benchmarks.common import emit, run_arguments, the_run  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, help="a run trained on --source")
-    ap.add_argument("--source", default=str(CIFAR_TAR), help="the images the run was trained on")
+    ap = run_arguments(__doc__, "a small digits run")
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--top", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    ap.add_argument("--smoke", action="store_true", help="seconds: a small digits run")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
     import pipeline
     from pipeline.data.split import is_validation
     from pipeline.extraction.codes import brightness_contrast
 
+    run = pipeline.load(the_run(ap, a, "pictures"))
     if a.smoke:
-        _, run_dir = smoke_run(Path(tempfile.mkdtemp(prefix="pictures-")), 400)
         a.source, a.images = "digits", 30
-    elif a.run is None:
-        ap.error("--run is required (or --smoke)")
-    else:
-        run_dir = a.run
-    run = pipeline.load(run_dir)
     images = []
     for b in pipeline.open_source(a.source).batches(512, run.extract_config.channels):
         images += list(b.images[is_validation(b.ids, run.train_config.val_fraction or 0.1)])
@@ -67,7 +55,7 @@ def main() -> None:
             like.append(float(np.abs(new - patch).mean()))
             patches += 1
     res = {
-        "run": str(run_dir), "images": min(len(images), a.images), "top": a.top, "code_patches": patches,
+        "run": str(run.root), "images": min(len(images), a.images), "top": a.top, "code_patches": patches,
         "stored_mad": float(np.median(stored)) if stored else None, "like_patch_mad": float(np.median(like)) if like else None,
         "like_patch_mad_p90": float(np.percentile(like, 90)) if like else None,
     }

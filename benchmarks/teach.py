@@ -21,7 +21,6 @@ seconds :func:`pipeline.teach.save.save` takes to write the taught run.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CIFAR_TAR, emit, smoke_run  # noqa: E402
+from benchmarks.common import emit, run_arguments, the_run  # noqa: E402
 
 
 def held_out(run, source: str, limit: int, split: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -81,23 +80,15 @@ def side(run_dir: Path, images: np.ndarray, labels: np.ndarray, teach: int, othe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, help="a run trained on --source")
-    ap.add_argument("--source", default=str(CIFAR_TAR), help="the images the run was trained on")
+    ap = run_arguments(__doc__, "a small digits run and its test split")
     ap.add_argument("--teach", type=int, default=50, help="wrong held-out images taught, one at a time")
     ap.add_argument("--others", type=int, default=2000, help="other held-out images answered before and after")
-    ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    ap.add_argument("--smoke", action="store_true", help="seconds: a small digits run and its test split")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="teach-"))
+    run_dir = the_run(ap, a, "teach")
+    split = None
     if a.smoke:
-        _, run_dir = smoke_run(work, 400)
         a.source, a.teach, a.others, split = "digits", 5, 300, "test"
-    else:
-        if a.run is None:
-            ap.error("--run is required (or --smoke)")
-        run_dir, split = a.run, None
+    work = Path(tempfile.mkdtemp(prefix="teach-"))
     import pipeline
 
     images, labels = held_out(pipeline.load(run_dir), a.source, a.teach * 20 + a.others, split)

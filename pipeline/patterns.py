@@ -39,7 +39,7 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | Non
             "view": pa.array(loc["view"]),
             "atom": pa.array(stats["atom"] if "atom" in stats else np.full(len(stats["key"]), -1, np.int64)),
             "count": pa.array(stats["count"]),
-            "class_counts": pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), cc.shape[1]),
+            "class_counts": class_counts_column(cc),
             "example_image": pa.array(stats["example_image"]),
             "example_y": pa.array(loc["y"]),
             "example_x": pa.array(loc["x"]),
@@ -48,7 +48,14 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | Non
     )
 
 
+def class_counts_column(cc: np.ndarray) -> pa.FixedSizeListArray:
+    """The ``class_counts`` column of counts ``cc`` (patterns x classes): one fixed-size list per pattern."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(cc).reshape(-1), pa.int64()), cc.shape[1])
+
+
 def write(table: pa.Table, path: Path) -> None:
+    """Write a run's Parquet table (the pattern table, or the image table images.parquet) atomically,
+    in row groups of ``ROW_GROUP`` rows, so that rows by id decode only their row groups."""
     with layout.atomic(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline import layout
+from pipeline import layout, weights
 from pipeline.errors import PipelineError
 
 
@@ -33,15 +33,7 @@ def load(path: Path, fix: str, map_location: Any = "cpu", mmap: bool = False) ->
 
 def save_weights(state: dict, path: Path) -> None:
     """Write a state dict's tensors as safetensors (read by :mod:`pipeline.weights`), atomically."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        with layout.atomic(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    except (RuntimeError, OSError, SafetensorError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and train again") from None
+    weights.save({k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}, path)
 
 
 def save(obj: Any, path: Path) -> None:

@@ -1,6 +1,6 @@
 """A finished run's weights, ``model.safetensors``: read memory-mapped with numpy, without torch.
 
-The file is written with the ``safetensors`` library (:func:`pipeline.torchfiles.save_weights`);
+The file is written with the ``safetensors`` library (:func:`save`);
 its layout is that format's (an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the bytes). It is read here as ``numpy.memmap``
 views rather than through the library, whose numpy reader copies every tensor: a query touches
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.errors import PipelineError
 
 DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
@@ -56,3 +57,16 @@ def load(path: Path, fix: str) -> dict[str, np.ndarray]:
         return out
     except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path} is damaged or truncated ({e}); {fix}") from None
+
+
+def save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """Write ``tensors`` (name -> float32 array) as ``path`` in the safetensors format, atomically."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        with layout.atomic(path) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    except (RuntimeError, OSError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and train again") from None

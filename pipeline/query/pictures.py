@@ -83,7 +83,8 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         patch = img[y : y + h, x : x + w]
         _show(own, patch)
         nearby = lookup.ids[r][lookup.ids[r] >= 0]
-        pix = dict(zip(nearby.tolist(), run.pattern_pixels(nearby, like=brightness_contrast(patch)))) if len(nearby) else {}
+        look = brightness_contrast(patch)
+        pix = dict(zip(nearby.tolist(), run.pattern_pixels(nearby, like=look))) if len(nearby) else {}
         for side in own.spines.values():
             side.set_edgecolor(color)
             side.set_linewidth(2)
@@ -93,7 +94,7 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         cell = int(lookup.location["cell"][r])
         where = f"row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "")
         atom = f" atom {int(lookup.location['rank'][r]) + 1} w{weights[0][lookup.slots[r]]:.2f}" if view == "code" and weights is not None else ""
-        flat = " flat" if brightness_contrast(patch)[1] < FLAT else ""
+        flat = " flat" if look[1] < FLAT else ""
         own.set_title(f"#{r + 1} {view}{atom}\n{h}x{w} {where}{flat}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         found = np.flatnonzero(lookup.ids[r] >= 0)  # the patch's own view and shape first, each group nearest first
         at = np.array([row_of[int(pid)] for pid in lookup.ids[r, found]], np.int64)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import index as pattern_index
-from pipeline import layout, patterns
+from pipeline import layout, patterns, weights
 from pipeline.data.augment import is_original
 from pipeline.data.images import thumbnail
 from pipeline.data.sources import from_arrays
@@ -89,22 +89,18 @@ def _write(run, lessons: list[Lesson], work: Path, out: Path) -> dict:
     extract(src, work / SHARDS, like=root, workers=1)
     taught_ids = _original_ids(Shards(work / SHARDS))
 
-    from safetensors.numpy import save_file
-
-    tensors = {n: np.ascontiguousarray(a, np.float32) for n, a in {"table.weight": run.table, **run.head_tensors()}.items()}
-    with layout.atomic(work / layout.WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
+    weights.save({"table.weight": run.table, **run.head_tensors()}, work / layout.WEIGHTS)
 
     table = pq.read_table(root / layout.PATTERNS)
     cc = run.patterns["class_counts"]
-    column = pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), cc.shape[1])
-    patterns.write(table.set_column(table.column_names.index("class_counts"), "class_counts", column), work / layout.PATTERNS)
+    patterns.write(table.set_column(table.column_names.index("class_counts"), "class_counts", patterns.class_counts_column(cc)),
+                   work / layout.PATTERNS)
     info = run.index_info
     index = pattern_index.build(run.table[: run.vocab.size], work / layout.PATTERN_INDEX, info.kind, info.nprobe, info.ef_search)
 
     keys = np.stack([les.keys for les in lessons])
-    weights = None if lessons[0].weights is None else np.stack([les.weights for les in lessons])
-    pooled = run.pooled_keys(keys, "drop", weights)  # as training pools its images for this index
+    key_weights = None if lessons[0].weights is None else np.stack([les.weights for les in lessons])
+    pooled = run.pooled_keys(keys, "drop", key_weights)  # as training pools its images for this index
     old = run.image_index.reconstruct_n(0, run.image_index.ntotal)
     image_index = pattern_index.build(np.concatenate([old, pooled]).astype(np.float32), work / layout.IMAGE_INDEX, "flat")
     thumbs = [thumbnail(les.image) for les in lessons]
@@ -116,8 +112,7 @@ def _write(run, lessons: list[Lesson], work: Path, out: Path) -> dict:
     })
     earlier = pq.read_table(root / layout.IMAGES)
     both = pa.concat_tables([earlier, added.select(earlier.column_names).cast(earlier.schema)])
-    with layout.atomic(work / layout.IMAGES) as tmp:
-        pq.write_table(both, tmp, compression="zstd", row_group_size=patterns.ROW_GROUP)
+    patterns.write(both, work / layout.IMAGES)
 
     m = dict(run.manifest)
     lineage = m.get("lineage") or [{"run": None, "shards": m["shards"]}]

@@ -284,8 +284,7 @@ def write_lookups(
         "image_id": pa.array(iids, pa.int64()), "label": pa.array(ilab, pa.int64()), "name": pa.array(got.names, pa.string()),
         "thumbnail_shape": pa.array(got.thumbnail_shape, pa.list_(pa.int32(), 3)), "thumbnail": got.thumbnails,
     })
-    with layout.atomic(out / layout.IMAGES) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=patterns.ROW_GROUP)
+    patterns.write(table, out / layout.IMAGES)
     return {"index": info.to_dict(), "image_index": image_info.to_dict(), "examples": missing or "complete"}
 
 

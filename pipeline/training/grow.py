@@ -315,7 +315,7 @@ def merge_lookups(out: Path, parent: Parent, rows: np.ndarray, lookups: dict, nu
     table = pa.table({
         "pattern_id": new_t.column("pattern_id"), "key": new_t.column("key"),
         **{k: merged[k] for k in ("h", "w", "cell", "view", "atom")}, "count": new_t.column("count"),
-        "class_counts": pa.FixedSizeListArray.from_arrays(pa.array(cc.reshape(-1), pa.int64()), num_classes),
+        "class_counts": patterns.class_counts_column(cc.reshape(-1, num_classes)),
         **{k: merged[k] for k in ("example_image", "example_y", "example_x", "example_pixels")},
     })
     patterns.write(table, out / layout.PATTERNS)
@@ -327,8 +327,7 @@ def merge_lookups(out: Path, parent: Parent, rows: np.ndarray, lookups: dict, nu
     vectors = np.concatenate([old_idx.reconstruct_n(0, old_idx.ntotal), new_idx.reconstruct_n(0, new_idx.ntotal)]).astype(np.float32)
     info = pattern_index.build(vectors, out / layout.IMAGE_INDEX, "flat", seed=seed)
     images = pa.concat_tables([pq.read_table(parent.root / layout.IMAGES), pq.read_table(out / layout.IMAGES)], promote_options="default")
-    with layout.atomic(out / layout.IMAGES) as tmp:
-        pq.write_table(images, tmp, compression="zstd", row_group_size=patterns.ROW_GROUP)
+    patterns.write(images, out / layout.IMAGES)
     return dict(lookups, image_index=info.to_dict())
 
 
