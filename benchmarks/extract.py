@@ -337,10 +337,11 @@ def code_throughput(images: np.ndarray, repeat: int, atoms: int | None = None, s
     """Images/s of the code view's coding (ours against :func:`numpy_codes`) and GFLOP/s of its
     products: in one process, and over one worker per core as pipe extract runs it, next to a bare
     matrix product of one block on all cores."""
-    from pipeline import ExtractConfig
+    from pipeline import ExtractConfig, KeyPlan
     from pipeline.extraction import codes
 
-    cfg = ExtractConfig(**({"atoms": atoms} if atoms else {}))
+    color = "gray" if images.shape[-1] == 1 else "rgb"
+    cfg = KeyPlan(ExtractConfig(color=color, **({"atoms": atoms} if atoms else {})), *images.shape[1:3]).config  # the defaults, resolved
     shapes = codes.auto_shapes(*images.shape[1:3])
     dic = codes.fit([images[:1000]], shapes, cfg.atoms, cfg.whiten, sample or 50000, 0, images.shape[-1], cfg.code_norm)
     dic.encode(images[:2], cfg.code_stride, cfg.code_k, cfg.code_weight)  # compiles the selection loop outside the timing

@@ -1,4 +1,4 @@
-"""Opening a run's pattern index memory-mapped (as pipeline.index.load does) against reading it whole.
+"""Opening a run's pattern index memory-mapped (as pipeline.table.index.load does) against reading it whole.
 
     python benchmarks/index_load.py RUN --json
     python benchmarks/index_load.py --smoke --json     # seconds: a tiny digits run made first (what CI runs)

@@ -74,7 +74,7 @@ def main() -> None:
     import torch
 
     import pipeline
-    from pipeline import index as pidx
+    from pipeline.table import index as pidx
     from pipeline.query import unseen
 
     work = a.work or Path(tempfile.mkdtemp(prefix="query-bench-"))

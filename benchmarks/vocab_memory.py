@@ -53,7 +53,7 @@ def measure(a) -> None:
 
     import pipeline
     from pipeline import TrainConfig, memory
-    from pipeline.training import vocab
+    from pipeline.table import vocab
 
     pool = pa.default_memory_pool()
     steps = {"start": status()}

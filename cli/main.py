@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import click
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
-from pipeline.config import DISTILL, OPTIMIZERS, REPLAY, parse_size
+from pipeline.config import CODE_POOLS, DISTILL, OPTIMIZERS, REPLAY, parse_size
 from pipeline.extraction.shards import DEFAULT_CODEC
 from pipeline.errors import ParameterError, environment_message
 
@@ -32,6 +33,19 @@ def flag(param: str) -> str:
     return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
+def with_flags(text: str) -> str:
+    """A library message with each parameter it names in backquotes (`` `val_fraction` ``) written as its flag."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), text)
+
+
+class _Flags(logging.Filter):
+    """Library warnings name parameters as the library's callers pass them; on the command line, by their flags."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = with_flags(record.getMessage()), ()
+        return True
+
+
 class _Group(click.Group):
     """Turns library errors into one ``Error: ...`` line and exit code 1, a bad parameter named by its flag."""
 
@@ -39,9 +53,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ParameterError as e:
-            raise click.ClickException(f"{flag(e.param)} {e.text}") from None
+            raise click.ClickException(with_flags(f"{flag(e.param)} {e.text}")) from None
         except PipelineError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(with_flags(str(e))) from None
         except OSError as e:
             message = environment_message(e)
             if message is None:
@@ -67,6 +81,9 @@ def main(verbose: bool, progress: str) -> None:
     """patchhash: learn a vector for every image patch; look up the nearest learned pattern."""
     progress_bars.MODE["mode"] = progress
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Flags) for f in handler.filters):
+            handler.addFilter(_Flags())
 
 
 _source_options = [
@@ -103,7 +120,8 @@ def source_options(f):
 @click.option("--grid", type=int, default=ExtractConfig.grid, show_default=True, help="Grid cells per side for the grid, offset and coarse key kinds; 0 = auto: cells of about 8 pixels, at least 3 per side (3 on 8x8, 4 on 32x32).")
 @click.option("--code-shapes", default=ExtractConfig.code_shapes, show_default=True, help="Shapes of the code view (each patch keyed by its nearest learned atoms): a list such as 6x6,4x8; none = no code view; auto = one square of side min(6, half the shorter side) (4x4 on 8x8, 6x6 on 32x32).")
 @click.option("--atoms", type=int, default=ExtractConfig.atoms, show_default=True, help="Code view: dictionary atoms per shape (FAISS k-means on sampled training patches).")
-@click.option("--code-k", type=int, default=ExtractConfig.code_k, show_default=True, help="Code view: nearest atoms kept per patch, each a key with a weight.")
+@click.option("--code-k", type=int, default=ExtractConfig.code_k, show_default=True, help="Code view: nearest atoms kept per patch, each a key with a weight; 0 = auto: every atom when the code view is pooled, else 5.")
+@click.option("--code-pool", type=click.Choice(list(CODE_POOLS)), default=ExtractConfig.code_pool, show_default=True, help="Code view: none = a key per patch location and kept atom; grid, coarse or offset = the weights of each atom summed over the patches of each cell of that key kind before anything is written (the code keys then use that kind alone).")
 @click.option("--code-weight", type=click.Choice(["triangle", "hard"]), default=ExtractConfig.code_weight, show_default=True, help="Code view: weight of a kept atom: triangle (mean distance to all atoms minus its distance) or hard (1).")
 @click.option("--code-norm", type=click.Choice(["contrast", "none"]), default=ExtractConfig.code_norm, show_default=True, help="Code view: how a patch is scaled before whitening: contrast (each patch's brightness and contrast normalised) or none (pixels on [0, 1], e.g. with --whiten 0.01); atoms of none are drawn in their own colours.")
 @click.option("--whiten", type=float, default=ExtractConfig.whiten, show_default=True, help="Code view: ZCA regularisation added to the eigenvalues of the scaled patches' covariance; 0 = no whitening.")
@@ -123,7 +141,7 @@ def source_options(f):
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @_json_option("Print the shards' manifest (with resumed_shards, seconds, and the audit with --audit) as one JSON object.")
-def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
+def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_pool, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -147,7 +165,7 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
     mh, mw = (0, 0) if max_size == "auto" else _size(max_size, "--max-size")
     config = ExtractConfig(
         levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
-        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_weight=code_weight, code_norm=code_norm, whiten=whiten,
+        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_pool=code_pool, code_weight=code_weight, code_norm=code_norm, whiten=whiten,
         code_stride=code_stride, code_sample=code_sample,
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
@@ -188,7 +206,7 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
 
 # the options of pipe extract that --like takes from the earlier run or shards
 SETTINGS_OF_LIKE = ("levels", "views", "color", "max_size", "shapes", "stride", "position", "grid", "code_shapes", "atoms", "code_k",
-                    "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
+                    "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
 
 
 def _train_option(name: str, help: str, **kw):

@@ -27,7 +27,7 @@ _LAZY = {
     "extract": "pipeline.extraction.stage",
     "PatchLookup": "pipeline.query.run", "ImageLookup": "pipeline.query.run", "Run": "pipeline.query.run",
     "load": "pipeline.query.run", "train": "pipeline.training.loop", "query_batch": "pipeline.query.batch",
-    "rebuild_index": "pipeline.training.artifacts", "query_png": "pipeline.query.pictures",
+    "rebuild_index": "pipeline.table.reindex", "query_png": "pipeline.query.pictures",
 }
 
 

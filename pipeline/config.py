@@ -64,7 +64,9 @@ def physical_memory() -> int:
 VIEW_KINDS = ("levels", "norm", "grad")
 CODE_WEIGHTS = ("triangle", "hard")
 CODE_NORMS = ("none", "contrast")
-CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary")
+CODE_POOLS = ("none", "grid", "coarse", "offset")
+CODE_K_UNPOOLED = 5  # --code-k auto without pooling
+CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary")
 
 
 def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
@@ -106,7 +108,7 @@ def canonical_position(text: str) -> str:
     return next((alias for alias, ms in POSITION_ALIASES.items() if ms == modes), ",".join(modes))
 
 
-def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
+def parse_shapes(text: str, param: str = "shapes") -> list[tuple[int, int]]:
     """Parse an explicit shape list ``'1x1,2x3,4'`` (N means NxN) into sorted unique (h, w) pairs."""
     shapes = set()
     for part in text.split(","):
@@ -116,9 +118,9 @@ def parse_shapes(text: str, option: str = "--shapes") -> list[tuple[int, int]]:
         except ValueError:
             nums = []
         if len(nums) not in (1, 2) or min(nums) < 1:
-            raise PipelineError(
-                f"{option} {text!r}: {part.strip()!r} is not a shape; use "
-                + ("rect, square, or " if option == "--shapes" else "none, auto, or ")
+            raise ParameterError(
+                param, f"{text!r}: {part.strip()!r} is not a shape; use "
+                + ("rect, square, or " if param == "shapes" else "none, auto, or ")
                 + "a list such as 1x1,2x2,1x3"
             )
         shapes.add((nums[0], nums[-1]))
@@ -151,13 +153,14 @@ class ExtractConfig:
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
     code_shapes: str = "auto"  # shapes of the code view, a list 'HxW,HxW,...', 'none' (no code view) or 'auto' = chosen from the image size (docs/extract.md) [auto]
     atoms: int = 1024  # dictionary atoms per code shape (FAISS k-means) [1024]
-    code_k: int = 5  # nearest atoms kept per patch of the code view [5]
+    code_k: int = 0  # nearest atoms kept per patch of the code view; 0 = auto: every atom when the code view is pooled, else 5 [auto]
     code_weight: str = "triangle"  # weight of a kept atom: 'triangle' (mean distance minus its distance, at least 0) or 'hard' (1) [triangle]
     code_norm: str = "contrast"  # how a code-view patch is scaled before whitening: 'contrast' (each patch's brightness and contrast normalised) or 'none' (pixels on [0, 1]) [contrast]
     whiten: float = 0.1  # ZCA regularisation added to the eigenvalues of the scaled patches' covariance; 0 = no whitening [0.1]
     code_stride: int = 1  # step between code-view patch positions, in pixels [1]
     code_sample: int = 200000  # patches per code shape sampled from the training images to fit the dictionary [200000]
     dictionary: str = ""  # SHA-256 of the dictionary the code view was made with (set by pipe extract) []
+    code_pool: str = "none"  # 'none' (a key per patch location and rank), or a position mode ('grid', 'coarse', 'offset') whose cells sum the code view's weights before anything is written (its keys then use that mode alone) [none]
     views: str = "auto"  # exact views hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour); 'none'; 'auto' = levels,grad on gray images, levels on RGB [auto]
 
     def __post_init__(self) -> None:
@@ -181,16 +184,18 @@ class ExtractConfig:
         if not 0 <= self.grid <= 255:
             raise ParameterError("grid", f"{self.grid} is out of range; use 1 to 255, or 0 (auto)")
         if "offset" in self.position_modes and self.grid > 254:
-            raise ParameterError("grid", f"{self.grid} is too fine for --position offset, whose grid has one more cell per side; use 1 to 254")
+            raise ParameterError("grid", f"{self.grid} is too fine for `position` offset, whose grid has one more cell per side; use 1 to 254")
         if not 0 <= self.seed < 1 << 32:
             raise ParameterError("seed", f"{self.seed} is out of range; use 0 to 2**32-1")
         if self.code_shapes not in ("auto", "none"):
-            listed = parse_shapes(self.code_shapes, "--code-shapes")
+            listed = parse_shapes(self.code_shapes, "code_shapes")
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
         if not 2 <= self.atoms <= 65535:
             raise ParameterError("atoms", f"{self.atoms} is out of range; use 2 to 65535")
-        if not 1 <= self.code_k <= self.atoms:
-            raise ParameterError("code_k", f"{self.code_k} must be from 1 to --atoms ({self.atoms})")
+        if not 0 <= self.code_k <= self.atoms:
+            raise ParameterError("code_k", f"{self.code_k} must be from 1 to atoms ({self.atoms}), or 0 (auto)")
+        if self.code_pool not in CODE_POOLS:
+            raise ParameterError("code_pool", f"{self.code_pool!r} is not one of {', '.join(CODE_POOLS)}")
         if self.code_weight not in CODE_WEIGHTS:
             raise ParameterError("code_weight", f"{self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
         if self.code_norm not in CODE_NORMS:
@@ -226,9 +231,14 @@ class ExtractConfig:
             raise PipelineError("the code shapes are still 'auto'; resolve them against a source first")
         return self.code_shapes != "none"
 
+    @property
+    def code_pooled(self) -> bool:
+        """True when the code view's weights are summed per cell (``code_pool`` not 'none')."""
+        return self.code_pool != "none"
+
     def code_shape_list(self) -> list[tuple[int, int]]:
         """The code view's shapes, in canonical order (empty without a code view)."""
-        return parse_shapes(self.code_shapes, "--code-shapes") if self.has_code else []
+        return parse_shapes(self.code_shapes, "code_shapes") if self.has_code else []
 
     def view_list(self) -> list[tuple[str, int]]:
         """Every view (kind, levels), in the order their patches are stored."""
@@ -270,14 +280,16 @@ class ExtractConfig:
         d.setdefault("views", "levels")  # written before --views existed: one view, whatever today's default
         d.setdefault("code_shapes", "none")  # written before the code view existed
         d.setdefault("code_norm", "contrast")  # written before --code-norm existed: contrast normalisation
+        d.setdefault("code_pool", "none")  # written before --code-pool existed: a key per location and rank
+        d.setdefault("code_k", CODE_K_UNPOOLED)  # written before --code-k auto existed
         if d.get("resize") is not None:
             d["resize"] = tuple(d["resize"])
         return cls(**d)
 
     def fingerprint(self) -> str:
         """A short stable digest of everything that decides the keys."""
-        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h):
-            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes or grid are still 'auto'")
+        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h) or (self.code_shapes != "none" and self.code_k == 0):
+            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes, k or grid are still 'auto'")
         if self.has_code and not self.dictionary:
             raise PipelineError("cannot fingerprint a code view without its dictionary's digest")
         d = self.to_dict()
@@ -286,6 +298,8 @@ class ExtractConfig:
                 del d[k]
         if d.get("code_norm") == "contrast":  # contrast-normalised codes hash as before --code-norm existed
             del d["code_norm"]
+        if d.get("code_pool") == "none":  # unpooled codes hash as before --code-pool existed
+            del d["code_pool"]
         if d["views"] == "levels":  # the single default view hashes as before views existed
             del d["views"]
         payload = json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True)
@@ -365,7 +379,7 @@ class TrainConfig:
             raise ParameterError("hidden", f"{self.hidden} is past {MAX_DIM * 16}; use a smaller hidden layer")
         if self.batch_size > MAX_BATCH:
             raise ParameterError("batch_size", f"{self.batch_size} is past {MAX_BATCH:,}")
-        self.check_table(self.buckets, "--buckets")
+        self.check_table(self.buckets, "`buckets`")
         if self.vocab_mb < 64:
             raise ParameterError("vocab_mb", f"{self.vocab_mb} must be at least 64")
         if self.cache_mb < 0:
@@ -377,7 +391,7 @@ class TrainConfig:
         if not self.index.strip():
             raise ParameterError("index", "must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
         if self.nprobe < 1 or self.ef_search < 1:
-            raise ParameterError("nprobe", "and --ef-search must be at least 1")
+            raise ParameterError("nprobe", "and `ef_search` must be at least 1")
         if self.device not in DEVICES:
             raise ParameterError("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
 
@@ -391,8 +405,8 @@ class TrainConfig:
         need, have = self.table_bytes(rows), physical_memory()
         if have and need > have:
             raise PipelineError(
-                f"{what} gives a table of {rows:,} rows x --dim {self.dim}, which needs about {need / 2**30:.1f} GiB to train; "
-                f"this machine has {have / 2**30:.1f} GiB: lower --dim, --buckets or raise --min-count"
+                f"{what} gives a table of {rows:,} rows x `dim` {self.dim}, which needs about {need / 2**30:.1f} GiB to train; "
+                f"this machine has {have / 2**30:.1f} GiB: lower `dim`, `buckets` or raise `min_count`"
             )
 
     def resolved(self, train_images: int) -> "TrainConfig":

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.errors import ParameterError, PipelineError
+from pipeline.errors import ParameterError
 
 BAGS = ("mean", "sum", "sqrt")
 
@@ -145,7 +145,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ParameterError("device", "cuda was asked for but no CUDA device is available; use --device auto or cpu")
+        raise ParameterError("device", "cuda was asked for but no CUDA device is available; use `device` auto or cpu")
     return torch.device(name)
 
 

@@ -47,7 +47,7 @@ def check_out(out: Path, inputs: Iterable[Path | str] = ()) -> None:
     for given in inputs:
         inp = Path(given).resolve()
         if _inside(inp, target):
-            raise ParameterError("out", f"{out} is or holds the input {given}; writing there would replace it: choose another --out")
+            raise ParameterError("out", f"{out} is or holds the input {given}; writing there would replace it: choose another `out`")
 
 
 def check_file_out(out: Path, what: str) -> None:
@@ -66,8 +66,8 @@ def _replace(out: Path) -> None:
     held = contents(out)
     if held and not any((out / name).exists() for name in OWN_FILES):
         raise ParameterError(
-            "out", f"{out} holds files pipe did not write (no {', '.join(OWN_FILES)}); --overwrite replaces only shard and run "
-            "directories: choose another --out, or empty it yourself"
+            "out", f"{out} holds files pipe did not write (no {', '.join(OWN_FILES)}); `overwrite` replaces only shard and run "
+            "directories: choose another `out`, or empty it yourself"
         )
     for p in held:
         if p.is_dir() and not p.is_symlink():
@@ -83,7 +83,7 @@ def prepare(out: Path, overwrite: bool, commit_file: str, what: str, inputs: Ite
     if contents(out):
         if not overwrite:
             state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
-            raise ParameterError("out", f"{out} already holds {state}; pass --overwrite to replace it or choose another directory")
+            raise ParameterError("out", f"{out} already holds {state}; pass `overwrite` to replace it or choose another directory")
         _replace(out)
     out.mkdir(parents=True, exist_ok=True)
 

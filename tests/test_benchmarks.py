@@ -33,6 +33,16 @@ def test_extract_codes_benchmark_smoke():
     assert r["ours_gflops"] > 0 and r["numpy_matmul_gflops"] > 0 and r["ratio"] > 0
 
 
+def test_code_ceiling_benchmark_smoke():
+    """The reference reads one weight per atom and quadrant (16 atoms x 4 cells on digits' 4x4 code) for
+    the 270 training and 30 held-out originals; the trainer scores the same 30."""
+    (r,) = smoke("benchmarks/code_ceiling.py")
+    ref, tr = r["reference"], r["trainer"]
+    assert (ref["features"], ref["train_images"], ref["val_images"], ref["epochs"]) == (1024 * 4, 270, 30, 2)
+    assert tr["val_images"] == ref["val_images"] and tr["best_epoch"] in (1, 2)
+    assert 0.5 < ref["val_accuracy"] <= 1 and 0.5 < tr["val_accuracy"] <= 1  # ten digit classes: both far above chance
+
+
 @pytest.mark.parametrize("script", ["benchmarks/digits.py"])
 def test_digits_defaults_smoke(script):
     (r,) = smoke(script, "--defaults")

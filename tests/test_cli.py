@@ -318,3 +318,41 @@ def test_option_defaults_are_the_configs():
                 assert p.default == getattr(config, p.name), (command, p.name, p.default, getattr(config, p.name))
                 checked += 1
     assert checked > 30
+
+
+def test_library_messages_name_parameters_not_flags():
+    """No message the library raises, makes or logs names a CLI flag (`--epochs`); it names the parameter
+    (`` `epochs` ``), which the CLI writes as its flag. Only torchrun's own command line (ddp.py)
+    has flags, being one."""
+    import ast
+    import re
+
+    found = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if path.name == "ddp.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            parts = [node.exc] if isinstance(node, ast.Raise) and node.exc is not None else []
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("warning", "info", "error"):
+                parts = list(node.args)  # a logged message
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.endswith("Error"):
+                parts = list(node.args)  # an error made here and raised elsewhere
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
+                parts = [node.value]  # a message kept in a constant
+            for part in parts:
+                for c in ast.walk(part):
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str) and re.search(r"(?<![\w-])--[a-z]", c.value):
+                        found.append(f"{path.relative_to(ROOT)}:{c.lineno}")
+    assert not found, found
+    from cli.main import with_flags
+
+    assert with_flags("lower `min_count` or `lr`; `kind` flat; `start` RUN") == "lower --min-count or --lr; --index flat; --from RUN"
+
+
+def test_a_library_message_reaches_the_command_line_with_flags(tmp_path, digits_shards):
+    import pipeline
+
+    r = run("train", digits_shards, "--out", tmp_path / "r", "--min-count", "100000000")
+    one_line_error(r, "Error: no key occurs --min-count 100000000 times in the training images; lower --min-count")
+    with pytest.raises(pipeline.PipelineError, match=r"^no key occurs `min_count` 100000000 times in the training images; lower `min_count`$"):
+        pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "p", pipeline.TrainConfig(min_count=100000000))

@@ -60,6 +60,22 @@ def test_coding_equals_brute_force(weighting, k, stride, norm, eps):
         assert (weights >= 0).all() and (weights > 0).any()
 
 
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_coding_over_many_chunks_with_ties_equals_brute_force(k):
+    """Dictionaries larger than one chunk of the selection (here 70 atoms: four whole chunks and a
+    tail), with atoms repeated so that distances tie exactly across chunks: the k nearest, ties to
+    the lower id, and their weights as the float64 reference has them."""
+    d, imgs = small_dictionary(shapes=((3, 3),), atoms=50, eps=0.01)
+    s = d.shapes[0]
+    s.atoms = np.ascontiguousarray(np.concatenate([s.atoms, s.atoms[[3, 17, 40, 0, 33, 33, 9, 21, 48, 1, 16, 31, 32, 47, 2, 5, 6, 7, 8, 10]]]))
+    assert len(s.atoms) == 70 and len(s.atoms) // codes.CHUNK == 4
+    atoms, weights = d.encode(imgs[:25], 1, k, "triangle")
+    ref_atoms, ref_weights = codes.brute_force(imgs[:25], d, 1, k, "triangle")
+    assert np.array_equal(atoms.astype(np.int64), ref_atoms)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-4)
+    assert k == 1 or (atoms >= 50).any()  # copies are chosen, so the ties are exercised
+
+
 def test_coding_in_blocks_equals_one_block(monkeypatch):
     d, imgs = small_dictionary()
     whole = d.encode(imgs[:30], 1, 3, "triangle")
@@ -253,7 +269,7 @@ def test_test_set_coded_with_the_training_dictionary(code_run, tmp_path):
     a = run.evaluate(pipeline.open_shards(tmp_path / "test"))
     b = run.evaluate(pipeline.open_source("digits", split="test"))
     assert a["accuracy"] == b["accuracy"] and a["n"] == 899
-    with pytest.raises(PipelineError, match="same --code-shapes"):
+    with pytest.raises(PipelineError, match="same `code_shapes`"):
         pipeline.extract(pipeline.open_source("digits", split="test"), tmp_path / "t2",
                          ExtractConfig(code_shapes="2x2", atoms=32), dictionary=root / "shards" / "dictionary.npz")
 
@@ -285,3 +301,122 @@ def test_auto_settings_follow_the_image_size():
     from pipeline.data.augment import resolve
 
     assert (resolve("auto", 3), resolve("auto", 1), resolve("shift:1", 3)) == ("flip", "none", "shift:1")
+
+
+def _pooled_reference(d, imgs, k, weighting, cells, n_cells):
+    """Per-location codes of the float64 reference, their weights summed per cell in float64:
+    N x atoms x cells, the pooled slot order flattened."""
+    ref_atoms, ref_weights = codes.brute_force(imgs, d, 1, k, weighting)
+    n, locations = len(imgs), len(cells)
+    out = np.zeros((n, len(d.shapes[0].atoms), n_cells))
+    atoms = ref_atoms.reshape(n, k, locations)
+    weights = ref_weights.reshape(n, k, locations)
+    for i in range(n):
+        np.add.at(out[i], (atoms[i].ravel(), np.tile(cells, k)), weights[i].ravel())
+    return out.reshape(n, -1)
+
+
+@pytest.mark.parametrize("k,weighting", [(20, "triangle"), (3, "triangle"), (5, "hard")])
+def test_pooled_coding_equals_brute_force_summed_per_cell(k, weighting):
+    """The pooled code view (every atom, or the k nearest, of every patch, summed per cell before
+    anything is written) against the float64 reference coded patch by patch and summed per cell."""
+    d, imgs = small_dictionary(shapes=((3, 3),), atoms=20, eps=0.01)
+    cells = np.array([(y >= 3) * 2 + (x >= 2) for y in range(6) for x in range(6)])  # 6 x 6 locations, uneven cells
+    atoms, weights = d.encode(imgs[:15], 1, k, weighting, [cells], 4)
+    ref = _pooled_reference(d, imgs[:15], k, weighting, cells, 4)
+    assert atoms.shape == weights.shape == (15, 80) and (atoms == np.repeat(np.arange(20), 4)).all()
+    np.testing.assert_allclose(weights, ref, rtol=1e-4, atol=1e-3)
+    assert (weights > 0).any() and (k < 20 or weighting == "hard" or (weights == 0).any() or True)
+
+
+def test_pooled_codes_do_not_depend_on_the_thread_count():
+    import numba
+
+    d, imgs = small_dictionary(shapes=((3, 3),), atoms=20)
+    cells = np.arange(36) % 4
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = d.encode(imgs[:40], 1, 20, "triangle", [cells], 4)[1]
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = d.encode(imgs[:40], 1, 20, "triangle", [cells], 4)[1]
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
+
+
+def _per_key(keys: np.ndarray, weights: np.ndarray) -> list[dict]:
+    out = []
+    for ks, ws in zip(keys, weights):
+        acc: dict = {}
+        for key, wt in zip(ks.tolist(), ws.tolist()):
+            acc[key] = acc.get(key, 0.0) + wt
+        out.append({key: wt for key, wt in acc.items() if wt})
+    return out
+
+
+def test_pooled_keys_are_the_per_location_keys_summed():
+    """A pooled plan makes the same keys as one that writes every location and atom with the pooled
+    mode's position, and each key's weight is what the per-location keys of an image sum to: pooling
+    before writing changes the size of the shards, not what training sees. The pooled slots' places
+    are the rectangles their cells' patches cover."""
+    d, imgs = small_dictionary(shapes=((3, 3),), atoms=12)
+    imgs = imgs[:6]
+    pooled = KeyPlan(ExtractConfig(color="gray", code_shapes="3x3", atoms=12, code_pool="coarse", grid=3), 8, 8, d)
+    flat = KeyPlan(ExtractConfig(color="gray", code_shapes="3x3", atoms=12, code_k=12, position="coarse", grid=3), 8, 8, d)
+    assert pooled.config.code_k == 12 and pooled.n_pool_cells == 4 and pooled.code_slots == 48
+    assert flat.config.code_pool == "none" and flat.code_slots == 12 * 36
+    pk, pw = pooled.encode(imgs)
+    fk, fw = flat.encode(imgs)
+    code_p, code_f = pooled.is_code(np.arange(pooled.keys_per_image)), flat.is_code(np.arange(flat.keys_per_image))
+    got, want = _per_key(pk[:, code_p], pw[:, code_p]), _per_key(fk[:, code_f], fw[:, code_f])
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose([g[key] for key in w], list(w.values()), rtol=1e-5, atol=1e-4)
+    t = pooled.slot_table
+    slots = np.flatnonzero(code_p)[:4]  # atom 0 in the four coarse cells of the 6 x 6 locations
+    assert [tuple(int(t[c][s]) for c in ("y", "x", "h", "w", "cell")) for s in slots] == [(0, 0, 5, 5, 0), (0, 3, 5, 5, 1), (3, 0, 5, 5, 2), (3, 3, 5, 5, 3)]
+
+
+def test_code_k_auto_keeps_every_atom_when_pooled():
+    unpooled = KeyPlan(ExtractConfig(color="gray", code_shapes="4x4", atoms=8), 8, 8)
+    pooled = KeyPlan(ExtractConfig(color="rgb", code_shapes="6x6", atoms=8, code_pool="grid"), 16, 16)
+    assert (unpooled.config.code_pool, unpooled.config.code_k, unpooled.n_pool_cells) == ("none", 5, 0)
+    assert (pooled.config.code_k, pooled.n_pool_cells, pooled.code_slots) == (8, 9, 72)
+    with pytest.raises(PipelineError, match=r"9 must be from 1 to atoms \(8\)"):
+        ExtractConfig(code_k=9, atoms=8)
+    with pytest.raises(PipelineError, match="'cells' is not one of none, grid, coarse, offset"):
+        ExtractConfig(code_pool="cells")
+
+
+def test_a_pooled_code_run_trains_answers_and_draws(tmp_path):
+    """Extract with the code view pooled per coarse cell, train, and answer: the shards hold one
+    weight per atom and cell, equal to the dictionary's pooled codes; query's answers are predict's;
+    a decisive code pattern's place is its cell's rectangle; the PNG is written."""
+    cfg = ExtractConfig(views="levels", max_h=2, max_w=2, code_shapes="3x3", atoms=16, code_pool="coarse", grid=3, code_sample=3000)
+    m = pipeline.extract(pipeline.open_source("digits", split="train", limit=300), tmp_path / "shards", cfg)
+    assert m["code_slots"] == 16 * 4 and m["config"]["code_k"] == 16 and m["config"]["code_pool"] == "coarse"
+    sh = pipeline.open_shards(tmp_path / "shards")
+    imgs, _ = digits_images("train", 300)
+    plan = KeyPlan(sh.config, 8, 8, sh.dictionary())
+    stored = np.concatenate([b.weights for b in sh.iter_content()])
+    np.testing.assert_allclose(stored, plan.codes(imgs)[1], rtol=1e-6)
+    pipeline.train(sh, tmp_path / "run", TrainConfig(epochs=2, dim=16, refit="off"))
+    run = pipeline.load(tmp_path / "run")
+    test, _ = digits_images("test", 3)
+    pred, _ = run.predict(test)
+    paths = []
+    for i, img in enumerate(test):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(encode_png(img))
+    r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), *map(str, paths), "--json", "--patches", "20"])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["prediction"] for o in out] == [run.class_names[p] for p in pred]
+    # 6 x 6 locations of 3x3 patches: rows (columns) 0-2 have their centres in the upper (left) half
+    regions = {(0, 0, 5, 5), (0, 3, 5, 5), (3, 0, 5, 5), (3, 3, 5, 5)}
+    places = [(p["y"], p["x"], p["h"], p["w"]) for o in out for p in o["top_patches"] if p["view"] == "code"]
+    assert places and set(places) <= regions
+    r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), str(paths[0]), "--png", str(tmp_path / "why.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "why.png").stat().st_size > 0

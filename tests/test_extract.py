@@ -112,7 +112,7 @@ def test_same_settings_resume_and_different_settings_are_refused(tmp_path):
     again = pipeline.extract(src, out, images_per_shard=20)
     assert again["resumed_shards"] == 3 and again["shards"] == m["shards"]
     # (--levels 8 also changes what --max-size auto resolves to: 8**4 possible 2x2 contents fit 2**24, 8**9 do not)
-    with pytest.raises(PipelineError, match=r"finished extract with different settings \(config.levels, config.max_h, config.max_w, fingerprint\).*--overwrite"):
+    with pytest.raises(PipelineError, match=r"finished extract with different settings \(config.levels, config.max_h, config.max_w, fingerprint\).*`overwrite`"):
         pipeline.extract(src, out, pipeline.ExtractConfig(levels=8), images_per_shard=20)
     with pytest.raises(PipelineError, match=r"different settings \(compression\)"):
         pipeline.extract(src, out, images_per_shard=20, compression="zstd")
@@ -321,7 +321,7 @@ def test_ray_engine_workers_read_a_folder_themselves(tmp_path):
 
 
 def test_ray_engine_refuses_address_without_ray_engine(tmp_path):
-    with pytest.raises(PipelineError, match="address goes with --engine ray"):
+    with pytest.raises(PipelineError, match="address goes with `engine` ray"):
         pipeline.extract(pipeline.open_source("digits", limit=5), tmp_path / "s", address="auto")
 
 

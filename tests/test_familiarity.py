@@ -9,7 +9,7 @@ import pytest
 
 import pipeline
 from pipeline import familiarity
-from pipeline import index as pattern_index
+from pipeline.table import index as pattern_index
 from pipeline.data.images import encode_png
 from pipeline.data.split import is_validation
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline import TrainConfig, layout, weights
+from pipeline import TrainConfig, layout
+from pipeline.table import weights
 from pipeline.errors import PipelineError
 from pipeline.data.images import encode_png
 from pipeline.training.bags import part_batches

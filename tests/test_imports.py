@@ -84,3 +84,52 @@ def test_no_module_of_pipeline_imports_one_that_imports_it_back():
     assert len(edges) > 30 and edges["pipeline.query.run"]  # the walk found the package
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
+
+
+# the layers, lowest first: a module imports only modules of its own package or of a lower rank.
+# Training and query share a rank: neither imports the other (they meet at the run directory), and
+# what stands on query (teach, serve) never imports training either. ``pipeline/__init__.py`` (the
+# public API, which gathers every stage) stands above them all.
+RANK = {"shared": 0, "engines": 1, "data": 2, "extraction": 3, "table": 4, "training": 5, "query": 5, "teach": 6, "serve": 7}
+LAYERS = list(RANK)
+NEVER = {("teach", "training"), ("serve", "training")}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 2 and parts[1] not in LAYERS:
+        return "shared"  # a module at pipeline's root: config, layout, errors, model, familiarity, ...
+    return parts[1] if len(parts) > 1 else "api"
+
+
+def against_layers(edges: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher layer (or of the public API from inside)."""
+    out = []
+    for m, targets in sorted(edges.items()):
+        if m == "pipeline":
+            continue
+        for t in sorted(targets):
+            a, b = layer_of(m), layer_of(t)
+            if t == "pipeline" or RANK[b] > RANK[a] or (RANK[b] == RANK[a] and a != b) or (a, b) in NEVER:
+                out.append(f"{m} -> {t}")
+    return out
+
+
+def test_the_layer_check_finds_an_upward_import():
+    edges = {"pipeline.query.run": {"pipeline.training.loop", "pipeline.table.vocab"}, "pipeline.config": {"pipeline.data.split"},
+             "pipeline.table.index": {"pipeline.layout"}, "pipeline.serve.app": {"pipeline", "pipeline.query.run", "pipeline.training.grow"},
+             "pipeline.training.loop": {"pipeline.query.classify", "pipeline.training.bags"}}
+    assert against_layers(edges) == ["pipeline.config -> pipeline.data.split", "pipeline.query.run -> pipeline.training.loop",
+                                     "pipeline.serve.app -> pipeline", "pipeline.serve.app -> pipeline.training.grow",
+                                     "pipeline.training.loop -> pipeline.query.classify"]
+
+
+def test_imports_follow_the_layers():
+    """Nothing imports a higher layer: query, teach and serve never import training (they meet it
+    only at the run directory), no module at pipeline's root imports a stage package, and the table
+    (the vocabulary, the pattern table, the indexes, the weights file, the pooling kernel) sits
+    below both training and query."""
+    edges = graph()
+    assert {layer_of(m) for m in edges} >= set(LAYERS)  # every layer exists
+    against = against_layers(edges)
+    assert not against, "imports against the layer order:\n" + "\n".join(against)

@@ -10,7 +10,7 @@ import pytest
 
 import pipeline
 from pipeline import PipelineError, TrainConfig
-from pipeline import index as pattern_index
+from pipeline.table import index as pattern_index
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.training.bags import is_validation
 
@@ -36,7 +36,7 @@ def test_extract_splits_into_several_shards_and_refuses_to_overwrite(tmp_path):
     m = pipeline.extract(src, tmp_path / "s", one_view_config(), images_per_shard=20)
     assert [s["file"] for s in m["shards"]] == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     assert [s["rows"] for s in m["shards"]] == [20, 20, 10]
-    with pytest.raises(PipelineError, match="pass --overwrite"):
+    with pytest.raises(PipelineError, match="pass `overwrite`"):
         pipeline.extract(src, tmp_path / "s", one_view_config())
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(PipelineError, match="did not finish"):

@@ -12,7 +12,7 @@ import torch
 
 import pipeline
 from pipeline import KeyPlan, PipelineError
-from pipeline import index as pidx
+from pipeline.table import index as pidx
 from pipeline.query import unseen
 from pipeline.query.batch import query_batch, schema
 
@@ -288,7 +288,7 @@ def test_nearest_patterns_searched_once_per_key_and_remembered_are_each_patchs_o
     """A pattern met at several places is searched once, and a learned pattern's answer is kept for
     the next image: the answers are still each patch's own search (reference: every patch searched
     alone, in a run loaded afresh), for a second call, and for a larger k than the one remembered."""
-    from pipeline import index as pattern_index
+    from pipeline.table import index as pattern_index
 
     imgs, _ = digits_images("test", 2)
     run, ref = pipeline.load(digits_run), pipeline.load(digits_run)

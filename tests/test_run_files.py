@@ -152,7 +152,7 @@ def test_9_fifos_and_devices_in_a_run_are_refused_without_reading(small_run, tmp
 def test_10_a_full_disk_while_the_weights_are_written_is_one_line_on_a_real_tmpfs(tmp_path):
     import torch
 
-    from pipeline import torchfiles
+    from pipeline.training import torchfiles
 
     mnt = tmp_path / "small"
     mnt.mkdir()

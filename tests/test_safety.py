@@ -513,7 +513,7 @@ def test_11_damaged_run_files_are_one_line(small_run, tmp_path):
 def _shrink_table(run: Path) -> None:
     from safetensors.numpy import save_file
 
-    from pipeline import weights
+    from pipeline.table import weights
 
     w = {k: np.array(v) for k, v in weights.load(run / layout.WEIGHTS, "").items()}
     w["table.weight"] = w["table.weight"][:-1]
@@ -521,7 +521,7 @@ def _shrink_table(run: Path) -> None:
 
 
 def test_11_a_checkpoint_holding_objects_is_refused_unread(tmp_path):
-    from pipeline import torchfiles
+    from pipeline.training import torchfiles
 
     (tmp_path / layout.CHECKPOINT).write_bytes(_pickled_object())
     with pytest.raises(PipelineError, match="holds objects other than tensors, which are never loaded"):

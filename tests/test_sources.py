@@ -152,7 +152,7 @@ def test_mixed_sizes_rejected_or_resized(tmp_path):
     (root / "a" / "0.png").write_bytes(encode_png(np.zeros((8, 8, 1), np.uint8)))
     (root / "a" / "1.png").write_bytes(encode_png(np.zeros((6, 8, 1), np.uint8)))
     src = pipeline.open_source(str(root))
-    with pytest.raises(PipelineError, match=r"1\.png is 6x8 but earlier images are 8x8; pass --resize 8x8"):
+    with pytest.raises(PipelineError, match=r"1\.png is 6x8 but earlier images are 8x8; pass `resize` 8x8"):
         list(src.batches(4, 1))
     b = next(src.batches(4, 1, resize=(8, 8)))
     assert b.images.shape == (2, 8, 8, 1)
@@ -163,7 +163,7 @@ def test_bad_files_fail_or_are_skipped(tmp_path):
     root = write_folder(tmp_path / "f", imgs, labels)
     (root / str(labels[0]) / "broken.png").write_bytes(b"\x89PNG not really")
     (root / str(labels[0]) / "notes.txt").write_text("hello")
-    with pytest.raises(PipelineError, match=r"cannot read .*(broken\.png|notes\.txt).*--skip-bad"):
+    with pytest.raises(PipelineError, match=r"cannot read .*(broken\.png|notes\.txt).*`skip_bad`"):
         list(pipeline.open_source(str(root)).batches(10, 1))
     src = pipeline.open_source(str(root), skip_bad=True)
     b = next(src.batches(10, 1))
@@ -191,7 +191,7 @@ def test_truncated_jpeg_and_unknown_mode_are_named_with_a_fix(tmp_path):
         decode(buf16.getvalue(), 1)
     (tmp_path / "f" / "a").mkdir(parents=True)
     (tmp_path / "f" / "a" / "deep.png").write_bytes(buf16.getvalue())
-    with pytest.raises(PipelineError, match=r"cannot read .*deep\.png: unsupported image mode.*--skip-bad"):
+    with pytest.raises(PipelineError, match=r"cannot read .*deep\.png: unsupported image mode.*`skip_bad`"):
         list(pipeline.open_source(str(tmp_path / "f")).batches(4, 1))
 
 
@@ -231,9 +231,9 @@ def test_holdout_divides_a_one_split_source_by_name_the_same_in_any_archive_orde
         assert sorted(n.split("train/", 1)[1] for b in src.batches(100, 1) for n in b.names) == want_pc
         src = pipeline.open_source(str(spec), split="test", holdout=0.3, limit=7)
         assert sorted(n.split("train/", 1)[1] for b in src.batches(100, 1) for n in b.names) == want_test[:7]
-    with pytest.raises(PipelineError, match="has no test/ folder.*--holdout 0.1"):
+    with pytest.raises(PipelineError, match="has no test/ folder.*`holdout` 0.1"):
         pipeline.open_source(str(root), split="test")
-    with pytest.raises(PipelineError, match="has its own train and test; choose one with --split and leave out --holdout"):
+    with pytest.raises(PipelineError, match="has its own train and test; choose one with `split` and leave out `holdout`"):
         pipeline.open_source("digits", holdout=0.1)
     both = write_folder(tmp_path / "both", imgs[:4], labels[:4], split="train")
     write_folder(both, imgs[4:8], labels[4:8], split="test")

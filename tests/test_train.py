@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import PipelineError, TrainConfig, layout, weights
+from pipeline import PipelineError, TrainConfig, layout
+from pipeline.table import weights
 from pipeline.model import PatchBagModel
-from pipeline.training.vocab import KeyCounter, build
+from pipeline.table.vocab import KeyCounter, build
 
 ROOT = Path(__file__).resolve().parents[1]
 

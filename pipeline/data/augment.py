@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import ParameterError, PipelineError
+from pipeline.errors import ParameterError
 
 VARIANT_STRIDE = 1 << 40  # image ids of originals stay below it
 

@@ -129,13 +129,13 @@ def decode_checked(
 
 
 def bad_image_error(name: str, reason: str) -> PipelineError:
-    return PipelineError(f"cannot read {name}: {reason}; fix or remove the file, or pass --skip-bad to skip it")
+    return PipelineError(f"cannot read {name}: {reason}; fix or remove the file, or pass `skip_bad` to skip it")
 
 
 def size_error(name: str, got: tuple[int, ...], size: tuple[int, ...]) -> PipelineError:
     return PipelineError(
         f"{name} is {got[0]}x{got[1]} but earlier images are {size[0]}x{size[1]}; "
-        f"pass --resize {size[0]}x{size[1]} to resize every image"
+        f"pass `resize` {size[0]}x{size[1]} to resize every image"
     )
 
 
@@ -187,7 +187,7 @@ class Source:
                     continue
                 raise self._bad(item, e) from None
             return 1 if arr.shape[-1] == 1 else 3
-        raise PipelineError(f"{self.path} holds no readable images; check the path and --split")
+        raise PipelineError(f"{self.path} holds no readable images; check the path and `split`")
 
     @staticmethod
     def _bad(item: _Item, e: BadImage) -> PipelineError:
@@ -348,14 +348,14 @@ def open_source(
 
     count = int(keep.sum())
     if count == 0:
-        raise PipelineError(f"{spec} holds no images{' in split ' + repr(split) if split else ''}; check the path and --split")
+        raise PipelineError(f"{spec} holds no images{' in split ' + repr(split) if split else ''}; check the path and `split`")
     return Source(kind, str(spec), split, names, count, make, skip_bad=skip_bad, limit=limit, per_class=per_class,
                   holdout=holdout, _identity=lambda: _identity(kind, path))
 
 
 def _no_holdout(holdout: float | None, where: str, splits: str) -> None:
     if holdout is not None:
-        raise PipelineError(f"{where} has its own {splits}; choose one with --split and leave out --holdout")
+        raise PipelineError(f"{where} has its own {splits}; choose one with `split` and leave out `holdout`")
 
 
 def file_identity(path: Path) -> dict:
@@ -482,8 +482,8 @@ def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None, by_
             entries.append((rel, None, shown_name(parts[0]), "/".join(parts)))
     if loose and not entries:
         if split is not None and not by_name:
-            raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it, "
-                                "or hold out a share of it by name with --holdout 0.1")
+            raise PipelineError(f"{where} has no train/ or test/ folders; leave out `split` to read all of it, "
+                                "or hold out a share of it by name with `holdout` 0.1")
         return None, [], [(rel, -1) for rel in loose], list(loose)
     if loose:
         raise PipelineError(f"{where} holds {len(loose)} images at its top level ({loose[0]}, ...) beside class folders; "
@@ -491,14 +491,14 @@ def _labelled_paths(rel_paths: Iterable[str], where: str, split: str | None, by_
     present = sorted({e[1] for e in entries if e[1]})
     if by_name:
         if len(present) > 1:
-            raise PipelineError(f"{where} has its own {' and '.join(present)} folders; choose one with --split and leave out --holdout")
+            raise PipelineError(f"{where} has its own {' and '.join(present)} folders; choose one with `split` and leave out `holdout`")
         split = present[0] if present else None
     if split is not None and present and split not in present:
         raise PipelineError(f"{where} has no {split}/ folder; available: {', '.join(present)}; "
-                            "to hold out a share of it by name, add --holdout 0.1")
+                            "to hold out a share of it by name, add `holdout` 0.1")
     if split is not None and not present:
-        raise PipelineError(f"{where} has no train/ or test/ folders; leave out --split to read all of it, "
-                            "or hold out a share of it by name with --holdout 0.1")
+        raise PipelineError(f"{where} has no train/ or test/ folders; leave out `split` to read all of it, "
+                            "or hold out a share of it by name with `holdout` 0.1")
     chosen = split or ("train" if present else None)
     if chosen and present:
         entries = [e for e in entries if e[1] == chosen]
@@ -693,7 +693,7 @@ def _cifar(root: Path, split: str | None):
         label_key = "fine_labels"
     files = [f for f in files if f.exists()]
     if not files:
-        raise PipelineError(f"{root} has no {split} batches; check the folder or --split")
+        raise PipelineError(f"{root} has no {split} batches; check the folder or `split`")
 
     per_file = [check_labels(_batch_part(f, label_key), f"{f} {label_key}", classes) for f in files]
     labels = np.concatenate(per_file)

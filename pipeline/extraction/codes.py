@@ -107,7 +107,70 @@ def _ordered_sum(x):
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract", "nsz", "arcp"})  # no nnan/ninf: inf marks empty places
+CHUNK = 16  # atoms taken together: a group whose smallest distance is past the bound below is never scanned
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # no nnan/ninf: inf marks empty places
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _distances(zc_row, zr, c2, dist):
+    """A patch's distance to every atom, ``sqrt(max(0, |z|^2 + |c|^2 - 2 z.c))``, into ``dist``; returns
+    their sum (:func:`_ordered_sum`). A loop without branches, so it vectorizes."""
+    for j in range(dist.size):
+        dist[j] = np.sqrt(max(zr + c2[j] - np.float32(2.0) * zc_row[j], np.float32(0.0)))
+    return _ordered_sum(dist)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _nearest(dist, k, lows, cand, best_d, best_i):
+    """The k smallest of ``dist`` (nearest first, ties to the lower index) into ``best_d`` / ``best_i``.
+
+    The k-th smallest of the minima of groups of :data:`CHUNK` distances bounds the k-th smallest
+    distance from above, so only the groups whose minimum is within that bound are looked at, and
+    only their distances within the bound enter the ordered list (kept without a branch): the
+    choice is exactly that of a scan of every distance."""
+    n = dist.size
+    chunks = n // CHUNK
+    for q in range(chunks):
+        low = dist[q * CHUNK]
+        for j in range(q * CHUNK + 1, (q + 1) * CHUNK):
+            low = min(low, dist[j])
+        lows[q] = low
+    lows[chunks] = -np.inf  # the distances past the last whole group are always looked at
+    bound = np.inf
+    if chunks >= k:
+        best_d[:] = np.inf  # here: the k smallest group minima
+        for q in range(chunks):
+            v = lows[q]
+            if v < best_d[k - 1]:
+                p = k - 1
+                while p > 0 and best_d[p - 1] > v:
+                    best_d[p] = best_d[p - 1]
+                    p -= 1
+                best_d[p] = v
+        bound = best_d[k - 1]
+    m = 0
+    for q in range(chunks + 1):
+        if lows[q] > bound:
+            continue
+        for j in range(q * CHUNK, min((q + 1) * CHUNK, n)):
+            cand[m] = j
+            m += dist[j] <= bound
+    best_d[:] = np.inf
+    best_i[:] = n
+    for t in range(m):
+        j = cand[t]
+        d = dist[j]
+        if d < best_d[k - 1]:
+            p = k - 1
+            while p > 0 and best_d[p - 1] > d:
+                best_d[p] = best_d[p - 1]
+                best_i[p] = best_i[p - 1]
+                p -= 1
+            best_d[p] = d
+            best_i[p] = j
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     """For each patch r of a block, from ``zc = z @ atoms.T`` (B x K) and the squared norms of the
     patches (``z2``) and atoms (``c2``): the k nearest atoms (nearest first, ties to the lower id)
@@ -115,23 +178,12 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     b, n = zc.shape
     for r in prange(b):
         dist = np.empty(n, np.float32)
-        zr = z2[r]
-        for j in range(n):  # a loop without branches, so it vectorizes
-            dist[j] = np.sqrt(max(zr + c2[j] - np.float32(2.0) * zc[r, j], np.float32(0.0)))
-        total = _ordered_sum(dist)
-        best_d = np.full(k, np.inf, np.float32)
-        best_i = np.full(k, n, np.int64)
-        for j in range(n):
-            d = dist[j]
-            if d < best_d[k - 1]:
-                q = k - 1
-                while q > 0 and best_d[q - 1] > d:
-                    best_d[q] = best_d[q - 1]
-                    best_i[q] = best_i[q - 1]
-                    q -= 1
-                best_d[q] = d
-                best_i[q] = j
-        mean = total / n
+        lows = np.empty(n // CHUNK + 1, np.float32)
+        cand = np.empty(n, np.int64)
+        best_d = np.empty(k, np.float32)
+        best_i = np.empty(k, np.int64)
+        mean = _distances(zc[r], z2[r], c2, dist) / n
+        _nearest(dist, k, lows, cand, best_d, best_i)
         for j in range(k):
             atoms[row0 + r, j] = best_i[j]
             if hard:
@@ -139,6 +191,38 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
             else:
                 wv = mean - best_d[j]
                 weights[row0 + r, j] = wv if wv > 0 else 0.0
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
+def _pool(zc, z2, c2, k, hard, cells, out, image0):
+    """The codes of a block of whole images' patches summed per cell: for image i of the block
+    (rows ``i * L .. (i + 1) * L`` of ``zc``, L = ``len(cells)`` locations), ``out[image0 + i, c, a]``
+    gains the weight of atom a in every patch whose location lies in cell c (``cells``). With k equal
+    to the number of atoms every atom is kept (its triangle weight, at least 0). Images run in
+    parallel, each one's patches in order, so the sums do not depend on the thread count."""
+    locations = cells.size
+    images = zc.shape[0] // locations
+    n = zc.shape[1]
+    for i in prange(images):
+        dist = np.empty(n, np.float32)
+        lows = np.empty(n // CHUNK + 1, np.float32)
+        cand = np.empty(n, np.int64)
+        best_d = np.empty(k, np.float32)
+        best_i = np.empty(k, np.int64)
+        img = out[image0 + i]
+        for loc in range(locations):
+            r = i * locations + loc
+            mean = _distances(zc[r], z2[r], c2, dist) / n
+            acc = img[cells[loc]]
+            if k == n:
+                for j in range(n):
+                    wv = np.float32(1.0) if hard else mean - dist[j]
+                    acc[j] += wv if wv > 0 else np.float32(0.0)
+                continue
+            _nearest(dist, k, lows, cand, best_d, best_i)
+            for j in range(k):
+                wv = np.float32(1.0) if hard else mean - best_d[j]
+                acc[best_i[j]] += wv if wv > 0 else np.float32(0.0)
 
 
 @lru_cache(maxsize=1)
@@ -162,7 +246,6 @@ class ShapeCode:
     def encode(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
         """Scaled-and-whitened codes of raw patch rows (P x d float32, changed in place):
         (atoms P x k int64, weights P x k float32)."""
-        normalise(patches, self.norm)
         atoms = np.empty((len(patches), k), np.int64)
         weights = np.empty((len(patches), k), np.float32)
         c2 = (self.atoms**2).sum(1)
@@ -170,9 +253,27 @@ class ShapeCode:
         # count, and the codes must not depend on it (in-process, worker processes, Ray tasks)
         with _blas().limit(limits=1, user_api="blas"):
             for s in range(0, len(patches), BLOCK_PATCHES):
-                z = (patches[s : s + BLOCK_PATCHES] - self.mean) @ self.whiten
+                block = normalise(patches[s : s + BLOCK_PATCHES], self.norm)  # row by row: the same values as all rows at once
+                z = (block - self.mean) @ self.whiten
                 _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
         return atoms, weights
+
+    def pool(self, patches: np.ndarray, k: int, hard: bool, cells: np.ndarray, n_cells: int) -> np.ndarray:
+        """The codes of whole images' raw patch rows (N * L x d float32, image by image, changed in
+        place; L = ``len(cells)`` locations, ``cells`` the cell of each) summed per cell:
+        N x n_cells x K float32 (atom a's weights over the patches of cell c)."""
+        locations = len(cells)
+        n = len(patches) // locations
+        out = np.zeros((n, n_cells, len(self.atoms)), np.float32)
+        c2 = (self.atoms**2).sum(1)
+        cells = np.ascontiguousarray(cells, np.int64)
+        per_block = max(1, BLOCK_PATCHES // locations)  # whole images per product
+        with _blas().limit(limits=1, user_api="blas"):  # see encode
+            for i in range(0, n, per_block):
+                block = normalise(patches[i * locations : (i + per_block) * locations], self.norm)
+                z = (block - self.mean) @ self.whiten
+                _pool(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, cells, out, i)
+        return out
 
     @cached_property
     def unwhitened(self) -> np.ndarray:
@@ -214,13 +315,25 @@ class Dictionary:
     def norm(self) -> str:
         return self.shapes[0].norm
 
-    def encode(self, images: np.ndarray, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self, images: np.ndarray, stride: int, k: int, weighting: str, cells: list[np.ndarray] | None = None, n_cells: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Codes of N x H x W x C uint8 images: (atoms N x S uint16, weights N x S float32) over the
-        code slots, for each shape then each rank (nearest first) then each location (row-major)."""
+        code slots, for each shape then each rank (nearest first) then each location (row-major).
+
+        With ``cells`` (per shape, the cell of each location, row-major, below ``n_cells``) the
+        weights are summed per cell before anything is returned: the slots are, for each shape,
+        each atom (rank r holds atom r), each cell, and ``k`` equal to the number of atoms keeps
+        every atom of every patch."""
         n = len(images)
         atoms, weights = [], []
-        for s in self.shapes:
+        for i, s in enumerate(self.shapes):
             p, ny, nx = patch_matrix(images, s.h, s.w, stride)
+            if cells is not None:
+                pooled = s.pool(p, k, weighting == "hard", cells[i], n_cells)  # N x cells x K
+                weights.append(pooled.transpose(0, 2, 1).reshape(n, -1))
+                atoms.append(np.broadcast_to(np.repeat(np.arange(len(s.atoms)), n_cells), (n, len(s.atoms) * n_cells)))
+                continue
             a, wt = s.encode(p, k, weighting == "hard")
             atoms.append(a.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
             weights.append(wt.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
@@ -253,7 +366,7 @@ class Dictionary:
         """Read a dictionary; ``expected`` (a digest) refuses any other dictionary in one line."""
         path = Path(path)
         if not path.exists() and not path.is_symlink():
-            raise PipelineError(f"dictionary {path} is missing; extract again (or pass --dictionary with the training shards' {layout.DICTIONARY})")
+            raise PipelineError(f"dictionary {path} is missing; extract again (or pass `dictionary` with the training shards' {layout.DICTIONARY})")
         layout.regular_file(path, "use the dictionary.npz of the training shards, or extract again", MAX_DICTIONARY_BYTES)
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()

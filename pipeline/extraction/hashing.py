@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.extraction import kernels
 from pipeline.fmix import MASK, fmix64, fmix64_int
 from pipeline.extraction.codes import auto_shapes
-from pipeline.config import POSITION_MODES, ExtractConfig
+from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.data.pixels import view_symbols
 
@@ -158,6 +158,7 @@ class _Block:
     nx: int  # locations across: (width - w) // stride + 1
     stride: int = 1  # step between locations
     rank: int = -1  # code view: which of a patch's nearest atoms (0 = nearest); -1 for exact views
+    pooled: bool = False  # a pooled code view's block: rank r is atom r, and its ny x nx "locations" are the mode's cells
 
 
 class KeyPlan:
@@ -187,6 +188,8 @@ class KeyPlan:
             config = dataclasses.replace(config, code_shapes=",".join(f"{h}x{w}" for h, w in shapes) or "none")
         if config.grid == 0:
             config = dataclasses.replace(config, grid=auto_grid(height, width))
+        if config.code_k == 0:
+            config = dataclasses.replace(config, code_k=config.atoms if config.code_pooled else min(CODE_K_UNPOOLED, config.atoms))
         if config.views == "auto":
             config = dataclasses.replace(config, views=auto_views(config.channels))
         if config.max_h == 0:
@@ -219,13 +222,24 @@ class KeyPlan:
         self.code_k = config.code_k if self.code_shapes else 0
         cst = config.code_stride
         slots_per_shape = []
+        self._pool_cells: list[np.ndarray] = []  # pooled: per code shape, the cell of each location
+        self.n_pool_cells = cells_per_side(config.code_pool, config.grid) ** 2 if self.code_shapes and config.code_pooled else 0
         for h, w in self.code_shapes:
             ny, nx = (height - h) // cst + 1, (width - w) // cst + 1
-            for mode in config.position_modes:
-                for r in range(self.code_k):
-                    blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
-                    offset += ny * nx
-            slots_per_shape.append(self.code_k * ny * nx)
+            if self.n_pool_cells:  # one slot per atom and cell: a block per atom whose "locations" are the cells
+                side = cells_per_side(config.code_pool, config.grid)
+                ys, xs = np.arange(ny)[:, None] * cst, np.arange(nx)[None, :] * cst
+                self._pool_cells.append(grid_cell(ys, xs, h, w, height, width, config.grid, config.code_pool).ravel().astype(np.int64))
+                for r in range(config.atoms):
+                    blocks.append(_Block(h, w, config.code_pool, self.code_view, offset, patch_offset + r * side * side, side, side, cst, r, True))
+                    offset += side * side
+                slots_per_shape.append(config.atoms * side * side)
+            else:
+                for mode in config.position_modes:
+                    for r in range(self.code_k):
+                        blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
+                        offset += ny * nx
+                slots_per_shape.append(self.code_k * ny * nx)
             patch_offset += slots_per_shape[-1]
         self.code_slots = patch_offset - self.exact_patches  # atom ids (and weights) stored per image
         self.blocks: list[_Block] = blocks
@@ -260,7 +274,10 @@ class KeyPlan:
         return fmix64_int(tag_of(h, w, cell, mode) + self._tag_salt)
 
     def _cells(self, block: _Block) -> np.ndarray:
-        """The cell of every location of a block: :func:`grid_cell` over arrays (ny x nx)."""
+        """The cell of every location of a block: :func:`grid_cell` over arrays (ny x nx); a pooled
+        block's locations are its cells."""
+        if block.pooled:
+            return np.arange(block.ny * block.nx).reshape(block.ny, block.nx)
         ys = np.arange(block.ny)[:, None] * block.stride
         xs = np.arange(block.nx)[None, :] * block.stride
         return grid_cell(ys, xs, block.h, block.w, self.height, self.width, self.config.grid, block.mode)
@@ -311,6 +328,8 @@ class KeyPlan:
         if self.dictionary is None:
             raise PipelineError("this key plan has a code view but no dictionary to code images with")
         c = self.config
+        if self.n_pool_cells:
+            return self.dictionary.encode(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells)
         return self.dictionary.encode(images, c.code_stride, c.code_k, c.code_weight)
 
     def expand(self, content: np.ndarray, atoms: np.ndarray | None = None) -> np.ndarray:
@@ -366,26 +385,59 @@ class KeyPlan:
         mode (an index into ``config.POSITION_MODES``) and rank (code view: 0 = the patch's nearest
         atom; -1 for exact views), as int32 arrays."""
         cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view", "mode", "rank")}
+        regions = {shape: self.pool_regions(i) for i, shape in enumerate(self.code_shapes)} if self.n_pool_cells else {}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
-            yy, xx = np.meshgrid(np.arange(b.ny) * b.stride, np.arange(b.nx) * b.stride, indexing="ij")
-            cols["y"][sl] = yy.ravel()
-            cols["x"][sl] = xx.ravel()
-            cols["h"][sl] = b.h
-            cols["w"][sl] = b.w
+            if b.pooled:  # a cell's slot covers the pixels of every patch pooled into it
+                for name, column in zip(("y", "x", "h", "w"), regions[(b.h, b.w)]):
+                    cols[name][sl] = column
+            else:
+                yy, xx = np.meshgrid(np.arange(b.ny) * b.stride, np.arange(b.nx) * b.stride, indexing="ij")
+                cols["y"][sl] = yy.ravel()
+                cols["x"][sl] = xx.ravel()
+                cols["h"][sl] = b.h
+                cols["w"][sl] = b.w
             cols["cell"][sl] = -1 if b.mode == "none" else self._cells(b).ravel()
             cols["view"][sl] = b.view
             cols["mode"][sl] = POSITION_MODES.index(b.mode)
             cols["rank"][sl] = b.rank
         return cols
 
+    def pattern_shape(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(h, w) of the patterns keyed at ``slots``: the patch's shape, which for a pooled code view
+        is the code shape, not the cell the slot covers (:meth:`locate`)."""
+        h = np.empty(self.keys_per_image, np.int32)
+        w = np.empty(self.keys_per_image, np.int32)
+        for b in self.blocks:
+            h[b.offset : b.offset + b.ny * b.nx], w[b.offset : b.offset + b.ny * b.nx] = b.h, b.w
+        idx = np.asarray(slots, np.int64)
+        return h[idx], w[idx]
+
+    def pool_regions(self, shape: int) -> tuple[np.ndarray, ...]:
+        """For a pooled code view, per cell of code shape ``shape``: (y, x, h, w) of the smallest
+        rectangle holding every patch pooled into it (0 x 0 for a cell no patch falls in)."""
+        h, w = self.code_shapes[shape]
+        cst = self.config.code_stride
+        nx = (self.width - w) // cst + 1
+        cells = self._pool_cells[shape]
+        loc = np.arange(len(cells))
+        ys, xs = loc // nx * cst, loc % nx * cst
+        out = np.zeros((4, self.n_pool_cells), np.int64)
+        for c in range(self.n_pool_cells):
+            m = cells == c
+            if m.any():
+                y0, x0 = ys[m].min(), xs[m].min()
+                out[:, c] = (y0, x0, ys[m].max() + h - y0, xs[m].max() + w - x0)
+        return tuple(out)
+
     def code_key_table(self) -> dict[str, np.ndarray]:
         """Every key the code view can make: ``key`` (uint64) with its ``shape`` (index into
         ``code_shapes``), ``atom``, ``cell`` (-1 without position) and ``mode`` (index into POSITION_MODES)."""
         cols: dict[str, list] = {"key": [], "shape": [], "atom": [], "cell": [], "mode": []}
         atoms = np.arange(self.config.atoms, dtype=np.int64)
+        modes = (self.config.code_pool,) if self.n_pool_cells else self.config.position_modes
         for i, (h, w) in enumerate(self.code_shapes):
-            for mode in self.config.position_modes:
+            for mode in modes:
                 cells = [-1] if mode == "none" else range(cells_per_side(mode, self.config.grid) ** 2)
                 for c in cells:
                     mix = _U(self._mix(h, w, int(c), mode))

@@ -16,7 +16,6 @@ The layout and codec were chosen by ``benchmarks/storage.py``; see docs/format.m
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -221,7 +220,7 @@ class Shards:
             raise PipelineError(
                 f"{self.root} was extracted with config {self.fingerprint}, but {what} expects {expected}; "
                 "extract the images again with the run's settings"
-                + (" and --dictionary RUN/dictionary.npz" if self.config.has_code else "")
+                + (" and `dictionary` RUN/dictionary.npz" if self.config.has_code else "")
                 + " (or pass the image source instead)"
             )
 

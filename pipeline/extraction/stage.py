@@ -171,7 +171,7 @@ def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit)
         have = ",".join(f"{s.h}x{s.w}" for s in d.shapes)
         raise ParameterError(
             "dictionary", f"{given} has {have} atoms on {d.channels} channel(s), but this extract codes "
-            f"{config.code_shapes} on {config.channels}; pass the same --code-shapes and --color as the training extract"
+            f"{config.code_shapes} on {config.channels}; pass the same `code_shapes` and `color` as the training extract"
         )
     if given is not None and (len(d.shapes[0].atoms), d.norm) != (config.atoms, config.code_norm):
         config = dataclasses.replace(config, atoms=len(d.shapes[0].atoms), code_norm=d.norm)
@@ -239,15 +239,15 @@ def _prepare(out: Path, job: dict, overwrite: bool, inputs: list) -> dict | None
             changed = _differences(old, job)
             if changed and all(d.startswith("source.identity") for d in changed):
                 raise PipelineError(
-                    f"{job['source']['path']} has changed since {state} extract into --out {out} read it; "
-                    "its shards would mix two datasets: pass --overwrite to extract the new images from the start"
+                    f"{job['source']['path']} has changed since {state} extract into `out` {out} read it; "
+                    "its shards would mix two datasets: pass `overwrite` to extract the new images from the start"
                 )
             diffs = ", ".join(changed) or "format"
             raise ParameterError(
                 "out", f"{out} holds {state} extract with different settings ({diffs}); "
-                "pass --overwrite to replace it, rerun with the same arguments, or choose another directory"
+                "pass `overwrite` to replace it, rerun with the same arguments, or choose another directory"
             )
-        raise ParameterError("out", f"{out} already holds other files; pass --overwrite to replace them or choose another directory")
+        raise ParameterError("out", f"{out} already holds other files; pass `overwrite` to replace them or choose another directory")
     if not (out / layout.EXTRACT_JOB).exists() or overwrite:
         outputs.prepare(out, overwrite, layout.MANIFEST, "extract", inputs)
     (out / layout.PROGRESS_DIR).mkdir(exist_ok=True)
@@ -369,7 +369,7 @@ def extract(
         settings = like_mod.like(like)
         config, augment, dictionary = settings.config, settings.augment, settings.dictionary
     if address is not None and engine != "ray":
-        raise ParameterError("address", "goes with --engine ray")
+        raise ParameterError("address", "goes with `engine` ray")
     check_engine(engine)  # a missing Ray extra fails before anything is written
     if workers < 0:
         raise ParameterError("workers", f"{workers} must be at least 1, or 0 for one per core")
@@ -396,7 +396,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
     augment_mod.check_size(augment, height, width)
     config = resolve_size(config, height, width)
     if dictionary is not None and not config.has_code:
-        raise ParameterError("dictionary", "goes with a code view; leave it out, or set --code-shapes")
+        raise ParameterError("dictionary", "goes with a code view; leave it out, or set `code_shapes`")
     dict_obj = None
     if config.has_code:
         dict_obj, config = _dictionary(source, config, out, dictionary, on_fit)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout, outputs
-from pipeline.errors import ParameterError, PipelineError
+from pipeline.errors import ParameterError
 from pipeline.engines.ray_engine import check_engine, query_tables
 from pipeline.query.run import Run, load
 from pipeline.extraction.shards import Shards
@@ -109,14 +109,14 @@ def query_batch(
     """
     check_engine(engine)
     if engine != "ray" and workers != 1:
-        raise ParameterError("workers", f"{workers} goes with --engine ray; leave it out to answer in this process")
+        raise ParameterError("workers", f"{workers} goes with `engine` ray; leave it out to answer in this process")
     check_counts(k, patches)
     out = Path(out)
     if out.suffix != ".parquet":
         raise ParameterError("out", f"{out} must end in .parquet")
     if out.is_dir():
         raise ParameterError("out", f"{out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
-    outputs.check_file_out(out, "--out")
+    outputs.check_file_out(out, "`out`")
     with outputs.locked(out, "pipe query --batch", file=True):
         return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize)
 

@@ -165,7 +165,7 @@ class Classify:
             raise PipelineError(
                 f"{self.root} trained again on every image once its held-out part had chosen the epoch count (refit), so no image is "
                 f"held out any more; its held-out accuracy before that, {self.manifest['final']['val_accuracy']:.4f}, is in run.json "
-                "(train with --refit off to keep a held-out part)")
+                "(train with `refit` off to keep a held-out part)")
         c = len(self.class_names)
         confusion = np.zeros((c, c), np.int64)
         loss_sum = 0.0

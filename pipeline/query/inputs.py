@@ -13,8 +13,8 @@ def open_data(spec: str, split: str | None = None, limit: int | None = None, per
               holdout: float | None = None) -> Shards | Source:
     """Shards (a directory with a shard manifest) or else an image source (:func:`open_source`)."""
     if Path(spec).is_dir() and (Path(spec) / layout.MANIFEST).exists():
-        given = [flag for flag, v in (("--split", split), ("--limit", limit), ("--per-class", per_class), ("--skip-bad", skip_bad),
-                                                  ("--holdout", holdout)) if v]
+        given = [f"`{name}`" for name, v in (("split", split), ("limit", limit), ("per_class", per_class), ("skip_bad", skip_bad),
+                                              ("holdout", holdout)) if v]
         if given:
             raise PipelineError(f"{spec} is a shard directory: {', '.join(given)} choose images of a source and do nothing here; "
                                 "leave them out, or pass the image source instead")

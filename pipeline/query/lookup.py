@@ -12,8 +12,9 @@ from functools import cached_property
 import numpy as np
 
 from pipeline import familiarity
-from pipeline import index as pattern_index
-from pipeline import layout, patterns
+from pipeline.table import index as pattern_index
+from pipeline import layout
+from pipeline.table import patterns
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.query import pooling, unseen
 

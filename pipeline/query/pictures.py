@@ -99,7 +99,8 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         found = np.flatnonzero(lookup.ids[r] >= 0)  # the patch's own view and shape first, each group nearest first
         at = np.array([row_of[int(pid)] for pid in lookup.ids[r, found]], np.int64)
         if len(found):
-            found = found[own_kind_first((int(lookup.location["view"][r]), h, w), meta["view"][at], meta["h"][at], meta["w"][at])]
+            shape = run.plan.pattern_shape(lookup.slots[r])  # a pooled code slot's place is a cell, its patterns the code shape
+            found = found[own_kind_first((int(lookup.location["view"][r]), int(shape[0]), int(shape[1])), meta["view"][at], meta["h"][at], meta["w"][at])]
         for col in range(k):
             ax = fig.add_subplot(grid[r, col + 2])
             if col >= len(found):

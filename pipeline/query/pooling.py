@@ -1,21 +1,21 @@
 """Pooled image vectors and the head, in numpy: what a query computes, without torch.
 
-A bag is CSR (rows, offsets, weights) as :meth:`pipeline.training.vocab.Vocabulary.bags`
+A bag is CSR (rows, offsets, weights) as :meth:`pipeline.table.vocab.Vocabulary.bags`
 gives it; pooling is the training step's own compiled kernel
-(:func:`pipeline.training.table_kernels.pool`), and the head's layers are the run's
+(:func:`pipeline.table.pooling.pool`), and the head's layers are the run's
 weights (``model.safetensors``), so a query needs neither torch nor its import time.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.training import table_kernels
+from pipeline.table import pooling as table_pooling
 
 
 def pool(table: np.ndarray, rows: np.ndarray, offsets: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``out[i] = sum_j weights[j] * table[rows[j]]`` over bag i's entries (N x d float32)."""
     out = np.empty((len(offsets) - 1, table.shape[1]), np.float32)
-    return table_kernels.pool(table, np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(offsets, np.int64),
+    return table_pooling.pool(table, np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(offsets, np.int64),
                               np.ascontiguousarray(weights, np.float32), out)
 
 

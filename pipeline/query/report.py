@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ParameterError, PipelineError
+from pipeline.errors import ParameterError
 from pipeline.extraction.codes import brightness_contrast
 from pipeline.familiarity import describe as describe_familiarity
 from pipeline.query.files import image_from_bytes, read_image  # noqa: F401 (where the CLI and the server read images)
@@ -73,7 +73,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     fam = run.familiarity_keys(keys, weights, pooled, near)
     order = np.argsort(-lookup.contribution, kind="stable")
     loc = lookup.location
-    nearest = _patterns(run, lookup.ids[order], lookup.distances[order], (loc["view"][order], loc["h"][order], loc["w"][order]))
+    nearest = _patterns(run, lookup.ids[order], lookup.distances[order], (loc["view"][order], *run.plan.pattern_shape(lookup.slots[order])))
     patches = []
     for n, s in enumerate(order):
         loc = {c: int(v[s]) for c, v in lookup.location.items()}

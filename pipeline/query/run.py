@@ -3,7 +3,7 @@
 ``run = pipeline.load("artifacts/run")`` then ``run.predict(images)``,
 ``run.nearest_patterns(image, k)`` and ``run.evaluate(source)``. Nothing is
 unpickled and torch is never imported: the weights are memory-mapped from
-``model.safetensors`` (:mod:`pipeline.weights`), the rest is JSON, Parquet and
+``model.safetensors`` (:mod:`pipeline.table.weights`), the rest is JSON, Parquet and
 FAISS indexes.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import index as pattern_index
-from pipeline import familiarity, layout, patterns, weights
+from pipeline.table import index as pattern_index
+from pipeline import familiarity, layout
+from pipeline.table import patterns, weights
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.images import MAX_PIXELS
 from pipeline.data.pixels import as_nhwc, to_channels
@@ -29,7 +30,7 @@ from pipeline.layout import RUN_FORMAT
 from pipeline.query import unseen
 from pipeline.query.classify import Classify
 from pipeline.query.lookup import ImageLookup, LookUp, PatchLookup
-from pipeline.training.vocab import Vocabulary
+from pipeline.table.vocab import Vocabulary
 
 __all__ = ["Run", "load", "PatchLookup", "ImageLookup"]
 

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipeline.errors import ParameterError, PipelineError
+from pipeline.errors import ParameterError
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.query.pooling import pool
 

@@ -143,7 +143,7 @@ def check_workers(workers: int, learn_into: Path | str | None = None) -> int:
     if not 0 <= workers <= MAX_WORKERS:
         raise ParameterError("workers", f"{workers} must be 0 (one per core) to {MAX_WORKERS}")
     if learn_into is not None and workers != 1:
-        raise ParameterError("learn_into", "needs one worker process (each would learn on its own); pass --workers 1 or leave it out")
+        raise ParameterError("learn_into", "needs one worker process (each would learn on its own); pass `workers` 1 or leave it out")
     return workers or machine_cores()
 
 
@@ -155,7 +155,7 @@ def check_port(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        raise PipelineError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port, or stop what uses it") from None
+        raise PipelineError(f"cannot listen on {host}:{port} ({e.strerror}); pass another `port`, or stop what uses it") from None
 
 
 def warm(run: Run) -> None:

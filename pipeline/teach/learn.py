@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.query import pooling
-from pipeline.training.vocab import pattern_stats
+from pipeline.table.vocab import pattern_stats
 
 TARGET = 0.6  # the taught class's probability at which the steps stop
 STEPS = 400  # at most this many steps

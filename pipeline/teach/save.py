@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import index as pattern_index
-from pipeline import layout, patterns, weights
+from pipeline.table import index as pattern_index
+from pipeline import layout
+from pipeline.table import patterns, weights
 from pipeline.data.augment import is_original
 from pipeline.data.images import thumbnail
 from pipeline.data.sources import from_arrays

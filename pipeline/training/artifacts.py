@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import familiarity
-from pipeline import index as pattern_index
-from pipeline import layout, outputs, patterns, weights
+from pipeline.table import index as pattern_index
+from pipeline import layout
+from pipeline.table import patterns
 from pipeline.data import augment
 from pipeline.data.augment import VARIANT_STRIDE
 from pipeline.training.bags import part_batches, to_bags
@@ -30,7 +31,7 @@ from pipeline.memory import release_unused
 from pipeline.extraction.shards import Shards
 from pipeline.data.sources import reopen
 from pipeline.data.images import thumbnail
-from pipeline.training.vocab import Vocabulary, pattern_stats
+from pipeline.table.vocab import Vocabulary, pattern_stats
 
 
 
@@ -286,38 +287,3 @@ def write_lookups(
     })
     patterns.write(table, out / layout.IMAGES)
     return {"index": info.to_dict(), "image_index": image_info.to_dict(), "examples": missing or "complete"}
-
-
-def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | None = None, seed: int = 0) -> dict:
-    """Rebuild a finished run's pattern index as ``kind`` and record it in the run manifest; returns its
-    entry, with ``rebuilt`` False when only the query-time knobs changed (``kind`` is what the run
-    already has, so nothing is rebuilt)."""
-    root = Path(root)
-    pattern_index.check_params(nprobe, ef_search)
-    mpath = root / layout.RUN_MANIFEST
-    if not mpath.exists():
-        raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
-    with outputs.locked(root, "pipe index"):
-        return _rebuild(root, mpath, kind, nprobe, ef_search, seed)
-
-
-def _rebuild(root: Path, mpath: Path, kind: str, nprobe: int | None, ef_search: int | None, seed: int) -> dict:
-    """:func:`rebuild_index` with the run locked."""
-    manifest = layout.read_json(mpath)
-    old = pattern_index.IndexInfo.from_dict(manifest["index"])
-    dim = old.dim
-    pattern_index.check_kind(kind, dim)
-    resolved, factory = pattern_index.choose(kind, old.vectors, dim)
-    if factory == old.factory:  # same index: only the recorded knob it has changes
-        info = dataclasses.replace(
-            old, kind=resolved,
-            nprobe=old.nprobe and (nprobe or old.nprobe),
-            ef_search=old.ef_search and (ef_search or old.ef_search),
-        )
-    else:
-        state = weights.load(root / layout.WEIGHTS, "train the run again")
-        vectors = np.asarray(state["table.weight"])[: old.vectors]
-        info = pattern_index.build(vectors, root / layout.PATTERN_INDEX, kind, nprobe, ef_search, seed)
-    manifest["index"] = info.to_dict()
-    layout.write_json(mpath, manifest)
-    return dict(manifest["index"], rebuilt=factory != old.factory)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.data import augment
-from pipeline.training import vocab
+from pipeline.table import vocab
 from pipeline.extraction.shards import Shards
 from pipeline.data.split import is_validation
 

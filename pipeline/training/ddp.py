@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import layout, outputs, torchfiles
-from pipeline.training import vocab
+from pipeline import layout, outputs
+from pipeline.training import torchfiles
+from pipeline.table import vocab
 from pipeline.training.bags import concat_bags, part_groups, to_bags, validation_bags
 from pipeline.config import TrainConfig
 from pipeline.errors import ParameterError, PipelineError

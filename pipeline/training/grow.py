@@ -30,14 +30,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import index as pattern_index
-from pipeline import layout, patterns, weights
+from pipeline.table import index as pattern_index
+from pipeline import layout
+from pipeline.table import patterns, weights
 from pipeline.config import DISTILL, REPLAY, TrainConfig  # noqa: F401 (the defaults of train's replay and distill)
 from pipeline.data.augment import base_ids, is_original
 from pipeline.data.split import is_validation
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
-from pipeline.training import vocab as vocab_mod
+from pipeline.table import vocab as vocab_mod
 from pipeline.training.bags import part_batches
 
 

@@ -4,7 +4,7 @@ From the CLI: ``pipe train SHARDS --out RUN``; from Python:
 ``pipeline.train(open_shards("artifacts/shards"), "artifacts/run", TrainConfig(epochs=5))``.
 
 1. One pass counts the keys of the training images and fixes the vocabulary
-   (:mod:`pipeline.training.vocab`), saved first so a resumed run uses the same rows.
+   (:mod:`pipeline.table.vocab`), saved first so a resumed run uses the same rows.
 2. Each epoch trains on batches of bags (:mod:`pipeline.training.bags`): every image
    becomes a bag of distinct rows with counts. The first epoch reads the shards
    in a seeded random order through a shuffle buffer, in a background thread,
@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.training import artifacts, curves, grow, optim, vocab
-from pipeline import layout, outputs, torchfiles
-from pipeline import index as pattern_index
+from pipeline.training import artifacts, curves, grow, optim, torchfiles
+from pipeline.table import vocab
+from pipeline import layout, outputs
+from pipeline.table import index as pattern_index
 from pipeline.config import TrainConfig
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.training.bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
@@ -48,7 +49,7 @@ from pipeline.extraction.shards import Shards
 
 log = logging.getLogger(__name__)
 
-RESTART = "start the run again with --overwrite"
+RESTART = "start the run again with `overwrite`"
 FEW_HELD_OUT = 500  # fewer held-out images than this choose the best epoch by noise (one image is over 0.2 points)
 
 StepProgress = Callable[[int, int], None]  # (images in this step, raw keys in this step)
@@ -100,18 +101,18 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
     unstarted = (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
     if resume and not overwrite:
         if (out / layout.RUN_MANIFEST).exists():
-            raise ParameterError("out", f"{out} holds a finished run; nothing to resume (pass --overwrite to train again)")
+            raise ParameterError("out", f"{out} holds a finished run; nothing to resume (pass `overwrite` to train again)")
         if unstarted:
             raise ParameterError(
                 "out", f"{out} stopped before its first epoch ended (or while training again on every image), so there is no checkpoint to resume from; "
-                "run the same command without --resume to start it again"
+                "run the same command without `resume` to start it again"
             )
         if not (out / layout.TRAIN_JOB).exists():
-            raise ParameterError("out", f"{out} has no checkpoint to resume from (no interrupted run is there); leave out --resume to start a new run")
+            raise ParameterError("out", f"{out} has no checkpoint to resume from (no interrupted run is there); leave out `resume` to start a new run")
         try:
             old = layout.read_json(out / layout.TRAIN_JOB)
         except (ValueError, OSError) as e:
-            raise PipelineError(f"{out / layout.TRAIN_JOB} is unreadable ({e}); start again with --overwrite") from None
+            raise PipelineError(f"{out / layout.TRAIN_JOB} is unreadable ({e}); start again with `overwrite`") from None
         if old != job:
             diffs = sorted(k for k in set(old["config"]) | set(job["config"]) if old["config"].get(k) != job["config"].get(k))
             diffs += [k for k in ("from", "replay", "distill") if old.get(k) != job.get(k)]
@@ -149,7 +150,7 @@ def check_checkpoint(out: Path, processes: int | None) -> None:
     ck = torchfiles.load(out / layout.CHECKPOINT, RESTART, mmap=True)
     had = ck.get("processes")
     if had != processes:
-        how = "without --nproc" if had is None else f"with --nproc {had}"
+        how = "without `nproc`" if had is None else f"with `nproc` {had}"
         raise ParameterError("out", f"{out} was trained by {had or 'one'} process{'es' if had else ''}; resume it {how}")
 
 
@@ -202,7 +203,7 @@ def build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callab
         config.min_count, config.buckets, progress, config.vocab_mb,
     )
     if v.size == 0:
-        raise PipelineError(f"no key occurs --min-count {config.min_count} times in the training images; lower --min-count")
+        raise PipelineError(f"no key occurs `min_count` {config.min_count} times in the training images; lower `min_count`")
     v.save(out / layout.VOCAB)
     layout.write_json(out / layout.VOCAB_STATS, v.stats)
     release_unused()  # the counting tables' pages
@@ -250,7 +251,7 @@ def train(
     if len(present) < 2:
         name = shards.class_names[int(present[0])] if present[0] < len(shards.class_names) else str(present[0])
         raise PipelineError(f"{shards.root} holds images of one class only ({name!r}); a classifier needs at least two: "
-                            "extract a source with more classes (--limit takes the first images, which may all be one class; use --per-class)")
+                            "extract a source with more classes (`limit` takes the first images, which may all be one class; use `per_class`)")
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root] + ([growth.parent.root] if growth else []))
@@ -277,7 +278,7 @@ class _Growth:
             raise PipelineError(f"{', '.join(changed)} differ from {p.root}'s; a step keeps the settings of the run it grows from")
         if shards.fingerprint != p.manifest.get("extract_fingerprint"):
             raise PipelineError(f"{shards.root} was extracted with other settings or another dictionary than {p.root}; "
-                                f"extract the new images with pipe extract SOURCE --like {p.root}")
+                                f"extract the new images with pipe extract SOURCE `like` {p.root}")
         self.classes = grow.merged_classes(p.class_names, shards.class_names)
         earlier, self.notes = grow.choose_earlier(p.lineage, self.classes, shards.fingerprint, replay)
         for note in self.notes:
@@ -317,7 +318,7 @@ def _start(config: TrainConfig, v: vocab.Vocabulary, num_classes: int) -> tuple[
     """A run's seeded generators and new model over vocabulary ``v`` (refused when the table cannot fit)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with --buckets {config.buckets:,}")
+    config.check_table(v.rows, f"the vocabulary ({v.size:,} keys) with `buckets` {config.buckets:,}")
     return rng, build_model(config, v.rows, num_classes)
 
 
@@ -337,7 +338,7 @@ def _refit(shards: Shards, out: Path, config: TrainConfig, epochs: int, device, 
     every = dataclasses.replace(config, val_fraction=0.0, epochs=epochs, patience=0, refit="off")
     images = shards.count_training(0.0)
     if on_step:
-        on_step(f"training again on all {images:,} images for the {epochs} epoch(s) the held-out part chose (--refit off keeps it held out)", 0)
+        on_step(f"training again on all {images:,} images for the {epochs} epoch(s) the held-out part chose (`refit` off keeps it held out)", 0)
     v = build_vocab(shards, every, out, None)
     rng, model = _start(every, v, len(shards.class_names))
     model = model.to(device)
@@ -394,7 +395,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     select = "val_balanced_accuracy" if growth else "val_accuracy"
     history, best = run_epochs(out, model, opts, config, start, history, best, train_epoch, validate, state, on_epoch, select=select)
     if not history:
-        raise PipelineError(f"{out} trained no epoch; raise --epochs")
+        raise PipelineError(f"{out} trained no epoch; raise `epochs`")
     # the table, its optimizer state, the bags and a step's copy of the earlier table; the best epoch is reloaded from model.pt
     del model, opts, caches, train_epoch, validate, teacher
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
@@ -456,7 +457,7 @@ def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history:
 def few_held_out(n: int, val_fraction: float) -> str:
     """The warning of a run whose held-out part is too small to choose its best epoch by."""
     return (f"only {n} held-out images choose the best epoch (one image is {100 / n:.2f} points of accuracy), "
-            f"so the choice is mostly noise: raise --val-fraction (now {val_fraction:g}) if there are images to spare")
+            f"so the choice is mostly noise: raise `val_fraction` (now {val_fraction:g}) if there are images to spare")
 
 
 class _Caches:
@@ -499,7 +500,7 @@ def _epoch(model, opts, shards, v, config, rng, device, epoch, progress, caches:
         if progress:
             progress(len(y), b.raw_keys)
     if n == 0:
-        raise PipelineError(f"{shards.root} has no training images left after holding out --val-fraction {config.val_fraction}")
+        raise PipelineError(f"{shards.root} has no training images left after holding out `val_fraction` {config.val_fraction}")
     caches.train.seal()
     seconds = time.time() - t0
     row = {
@@ -518,7 +519,7 @@ def check_loss(value: float, epoch: int) -> float:
     """``value``, or a one-line stop when training has diverged (the run keeps its last good epoch)."""
     if not math.isfinite(value):
         raise PipelineError(
-            f"training diverged in epoch {epoch} (the loss became {value}); lower --lr or --head-lr (or --init-std) and train again"
+            f"training diverged in epoch {epoch} (the loss became {value}); lower `lr` or `head_lr` (or `init_std`) and train again"
         )
     return value
 

@@ -6,8 +6,8 @@ sorts the batch's rows to find the distinct ones, copies their vectors out,
 builds an autograd graph and copies the update back. These loops do the same
 arithmetic without the copies and the sort:
 
-* :func:`pool`: ``out[i] = sum_j w[j] * table[rows[j]]`` over image i's rows,
-  images split across threads;
+* :func:`pipeline.table.pooling.pool`: ``out[i] = sum_j w[j] * table[rows[j]]`` over image i's rows,
+  images split across threads (the one pooling kernel, shared with queries);
 * :func:`group_rows`: the batch's distinct rows and, for each, where it occurs
   (a bitmap of the table's rows read in order, with a popcount rank; no sort);
 * :func:`adagrad_rows`: for each distinct row r, its gradient
@@ -25,23 +25,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from pipeline.table.pooling import pool
+
 _BLOCK = 256  # distinct rows per block of the update (a 64 KiB gradient buffer at dimension 64)
-
-
-@njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def pool(table, rows, offsets, w, out):
-    n = offsets.size - 1
-    d = table.shape[1]
-    for i in prange(n):
-        acc = np.zeros(d, np.float32)
-        for j in range(offsets[i], offsets[i + 1]):
-            r = rows[j]
-            wj = w[j]
-            for k in range(d):
-                acc[k] += wj * table[r, k]
-        for k in range(d):
-            out[i, k] = acc[k]
-    return out
 
 
 @njit(inline="always")

@@ -1,8 +1,8 @@
 """The table of patterns seen in training: key, shape, position cell, counts per class, one example.
 
 Pattern ids are row numbers of this table: the vocabulary keys, ascending, so
-pattern id = table row = FAISS id of :mod:`pipeline.index`. The statistics come
-from :func:`pipeline.training.vocab.pattern_stats`.
+pattern id = table row = FAISS id of :mod:`pipeline.table.index`. The statistics come
+from :func:`pipeline.table.vocab.pattern_stats`.
 
 The file is written in row groups of ``ROW_GROUP`` patterns, so a query reads the
 patterns it names (:func:`rows`) by decoding only their row groups, not the whole table.
@@ -28,6 +28,7 @@ def to_table(stats: dict[str, np.ndarray], plan: KeyPlan, pixels: pa.Array | Non
     if pixels is None:
         pixels = pa.nulls(len(stats["key"]), pa.large_binary())
     loc = plan.locate(stats["slot"])
+    loc["h"], loc["w"] = plan.pattern_shape(stats["slot"])  # a pooled code slot's place is its cell; its pattern is the code shape's
     cc = stats["class_counts"]
     return pa.table(
         {

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from pipeline import layout
-from pipeline.training import count_tables
+from pipeline.table import count_tables
 from pipeline.data.augment import VARIANT_STRIDE
 from pipeline.errors import ParameterError, PipelineError
 
@@ -234,7 +234,7 @@ def pattern_stats(vocab: Vocabulary, batches: Iterable[tuple[np.ndarray, np.ndar
     """For each vocabulary key: occurrences per class and the first (image, slot) it occurs at.
 
     ``batches`` yields (keys N x K, labels, image_ids) of the training images. The columns
-    are what :func:`pipeline.patterns.to_table` takes; pattern id = vocabulary row.
+    are what :func:`pipeline.table.patterns.to_table` takes; pattern id = vocabulary row.
     """
     v = vocab.size
     cc = np.zeros((v, num_classes), np.int64)

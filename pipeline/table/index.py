@@ -118,10 +118,10 @@ def check_kind(kind: str, dim: int = 64) -> None:
 
 
 def check_params(nprobe: int | None, ef_search: int | None) -> None:
-    """Refuse a --nprobe or --ef-search below 1 (None = as recorded)."""
-    for flag, v in (("--nprobe", nprobe), ("--ef-search", ef_search)):
+    """Refuse an ``nprobe`` or ``ef_search`` below 1 (None = as recorded)."""
+    for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
         if v is not None and not 1 <= v <= 1 << 20:
-            raise PipelineError(f"{flag} {v} must be from 1 to {1 << 20:,}")
+            raise ParameterError(name, f"{v} must be from 1 to {1 << 20:,}")
 
 
 def apply_params(idx, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -162,7 +162,7 @@ def build(
         ivf = _faiss().try_extract_index_ivf(idx)
         need = ivf.nlist if ivf is not None else 1
         if n < need:
-            raise ParameterError("index", f"{kind!r} needs at least {need} vectors to train, got {n}; use --index flat")
+            raise ParameterError("index", f"{kind!r} needs at least {need} vectors to train, got {n}; use `kind` flat")
         # a product quantizer's codebooks (256 centroids each) want PQ_TRAIN points, more than the coarse lists may
         take = min(n, max(TRAIN_PER_LIST * need, PQ_TRAIN if "PQ" in factory.upper() else 0))
         sample = v if take == n else v[np.sort(np.random.default_rng(seed).choice(n, take, replace=False))]

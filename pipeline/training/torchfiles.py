@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from pipeline import layout, weights
+from pipeline import layout
+from pipeline.table import weights
 from pipeline.errors import PipelineError
 
 
@@ -32,7 +33,7 @@ def load(path: Path, fix: str, map_location: Any = "cpu", mmap: bool = False) ->
 
 
 def save_weights(state: dict, path: Path) -> None:
-    """Write a state dict's tensors as safetensors (read by :mod:`pipeline.weights`), atomically."""
+    """Write a state dict's tensors as safetensors (read by :mod:`pipeline.table.weights`), atomically."""
     weights.save({k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}, path)
 
 
@@ -43,4 +44,4 @@ def save(obj: Any, path: Path) -> None:
             torch.save(obj, tmp)
     except (RuntimeError, OSError) as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and run again with --resume") from None
+        raise PipelineError(f"cannot write {path} ({first}); is the disk full? free space and run again with `resume`") from None
