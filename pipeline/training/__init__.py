@@ -1,1 +1,1 @@
-"""Stage 2, shards -> a run: the vocabulary and its count tables, bags, row-wise optimizers, the epoch loop (one process or several), checkpoints and curves, the look-up artifacts."""
+"""Stage 2, shards -> a run: bags, row-wise optimizers, the epoch loop (one process or several), checkpoints and curves, and the look-ups a run is read by; the table it grows is :mod:`pipeline.table`."""

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.training import artifacts, curves, grow, optim, torchfiles
+from pipeline.training import curves, grow, lookups, optim, torchfiles
 from pipeline.table import vocab
 from pipeline import layout, outputs
 from pipeline.table import index as pattern_index
@@ -224,7 +224,7 @@ def train(
     progress: StepProgress | None = None,
     on_epoch: EpochReport | None = None,
     on_vocab: Callable[[int], None] | None = None,
-    on_step: artifacts.Step | None = None,
+    on_step: lookups.Step | None = None,
     start: Path | str | None = None,
     replay: int = grow.REPLAY,
     distill: float = grow.DISTILL,
@@ -233,7 +233,7 @@ def train(
 
     ``progress`` counts training images, ``on_epoch`` gets each epoch's figures, ``on_vocab`` counts
     the vocabulary pass's images, and ``on_step`` is told as each step after the last epoch starts
-    (see :func:`pipeline.training.artifacts.write_lookups`).
+    (see :func:`pipeline.training.lookups.write_lookups`).
 
     ``start`` (a finished run) learns ``shards`` on top of it instead of from nothing, with up to
     ``replay`` of its earlier images per class, ``distill`` the weight of its answers in the loss
@@ -402,7 +402,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     refit = reference = None
     if refits(config, history[-1].get("val_images") or 0, growth):
         chooser = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
-        reference = artifacts.chooser_reference(shards, chooser, v, config.val_fraction)
+        reference = lookups.chooser_reference(shards, chooser, v, config.val_fraction)
         del chooser
         v, refit = _refit(shards, out, config, max(1, best["epoch"]), device, on_step)
         release_unused()
@@ -559,17 +559,17 @@ def _fused_step(model, opts, b: Bags, device, fused, weight: torch.Tensor | None
 
 def finish_run(
     out: Path, shards: Shards, config: TrainConfig, model: PatchBagModel, v: vocab.Vocabulary, history: list[dict], best: dict,
-    on_step: artifacts.Step | None = None, growth: _Growth | None = None, refit: dict | None = None,
+    on_step: lookups.Step | None = None, growth: _Growth | None = None, refit: dict | None = None,
     reference=None,
 ) -> dict:
     looked = shards if growth is None else growth.new_only  # a step's look-ups add the new images to the earlier run's
     trained_on = 0.0 if refit else config.val_fraction  # a refit trained on every image: the look-ups hold them all
-    lookups = artifacts.write_lookups(out, looked, model, v, config.index, config.nprobe, config.ef_search, trained_on, config.seed, on_step)
+    written = lookups.write_lookups(out, looked, model, v, config.index, config.nprobe, config.ef_search, trained_on, config.seed, on_step)
     if growth is not None:
-        lookups = grow.merge_lookups(out, growth.parent, growth.rows(v), lookups, len(shards.class_names), config.seed)
+        written = grow.merge_lookups(out, growth.parent, growth.rows(v), written, len(shards.class_names), config.seed)
     if on_step:
         on_step("measuring the familiarity of the held-out images", 0)
-    lookups["familiarity"] = artifacts.write_familiarity(out, looked, model, v, lookups["image_index"], trained_on, reference)
+    written["familiarity"] = lookups.write_familiarity(out, looked, model, v, written["image_index"], trained_on, reference)
     manifest = {
         "format": RUN_FORMAT,
         "extract_config": shards.config.to_dict(),
@@ -583,7 +583,7 @@ def finish_run(
         "vocabulary": v.stats,
         "patterns": int(v.size),
         "rows": int(v.rows),
-        **lookups,
+        **written,
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
         "final": next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1],
