@@ -140,7 +140,7 @@ def test_bad_files_are_skipped_and_counted_per_shard(tmp_path):
     imgs, labels = digits_images("train", 6)
     root = write_folder(tmp_path / "f", imgs, labels)
     (root / str(labels[0]) / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(PipelineError, match=r"cannot read .*zz-broken\.png.*--skip-bad"):
+    with pytest.raises(PipelineError, match=r"cannot read .*zz-broken\.png.*`skip_bad`"):
         pipeline.extract(pipeline.open_source(str(root)), tmp_path / "o", images_per_shard=2)
     m = pipeline.extract(pipeline.open_source(str(root), skip_bad=True), tmp_path / "o2", images_per_shard=2)
     assert m["images"] == 6 and [Path(p).name for p in m["skipped"]] == ["zz-broken.png"]
