@@ -417,6 +417,11 @@ def test_a_pooled_code_run_trains_answers_and_draws(tmp_path):
     regions = {(0, 0, 5, 5), (0, 3, 5, 5), (3, 0, 5, 5), (3, 3, 5, 5)}
     places = [(p["y"], p["x"], p["h"], p["w"]) for o in out for p in o["top_patches"] if p["view"] == "code"]
     assert places and set(places) <= regions
+    assert all(p["pooled"] and p["mode"] == POSITION_MODES.index("coarse") for o in out for p in o["top_patches"] if p["view"] == "code")
+    r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), str(paths[0]), "--patches", "20"])
+    code = [p for p in out[0]["top_patches"] if p["view"] == "code"][0]
+    assert f"at row {code['y']} col {code['x']} coarse cell {code['cell']}" in r.output  # the cell's kind is said
+    assert f"code atom {code['rank']} weight" in r.output  # a pooled slot's rank is its atom
     r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), str(paths[0]), "--png", str(tmp_path / "why.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "why.png").stat().st_size > 0

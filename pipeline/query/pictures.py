@@ -11,7 +11,7 @@ from matplotlib.patches import Rectangle
 from pipeline import layout, outputs
 
 from pipeline.extraction.codes import brightness_contrast
-from pipeline.query.report import FLAT, own_kind_first
+from pipeline.query.report import FLAT, atom_label, cell_label, own_kind_first
 from pipeline.query.run import PatchLookup, Run
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
@@ -92,8 +92,9 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         view = run.view_name(int(lookup.location["view"][r]))
         times = f" x{int(lookup.occurrences[r])}" if lookup.occurrences[r] > 1 else ""
         cell = int(lookup.location["cell"][r])
-        where = f"row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "")
-        atom = f" atom {int(lookup.location['rank'][r]) + 1} w{weights[0][lookup.slots[r]]:.2f}" if view == "code" and weights is not None else ""
+        where = f"row {y} col {x}" + cell_label(cell, int(lookup.location["mode"][r]))
+        pooled = bool(run.plan.n_pool_cells)
+        atom = f" {atom_label(int(lookup.location['rank'][r]), pooled)} w{weights[0][lookup.slots[r]]:.2f}" if view == "code" and weights is not None else ""
         flat = " flat" if look[1] < FLAT else ""
         own.set_title(f"#{r + 1} {view}{atom}\n{h}x{w} {where}{flat}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         found = np.flatnonzero(lookup.ids[r] >= 0)  # the patch's own view and shape first, each group nearest first

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import POSITION_MODES
 from pipeline.errors import ParameterError
 from pipeline.extraction.codes import brightness_contrast
 from pipeline.familiarity import describe as describe_familiarity
@@ -18,6 +19,19 @@ def own_kind_first(kind: tuple[int, int, int], view: np.ndarray, h: np.ndarray, 
     """The order that puts the patterns of a patch's ``kind`` (view, h, w) first, each group in the
     order given (nearest first)."""
     return np.argsort((view != kind[0]) | (h != kind[1]) | (w != kind[2]), kind="stable")
+
+
+def cell_label(cell: int, mode: int) -> str:
+    """`` cell N`` of a patch's place (its kind named when it is not the position grid's); empty without one."""
+    if cell < 0:
+        return ""
+    kind = POSITION_MODES[mode]
+    return f" {kind} cell {cell}" if kind != "grid" else f" cell {cell}"
+
+
+def atom_label(rank: int, pooled: bool) -> str:
+    """A code slot's atom: its id in a pooled code view, else which of the patch's nearest atoms (1 = nearest)."""
+    return f"atom {rank}" if pooled else f"atom {rank + 1}"
 
 
 def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.ndarray, ...] | None = None) -> list[list[dict]]:
@@ -88,6 +102,7 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
                 "contribution": float(lookup.contribution[s]),
                 "occurrences": int(lookup.occurrences[s]),
                 "view": run.view_name(int(lookup.location["view"][s])),
+                "pooled": bool(run.plan.n_pool_cells) and int(lookup.location["view"][s]) == run.plan.code_view,  # rank is the atom, place its cell
                 "weight": 1.0 if weights is None else float(weights[0][lookup.slots[s]]),  # its weight in the image's bag
                 "brightness": round(brightness, 3),  # of the patch's pixels (mean): code patterns are drawn with it
                 "contrast": round(contrast, 3),  # (standard deviation)
@@ -130,10 +145,10 @@ def text_lines(res: dict, label: str) -> list[str]:
     for i, p in enumerate(res["top_patches"]):
         places.setdefault((p["y"], p["x"], p["h"], p["w"]), []).append((i, p))
     for (y, x, h, w), items in places.items():
-        cell = items[0][1]["cell"]
-        out.append(f"  {h}x{w} at row {y} col {x}" + (f" cell {cell}" if cell >= 0 else "") + (" (flat)" if items[0][1]["flat"] else ""))
+        first = items[0][1]
+        out.append(f"  {h}x{w} at row {y} col {x}" + cell_label(first["cell"], first["mode"]) + (" (flat)" if first["flat"] else ""))
         for i, p in items:
-            what = p["view"] + (f" atom {p['rank'] + 1} weight {p['weight']:.2f}" if p["view"] == "code" else "")
+            what = p["view"] + (f" {atom_label(p['rank'], p['pooled'])} weight {p['weight']:.2f}" if p["view"] == "code" else "")
             what += f", {p['occurrences']} places" if p["occurrences"] > 1 else ""
             state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
             near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} seen {n['count']} {n['top_class']}" for n in p["nearest"])
