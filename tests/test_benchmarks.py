@@ -3,6 +3,7 @@ where both sides should agree, for identical outputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,14 @@ def test_extract_codes_benchmark_smoke():
     (r,) = smoke("benchmarks/extract.py", "--codes")
     # ours and the numpy baseline agree (weights to float32 sums in another order: the baseline uses every BLAS thread)
     assert r["same_atoms"] > 0.99 and r["max_weight_difference"] < 1e-2
-    assert r["ours_gflops"] > 0 and r["numpy_matmul_gflops"] > 0 and r["ratio"] > 0
+    # 200 digits images, the defaults resolved for 8x8 gray (one 4x4 code shape, k 5) over one worker per core
+    assert (r["code_images"], r["code_shapes"], r["code_k"], r["workers"]) == (200, ["4x4"], 5, len(os.sched_getaffinity(0)))
+    assert r["ratio"] == pytest.approx(r["ours_images_per_s"] / r["numpy_images_per_s"], abs=0.01)
+    assert r["share_of_matmul"] == pytest.approx(r["ours_gflops"] / r["numpy_matmul_gflops"], abs=0.001)
+    # the GFLOP/s are the images/s times the products' FLOPs per image: 25 patches x 2 x 16 x (16 atoms + 16 whitening)
+    per_image = 25 * 2 * 16 * (16 + 16) / 1e9
+    assert r["one_process_gflops"] == pytest.approx(r["ours_images_per_s"] * per_image, rel=0.02)
+    assert r["ours_gflops"] == pytest.approx(r["workers_images_per_s"] * per_image, rel=0.02)
 
 
 def test_code_ceiling_benchmark_smoke():
