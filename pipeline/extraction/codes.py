@@ -170,6 +170,22 @@ def _nearest(dist, k, lows, cand, best_d, best_i):
             best_i[p] = j
 
 
+@njit(cache=True, nogil=True)
+def _scratch(n, k):
+    """One thread's buffers for :func:`_distances` and :func:`_nearest` over n atoms, k kept."""
+    return (np.empty(n, np.float32), np.empty(n // CHUNK + 1, np.float32), np.empty(n, np.int64),
+            np.empty(k, np.float32), np.empty(k, np.int64))
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _weight(mean, d, hard):
+    """A kept atom's weight: 1 (hard), or the mean distance minus its own, at least 0 (triangle)."""
+    if hard:
+        return np.float32(1.0)
+    wv = mean - d
+    return wv if wv > 0 else np.float32(0.0)
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     """For each patch r of a block, from ``zc = z @ atoms.T`` (B x K) and the squared norms of the
@@ -177,20 +193,12 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     and their weights, written to rows row0.. of ``atoms`` / ``weights``. Rows run in parallel."""
     b, n = zc.shape
     for r in prange(b):
-        dist = np.empty(n, np.float32)
-        lows = np.empty(n // CHUNK + 1, np.float32)
-        cand = np.empty(n, np.int64)
-        best_d = np.empty(k, np.float32)
-        best_i = np.empty(k, np.int64)
+        dist, lows, cand, best_d, best_i = _scratch(n, k)
         mean = _distances(zc[r], z2[r], c2, dist) / n
         _nearest(dist, k, lows, cand, best_d, best_i)
         for j in range(k):
             atoms[row0 + r, j] = best_i[j]
-            if hard:
-                weights[row0 + r, j] = 1.0
-            else:
-                wv = mean - best_d[j]
-                weights[row0 + r, j] = wv if wv > 0 else 0.0
+            weights[row0 + r, j] = _weight(mean, best_d[j], hard)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
@@ -204,11 +212,7 @@ def _pool(zc, z2, c2, k, hard, cells, out, image0):
     images = zc.shape[0] // locations
     n = zc.shape[1]
     for i in prange(images):
-        dist = np.empty(n, np.float32)
-        lows = np.empty(n // CHUNK + 1, np.float32)
-        cand = np.empty(n, np.int64)
-        best_d = np.empty(k, np.float32)
-        best_i = np.empty(k, np.int64)
+        dist, lows, cand, best_d, best_i = _scratch(n, k)
         img = out[image0 + i]
         for loc in range(locations):
             r = i * locations + loc
@@ -216,13 +220,11 @@ def _pool(zc, z2, c2, k, hard, cells, out, image0):
             acc = img[cells[loc]]
             if k == n:
                 for j in range(n):
-                    wv = np.float32(1.0) if hard else mean - dist[j]
-                    acc[j] += wv if wv > 0 else np.float32(0.0)
+                    acc[j] += _weight(mean, dist[j], hard)
                 continue
             _nearest(dist, k, lows, cand, best_d, best_i)
             for j in range(k):
-                wv = np.float32(1.0) if hard else mean - best_d[j]
-                acc[best_i[j]] += wv if wv > 0 else np.float32(0.0)
+                acc[best_i[j]] += _weight(mean, best_d[j], hard)
 
 
 @lru_cache(maxsize=1)
@@ -249,14 +251,21 @@ class ShapeCode:
         atoms = np.empty((len(patches), k), np.int64)
         weights = np.empty((len(patches), k), np.float32)
         c2 = (self.atoms**2).sum(1)
-        # one BLAS thread: a multi-threaded product may split its sums differently with the thread
-        # count, and the codes must not depend on it (in-process, worker processes, Ray tasks)
-        with _blas().limit(limits=1, user_api="blas"):
-            for s in range(0, len(patches), BLOCK_PATCHES):
-                block = normalise(patches[s : s + BLOCK_PATCHES], self.norm)  # row by row: the same values as all rows at once
-                z = (block - self.mean) @ self.whiten
-                _select(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, atoms, weights, s)
+        for s, zc, z2 in self._products(patches, BLOCK_PATCHES):
+            _select(zc, z2, c2, k, hard, atoms, weights, s)
         return atoms, weights
+
+    def _products(self, patches: np.ndarray, rows: int):
+        """For each block of ``rows`` raw patch rows (changed in place): (first row, the block's
+        products with the atoms ``z @ atoms.T``, its squared norms ``|z|^2``), z the scaled and
+        whitened rows. On one BLAS thread: a multi-threaded product may split its sums differently
+        with the thread count, and the codes must not depend on it (in-process, worker processes,
+        Ray tasks)."""
+        with _blas().limit(limits=1, user_api="blas"):
+            for s in range(0, len(patches), rows):
+                block = normalise(patches[s : s + rows], self.norm)  # row by row: the same values as all rows at once
+                z = (block - self.mean) @ self.whiten
+                yield s, z @ self.atoms.T, (z * z).sum(1)
 
     def pool(self, patches: np.ndarray, k: int, hard: bool, cells: np.ndarray, n_cells: int) -> np.ndarray:
         """The codes of whole images' raw patch rows (N * L x d float32, image by image, changed in
@@ -267,12 +276,9 @@ class ShapeCode:
         out = np.zeros((n, n_cells, len(self.atoms)), np.float32)
         c2 = (self.atoms**2).sum(1)
         cells = np.ascontiguousarray(cells, np.int64)
-        per_block = max(1, BLOCK_PATCHES // locations)  # whole images per product
-        with _blas().limit(limits=1, user_api="blas"):  # see encode
-            for i in range(0, n, per_block):
-                block = normalise(patches[i * locations : (i + per_block) * locations], self.norm)
-                z = (block - self.mean) @ self.whiten
-                _pool(z @ self.atoms.T, (z * z).sum(1), c2, k, hard, cells, out, i)
+        rows = max(1, BLOCK_PATCHES // locations) * locations  # whole images per product
+        for s, zc, z2 in self._products(patches, rows):
+            _pool(zc, z2, c2, k, hard, cells, out, s // locations)
         return out
 
     @cached_property

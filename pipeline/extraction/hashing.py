@@ -406,12 +406,18 @@ class KeyPlan:
     def pattern_shape(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(h, w) of the patterns keyed at ``slots``: the patch's shape, which for a pooled code view
         is the code shape, not the cell the slot covers (:meth:`locate`)."""
+        h, w = self._slot_shapes
+        idx = np.asarray(slots, np.int64)
+        return h[idx], w[idx]
+
+    @cached_property
+    def _slot_shapes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot, the (h, w) of its block: built once, read by every answer."""
         h = np.empty(self.keys_per_image, np.int32)
         w = np.empty(self.keys_per_image, np.int32)
         for b in self.blocks:
             h[b.offset : b.offset + b.ny * b.nx], w[b.offset : b.offset + b.ny * b.nx] = b.h, b.w
-        idx = np.asarray(slots, np.int64)
-        return h[idx], w[idx]
+        return h, w
 
     def pool_regions(self, shape: int) -> tuple[np.ndarray, ...]:
         """For a pooled code view, per cell of code shape ``shape``: (y, x, h, w) of the smallest
