@@ -72,8 +72,8 @@ def ours(extract: dict, train: dict, seed: int) -> dict:
         run = pipeline.load(Path(d) / "r")
         test = pipeline.open_source("digits", split="test")
         rule, clf, k = READER
-        res = run.evaluate(test, rule=rule, classifier=clf, k=k or 10)
-        others = {f"{r}/{c}" + (f"{kk}" if c == "knn" else ""): run.evaluate(test, rule=r, classifier=c, k=kk or 10)["accuracy"] for r, c, kk in READERS}
+        res = run.evaluate(test, unseen=rule, classifier=clf, k=k or 10)
+        others = {f"{r}/{c}" + (f"{kk}" if c == "knn" else ""): run.evaluate(test, unseen=r, classifier=c, k=kk or 10)["accuracy"] for r, c, kk in READERS}
         return {
             "accuracy": res["accuracy"],
             "reader": {"unseen": rule, "classifier": clf, "k": k},
@@ -183,7 +183,7 @@ def search(seed: int, rows: list[tuple[dict, dict]] = SEARCH) -> list[dict]:
             run = pipeline.load(Path(tmp) / "r")
             held = pipeline.from_arrays(x[cut:], y[cut:], names)
             res = run.evaluate(held)
-            readers = {f"{rule}/{clf}" + (f"{k}" if clf == "knn" else ""): run.evaluate(held, rule=rule, classifier=clf, k=k)["accuracy"] for rule, clf, k in READERS}
+            readers = {f"{rule}/{clf}" + (f"{k}" if clf == "knn" else ""): run.evaluate(held, unseen=rule, classifier=clf, k=k)["accuracy"] for rule, clf, k in READERS}
         out.append({
             "extract": ex, "train": tr, "held_out_writers": res["accuracy"], "readers": readers,
             "val_accuracy": m["final"]["val_accuracy"], "best_epoch": m["best_epoch"],

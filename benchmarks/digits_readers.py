@@ -80,7 +80,7 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, held: np.ndarray, work: Pat
     run = pipeline.load(work / f"run{seed}")
 
     def pooled(imgs: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(run.pooled_keys(run.images_to_keys(imgs), None))
+        return torch.from_numpy(run.classifier.pooled(run.images_to_keys(imgs), None))
 
     def head(p: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -92,7 +92,7 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, held: np.ndarray, work: Pat
 
     p = pooled(held)
     shifted = [pooled(s) for s in shifts(held)]
-    train_ids, train_labels = run.images["image_id"], run.images["label"]  # the run's training images
+    train_ids, train_labels = run.training_images.metadata["image_id"], run.training_images.metadata["label"]  # the run's training images
     tv = pooled(x[train_ids]).numpy()
     tv_shifted = np.concatenate([tv] + [pooled(s).numpy() for s in shifts(x[train_ids])])
     out = {
@@ -110,7 +110,7 @@ def readers(seed: int, x: np.ndarray, y: np.ndarray, held: np.ndarray, work: Pat
     out["svc_pooled"] = eye[SVC(C=1.0, gamma="scale").fit(tv, train_labels).predict(p.numpy())]
     sd = tv.std()
     out["logreg_pooled"] = LogisticRegression(C=1.0, max_iter=3000).fit(tv / sd, train_labels).predict_proba(p.numpy() / sd)
-    assert np.allclose(out["knn5"], run.classify_pooled(p.numpy(), "knn", 5), atol=1e-5)  # our vote is the run's
+    assert np.allclose(out["knn5"], run.classifier.probabilities(p.numpy(), "knn", 5), atol=1e-5)  # our vote is the run's
     return out
 
 

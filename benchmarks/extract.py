@@ -311,7 +311,7 @@ def _coder_start(path: str) -> None:
 
 def _code_slice(args) -> int:
     images, stride, k, weighting = args
-    return _CODER["d"].encode(images, stride, k, weighting)[0].shape[0]
+    return _CODER["d"].code(images, stride, k, weighting)[0].shape[0]
 
 
 def coding_workers(dic, images: np.ndarray, cfg, repeat: int) -> tuple[float, int]:
@@ -344,8 +344,8 @@ def code_throughput(images: np.ndarray, repeat: int, atoms: int | None = None, s
     cfg = KeyPlan(ExtractConfig(color=color, **({"atoms": atoms} if atoms else {})), *images.shape[1:3]).config  # the defaults, resolved
     shapes = codes.auto_shapes(*images.shape[1:3])
     dic = codes.fit([images[:1000]], shapes, cfg.atoms, cfg.whiten, sample or 50000, 0, images.shape[-1], cfg.code_norm)
-    dic.encode(images[:2], cfg.code_stride, cfg.code_k, cfg.code_weight)  # compiles the selection loop outside the timing
-    t_ours, (a, w) = best_of(lambda: dic.encode(images, cfg.code_stride, cfg.code_k, cfg.code_weight), repeat)
+    dic.code(images[:2], cfg.code_stride, cfg.code_k, cfg.code_weight)  # compiles the selection loop outside the timing
+    t_ours, (a, w) = best_of(lambda: dic.code(images, cfg.code_stride, cfg.code_k, cfg.code_weight), repeat)
     t_base, (ba, bw) = best_of(lambda: numpy_codes(images, dic, cfg.code_k), repeat)
     t_workers, n_workers = coding_workers(dic, images, cfg, repeat)
     dims = [s.h * s.w * images.shape[-1] for s in dic.shapes]

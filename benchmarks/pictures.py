@@ -3,7 +3,7 @@
     python benchmarks/pictures.py --run RUN --out benchmarks/results/pictures.json
 
 For ``--images`` images the run's training held out (``is_validation`` of their ids, as training
-chose them), the ``--top`` most decisive patches of each (``run.nearest_patterns(image, top=...)``);
+chose them), the ``--top`` most decisive patches of each (``run.nearest_patterns(image, patches=...)``);
 for every one of the code view, its own pattern (its nearest, d = 0) drawn two ways: as stored
 (the atom stretched to 0..255) and given the patch's brightness and contrast (``run.pattern_pixels(ids,
 like=...)``, what ``pipe query --png`` and the page show). Each picture is compared with the
@@ -42,7 +42,7 @@ def main() -> None:
             break
     stored, like, patches = [], [], 0
     for img in images[: a.images]:
-        lk = run.nearest_patterns(img, k=1, top=a.top)
+        lk = run.nearest_patterns(img, k=1, patches=a.top)
         for r in range(len(lk.slots)):
             if run.view_name(int(lk.location["view"][r])) != "code" or lk.ids[r, 0] < 0 or lk.distances[r, 0] > 1e-6:
                 continue

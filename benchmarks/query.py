@@ -75,7 +75,7 @@ def main() -> None:
 
     import pipeline
     from pipeline.table import index as pidx
-    from pipeline.query import unseen
+    from pipeline.query import unseen_patches
 
     work = a.work or Path(tempfile.mkdtemp(prefix="query-bench-"))
     try:
@@ -88,8 +88,8 @@ def main() -> None:
             # refit off: the held-out images measured below must stay out of training
             pipeline.train(sh, run_dir, bench_train(a.current_defaults, epochs=a.epochs, refit="off"), overwrite=True)
         run = pipeline.load(run_dir)
-        vectors = np.ascontiguousarray(run.table[: run.vocab.size], np.float32)
-        info = run.index_info
+        vectors = np.ascontiguousarray(run.table.vectors[: run.vocab.size], np.float32)
+        info = run.table.index_info
 
         # held-out images: their keys, labels, and the composed vectors of their unseen patches
         keys, labels = [], []
@@ -101,8 +101,8 @@ def main() -> None:
         # a random sample: shards hold images in source order, which for an image folder or tar is class by class
         pick = np.random.default_rng(0).permutation(len(keys))[: a.eval_images]
         keys, labels = keys[pick], labels[pick]
-        u = unseen.find(run.plan, run.vocab.rows_of(keys[: a.nearest_images]), run.vocab.size)
-        comp = u.vectors(run.table)[u.has]
+        u = unseen_patches.find(run.plan, run.vocab.rows_of(keys[: a.nearest_images]), run.vocab.size)
+        comp = u.vectors(run.table.vectors)[u.has]
         rng = np.random.default_rng(0)
         q = np.ascontiguousarray(comp[rng.choice(len(comp), min(a.queries, len(comp)), replace=False)])
 
@@ -127,14 +127,14 @@ def main() -> None:
 
         # the run's own index at its recorded setting, loaded memory-mapped: the first pass pages
         # the lists in from disk (cold), the second is what a running service sees (warm)
-        cold_qps, _ = _timed_search(run.index, q, 10)
-        qps, ids = _timed_search(run.index, q, 10)
+        cold_qps, _ = _timed_search(run.table.index, q, 10)
+        qps, ids = _timed_search(run.table.index, q, 10)
         chosen = {"recall_at_10": _recall(ids, truth), "queries_per_s": qps}
 
         def right(rule: str, classifier: str = "head", n: int | None = None) -> np.ndarray:
             """Which of the first n held-out images are classified right, scored 256 at a time."""
             kk = keys[:n]
-            pred = np.concatenate([run.predict_keys(kk[i : i + 256], rule, classifier).argmax(1) for i in range(0, len(kk), 256)])
+            pred = np.concatenate([run.classifier.predict_keys(kk[i : i + 256], rule, classifier).argmax(1) for i in range(0, len(kk), 256)])
             return pred == labels[: len(kk)]
 
         base = right("drop")
@@ -166,7 +166,7 @@ def main() -> None:
             "paired": paired,
             "oov_accuracy_delta": acc["nearest"] - paired["nearest"]["drop_accuracy_same_images"],
             "compose_accuracy_delta": acc["compose"] - acc["drop"],
-            "default_rule": unseen.DEFAULT_RULE,
+            "default_rule": unseen_patches.DEFAULT,
             "threads": faiss.omp_get_max_threads(),
             "torch_threads": torch.get_num_threads(),
             "curve": curve,

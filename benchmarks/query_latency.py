@@ -89,7 +89,7 @@ def main() -> None:
         else:
             run = a.run
         import pipeline
-        from pipeline.query.report import query_one, read_image
+        from pipeline.query.report import query_one
 
         r = pipeline.load(run)
         paths = write_images(a.source, a.batch_images, tmp / "images", (r.height, r.width))
@@ -101,7 +101,7 @@ def main() -> None:
         walls = np.array([s[0] for s in singles])
         bwall, brss, _ = timed(["query", str(run), "--batch", str(tmp / "images"), "--out", str(tmp / "results.parquet")])
         ewall, erss, _ = timed(["evaluate", str(run), str(tmp / "images")])
-        read = [read_image(r, p) for p in paths[: max(a.singles, 20)]]
+        read = [r.read_image(p) for p in paths[: max(a.singles, 20)]]
         fresh = pipeline.load(run)
         every = []
         for img in read:

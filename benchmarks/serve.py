@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,31 +38,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import CIFAR_TAR, ROOT, proc_status_kb, smoke_run  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.drive import answered, start_server  # noqa: E402
 
 
 def start(run: Path, workers: int = 0) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", str(run), "--port", str(port), "--workers", str(workers)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            sys.exit("pipe serve exited before answering /health")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("pipe serve did not answer /health")
+    try:
+        return start_server(run, "--workers", str(workers), timeout_s=300, quiet=True)
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 def rss_mb(pid: int) -> float:
@@ -131,20 +113,6 @@ def pngs(source: str, n: int, size: tuple[int, int]) -> list[bytes]:
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
             out.append(buf.getvalue())
     return out
-
-
-def answered(p, exe: str, base: str, image: Path, height: int = 1400, timeout_ms: int = 60000):
-    """(browser, page): the page at ``base`` in Chromium (``p``: Playwright's sync API), after it
-    answered ``image`` and every picture it asked for arrived. Page functions are passed as
-    functions: the page's policy forbids evaluating strings. Also used by tests/test_page.py."""
-    browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
-    page = browser.new_page(viewport={"width": 1200, "height": height})
-    page.goto(base + "/")
-    page.wait_for_function("() => document.getElementById('info').textContent.includes('classes')")
-    page.set_input_files("[data-testid=file]", str(image))
-    page.wait_for_function("() => document.querySelectorAll('.patch-row').length > 0", timeout=timeout_ms)
-    page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=timeout_ms)
-    return browser, page
 
 
 def screenshot(base: str, image: Path, out: Path) -> None:

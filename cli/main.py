@@ -17,15 +17,16 @@ import click
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
-from pipeline.config import CODE_POOLS, DISTILL, OPTIMIZERS, REPLAY, parse_size
+from pipeline.config import CODE_POOLS, DISTILL, EXTRACT_BOUNDS, OPTIMIZERS, REPLAY, TRAIN_BOUNDS, parse_size
 from pipeline.extraction.shards import DEFAULT_CODEC
 from pipeline.errors import ParameterError, environment_message
+from pipeline.query.unseen_patches import RULES as UNSEEN_RULES
 
 from cli import progress as progress_bars
 
 
 # a library parameter whose flag is not its name with dashes
-FLAGS = {"start": "--from", "rule": "--unseen", "top": "--patches", "unseen_rule": "--unseen", "kind": "--index"}
+FLAGS = {"start": "--from"}
 
 
 def flag(param: str) -> str:
@@ -78,7 +79,13 @@ def _size(value: str | None, option: str) -> tuple[int, int] | None:
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "off"]), default="auto", show_default=True, envvar="PIPE_PROGRESS",
               help="Progress on stderr: a bar redrawn in place, a plain line every 30 s (for logs), or none; auto = bar on a terminal, lines otherwise. Env: PIPE_PROGRESS.")
 def main(verbose: bool, progress: str) -> None:
-    """patchhash: learn a vector for every image patch; look up the nearest learned pattern."""
+    """patchhash: learn a vector for every image patch; look up the nearest learned pattern.
+
+    User mistakes print one "Error: ..." line and exit with code 1 (click's own usage errors
+    exit 2). Progress (images/s, patches/s, ETA) goes to stderr: a bar redrawn in place on a
+    terminal; where stderr is a file or pipe (a log, nohup, CI), one plain line when the work
+    starts, one at most every 30 seconds and one when it ends.
+    """
     progress_bars.MODE["mode"] = progress
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -145,12 +152,24 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
-    batches folder or an .npz. Run again with the same arguments to resume an
-    interrupted extract.
+    batches folder or an .npz with x and y.
+
+    Run the same command again after an interruption (Ctrl-C, a kill, a crash):
+    the shards already finished are kept and only the rest are written; the
+    output then equals an uninterrupted run's, byte for byte. The same command on
+    a finished directory prints its summary with "(already complete)". Different
+    settings into an existing directory are refused with the list of what
+    differs, unless --overwrite is given; so is a source whose content changed
+    since the interrupted extract read it, and a second extract into a directory
+    another one is writing (docs/checks.md).
 
     \b
-    Example:
-      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --out artifacts/cifar/shards
+    Examples:
+      pipe extract digits --out artifacts/digits/shards
+      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --per-class 500 --out artifacts/cifar/shards
+      pipe extract photos/ --resize 32x32 --max-size 4x2 --grid 8 --skip-bad --out artifacts/photos
+      pipe extract ../shared/data/cifar10-train-jpg.tar.gz --holdout 0.1 --out artifacts/cifar/shards
+      pipe extract digits --shapes 1x1,2x2,1x4,4x1 --stride 2 --out artifacts/digits/custom
       pipe extract new-images/ --like artifacts/cifar/run --out artifacts/new/shards
     """
     if like is not None:
@@ -255,10 +274,19 @@ def _train_option(name: str, help: str, **kw):
 def train(shards, out, nproc, resume, overwrite, start, replay, distill, as_json, **options):
     """Train pattern vectors and a classifier on SHARDS (from pipe extract).
 
-    Writes metrics.jsonl and curves.png after every epoch, and a checkpoint
-    that --resume continues from. With --from RUN it learns SHARDS on top of
-    RUN: RUN's classes keep their indices, new ones are added, and only the
-    patterns in the images it trains on change.
+    Prints one line per epoch (train/val loss and accuracy, raw ids/s, the
+    learned drop rate with --drop auto) and rewrites metrics.jsonl and
+    curves.png after every epoch, with a checkpoint that --resume continues from.
+
+    With --from RUN it learns SHARDS (extracted with --like RUN) on top of RUN,
+    which is never modified: RUN's classes keep their indices, new ones are
+    appended, and only the patterns in the images it trains on change
+    (docs/training.md, "Learning in steps"). Settings default to RUN's; those
+    that shape its tensors (--dim, --bag, --hidden, --drop, --buckets) cannot
+    change; one process.
+
+    --nproc N (N > 1) trains with N processes through torchrun and
+    DistributedDataParallel (gloo), docs/distributed.md.
 
     \b
     Example:
@@ -342,9 +370,9 @@ def train(shards, out, nproc, resume, overwrite, start, replay, distill, as_json
     )
 
 
-_rule_option = click.option(
-    "--unseen", "rule", type=click.Choice(["drop", "compose", "nearest"]), default=None,
-    help="What unseen patches do: drop (leave out), compose (vector from seen parts), nearest (nearest learned pattern) [the measured default, drop].",
+_unseen_option = click.option(
+    "--unseen", type=click.Choice(list(UNSEEN_RULES)), default=None,
+    help="What unseen patches do: drop (leave out, as training does), compose (vector from seen parts), nearest (nearest learned pattern) [drop].",
 )
 _classifier_option = click.option(
     "--classifier", type=click.Choice(["head", "knn"]), default="head", show_default=True,
@@ -358,12 +386,22 @@ _classifier_option = click.option(
 @source_options
 @click.option("--validation", is_flag=True, help="Score the run's own held-out part of its training shards (instead of SOURCE).")
 @click.option("--resize", default=None, help="Resize SOURCE's images to HxW first [the run's own --resize, if any].")
-@_rule_option
+@_unseen_option
 @_classifier_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with per-class accuracy and the confusion matrix).")
-def evaluate(run, source, split, holdout, limit, per_class, skip_bad, validation, resize, rule, classifier, as_json):
+def evaluate(run, source, split, holdout, limit, per_class, skip_bad, validation, resize, unseen, classifier, as_json):
     """Accuracy of RUN on SOURCE (images, hashed the run's way, or shards extracted with the run's config),
     or with --validation on the part of its training shards it held out.
+
+    A shard directory is refused unless its fingerprint equals the run's, and
+    the source options are refused with it. Without --split a source with a
+    train split is scored on it; the output says what was scored. --resize is
+    refused with shards, whose keys are already made; without it an image of
+    another size than the run's is fitted to it (scaled, proportions kept, until
+    it covers the run's size, then the centre cut out), and the output says how
+    many were. --json adds per_class and confusion (confusion[i][j]: images of
+    class i predicted as j). --validation gives the same figure as the best
+    epoch's val_accuracy.
 
     \b
     Examples:
@@ -379,7 +417,7 @@ def evaluate(run, source, split, holdout, limit, per_class, skip_bad, validation
         raise click.ClickException("--split, --holdout, --limit, --per-class and --skip-bad choose images of SOURCE; they do not go with --validation")
     total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
     with progress_bars.bar(total, "img", "evaluate") as bar:
-        res = r.evaluate(src, progress=bar.update, rule=rule, classifier=classifier, validation=validation, resize=_size(resize, "--resize"))
+        res = r.evaluate(src, progress=bar.update, unseen=unseen, classifier=classifier, validation=validation, resize=_size(resize, "--resize"))
     res["scored"] = ("the held-out part of the training shards" if validation else "the shard directory" if isinstance(src, pipeline.Shards)
                      else f"split {src.split}" if src.split else "all of it")
     if as_json:
@@ -394,6 +432,11 @@ def evaluate(run, source, split, holdout, limit, per_class, skip_bad, validation
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(run, as_json):
     """What RUN is: classes, image size, accuracy, table and index, sizes on disk, and how it was made.
+
+    How it was made: the extract and train settings, the shards it came from (a
+    run grown in steps: each step's; a run taught on the page: the run it was
+    taught from and each image's name and class). --json gives all of it, both
+    configs whole.
 
     \b
     Example:
@@ -411,18 +454,23 @@ def info(run, as_json):
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--index", "kind", required=True, help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
+@click.option("--index", required=True, help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string.")
 @click.option("--nprobe", type=int, default=None, help="Inverted lists searched per query (ivf kinds) [as recorded, or 32].")
 @click.option("--ef-search", type=int, default=None, help="Search breadth (hnsw kinds) [as recorded, or 64].")
 @_json_option("Print the index's entry of run.json (and rebuilt: false when only its settings changed) as one JSON object.")
-def index(run, kind, nprobe, ef_search, as_json):
+def index(run, index, nprobe, ef_search, as_json):
     """Rebuild RUN's pattern index as another kind (or change its query-time settings) and record it.
+
+    --index is flat, hnsw, ivf, ivfpq, auto (exact Flat up to 100,000 patterns,
+    IVF beyond), or a FAISS index_factory string such as HNSW64 or IVF4096,PQ16;
+    with the kind the run already has, only the recorded nprobe / ef_search
+    change. pipe train --index chooses it at training time (docs/query.md).
 
     \b
     Example:
       pipe index artifacts/run --index hnsw --ef-search 128
     """
-    info = pipeline.rebuild_index(run, kind, nprobe, ef_search)
+    info = pipeline.rebuild_index(run, index, nprobe, ef_search)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -435,7 +483,7 @@ def index(run, kind, nprobe, ef_search, as_json):
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--k", type=int, default=5, show_default=True, help="Nearest learned patterns per patch (and nearest training images in --batch).")
-@click.option("--patches", "top", type=int, default=5, show_default=True, help="Most decisive patches shown per image (0 = all; in --batch, 0 = none).")
+@click.option("--patches", type=int, default=5, show_default=True, help="Most decisive patches shown per image (0 = all; in --batch, 0 = none).")
 @click.option("--batch", "batch_source", default=None, help="Query every image of this source (or shard directory) instead of IMAGES.")
 @source_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="With --batch: the results Parquet file [artifacts/results.parquet].")
@@ -444,24 +492,38 @@ def index(run, kind, nprobe, ef_search, as_json):
 @click.option("--address", default=None, help="With --engine ray: the Ray cluster to use [a local instance].")
 @click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write one PNG per image to this folder: decisive patches and their nearest patterns.")
 @click.option("--resize", default=None, help="Resize the images to HxW first [the run's own --resize, if any].")
-@_rule_option
+@_unseen_option
 @_classifier_option
 @click.option("--nprobe", type=int, default=None, help="Override the index's nprobe (ivf kinds) for this query.")
 @click.option("--ef-search", type=int, default=None, help="Override the index's efSearch (hnsw kinds) for this query.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
-def query(run, images, k, top, batch_source, split, holdout, limit, per_class, skip_bad, out, engine, workers, address, png_dir, resize, rule, classifier, nprobe, ef_search, as_json):
+def query(run, images, k, patches, batch_source, split, holdout, limit, per_class, skip_bad, out, engine, workers, address, png_dir, resize, unseen, classifier, nprobe, ef_search, as_json):
     """Classify IMAGES with RUN and show their patches' nearest learned patterns.
 
-    Patches unseen in training are left out of the prediction by default (--unseen
-    compose or nearest changes that) and are marked in the output.
+    For each image: the prediction and top probabilities, how many patches were
+    seen in training / unseen but composed from seen sub-patches / unmatched,
+    and the --patches N patterns that push the predicted class most (0 = every
+    patch), each with its --k nearest learned patterns (id, squared distance,
+    how often seen, majority class), then the k nearest training images. Patches
+    unseen in training are left out of the prediction by default (--unseen
+    compose or nearest changes that) and are marked in the output. --png DIR
+    writes DIR/<image name>.png: the image with those patches outlined and,
+    beside each, the pixels of its nearest learned patterns. An image of another
+    size than the run's is fitted to it, and a gray image on a colour run (or
+    the reverse) converted, each with a "note:" line on stderr.
+
+    --batch SOURCE streams every image of a source or shard directory through
+    the run and writes one Parquet row per image (schema in docs/query.md),
+    printing the accuracy when the images have labels; the file appears only
+    when complete. The source options choose the images; --engine ray answers on
+    Ray actors (docs/distributed.md).
 
     \b
     Examples:
       pipe query artifacts/digits/run artifacts/digits/test-0.png --k 3 --png artifacts/png
       pipe query artifacts/digits/run --batch digits --split test --out artifacts/results.parquet
     """
-    from pipeline.query.batch import check_counts
-    from pipeline.query.report import png_names, query_one, read_image, text_lines
+    from pipeline.query.report import check_counts, png_names, query_one, text_lines
 
     if images and batch_source:
         raise click.ClickException("give image files, or --batch SOURCE, not both")
@@ -472,10 +534,10 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
         raise click.ClickException(f"{folders[0]} is a directory; to query every image in it use --batch {folders[0]}")
     if not batch_source and (out or split or holdout or limit or per_class or skip_bad or engine != "local" or address or workers != 1):
         raise click.ClickException("--out, --split, --holdout, --limit, --per-class, --skip-bad, --engine, --workers and --address go with --batch")
-    check_counts(k, top)
+    check_counts(k, patches)
     if batch_source and png_dir:
         raise click.ClickException("--png draws the image files given as IMAGES; it does not go with --batch")
-    r = pipeline.load(run, rule)
+    r = pipeline.load(run, unseen)
     if nprobe is not None or ef_search is not None:
         r.tune(nprobe, ef_search)
     if batch_source:
@@ -483,7 +545,7 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
         total = src.num_images if isinstance(src, pipeline.Shards) else len(src)
         with progress_bars.bar(total, "img", "query") as bar:
             res = pipeline.query_batch(
-                r, src, out or Path("artifacts/results.parquet"), k=k, patches=top, classifier=classifier, progress=bar.update,
+                r, src, out or Path("artifacts/results.parquet"), k=k, patches=patches, classifier=classifier, progress=bar.update,
                 engine=engine, workers=workers, address=address, resize=_size(resize, "--resize"),
             )
         if as_json:
@@ -495,10 +557,10 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
     pngs = png_names(images) if png_dir else {}
     for path in images:
         notes: list[str] = []
-        img = read_image(r, path, _size(resize, "--resize"), notes)
+        img = r.read_image(path, _size(resize, "--resize"), notes)
         for note in notes:
             click.echo(f"note: {note}", err=True)
-        res, lookup = query_one(r, img, str(path), k=k, top=top, classifier=classifier)
+        res, lookup = query_one(r, img, str(path), k=k, patches=patches, classifier=classifier)
         if png_dir:
             png = png_dir / pngs[path]
             pipeline.query_png(r, img, lookup, png, title=Path(path).name)
@@ -519,9 +581,15 @@ def query(run, images, k, top, batch_source, split, holdout, limit, per_class, s
               help="Processes answering, each with the run loaded; 0 = one per core (a process answers one image at a time), 1 with --learn-into.")
 @click.option("--learn-into", type=click.Path(path_type=Path), default=None,
               help="Let the page teach the run (POST /learn) and write what it learned as a new run here (POST /save, and at shutdown); RUN is never changed.")
-@_rule_option
-def serve(run, host, port, max_upload_mb, workers, rule, learn_into):
+@_unseen_option
+def serve(run, host, port, max_upload_mb, workers, unseen, learn_into):
     """Keep RUN loaded and answer queries over HTTP, with a page at / to look at them.
+
+    --workers N answering processes share the port, each with the run loaded.
+    --learn-into DIR lets the page teach the run (one worker process): a wrong
+    answer corrected there is learned at once, and what was learned is written
+    as a new run in DIR on request and at shutdown; RUN is never changed
+    (docs/serve.md, "Teaching from the page").
 
     \b
     Endpoints: GET /health, GET /info, POST /query (multipart field "images"),
@@ -544,7 +612,7 @@ def serve(run, host, port, max_upload_mb, workers, rule, learn_into):
     workers = serving.check_workers(workers or (1 if learn_into else 0), learn_into)
     if learn_into is not None:
         serving.check_learn_into(learn_into, run)
-    r = pipeline.load(run, rule)  # any problem with the run is said here, once, before a worker starts
+    r = pipeline.load(run, unseen)  # any problem with the run is said here, once, before a worker starts
     loopback = serving.is_loopback(host)
     if not loopback:
         click.echo(f"warning: listening on {host} makes the server reachable from other machines, and it has no "
@@ -555,8 +623,19 @@ def serve(run, host, port, max_upload_mb, workers, rule, learn_into):
         serving.run_server(serving.make_app(r, max_upload_mb, loopback_only=loopback, learn_into=learn_into), host, port)
         return
     del r
-    serving.run_workers({"run": str(Path(run).resolve()), "rule": rule, "max_upload_mb": max_upload_mb, "loopback_only": loopback},
+    serving.run_workers({"run": str(Path(run).resolve()), "unseen": unseen, "max_upload_mb": max_upload_mb, "loopback_only": loopback},
                         host, port, workers)
+
+
+def _say_bounds(command: click.Command, bounds: dict) -> None:
+    """End the help of each option that sets a bounded config field with the config's own bound."""
+    for p in command.params:
+        if p.name in bounds and isinstance(p, click.Option):
+            p.help = f"{p.help.rstrip()} Values {bounds[p.name].text()}."
+
+
+_say_bounds(extract, EXTRACT_BOUNDS)
+_say_bounds(train, TRAIN_BOUNDS)
 
 
 if __name__ == "__main__":

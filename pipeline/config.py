@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,37 @@ MAX_LR = 1000.0
 MAX_INIT_STD = 10.0
 MAX_DIM = 4096
 MAX_BATCH = 1 << 20
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting takes: from ``lo`` to ``hi`` (either end open, or None = none),
+    ``note`` saying what a special value means (e.g. "0 = auto"). A config checks its fields by these,
+    and the CLI shows them in each option's help, so the two cannot disagree."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def text(self) -> str:
+        """The range in words: ``at least 1``, ``from 2 to 256``, ``in [0, 1)``."""
+        def num(v: float | None, none: str) -> str:
+            return none if v is None else str(v) if isinstance(v, int) else f"{v:g}"
+
+        if self.lo_open or self.hi_open:
+            return f"in {'(' if self.lo_open else '['}{num(self.lo, '-inf')}, {num(self.hi, 'inf')}{')' if self.hi_open else ']'}"
+        if self.hi is None:
+            return f"at least {num(self.lo, '')}"
+        return f"from {num(self.lo, '')} to {num(self.hi, '')}"
+
+    def check(self, name: str, value: float) -> None:
+        """Raise :class:`ParameterError` for ``name`` = ``value`` outside the bound (NaN included)."""
+        ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        ok = ok and (self.hi is None or (value < self.hi if self.hi_open else value <= self.hi))
+        if not ok:
+            raise ParameterError(name, f"{value} must be {self.text()}" + (f" ({self.note})" if self.note else ""))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -137,6 +167,18 @@ REPLAY = 2000  # pipe train --from: earlier original images per class a step tra
 DISTILL = 1.0  # pipe train --from: weight of the earlier run's answers (distillation) in a step's loss
 
 
+EXTRACT_BOUNDS = {
+    "levels": Bound(2, 256),
+    "stride": Bound(1, 65535),
+    "grid": Bound(0, 255, note="0 = auto"),
+    "seed": Bound(0, (1 << 32) - 1),
+    "atoms": Bound(2, 65535),
+    "whiten": Bound(0, 1e6, hi_open=True, note="0 = no whitening"),
+    "code_stride": Bound(1, 65535),
+    "code_sample": Bound(1),
+}
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """How images become keys (see docs/hashing.md)."""
@@ -164,8 +206,8 @@ class ExtractConfig:
     views: str = "auto"  # exact views hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour); 'none'; 'auto' = levels,grad on gray images, levels on RGB [auto]
 
     def __post_init__(self) -> None:
-        if not 2 <= self.levels <= 256:
-            raise ParameterError("levels", f"{self.levels} is out of range; use 2 to 256")
+        for name, bound in EXTRACT_BOUNDS.items():
+            bound.check(name, getattr(self, name))
         if self.color not in COLORS:
             raise ParameterError("color", f"{self.color!r} is not one of {', '.join(COLORS)}")
         if self.shapes not in SHAPE_SETS:
@@ -178,20 +220,12 @@ class ExtractConfig:
             raise ParameterError("max_size", f"{self.max_h}x{self.max_w} must be at least 1x1 (or auto)")
         if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
             raise ParameterError("max_size", "must be below 65536 on each side")
-        if not 1 <= self.stride < 1 << 16:
-            raise ParameterError("stride", f"{self.stride} is out of range; use 1 to 65535")
         object.__setattr__(self, "position", canonical_position(self.position))
-        if not 0 <= self.grid <= 255:
-            raise ParameterError("grid", f"{self.grid} is out of range; use 1 to 255, or 0 (auto)")
         if "offset" in self.position_modes and self.grid > 254:
             raise ParameterError("grid", f"{self.grid} is too fine for `position` offset, whose grid has one more cell per side; use 1 to 254")
-        if not 0 <= self.seed < 1 << 32:
-            raise ParameterError("seed", f"{self.seed} is out of range; use 0 to 2**32-1")
         if self.code_shapes not in ("auto", "none"):
             listed = parse_shapes(self.code_shapes, "code_shapes")
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
-        if not 2 <= self.atoms <= 65535:
-            raise ParameterError("atoms", f"{self.atoms} is out of range; use 2 to 65535")
         if not 0 <= self.code_k <= self.atoms:
             raise ParameterError("code_k", f"{self.code_k} must be from 1 to atoms ({self.atoms}), or 0 (auto)")
         if self.code_pool not in CODE_POOLS:
@@ -200,12 +234,6 @@ class ExtractConfig:
             raise ParameterError("code_weight", f"{self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
         if self.code_norm not in CODE_NORMS:
             raise ParameterError("code_norm", f"{self.code_norm!r} is not one of {', '.join(CODE_NORMS)}")
-        if not 0 <= self.whiten < 1e6:
-            raise ParameterError("whiten", f"{self.whiten} must be 0 (no whitening) or a positive regularisation such as 0.1")
-        if not 1 <= self.code_stride < 1 << 16:
-            raise ParameterError("code_stride", f"{self.code_stride} is out of range; use 1 to 65535")
-        if self.code_sample < 1:
-            raise ParameterError("code_sample", f"{self.code_sample} must be at least 1")
         if self.views != "auto":
             views = parse_views(self.views, self.levels)
             object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views) or "none")
@@ -311,6 +339,26 @@ REFITS = ("auto", "off")
 BAGS = ("mean", "sum", "sqrt")
 
 
+TRAIN_BOUNDS = {
+    "min_count": Bound(1),
+    "buckets": Bound(0, note="0 = drop rare keys"),
+    "dim": Bound(1, MAX_DIM),
+    "hidden": Bound(0, MAX_DIM * 16, note="0 = linear head"),
+    "pooled_dropout": Bound(0.0, 1.0, hi_open=True),
+    "epochs": Bound(1),
+    "patience": Bound(0, note="0 = never stop early"),
+    "batch_size": Bound(0, MAX_BATCH, note="0 = auto"),
+    "lr": Bound(0.0, MAX_LR, lo_open=True),
+    "head_lr": Bound(0.0, MAX_LR, lo_open=True),
+    "init_std": Bound(0.0, MAX_INIT_STD),
+    "vocab_mb": Bound(64),
+    "cache_mb": Bound(0, note="0 = no cache"),
+    "val_fraction": Bound(0.0, 1.0, hi_open=True),
+    "nprobe": Bound(1, 1 << 20),
+    "ef_search": Bound(1, 1 << 20),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How the pattern table and classifier head are trained."""
@@ -340,16 +388,10 @@ class TrainConfig:
     ef_search: int = 64  # graph search breadth (HNSW kinds) [64]
 
     def __post_init__(self) -> None:
-        if self.min_count < 1:
-            raise ParameterError("min_count", f"{self.min_count} must be at least 1")
-        if self.buckets < 0:
-            raise ParameterError("buckets", f"{self.buckets} must be 0 (drop rare keys) or more")
-        if self.dim < 1:
-            raise ParameterError("dim", f"{self.dim} must be at least 1")
+        for name, bound in TRAIN_BOUNDS.items():
+            bound.check(name, getattr(self, name))
         if self.bag not in BAGS:
             raise ParameterError("bag", f"{self.bag!r} is not one of {', '.join(BAGS)}")
-        if self.hidden < 0:
-            raise ParameterError("hidden", f"{self.hidden} must be 0 (linear head) or more")
         if self.drop != "auto":
             try:
                 rate = float(self.drop)
@@ -358,40 +400,13 @@ class TrainConfig:
             if not 0.0 <= rate < 1.0:
                 raise ParameterError("drop", f"{self.drop!r} must be a rate in [0, 1) or 'auto'")
             object.__setattr__(self, "drop", repr(rate) if rate else "0")
-        if not 0.0 <= self.pooled_dropout < 1.0:
-            raise ParameterError("pooled_dropout", f"{self.pooled_dropout} must be in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
             raise ParameterError("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.epochs < 1:
-            raise ParameterError("epochs", f"{self.epochs} must be at least 1")
-        if self.patience < 0:
-            raise ParameterError("patience", f"{self.patience} must be 0 (never stop early) or more")
-        if self.batch_size < 0:
-            raise ParameterError("batch_size", f"{self.batch_size} must be at least 1 (or 0 = auto)")
-        for name, value in (("lr", self.lr), ("head_lr", self.head_lr)):
-            if not (math.isfinite(value) and 0 < value <= MAX_LR):
-                raise ParameterError(name, f"{value} must be a positive number up to {MAX_LR:g}")
-        if not (math.isfinite(self.init_std) and 0 <= self.init_std <= MAX_INIT_STD):
-            raise ParameterError("init_std", f"{self.init_std} must be a number from 0 to {MAX_INIT_STD:g}")
-        if self.dim > MAX_DIM:
-            raise ParameterError("dim", f"{self.dim} is past {MAX_DIM}; use a smaller dimension")
-        if self.hidden > MAX_DIM * 16:
-            raise ParameterError("hidden", f"{self.hidden} is past {MAX_DIM * 16}; use a smaller hidden layer")
-        if self.batch_size > MAX_BATCH:
-            raise ParameterError("batch_size", f"{self.batch_size} is past {MAX_BATCH:,}")
         self.check_table(self.buckets, "`buckets`")
-        if self.vocab_mb < 64:
-            raise ParameterError("vocab_mb", f"{self.vocab_mb} must be at least 64")
-        if self.cache_mb < 0:
-            raise ParameterError("cache_mb", f"{self.cache_mb} must be 0 (no cache) or more")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ParameterError("val_fraction", f"{self.val_fraction} must be in [0, 1)")
         if self.refit not in REFITS:
             raise ParameterError("refit", f"{self.refit!r} is not one of {', '.join(REFITS)}")
         if not self.index.strip():
             raise ParameterError("index", "must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
-        if self.nprobe < 1 or self.ef_search < 1:
-            raise ParameterError("nprobe", "and `ef_search` must be at least 1")
         if self.device not in DEVICES:
             raise ParameterError("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
 

@@ -148,3 +148,27 @@ def read_json(path: Path) -> Any:
         regular_file(path, "it is not one this tool wrote", MAX_JSON_BYTES)
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+class Unchanged:
+    """Whether a run directory is still the one loaded: its manifest's device, inode, size and
+    modification time, taken when made and compared by :meth:`check` (a run trained again, or its
+    manifest replaced, changes them)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.identity = self._now()
+
+    def _now(self) -> tuple:
+        try:
+            st = os.stat(self.root / RUN_MANIFEST)
+        except OSError:
+            return ()
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def check(self) -> None:
+        """Raise :class:`PipelineError` when the run on disk is no longer the one loaded: files opened
+        from now on would belong to another run."""
+        if self._now() != self.identity:
+            raise PipelineError(f"{self.root} was replaced on disk after it was loaded (trained again?); load it again")
+

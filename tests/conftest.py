@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 import pipeline
+from benchmarks.drive import free_port, start_server  # noqa: F401 (the one server driver, shared with the benchmarks)
 from pipeline import ExtractConfig, TrainConfig
 from pipeline.data.images import encode_png
 
@@ -77,28 +73,3 @@ def one_line_error(result, pattern: str, code: int = 1) -> None:
     assert "Traceback" not in result.output
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``pipe serve RUN`` as a real process on a free loopback port, once it answers /health: (process, base URL)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", str(run), "--port", str(port), *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"pipe serve exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("pipe serve did not answer /health in 120 s")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +24,13 @@ def test_codes_benchmark_smoke():
     rows = smoke("benchmarks/codes.py")
     assert [r["group"] for r in rows] == ["default", "views"]
     assert rows[0]["code_shapes"] == "4x4" and rows[1]["code_shapes"] == "none"
+    # 8x8 digits: every rectangle up to 3x3 in two exact views (levels, grad), keyed by grid cell: 2 * 21^2;
+    # the default adds the code view's 5 nearest atoms at each of the (8 - 4 + 1)^2 places of a 4x4 patch
+    exact = 2 * sum(9 - h for h in range(1, 4)) ** 2
+    assert (rows[0]["keys_per_image"], rows[1]["keys_per_image"]) == (exact + 5 * 5**2, exact) == (1007, 882)
+    assert (rows[0]["augment"], rows[1]["augment"]) == ("auto", "none")  # auto: no copies of gray images
     for r in rows:
-        assert 0 <= r["val_accuracy"] <= 1 and r["rows"] > 0 and r["peak_rss_mb"] > 0 and r["run_mb"] > 0
+        assert 0 <= r["val_accuracy"] <= 1 and r["best_epoch"] == 1 and r["rows"] > 0 and r["peak_rss_mb"] > 0 and r["run_mb"] > 0
 
 
 def test_extract_codes_benchmark_smoke():
@@ -67,12 +73,24 @@ needs_cifar = pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cifar10
 def test_extract_benchmark_smoke():
     (r,) = smoke("benchmarks/extract.py")
     assert r["outputs_identical"] and r["full_outputs_identical"]  # both sides wrote the same keys
-    assert r["ratio"] > 0 and r["full_ratio"] > 0 and r["workers"] and r["rss_default"] and r["rss_full"]
+    # 32x32 images, every rectangle up to 3x3 (then up to 32x32) at stride 1:
+    # (the positions per side summed over the sides)^2 patches per image
+    assert (r["images"], r["full_images"]) == (40, 4)
+    assert r["patches"] == 40 * sum(33 - h for h in range(1, 4)) ** 2 == 345_960
+    assert r["full_patches"] == 4 * sum(33 - h for h in range(1, 33)) ** 2 == 1_115_136
+    for pre in ("", "full_"):  # the ratio is the two sides' rates over the same patches
+        assert r[pre + "ratio"] == pytest.approx(r[pre + "ours_patches_per_s"] / r[pre + "baseline_patches_per_s"], rel=1e-6)
+    assert set(r["workers"]) == {"1"} and r["workers"]["1"]["images"] == 80
+    assert [x["images"] for x in r["rss_default"]] == [40] and [x["images"] for x in r["rss_full"]] == [4]
 
 
 def test_train_benchmark_smoke():
     (r,) = smoke("benchmarks/train.py")
-    assert r["ratio"] > 0 and r["wall_ratio"] > 0 and r["wall_seconds"] > r["ours"]["train_seconds"]
+    # 200 digits (8x8), every rectangle up to 3x3 keyed without and with the grid cell, no copies
+    assert (r["images"], r["epochs"]) == (200, 1) and r["keys_per_image"] == 2 * sum(9 - h for h in range(1, 4)) ** 2 == 882
+    assert r["ratio"] == pytest.approx(r["ids_per_s"] / r["baseline_ids_per_s"], rel=1e-6)
+    assert r["wall_ratio"] == pytest.approx(r["baseline_wall_seconds"] / r["wall_seconds"], rel=1e-6)
+    assert r["wall_seconds"] > r["ours"]["train_seconds"]
     assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["baseline_val_accuracy"] <= 1
 
 
@@ -90,7 +108,9 @@ def test_query_benchmark_smoke():
 
 def test_options_benchmark_smoke():
     rows = smoke("benchmarks/options.py")
-    assert [r["group"] for r in rows] == ["default", "bag"] and all(r["rows"] > 0 for r in rows)
+    assert [(r["group"], r["change"]) for r in rows] == [("default", "(none)"), ("bag", "--bag sum")]
+    assert rows[0]["rows"] == rows[1]["rows"] > 0 and rows[0]["table_mb"] == rows[1]["table_mb"]  # the bag changes no table row
+    assert all(r["drop_rate"] is None for r in rows)  # a fixed rate (0) is not learned
 
 
 def test_digits_readers_benchmark_smoke():
@@ -125,7 +145,14 @@ def test_engines_benchmark_smoke():
 
 def test_defaults_benchmark_smoke():
     (r,) = smoke("benchmarks/defaults.py")
+    from pipeline.data.split import is_validation
+
     assert r["images"] == 200 and 0 <= r["val_accuracy"] <= 1 and r["rows"] > 0
+    # no flags on 8x8 gray images: grid 3, one 4x4 code shape, levels and grad views, no copies
+    e = r["extract"]
+    assert (e["grid"], e["code_shapes"], e["views"], e["augment"], e["color"], e["max_h"], e["max_w"]) == (3, "4x4", "levels,grad", "none", "gray", 3, 3)
+    assert r["val_images"] == int(is_validation(np.arange(200), 0.1).sum())
+    assert abs(r["total_minutes"] - (r["extract_s"] + r["train_s"]) / 60) <= 0.051  # rounded to 0.1 from unrounded seconds
     assert r["extract_peak_rss_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["run_mb"] > 0 and r["shards_mb"] > 0
 
 

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
 
 import numpy as np
+import click
 import pytest
 
 from cli.main import main
+from pipeline.errors import ParameterError
 from pipeline.data.images import encode_png
 
 from .conftest import CIFAR_TAR, ROOT, digits_images, one_line_error
@@ -59,10 +62,10 @@ def test_query_text_and_json(trained, tmp_path):
     o = objs[0]
     assert o["prediction"] in [str(c) for c in range(10)]
     assert abs(sum(o["probabilities"].values()) - 1) < 1e-5
-    assert len(o["top_patches"]) == 1007 == o["patches"]["total"]
-    assert o["patches"]["seen"] + o["patches"]["composed"] + o["patches"]["unmatched"] == 1007
-    assert sum(not p["seen"] for p in o["top_patches"]) == o["patches"]["total"] - o["patches"]["seen"]
-    assert all(len(p["nearest"]) == 2 for p in o["top_patches"] if p["seen"] or p["composed"])
+    assert len(o["patches"]) == 1007 == o["patch_counts"]["total"]
+    assert o["patch_counts"]["seen"] + o["patch_counts"]["composed"] + o["patch_counts"]["unmatched"] == 1007
+    assert sum(not p["seen"] for p in o["patches"]) == o["patch_counts"]["total"] - o["patch_counts"]["seen"]
+    assert all(len(p["nearest"]) == 2 for p in o["patches"] if p["seen"] or p["composed"])
 
 
 def test_wrong_source_path():
@@ -267,6 +270,28 @@ def test_every_option_of_every_command_is_in_its_section_of_docs_cli():
     assert {k: v for k, v in missing.items() if v} == {}
 
 
+def test_docs_cli_is_the_rendering_of_the_click_commands():
+    """docs/cli.md is what scripts/cli_reference.py renders from the commands (their help, every
+    option with its default), and no option lacks help text."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    assert ref.undocumented() == []
+    page = ref.render()
+    assert (ROOT / "docs" / "cli.md").read_text() == page, "run: python scripts/cli_reference.py"
+    # the rendering itself: one table row per option, with the option's default
+    for name, cmd in main.commands.items():
+        section = page.split(f"## `pipe {name} ", 1)[1].split("\n## ", 1)[0]
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                row = [ln for ln in section.splitlines() if re.match(rf"\| `{re.escape(p.opts[0])}[ `]", ln)]
+                assert len(row) == 1, (name, p.opts)
+                if p.show_default and p.default is not None and not p.is_flag:
+                    assert f"| `{p.default}` |" in row[0], (name, p.opts, row[0])
+
+
 def test_library_errors_name_parameters_and_the_cli_names_their_flags(trained, tmp_path):
     import re
 
@@ -320,6 +345,27 @@ def test_option_defaults_are_the_configs():
     assert checked > 30
 
 
+def test_option_bounds_are_the_configs():
+    """Each bounded field of a config is refused just outside its bound (and taken at its ends), and
+    the option that sets it says that bound in its help."""
+    from pipeline import ExtractConfig, TrainConfig
+    from pipeline.config import EXTRACT_BOUNDS, TRAIN_BOUNDS
+
+    for command, config, bounds in (("extract", ExtractConfig, EXTRACT_BOUNDS), ("train", TrainConfig, TRAIN_BOUNDS)):
+        helps = {p.name: p.help for p in main.commands[command].params}
+        for name, bound in bounds.items():
+            assert helps[name].endswith(f" Values {bound.text()}."), (command, name)
+            kind = type(getattr(config(), name))
+            step = 1 if kind is int else 1e-9
+            for end, is_open, outside in ((bound.lo, bound.lo_open, -step), (bound.hi, bound.hi_open, step)):
+                if end is None:
+                    continue
+                with pytest.raises(ParameterError, match=f"^{name} .* must be {re.escape(bound.text())}"):
+                    config(**{name: kind(end if is_open else end + outside)})
+                if not is_open and not (name == "lr" or name == "head_lr"):
+                    config(**{name: kind(end)})  # the end itself is allowed
+
+
 def test_library_messages_name_parameters_not_flags():
     """No message the library raises, makes or logs names a CLI flag (`--epochs`); it names the parameter
     (`` `epochs` ``), which the CLI writes as its flag. Only torchrun's own command line (ddp.py)
@@ -346,7 +392,7 @@ def test_library_messages_name_parameters_not_flags():
     assert not found, found
     from cli.main import with_flags
 
-    assert with_flags("lower `min_count` or `lr`; `kind` flat; `start` RUN") == "lower --min-count or --lr; --index flat; --from RUN"
+    assert with_flags("lower `min_count` or `lr`; `index` flat; `start` RUN") == "lower --min-count or --lr; --index flat; --from RUN"
 
 
 def test_a_library_message_reaches_the_command_line_with_flags(tmp_path, digits_shards):

@@ -49,7 +49,7 @@ def test_fit_is_deterministic_for_a_seed():
 def test_coding_equals_brute_force(weighting, k, stride, norm, eps):
     d, imgs = small_dictionary(eps=eps, norm=norm)
     assert d.norm == norm
-    atoms, weights = d.encode(imgs[:20], stride, k, weighting)
+    atoms, weights = d.code(imgs[:20], stride, k, weighting)
     ref_atoms, ref_weights = codes.brute_force(imgs[:20], d, stride, k, weighting)
     assert atoms.dtype == np.uint16 and atoms.shape == ref_atoms.shape
     assert np.array_equal(atoms.astype(np.int64), ref_atoms)
@@ -69,7 +69,7 @@ def test_coding_over_many_chunks_with_ties_equals_brute_force(k):
     s = d.shapes[0]
     s.atoms = np.ascontiguousarray(np.concatenate([s.atoms, s.atoms[[3, 17, 40, 0, 33, 33, 9, 21, 48, 1, 16, 31, 32, 47, 2, 5, 6, 7, 8, 10]]]))
     assert len(s.atoms) == 70 and len(s.atoms) // codes.CHUNK == 4
-    atoms, weights = d.encode(imgs[:25], 1, k, "triangle")
+    atoms, weights = d.code(imgs[:25], 1, k, "triangle")
     ref_atoms, ref_weights = codes.brute_force(imgs[:25], d, 1, k, "triangle")
     assert np.array_equal(atoms.astype(np.int64), ref_atoms)
     np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-4)
@@ -78,9 +78,9 @@ def test_coding_over_many_chunks_with_ties_equals_brute_force(k):
 
 def test_coding_in_blocks_equals_one_block(monkeypatch):
     d, imgs = small_dictionary()
-    whole = d.encode(imgs[:30], 1, 3, "triangle")
+    whole = d.code(imgs[:30], 1, 3, "triangle")
     monkeypatch.setattr(codes, "BLOCK_PATCHES", 37)  # many blocks, the last one partial
-    parts = d.encode(imgs[:30], 1, 3, "triangle")
+    parts = d.code(imgs[:30], 1, 3, "triangle")
     assert np.array_equal(whole[0], parts[0])
     np.testing.assert_allclose(whole[1], parts[1], rtol=1e-6)
 
@@ -93,9 +93,9 @@ def test_codes_do_not_depend_on_the_thread_count():
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = d.encode(imgs[:40], 1, 3, "triangle")
+        one = d.code(imgs[:40], 1, 3, "triangle")
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = d.encode(imgs[:40], 1, 3, "triangle")
+        two = d.code(imgs[:40], 1, 3, "triangle")
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1].view(np.uint32), two[1].view(np.uint32))
@@ -146,7 +146,7 @@ def test_plan_code_keys_equal_the_reference(position, grid):
                         atoms=8, code_k=3, seed=5, dictionary=d.digest())
     plan = KeyPlan(cfg, 8, 8, d)
     keys, weights = plan.encode(imgs[:4])
-    atoms, w = d.encode(imgs[:4], 1, 3, "triangle")
+    atoms, w = d.code(imgs[:4], 1, 3, "triangle")
     t = plan.slot_table
     code = np.flatnonzero(plan.is_code(np.arange(plan.keys_per_image)))
     assert len(code) == len(cfg.position_modes) * 3 * (7 * 7 + 7 * 6)
@@ -182,7 +182,7 @@ def test_weights_round_trip_through_shards(code_run):
     imgs, _ = digits_images("train")
     content = np.concatenate([b.atoms for b in sh.iter_content()])
     stored_w = np.concatenate([b.weights for b in sh.iter_content()])
-    atoms, weights = d.encode(imgs, 1, 3, "triangle")
+    atoms, weights = d.code(imgs, 1, 3, "triangle")
     assert np.array_equal(content, atoms)
     np.testing.assert_allclose(stored_w, weights, rtol=1e-6)
     plan = KeyPlan(sh.config, 8, 8, d)
@@ -212,7 +212,7 @@ def test_bags_sum_weights_per_distinct_key(code_run):
 def test_code_patterns_show_their_atom(code_run):
     root, _ = code_run
     run = pipeline.load(root / "run")
-    p = run.patterns
+    p = run.table.metadata
     code = np.flatnonzero(p["atom"] >= 0)
     assert len(code) and (p["atom"][p["view"] == 1] >= 0).all() and (p["atom"][p["view"] == 0] == -1).all()
     drawn = run.dictionary.shapes[0].pixels(1)
@@ -322,7 +322,7 @@ def test_pooled_coding_equals_brute_force_summed_per_cell(k, weighting):
     anything is written) against the float64 reference coded patch by patch and summed per cell."""
     d, imgs = small_dictionary(shapes=((3, 3),), atoms=20, eps=0.01)
     cells = np.array([(y >= 3) * 2 + (x >= 2) for y in range(6) for x in range(6)])  # 6 x 6 locations, uneven cells
-    atoms, weights = d.encode(imgs[:15], 1, k, weighting, [cells], 4)
+    atoms, weights = d.code(imgs[:15], 1, k, weighting, [cells], 4)
     ref = _pooled_reference(d, imgs[:15], k, weighting, cells, 4)
     assert atoms.shape == weights.shape == (15, 80) and (atoms == np.repeat(np.arange(20), 4)).all()
     np.testing.assert_allclose(weights, ref, rtol=1e-4, atol=1e-3)
@@ -337,9 +337,9 @@ def test_pooled_codes_do_not_depend_on_the_thread_count():
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = d.encode(imgs[:40], 1, 20, "triangle", [cells], 4)[1]
+        one = d.code(imgs[:40], 1, 20, "triangle", [cells], 4)[1]
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = d.encode(imgs[:40], 1, 20, "triangle", [cells], 4)[1]
+        two = d.code(imgs[:40], 1, 20, "triangle", [cells], 4)[1]
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
@@ -415,11 +415,11 @@ def test_a_pooled_code_run_trains_answers_and_draws(tmp_path):
     assert [o["prediction"] for o in out] == [run.class_names[p] for p in pred]
     # 6 x 6 locations of 3x3 patches: rows (columns) 0-2 have their centres in the upper (left) half
     regions = {(0, 0, 5, 5), (0, 3, 5, 5), (3, 0, 5, 5), (3, 3, 5, 5)}
-    places = [(p["y"], p["x"], p["h"], p["w"]) for o in out for p in o["top_patches"] if p["view"] == "code"]
+    places = [(p["y"], p["x"], p["h"], p["w"]) for o in out for p in o["patches"] if p["view"] == "code"]
     assert places and set(places) <= regions
-    assert all(p["pooled"] and p["mode"] == POSITION_MODES.index("coarse") for o in out for p in o["top_patches"] if p["view"] == "code")
+    assert all(p["pooled"] and p["mode"] == POSITION_MODES.index("coarse") for o in out for p in o["patches"] if p["view"] == "code")
     r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), str(paths[0]), "--patches", "20"])
-    code = [p for p in out[0]["top_patches"] if p["view"] == "code"][0]
+    code = [p for p in out[0]["patches"] if p["view"] == "code"][0]
     assert f"at row {code['y']} col {code['x']} coarse cell {code['cell']}" in r.output  # the cell's kind is said
     assert f"code atom {code['rank']} weight" in r.output  # a pooled slot's rank is its atom
     r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), str(paths[0]), "--png", str(tmp_path / "why.png")])

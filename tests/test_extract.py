@@ -256,7 +256,7 @@ def test_views_in_shards_and_audit(tmp_path):
 def test_augmented_copies_follow_their_image(tmp_path):
     """Each image is followed by its flipped and shifted copies (checked pixel by pixel); ids keep the split together."""
     from pipeline.data import augment
-    from pipeline.training.bags import is_validation, part_batches
+    from pipeline.data.split import is_validation
 
     imgs, labels = digits_images("train", 12)
     cfg = one_view_config(color="gray", max_h=2, max_w=2)
@@ -278,7 +278,7 @@ def test_augmented_copies_follow_their_image(tmp_path):
                 want.append(shifted)
     assert np.array_equal(keys[30:40], plan.content_keys(symbols(np.stack(want), cfg.levels)))
     assert np.array_equal(is_validation(ids, 0.3).reshape(12, 10), np.repeat(is_validation(np.arange(12), 0.3)[:, None], 10, 1))
-    val_ids = np.concatenate([i for _, _, i, _ in part_batches(sh, True, 0.3)])
+    val_ids = np.concatenate([i for _, _, i, _ in sh.part_batches(True, 0.3)])
     assert (val_ids < augment.VARIANT_STRIDE).all() and len(val_ids) == is_validation(np.arange(12), 0.3).sum()
     with pytest.raises(pipeline.PipelineError, match="augment"):
         pipeline.extract(from_arrays(imgs, labels), tmp_path / "t", cfg, augment="rotate")

@@ -12,6 +12,7 @@ from pipeline import familiarity
 from pipeline.table import index as pattern_index
 from pipeline.data.images import encode_png
 from pipeline.data.split import is_validation
+from pipeline.query.evaluation import key_batches
 
 from .conftest import digits_images
 
@@ -48,15 +49,15 @@ def test_the_reference_is_the_held_out_images_signs_as_a_query_measures_them(dig
     ref = run.familiarity_reference
     assert ref.source == "held-out" and json.loads((out / "run.json").read_text())["familiarity"] == "held-out"
     keys, weights = [], []
-    for b in run.key_batches(pipeline.Shards(digits_shards)):
+    for b in key_batches(run, pipeline.Shards(digits_shards)):
         held = is_validation(b.image_ids, run.train_config.val_fraction)
         keys.append(b.keys[held])
         weights.append(b.weights[held])
     keys, weights = np.concatenate(keys), np.concatenate(weights)
     assert ref.images == len(keys) > 50
-    pooled = run.pooled_keys(keys, "drop", weights)
-    d, _ = pattern_index.search(run.image_index, pooled, familiarity.NEIGHBOURS)
-    want = familiarity.signs(run.seen_ids(keys), d)
+    pooled = run.classifier.pooled(keys, "drop", weights)
+    d, _ = pattern_index.search(run.training_images.index, pooled, familiarity.NEIGHBOURS)
+    want = familiarity.signs(run.vocab.own_ids(keys), d)
     for k in ("seen", "variety"):
         assert np.array_equal(np.sort(ref.values[k]), np.sort(want[k]))
     assert np.allclose(np.sort(ref.values["distance"]), np.sort(want["distance"]), rtol=1e-4, atol=1e-6)

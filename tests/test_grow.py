@@ -19,7 +19,6 @@ from pipeline import TrainConfig, layout
 from pipeline.table import weights
 from pipeline.errors import PipelineError
 from pipeline.data.images import encode_png
-from pipeline.training.bags import part_batches
 from tests.conftest import ROOT, digits_images, start_server, write_folder
 from tests.test_safety import cli, one_line_error
 
@@ -64,7 +63,7 @@ def test_classes_are_matched_by_name_and_the_head_grows(chain):
     assert pipeline.load(root / "r1").class_names == ["0", "1", "2", "3"]
     last = pipeline.load(root / "r2")
     assert last.class_names == ["0", "1", "2", "3", "4", "5"]
-    assert last.head_layers[-1][0].shape[0] == 6
+    assert last.classifier.head_layers[-1][0].shape[0] == 6
     # evaluated on a source with classes in another order and some missing: named correctly
     imgs, labs = digits_images("test")
     keep = np.isin(labs, [5, 0, 3])
@@ -98,9 +97,9 @@ def test_the_image_index_and_pattern_table_grow(chain):
     originals = [s.num_images // (1 + s.manifest["variants_per_image"]) for s in shards]
     # every step adds its own training images (the held-out part excluded) to the earlier index
     for n in range(1, 3):
-        assert runs[n].image_index_info.vectors > runs[n - 1].image_index_info.vectors
-        assert runs[n].image_index_info.vectors <= sum(originals[: n + 1])
-    t0, t2 = runs[0].patterns, runs[2].patterns
+        assert runs[n].training_images.index_info.vectors > runs[n - 1].training_images.index_info.vectors
+        assert runs[n].training_images.index_info.vectors <= sum(originals[: n + 1])
+    t0, t2 = runs[0].table.metadata, runs[2].table.metadata
     pos = np.searchsorted(t2["key"], t0["key"])
     assert (t2["key"][pos] == t0["key"]).all()  # every earlier pattern is still there
     assert (t2["class_counts"][pos][:, :3] >= t0["class_counts"]).all()
@@ -117,14 +116,14 @@ def test_rows_of_patterns_in_no_trained_image_are_bit_identical(chain, tmp_path)
     assert m["replayed_images"] == 0
     before, after = pipeline.load(root / "r1"), pipeline.load(tmp_path / "r")
     cfg = before.train_config
-    touched = np.unique(np.concatenate([k.ravel() for k, _, _, _ in part_batches(new, False, cfg.val_fraction)]))
+    touched = np.unique(np.concatenate([k.ravel() for k, _, _, _ in new.part_batches(False, cfg.val_fraction)]))
     keys = before.vocab.keys
     untouched = ~np.isin(keys, touched)
     assert untouched.sum() > 100 and (~untouched).sum() > 100
     rows_after = np.searchsorted(after.vocab.keys, keys)
     assert (after.vocab.keys[rows_after] == keys).all()
-    old_vectors = np.asarray(before.table[: len(keys)])
-    new_vectors = np.asarray(after.table[rows_after])
+    old_vectors = np.asarray(before.table.vectors[: len(keys)])
+    new_vectors = np.asarray(after.table.vectors[rows_after])
     assert np.array_equal(old_vectors[untouched], new_vectors[untouched])  # bit for bit
     assert not np.array_equal(old_vectors[~untouched], new_vectors[~untouched])  # and the others learned
 
@@ -202,7 +201,7 @@ def test_a_step_weighs_every_class_alike(chain):
     earlier, _ = grow.choose_earlier(parent.lineage, classes, new.fingerprint, 7)
     step = grow.StepShards(new, classes, earlier)
     fraction = parent.config.val_fraction
-    labels = np.concatenate([lab for _, lab, _, _ in part_batches(step, False, fraction)])
+    labels = np.concatenate([lab for _, lab, _, _ in step.part_batches(False, fraction)])
     counts = np.bincount(labels, minlength=len(classes))
     assert (counts[:4] > 0).all() and counts[:4].max() < counts[4:].min()  # the earlier classes are the few
     w = grow.balanced_weights(step, fraction)

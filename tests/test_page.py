@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline.data.images import encode_png
-from benchmarks.serve import answered
+from benchmarks.drive import answered
 from tests.conftest import ROOT, digits_images, start_server
 
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -80,7 +80,7 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
                 page.click("[data-testid=download]")
             answer = json.loads(Path(got.value.path()).read_text())
             assert [r["image"] for r in answer["results"]] == [f.name for f in others]
-            assert all(len(r["top_patches"]) == 3 and all(len(p["nearest"]) == 2 for p in r["top_patches"]) for r in answer["results"])
+            assert all(len(r["patches"]) == 3 and all(len(p["nearest"]) == 2 for p in r["patches"]) for r in answer["results"])
             page.screenshot(path=str(SCREENSHOTS / "serve-page-several.png"), full_page=True)
             # a file that is no image: the page says why, hides the last answer, and the server stays up
             bad = tmp_path / "notes.png"

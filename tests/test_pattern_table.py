@@ -11,7 +11,6 @@ import pytest
 import pipeline
 from pipeline import ExtractConfig, TrainConfig
 from pipeline.data import augment
-from pipeline.training.bags import part_batches
 from tests.conftest import digits_images, write_folder
 
 
@@ -35,7 +34,7 @@ def colour_run(tmp_path_factory):
 def _first_occurrences(shards, vocab_keys: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(image id, slot) of each key's first occurrence, originals before copies, by brute force."""
     keys, ids = [], []
-    for k, _, i, _ in part_batches(shards, False, val_fraction):
+    for k, _, i, _ in shards.part_batches(False, val_fraction):
         keys.append(k)
         ids.append(i)
     keys, ids = np.concatenate(keys), np.concatenate(ids)
@@ -53,7 +52,7 @@ def _first_occurrences(shards, vocab_keys: np.ndarray, val_fraction: float) -> t
 
 def test_no_pattern_row_contradicts_where_its_key_occurs(colour_run):
     col, shards, run = colour_run
-    t = run.patterns
+    t = run.table.metadata
     trained_on = 0.0 if run.manifest["refit"] else run.train_config.val_fraction  # a refit trains on every image
     img, slot = _first_occurrences(shards, run.vocab.keys, trained_on)
     assert (img >= 0).all()
@@ -69,7 +68,7 @@ def test_no_pattern_row_contradicts_where_its_key_occurs(colour_run):
 
 def test_every_pattern_picture_has_its_patterns_shape_and_exact_ones_are_the_patch(colour_run):
     col, _, run = colour_run
-    t = run.patterns
+    t = run.table.metadata
     ids = np.arange(run.vocab.size)
     pics = run.pattern_pixels(ids)
     code = t["atom"] >= 0
@@ -91,6 +90,6 @@ def test_query_pictures_of_every_test_image_are_drawn(colour_run, tmp_path):
     from pipeline.query.pictures import query_png
 
     for n in range(5):
-        look = run.nearest_patterns(col[-1 - n], k=3, top=10)
+        look = run.nearest_patterns(col[-1 - n], k=3, patches=10)
         query_png(run, col[-1 - n], look, tmp_path / f"{n}.png")
         assert (tmp_path / f"{n}.png").stat().st_size > 0

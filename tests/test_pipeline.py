@@ -12,7 +12,7 @@ import pipeline
 from pipeline import PipelineError, TrainConfig
 from pipeline.table import index as pattern_index
 from pipeline.extraction.hashing import KeyPlan
-from pipeline.training.bags import is_validation
+from pipeline.data.split import is_validation
 
 from .conftest import digits_images, write_folder, one_view_config
 
@@ -44,13 +44,12 @@ def test_extract_splits_into_several_shards_and_refuses_to_overwrite(tmp_path):
 
 
 def test_png_query_gives_the_same_keys_as_the_source(digits_run, tmp_path):
-    from pipeline.query.report import read_image
 
     run = pipeline.load(digits_run)
     imgs, labels = digits_images("test", 3)
     root = write_folder(tmp_path / "f", imgs, labels)
     for i, lab in enumerate(labels):
-        img = read_image(run, root / str(lab) / f"{i:04d}.png")
+        img = run.read_image(root / str(lab) / f"{i:04d}.png")
         assert np.array_equal(run.images_to_keys(img), run.images_to_keys(imgs[i]))
 
 
@@ -95,7 +94,7 @@ def test_vocabulary_and_pattern_table_match_exact_count(digits_run, digits_shard
     stats = run.manifest["vocabulary"]
     assert stats["distinct_keys"] == len(counts) and stats["vocabulary"] == len(vocab) == run.manifest["patterns"]
     assert stats["tail_keys"] == len(counts) - len(vocab) and stats["occurrences"] == sum(counts.values())
-    p = run.patterns
+    p = run.table.metadata
     assert p["key"].tolist() == vocab
     for i in np.random.default_rng(0).choice(len(vocab), 500, replace=False):
         k = int(p["key"][i])
@@ -117,10 +116,10 @@ def test_flat_index_equals_brute_force(tmp_path):
 
 def test_index_vectors_are_the_learned_rows(digits_run):
     run = pipeline.load(digits_run)
-    ids = np.array([0, 17, len(run.patterns["key"]) - 1])
-    rows = run.vocab.rows_of(run.patterns["key"][ids])
+    ids = np.array([0, 17, len(run.table.metadata["key"]) - 1])
+    rows = run.vocab.rows_of(run.table.metadata["key"][ids])
     assert rows.tolist() == ids.tolist()
-    assert np.array_equal(run.index.reconstruct_batch(ids), run.table[rows])
+    assert np.array_equal(run.table.index.reconstruct_batch(ids), run.table.vectors[rows])
 
 
 def test_unseen_patch_vector_is_mean_of_seen_sub_patches(digits_run):
@@ -129,15 +128,15 @@ def test_unseen_patch_vector_is_mean_of_seen_sub_patches(digits_run):
     t = run.plan.slot_table
     for img in imgs:
         keys = run.images_to_keys(img)[0]
-        seen_ids = run.seen_ids(keys)
+        seen_ids = run.vocab.own_ids(keys)
         unseen = np.flatnonzero(seen_ids < 0)
         if len(unseen):
             break
-    vectors, seen, composed = run.patch_vectors(keys)
+    vectors, seen, composed = run.lookup.patch_vectors(keys)
     slot = int(unseen[-1])
     y, x, h, w, cell, view = (int(t[c][slot]) for c in ("y", "x", "h", "w", "cell", "view"))
     # by hand: every smaller patch inside (y, x, h, w), same position mode and view, whose key is in the pattern table
-    known = set(run.patterns["key"].tolist())
+    known = set(run.table.metadata["key"].tolist())
     parts = [
         s for s in range(len(keys))
         if (t["cell"][s] < 0) == (cell < 0) and t["view"][s] == view and t["y"][s] >= y and t["x"][s] >= x
@@ -146,8 +145,8 @@ def test_unseen_patch_vector_is_mean_of_seen_sub_patches(digits_run):
     ]
     assert not seen[slot]
     if parts:
-        row_of = {int(k): i for i, k in enumerate(run.patterns["key"].tolist())}  # pattern id = table row
-        expected = np.mean([run.table[row_of[int(keys[s])]] for s in parts], axis=0)
+        row_of = {int(k): i for i, k in enumerate(run.table.metadata["key"].tolist())}  # pattern id = table row
+        expected = np.mean([run.table.vectors[row_of[int(keys[s])]] for s in parts], axis=0)
         assert composed[slot] and np.allclose(vectors[slot], expected, atol=1e-6)
     else:
         assert not composed[slot] and np.isnan(vectors[slot]).all()
@@ -159,7 +158,7 @@ def test_nearest_patterns_of_a_seen_patch_start_with_itself(digits_run):
     imgs, _ = digits_images("train", 1)
     lookup = run.nearest_patterns(imgs[0], k=3)
     s = np.flatnonzero(lookup.seen)[0]
-    pid = run.seen_ids(lookup.keys[s : s + 1])[0]
+    pid = run.vocab.own_ids(lookup.keys[s : s + 1])[0]
     assert lookup.distances[s, 0] == 0.0
     assert pid in lookup.ids[s][lookup.distances[s] == 0.0]
 
@@ -197,7 +196,7 @@ def test_top_patches_are_the_most_decisive_with_the_same_neighbours(digits_run):
     run = pipeline.load(digits_run)
     imgs, _ = digits_images("test", 1)
     full = run.nearest_patterns(imgs[0], k=3)
-    top = run.nearest_patterns(imgs[0], k=3, top=7)
+    top = run.nearest_patterns(imgs[0], k=3, patches=7)
     # brute force: sum every slot's contribution per key, rank the keys, keep each one's first slot
     totals: dict = {}
     for slot, (key, c) in enumerate(zip(full.keys.tolist(), full.contribution.tolist())):

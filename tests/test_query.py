@@ -13,7 +13,7 @@ import torch
 import pipeline
 from pipeline import KeyPlan, PipelineError
 from pipeline.table import index as pidx
-from pipeline.query import unseen
+from pipeline.query import unseen_patches
 from pipeline.query.batch import query_batch, schema
 
 from .conftest import digits_images, one_view_config
@@ -86,7 +86,7 @@ def test_composition_by_hand():
     rows[0, s(1, 0, 1, 1)] = 2  # bottom-left seen; bottom-right unseen
     rows[0, s(0, 0, 1, 2)] = 4  # top row seen; bottom row unseen
     rows[0, s(0, 0, 2, 1)] = 5  # left column seen; right column unseen; the 2x2 unseen
-    u = unseen.find(plan, rows, own_rows=6)
+    u = unseen_patches.find(plan, rows, own_rows=6)
     vec = dict(zip(u.slot.tolist(), u.vectors(table)))
     assert set(vec) == {s(1, 1, 1, 1), s(1, 0, 1, 2), s(0, 1, 2, 1), s(0, 0, 2, 2)}
     assert np.isnan(vec[s(1, 1, 1, 1)]).all()  # a 1x1 has no parts: unmatched
@@ -94,7 +94,7 @@ def test_composition_by_hand():
     assert np.allclose(vec[s(0, 1, 2, 1)], [0.0, 2.0])  # right column: only top-right seen
     # the 2x2: top-left, top-right, bottom-left, top row, left column
     assert np.allclose(vec[s(0, 0, 2, 2)], [(1 + 0 + 3 + 10 - 6) / 5, (0 + 2 + 3 + 20 + 6) / 5])
-    sums, count = unseen.composed_sums(u, table, 1)
+    sums, count = unseen_patches.composed_sums(u, table, 1)
     assert count.tolist() == [3.0]
     assert np.allclose(sums[0], [3 + 0 + 8 / 5, 3 + 2 + 31 / 5])
 
@@ -103,18 +103,18 @@ def test_unseen_rules_against_brute_force(digits_run):
     run = pipeline.load(digits_run)
     imgs, _ = digits_images("test", 30)
     keys = run.images_to_keys(imgs)
-    table = run.table
+    table = run.table.vectors
     # drop: the trained model's own (torch) forward pass, and its head
     rows, offsets, counts, _ = to_bags(run.vocab, keys, np.zeros(len(keys), np.int64)).tensors(torch.device("cpu"))
     with torch.no_grad():
         pooled = run.model.pooled(rows, offsets, counts)
-        assert np.allclose(run.pooled_keys(keys, "drop"), pooled.numpy(), atol=1e-6)
-        assert np.allclose(run.classify_pooled(run.pooled_keys(keys, "drop")), torch.softmax(run.model.head(pooled), 1).numpy(), atol=1e-5)
+        assert np.allclose(run.classifier.pooled(keys, "drop"), pooled.numpy(), atol=1e-6)
+        assert np.allclose(run.classifier.probabilities(run.classifier.pooled(keys, "drop")), torch.softmax(run.model.head(pooled), 1).numpy(), atol=1e-5)
     # compose: mean over seen patches plus composed ones, image by image
-    comp = run.pooled_keys(keys, "compose")
-    near = run.pooled_keys(keys, "nearest")
+    comp = run.classifier.pooled(keys, "compose")
+    near = run.classifier.pooled(keys, "nearest")
     for i in range(3):
-        vectors, seen, composed = run.patch_vectors(keys[i])
+        vectors, seen, composed = run.lookup.patch_vectors(keys[i])
         use = seen | composed
         assert np.allclose(comp[i], vectors[use].mean(0), atol=1e-5)
         # nearest: each composed vector replaced by the exactly nearest learned vector (Flat index)
@@ -127,7 +127,7 @@ def test_unseen_rules_against_brute_force(digits_run):
 
 def test_example_pixels_are_each_patterns_first_occurrence(digits_run):
     run = pipeline.load(digits_run)
-    p = run.patterns
+    p = run.table.metadata
     assert run.manifest["examples"] == "complete"
     src = pipeline.open_source("digits", split="train")
     images = np.concatenate([b.images for b in src.batches(512, 1)])
@@ -146,11 +146,11 @@ def test_nearest_images_find_training_images_themselves(digits_run):
     run = pipeline.load(digits_run)
     src = pipeline.open_source("digits", split="train")
     images = np.concatenate([b.images for b in src.batches(512, 1)])
-    pick = run.images["image_id"][[0, 10, 200]]
+    pick = run.training_images.metadata["image_id"][[0, 10, 200]]
     near = run.nearest_images(images[pick], k=3)
     assert near.distances.shape == near.ids.shape == (3, 3)
     assert np.array_equal(near.image_ids[:, 0], pick) and np.allclose(near.distances[:, 0], 0, atol=1e-6)
-    assert np.array_equal(near.labels[:, 0], run.images["label"][[0, 10, 200]])
+    assert np.array_equal(near.labels[:, 0], run.training_images.metadata["label"][[0, 10, 200]])
     labels, probs = run.predict(images[pick], classifier="knn")
     assert np.allclose(probs.sum(1), 1) and probs.shape == (3, 10)
 
@@ -186,7 +186,7 @@ def test_batch_query_schema_rows_and_accuracy(digits_run, tmp_path):
     assert t.column("prediction").to_pylist() == [str(c) for c in pred]
     assert np.allclose(np.array(t.column("probabilities").to_pylist()), probs, atol=1e-6)
     row = t.slice(5, 1).to_pylist()[0]
-    lk = run.nearest_patterns(imgs[5], 3, top=4)
+    lk = run.nearest_patterns(imgs[5], 3, patches=4)
     assert row["patch_slots"] == lk.slots.tolist() and row["nearest_pattern_ids"] == lk.ids.tolist()
     assert row["nearest_image_ids"] == run.nearest_images(imgs[5:6], 3).image_ids[0].tolist()
 
@@ -209,7 +209,7 @@ def test_rebuild_index_records_the_kind(digits_run, tmp_path):
     info = pipeline.rebuild_index(copy, "hnsw", ef_search=40)
     assert info["factory"] == "HNSW32" and info["ef_search"] == 40 and info["rebuilt"]
     run = pipeline.load(copy)
-    assert run.index_info.factory == "HNSW32"
+    assert run.table.index_info.factory == "HNSW32"
     imgs, _ = digits_images("train", 1)
     lk = run.nearest_patterns(imgs[0], 2)
     s = np.flatnonzero(lk.seen)[:20]
@@ -268,7 +268,7 @@ def test_run_without_image_index_says_so(digits_run, tmp_path):
     with pytest.raises(PipelineError, match="images.faiss is missing"):
         run.nearest_images(imgs, 3)
     with pytest.raises(PipelineError, match="is missing"):
-        run.images
+        run.training_images.metadata
 
 
 def test_a_wrong_sized_image_is_described_as_height_by_width(digits_run):
@@ -294,14 +294,14 @@ def test_nearest_patterns_searched_once_per_key_and_remembered_are_each_patchs_o
     run, ref = pipeline.load(digits_run), pipeline.load(digits_run)
     for k, img in ((4, imgs[0]), (4, imgs[0]), (4, imgs[1]), (6, imgs[0])):
         got = run.nearest_patterns(img, k=k)
-        vectors, seen, composed = ref.patch_vectors(ref.images_to_keys(img[None])[0])
+        vectors, seen, composed = ref.lookup.patch_vectors(ref.images_to_keys(img[None])[0])
         has = np.flatnonzero(seen | composed)
-        want = [pattern_index.search(ref.index, vectors[s : s + 1], k) for s in has]
+        want = [pattern_index.search(ref.table.index, vectors[s : s + 1], k) for s in has]
         # batched and single products round apart, so near ties may swap places: the same distances, the same ids but for those
         assert np.allclose(got.distances[has], np.concatenate([d for d, _ in want]), rtol=1e-4, atol=1e-3)
         assert (got.ids[has] == np.concatenate([i for _, i in want])).mean() > 0.99
         assert len(np.unique(got.keys[has])) < len(has)  # there were repeats to share
-    assert 0 < len(run._near_cache) <= len(run.vocab.keys)
+    assert 0 < len(run.lookup.near_cache) <= len(run.vocab.keys)
 
 
 def test_a_code_pattern_is_drawn_in_the_brightness_and_contrast_of_a_patch(digits_run):
@@ -310,7 +310,7 @@ def test_a_code_pattern_is_drawn_in_the_brightness_and_contrast_of_a_patch(digit
     from pipeline.extraction.codes import CONTRAST, brightness_contrast
 
     run = pipeline.load(digits_run)
-    p = run.patterns
+    p = run.table.metadata
     pid = int(np.flatnonzero(p["atom"] >= 0)[0])
     shape = next(s for s in run.dictionary.shapes if (s.h, s.w) == (p["h"][pid], p["w"][pid]))
     img = digits_images("test", 1)[0][0]
@@ -328,9 +328,9 @@ def test_an_answers_nearest_patterns_put_the_patchs_own_view_and_shape_first(dig
     from pipeline.query.report import query_one
 
     run = pipeline.load(digits_run)
-    res, lookup = query_one(run, digits_images("test", 1)[0][0], "x", k=8, top=10)
+    res, lookup = query_one(run, digits_images("test", 1)[0][0], "x", k=8, patches=10)
     mixed = 0
-    for p in res["top_patches"]:
+    for p in res["patches"]:
         same = [(n["view"], n["h"], n["w"]) == (p["view"], p["h"], p["w"]) for n in p["nearest"]]
         assert same == sorted(same, reverse=True)  # own kind first
         for group in (True, False):

@@ -423,7 +423,7 @@ def test_9_query_and_index_numbers(small_run, tmp_path):
     image = tmp_path / "x.png"
     image.write_bytes(encode_png(digits_images("test", 1)[0][0]))
     one_line_error(cli("index", run, "--index", "flat", "--nprobe", "-4"), "--nprobe -4")
-    assert pipeline.load(run).index_info.nprobe is None  # nothing was saved
+    assert pipeline.load(run).table.index_info.nprobe is None  # nothing was saved
     one_line_error(cli("query", run, image, "--patches", "-1"), "--patches -1")
     one_line_error(cli("query", run, image, "--k", "1000000000"), "--k 1000000000")
     one_line_error(cli("query", run, image, "--nprobe", "0"), "--nprobe 0")

@@ -69,7 +69,7 @@ def test_several_images_answer_in_order(server, digits_run, test_pngs):
     run = pipeline.load(digits_run)
     labels, _ = run.predict(np.stack([np.asarray(Image.open(p))[..., None] for p in test_pngs]))
     assert [x["prediction"] for x in results] == [run.class_names[i] for i in labels]
-    assert all(len(x["top_patches"]) == 2 and all(len(p["nearest"]) <= 3 for p in x["top_patches"]) for x in results)
+    assert all(len(x["patches"]) == 2 and all(len(p["nearest"]) <= 3 for p in x["patches"]) for x in results)
 
 
 def test_garbage_bytes_are_a_400_and_the_server_stays_up(server):
@@ -125,7 +125,7 @@ def test_pictures_are_the_runs_own_pixels(server, digits_run):
     assert scale >= 1 and np.array_equal(got[::scale, ::scale], want)
     assert httpx.get(server + f"/pattern/{run.vocab.size}.png").status_code == 404
     # a code pattern in a patch's brightness and contrast (rounded to a tenth, as the server caches them)
-    code = int(np.flatnonzero(run.patterns["atom"] >= 0)[0])
+    code = int(np.flatnonzero(run.table.metadata["atom"] >= 0)[0])
     got = np.asarray(Image.open(io.BytesIO(httpx.get(server + f"/pattern/{code}.png", params={"brightness": 90.04, "contrast": 30.0}).content)))
     want = run.pattern_pixels([code], like=(90.0, 30.0))[0][..., 0]
     scale = got.shape[0] // want.shape[0]
@@ -134,14 +134,14 @@ def test_pictures_are_the_runs_own_pixels(server, digits_run):
         assert httpx.get(server + f"/pattern/{code}.png", params=bad).status_code == 400
     # a training image's thumbnail is that image of the source (digits are 8x8: stored as they are)
     row = 5
-    image_id = int(run.images["image_id"][row])
+    image_id = int(run.training_images.metadata["image_id"][row])
     src = pipeline.open_source("digits", split="train")
     want = next(b for b in src.batches(64, 1) if image_id in b.ids)
     want = want.images[list(want.ids).index(image_id)][..., 0]
     got = np.asarray(Image.open(io.BytesIO(httpx.get(server + f"/training-image/{row}.png").content)))
     scale = got.shape[0] // 8
     assert np.array_equal(got[::scale, ::scale], want)
-    assert run.images["name"][row] == f"digits:train:{image_id}"
+    assert run.training_images.metadata["name"][row] == f"digits:train:{image_id}"
     assert httpx.get(server + "/training-image/-1.png").status_code == 404
 
 
@@ -151,8 +151,8 @@ def test_class_patterns_are_ranked_by_their_push_over_the_class(server, digits_r
     got = httpx.get(server + f"/class/{c}", params={"n": 10}).json()
     # reference: push of each pattern towards class c (above the classes' mean), times its count in class c
     w = run.model.head.weight.detach().numpy()
-    push = run.table[: run.vocab.size] @ (w[c] - w.mean(0))
-    score = push * run.patterns["class_counts"][:, c]
+    push = run.table.vectors[: run.vocab.size] @ (w[c] - w.mean(0))
+    score = push * run.table.metadata["class_counts"][:, c]
     best = sorted(range(len(score)), key=lambda i: -score[i])[:10]
     assert [p["pattern_id"] for p in got["patterns"]] == best and got["class"] == run.class_names[c]
     assert httpx.get(server + "/class/99").status_code == 404

@@ -65,7 +65,7 @@ def test_2_the_work_of_one_request_is_bounded(served, digit_png):
     assert r.status_code == 400 and "more than the 4,096 one request may ask" in r.json()["error"]
     r = _post(base, {"images": ("a.png", digit_png)}, "?k=32&patches=50")
     assert r.status_code == 200
-    top = r.json()["results"][0]["top_patches"]
+    top = r.json()["results"][0]["patches"]
     assert len(top) <= 50 and all(len(p["nearest"]) <= 32 for p in top)
 
 

@@ -49,14 +49,14 @@ def test_learning_an_image_moves_only_its_own_rows_and_answers_the_taught_class(
     run = pipeline.load(request.getfixturevalue(which))
     images, labels = digits_images("test")
     i = wrong_ones(run, images, labels)[0]
-    table, head = np.array(run.table), [(w.copy(), b.copy()) for w, b in run.head_layers]
+    table, head = np.array(run.table.vectors), [(w.copy(), b.copy()) for w, b in run.classifier.head_layers]
     truth = run.class_names[int(labels[i])]
     lesson = learn(run, images[i], truth, "wrong.png")
-    changed = np.flatnonzero(np.any(run.table != table, axis=1))
+    changed = np.flatnonzero(np.any(run.table.vectors != table, axis=1))
     assert len(changed) == lesson.rows > 0
     assert set(changed) <= set(own_rows(run, images[i]))  # nothing outside the image's own patterns
-    assert all(np.array_equal(w, w0) and np.array_equal(b, b0) for (w, b), (w0, b0) in zip(run.head_layers, head))
-    _, probs = run.predict(images[i][None], rule="drop")
+    assert all(np.array_equal(w, w0) and np.array_equal(b, b0) for (w, b), (w0, b0) in zip(run.classifier.head_layers, head))
+    _, probs = run.predict(images[i][None], unseen="drop")
     assert run.class_names[int(probs.argmax())] == truth and probs.max() >= TARGET
     assert lesson.after == {"prediction": truth, "probability": pytest.approx(float(probs.max()), abs=1e-5)}
     assert lesson.before["prediction"] != truth and not lesson.new_class
@@ -65,21 +65,21 @@ def test_learning_an_image_moves_only_its_own_rows_and_answers_the_taught_class(
 def test_a_new_class_grows_the_head_by_one_imprinted_row(digits_run):
     run = pipeline.load(digits_run)
     images, _ = digits_images("test", 20)
-    known = [(w.copy(), b.copy()) for w, b in run.head_layers]
+    known = [(w.copy(), b.copy()) for w, b in run.classifier.head_layers]
     lesson = learn(run, images[3], "  seven-ish ", "odd.png")
     assert lesson.new_class and run.class_names[-1] == "seven-ish" and len(run.class_names) == len(known[-1][1]) + 1
-    w, b = run.head_layers[-1]
+    w, b = run.classifier.head_layers[-1]
     np.testing.assert_array_equal(w[:-1], known[-1][0])  # the known classes' rows stay as they were
     np.testing.assert_array_equal(b[:-1], known[-1][1])
     # the imprinted direction, written out: the image's pooled vector before the lesson minus the
     # training images' mean, as long as the other rows on average (the rows then moved, the head row did not)
     fresh = pipeline.load(digits_run)
     keys, weights = fresh.encode(images[3])
-    x = fresh.pooled_keys(keys, "drop", weights)[0]
-    mean = fresh.image_index.reconstruct_n(0, fresh.image_index.ntotal).mean(0)
+    x = fresh.classifier.pooled(keys, "drop", weights)[0]
+    mean = fresh.training_images.index.reconstruct_n(0, fresh.training_images.index.ntotal).mean(0)
     want = (x - mean) / np.linalg.norm(x - mean) * np.linalg.norm(known[-1][0], axis=1).mean()
     np.testing.assert_allclose(w[-1], want, rtol=1e-4, atol=1e-5)
-    assert run.predict(images[3][None], rule="drop")[0][0] == len(run.class_names) - 1
+    assert run.predict(images[3][None], unseen="drop")[0][0] == len(run.class_names) - 1
     with pytest.raises(PipelineError, match="printable"):
         learn(run, images[4], "bad\nname")
 
@@ -89,10 +89,10 @@ def test_searches_find_moved_patterns_at_their_new_place(digits_run):
     images, labels = digits_images("test")
     for i in wrong_ones(run, images, labels)[:2]:
         learn(run, images[i], run.class_names[int(labels[i])])
-    assert len(run.moved)
-    vectors = run.table[: run.vocab.size]
-    q = np.concatenate([vectors[run.moved[:20]], vectors[:20]])
-    d, ids = run.search_patterns(q, 5)
+    assert len(run.table.moved)
+    vectors = run.table.vectors[: run.vocab.size]
+    q = np.concatenate([vectors[run.table.moved[:20]], vectors[:20]])
+    d, ids = run.table.search(q, 5)
     brute = ((q[:, None] - vectors[None]) ** 2).sum(-1)  # every learned pattern, at its place now
     np.testing.assert_allclose(d, np.sort(brute, 1)[:, :5], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(ids[:, 0], np.argmin(brute, 1))
@@ -121,7 +121,7 @@ def test_a_saved_taught_run_answers_as_the_taught_run_did(digits_run, tmp_path):
     near = saved.nearest_images(images[wrong[:2]], 1)
     assert list(near.names[:, 0]) == [f"taught/{lessons[0].label}/a.png", "taught/ten/b.png"]
     # the class counts gained the lessons' patterns, under their classes
-    cc = saved.patterns["class_counts"]
+    cc = saved.table.metadata["class_counts"]
     assert cc.shape[1] == 11 and cc[:, 10].sum() > 0
     # a later pipe train --from replays the taught images from their shards
     earlier, notes = grow.choose_earlier(saved.summary()["lineage"], saved.class_names, saved.fingerprint, 5)

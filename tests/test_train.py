@@ -320,11 +320,11 @@ def _image_bags(batches) -> list[tuple]:
 
 
 def test_bag_cache_serves_every_training_image_once_as_read(digits_shards):
-    from pipeline.training.bags import BagCache, part_batches, shuffled_bags, to_bags, validation_bags
+    from pipeline.training.bags import BagCache, shuffled_bags, to_bags, validation_bags
 
     sh = pipeline.open_shards(digits_shards)
-    v = build(lambda: (k for k, _, _, _ in part_batches(sh, False, 0.1)), 2, 0)
-    direct = _image_bags(to_bags(v, k, y, w) for k, y, _, w in part_batches(sh, False, 0.1))
+    v = build(lambda: (k for k, _, _, _ in sh.part_batches(False, 0.1)), 2, 0)
+    direct = _image_bags(to_bags(v, k, y, w) for k, y, _, w in sh.part_batches(False, 0.1))
     cache = BagCache(1 << 30, sh.keys_per_image)
     streamed = _image_bags(shuffled_bags(sh, v, 0.1, 32, np.random.default_rng(0), cache))
     assert cache.seal() and cache.images == len(direct)
@@ -336,14 +336,14 @@ def test_bag_cache_serves_every_training_image_once_as_read(digits_shards):
     vcache = BagCache(1 << 30, sh.keys_per_image)
     read = _image_bags(validation_bags(sh, v, 0.1, 50, vcache))
     assert vcache.complete and _image_bags(validation_bags(sh, v, 0.1, 50, vcache)) == read
-    assert read == _image_bags(to_bags(v, k, y, w) for k, y, _, w in part_batches(sh, True, 0.1))
+    assert read == _image_bags(to_bags(v, k, y, w) for k, y, _, w in sh.part_batches(True, 0.1))
 
 
 def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tmp_path):
-    from pipeline.training.bags import BagCache, part_batches, shuffled_bags
+    from pipeline.training.bags import BagCache, shuffled_bags
 
     sh = pipeline.open_shards(digits_shards)
-    v = build(lambda: (k for k, _, _, _ in part_batches(sh, False, 0.1)), 2, 0)
+    v = build(lambda: (k for k, _, _, _ in sh.part_batches(False, 0.1)), 2, 0)
     cache = BagCache(20_000, sh.keys_per_image)
     list(shuffled_bags(sh, v, 0.1, 32, np.random.default_rng(0), cache))
     assert not cache.seal() and cache.overflow and cache.nbytes == 0 and not cache.groups

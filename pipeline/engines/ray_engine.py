@@ -127,14 +127,14 @@ def _run_window(ray, fn, window: list, slots: int, progress) -> list[dict]:
 
 
 class _Querier:
-    """One Ray actor: loads the run once (``load(root, rule)``), then answers batches with
+    """One Ray actor: loads the run once (``load(root, unseen)``), then answers batches with
     ``answer(run, keys, labels, image_ids, names, *args, weights)``."""
 
-    def __init__(self, load: Callable, answer: Callable, root: str, rule: str | None, args: tuple):
+    def __init__(self, load: Callable, answer: Callable, root: str, unseen: str | None, args: tuple):
         import torch  # in the actor's own process
 
         torch.set_num_threads(1)  # one CPU per actor
-        self.run = load(root, rule)
+        self.run = load(root, unseen)
         self.answer = answer
         self.args = args
 
@@ -142,13 +142,13 @@ class _Querier:
         return self.answer(self.run, keys, labels, image_ids, names, *self.args, weights)
 
 
-def query_tables(load: Callable, answer: Callable, root: str, batches: Iterator, rule: str | None, args: tuple,
+def query_tables(load: Callable, answer: Callable, root: str, batches: Iterator, unseen: str | None, args: tuple,
                  workers: int, address: str | None) -> Iterator:
     """``answer``'s result tables of key batches (KeyBatch), in order, computed by ``workers`` Ray
     actors that each ``load`` the run once (both module-level functions, sent by reference)."""
     with _session(workers, address) as ray:
         actor = ray.remote(num_cpus=1)(_Querier)
-        pool = [actor.remote(load, answer, root, rule, args) for _ in range(workers)]
+        pool = [actor.remote(load, answer, root, unseen, args) for _ in range(workers)]
         pending: list = []
         for i, b in enumerate(batches):
             pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names, b.weights))

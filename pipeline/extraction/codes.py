@@ -245,7 +245,7 @@ class ShapeCode:
     atoms: np.ndarray  # K x d float32, whitened space
     norm: str = "contrast"  # one of NORMS
 
-    def encode(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
+    def code(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
         """Scaled-and-whitened codes of raw patch rows (P x d float32, changed in place):
         (atoms P x k int64, weights P x k float32)."""
         atoms = np.empty((len(patches), k), np.int64)
@@ -321,7 +321,7 @@ class Dictionary:
     def norm(self) -> str:
         return self.shapes[0].norm
 
-    def encode(
+    def code(
         self, images: np.ndarray, stride: int, k: int, weighting: str, cells: list[np.ndarray] | None = None, n_cells: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Codes of N x H x W x C uint8 images: (atoms N x S uint16, weights N x S float32) over the
@@ -340,7 +340,7 @@ class Dictionary:
                 weights.append(pooled.transpose(0, 2, 1).reshape(n, -1))
                 atoms.append(np.broadcast_to(np.repeat(np.arange(len(s.atoms)), n_cells), (n, len(s.atoms) * n_cells)))
                 continue
-            a, wt = s.encode(p, k, weighting == "hard")
+            a, wt = s.code(p, k, weighting == "hard")
             atoms.append(a.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
             weights.append(wt.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
         return np.concatenate(atoms, 1).astype(np.uint16), np.ascontiguousarray(np.concatenate(weights, 1))
@@ -461,7 +461,7 @@ def fit(
 
 
 def brute_force(images: np.ndarray, d: Dictionary, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`Dictionary.encode` written directly in float64 numpy (for tests): same layout and ties."""
+    """:meth:`Dictionary.code` written directly in float64 numpy (for tests): same layout and ties."""
     n = len(images)
     atoms, weights = [], []
     for s in d.shapes:

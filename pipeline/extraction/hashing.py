@@ -329,8 +329,8 @@ class KeyPlan:
             raise PipelineError("this key plan has a code view but no dictionary to code images with")
         c = self.config
         if self.n_pool_cells:
-            return self.dictionary.encode(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells)
-        return self.dictionary.encode(images, c.code_stride, c.code_k, c.code_weight)
+            return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells)
+        return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight)
 
     def expand(self, content: np.ndarray, atoms: np.ndarray | None = None) -> np.ndarray:
         """Keys in key order (N x keys_per_image) from exact content keys (N x exact_patches) and,

@@ -28,6 +28,7 @@ from pipeline import layout
 from pipeline.extraction.codes import Dictionary
 from pipeline.config import ExtractConfig
 from pipeline.errors import ParameterError, PipelineError
+from pipeline.data.augment import is_original
 from pipeline.data.split import is_validation
 from pipeline.extraction.hashing import KeyPlan
 
@@ -272,6 +273,34 @@ class Shards:
         plan = self.plan()
         for b in self.iter_content(files, groups, names):
             yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys, b.atoms), b.names, plan.expand_weights(b.weights))
+
+    def part_groups(
+        self, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
+    ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]]:
+        """(index of the row group in ``groups``, (keys, labels, image_ids, weights)) of the training
+        (or, ``val``, the validation) images, ``fraction`` of them held out by a hash of their id;
+        ``weights`` is None when every key weighs 1 (no code view).
+
+        Validation is scored on original images only, not on augmented copies; images without a
+        label (-1) are in neither part.
+        """
+        groups = self.row_groups() if groups is None else groups
+        for g, b in enumerate(self.iter_batches(groups=groups)):
+            m = (is_validation(b.image_ids, fraction) == val) & (b.labels >= 0)
+            if val:
+                m &= is_original(b.image_ids)
+            if m.any():
+                yield g, (b.keys[m], b.labels[m], b.image_ids[m], None if b.weights is None else b.weights[m])
+
+    def part_batches(self, val: bool, fraction: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(keys, labels, image_ids, weights) of the training (or validation) images, row group by row group."""
+        for _, part in self.part_groups(val, fraction):
+            yield part
+
+    def part_keys(self, val: bool, fraction: float) -> Iterator[np.ndarray]:
+        """The keys alone of :meth:`part_batches` (what counting the vocabulary reads)."""
+        for keys, _, _, _ in self.part_batches(val, fraction):
+            yield keys
 
     def count_training(self, fraction: float) -> int:
         """How many images training reads per epoch (labelled, not held out for validation by

@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 from pipeline import layout, outputs
 from pipeline.errors import ParameterError
 from pipeline.engines.ray_engine import check_engine, query_tables
+from pipeline.query import evaluation
+from pipeline.query.report import check_counts
 from pipeline.query.run import Run, load
 from pipeline.extraction.shards import Shards
 from pipeline.data.sources import Source
@@ -54,20 +56,20 @@ def _score(table: pa.Table, labels: np.ndarray) -> tuple[int, int]:
 
 def result_table(
     run: Run, keys: np.ndarray, labels: np.ndarray, image_ids: np.ndarray, names: list[str] | None,
-    k: int, patches: int, rule: str | None, classifier: str, weights: np.ndarray | None = None,
+    k: int, patches: int, unseen: str | None, classifier: str, weights: np.ndarray | None = None,
 ) -> pa.Table:
     """The result rows (see :func:`schema`) of one batch of images given as keys (and their weights)."""
     cls = run.class_names
-    pooled = run.pooled_keys(keys, rule, weights)
-    probs = run.classify_pooled(pooled, classifier)
-    near = run.neighbours(pooled, k)
-    fam = run.familiarity_keys(keys, weights, pooled, near, rule)
+    pooled = run.classifier.pooled(keys, unseen, weights)
+    probs = run.classifier.probabilities(pooled, classifier)
+    near = run.training_images.nearest(pooled, k)
+    fam = run.familiarity_keys(keys, weights, pooled, near, unseen)
     pred = probs.argmax(1)
     looks = [
-        run.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i], search=False) if patches else None
+        run.lookup.lookup_keys(keys[i], probs[i], k, patches, None if weights is None else weights[i], search=False) if patches else None
         for i in range(len(pred))
     ]
-    run.search_lookups([lk for lk in looks if lk is not None], k)  # one search for the batch's decisive patterns
+    run.lookup.search_lookups([lk for lk in looks if lk is not None], k)  # one search for the batch's decisive patterns
     cols = {
         "image_id": np.asarray(image_ids, np.int64),
         "name": list(names) if names is not None else [None] * len(pred),
@@ -92,7 +94,7 @@ def query_batch(
     out: Path | str,
     k: int = 5,
     patches: int = 5,
-    rule: str | None = None,
+    unseen: str | None = None,
     classifier: str = "head",
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
@@ -118,25 +120,14 @@ def query_batch(
         raise ParameterError("out", f"{out} is a directory; give the results file, e.g. {out / 'results.parquet'}")
     outputs.check_file_out(out, "`out`")
     with outputs.locked(out, "pipe query --batch", file=True):
-        return _write(run, data, out, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize)
+        return _write(run, data, out, k, patches, unseen, classifier, batch_size, progress, engine, workers, address, resize)
 
 
-MAX_K = 1024  # nearest patterns or images asked per patch or image
-
-
-def check_counts(k: int, patches: int) -> None:
-    """Refuse a --k or --patches that is out of range, before anything is loaded or written."""
-    if not 1 <= k <= MAX_K:
-        raise ParameterError("k", f"{k} must be between 1 and {MAX_K}")
-    if patches < 0:
-        raise ParameterError("top", f"{patches} must be 0 or more")
-
-
-def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progress, engine, workers, address, resize) -> dict:
+def _write(run, data, out: Path, k, patches, unseen, classifier, batch_size, progress, engine, workers, address, resize) -> dict:
     """:func:`query_batch` with ``out`` locked."""
     names = run.class_names
     rows = correct = labelled = 0
-    batches = run.key_batches(data, batch_size, progress, resize)
+    batches = evaluation.key_batches(run, data, batch_size, progress, resize)
     if engine == "ray":
         labels_of: list[np.ndarray] = []
 
@@ -145,11 +136,11 @@ def _write(run, data, out: Path, k, patches, rule, classifier, batch_size, progr
                 labels_of.append(b.labels)
                 yield b
 
-        tables = query_tables(load, result_table, str(run.root.resolve()), remember(batches), rule or run.unseen_rule,
-                              (k, patches, rule, classifier), workers, address)
+        tables = query_tables(load, result_table, str(run.root.resolve()), remember(batches), unseen or run.unseen,
+                              (k, patches, unseen, classifier), workers, address)
         pairs = ((t, labels_of.pop(0)) for t in tables)
     else:
-        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, rule, classifier, b.weights), b.labels) for b in batches)
+        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, unseen, classifier, b.weights), b.labels) for b in batches)
     with layout.atomic(out) as tmp, pq.ParquetWriter(tmp, schema(len(names)), compression="zstd") as writer:
         for table, labels in pairs:
             writer.write_table(table)

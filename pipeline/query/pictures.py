@@ -50,9 +50,9 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     n = len(lookup.slots)
     k = lookup.ids.shape[1] if n else 0
     keys, weights = run.encode(img)
-    near = run.neighbours(run.pooled_keys(keys, weights=weights), max(k, 1))
+    near = run.training_images.nearest(run.classifier.pooled(keys, weights=weights), max(k, 1))
     rows = near.ids[0][near.ids[0] >= 0]
-    thumbs = run.thumbnails(rows) if len(rows) else []
+    thumbs = run.training_images.thumbnails(rows) if len(rows) else []
     fig = Figure(figsize=(3.2 + 1.15 * (k + 1), max(3.2, 1.45 * (n + 1) + 1.1)))
     grid = fig.add_gridspec(max(n, 1) + 1, k + 2, width_ratios=[3] + [1] * (k + 1))
     main = fig.add_subplot(grid[:-1, 0])
@@ -68,7 +68,7 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     probs = lookup.probabilities
     main.set_title(f"{title}\n{run.class_names[int(probs.argmax())]} ({probs.max():.2f})", fontsize=8)
     flat_ids = lookup.ids[lookup.ids >= 0]
-    meta = run.pattern_rows(flat_ids) if len(flat_ids) else {}
+    meta = run.table.metadata_of(flat_ids) if len(flat_ids) else {}
     row_of = {pid: i for i, pid in enumerate(flat_ids.tolist())}
     places: dict[tuple[int, int, int, int], int] = {}  # one colour and one outline per place; its patterns' rows share them
     for r in range(n):

@@ -9,8 +9,18 @@ from pipeline.config import POSITION_MODES
 from pipeline.errors import ParameterError
 from pipeline.extraction.codes import brightness_contrast
 from pipeline.familiarity import describe as describe_familiarity
-from pipeline.query.files import image_from_bytes, read_image  # noqa: F401 (where the CLI and the server read images)
 from pipeline.query.run import PatchLookup, Run
+
+MAX_K = 1024  # nearest patterns or images asked per patch or image
+
+
+def check_counts(k: int, patches: int) -> None:
+    """Refuse a --k or --patches that is out of range, before anything is loaded or written."""
+    if not 1 <= k <= MAX_K:
+        raise ParameterError("k", f"{k} must be between 1 and {MAX_K}")
+    if patches < 0:
+        raise ParameterError("patches", f"{patches} must be 0 or more")
+
 
 FLAT = 4.0  # a patch whose pixels' standard deviation is under this (of 255) is flat: no edge inside it
 
@@ -39,7 +49,7 @@ def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.
     their metadata read once for all rows. With ``kinds`` (view, h, w of each row's patch) the
     patterns of the patch's own view and shape come first, each group nearest first."""
     ok = ids >= 0
-    p = run.pattern_rows(ids[ok])
+    p = run.table.metadata_of(ids[ok])
     pos = np.cumsum(ok.ravel()).reshape(ids.shape) - 1  # row of p of each valid entry
     out = []
     for s in range(len(ids)):
@@ -66,11 +76,11 @@ def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.
     return out
 
 
-def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10, classifier: str = "head") -> tuple[dict, PatchLookup]:
-    """Prediction, probabilities, patch counts, the ``top`` most decisive patches with their k nearest
+def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, patches: int = 10, classifier: str = "head") -> tuple[dict, PatchLookup]:
+    """Prediction, probabilities, patch counts, the ``patches`` most decisive patches with their k nearest
     patterns, and the k nearest training images; plus the :class:`PatchLookup` it came from.
 
-    ``top`` = 0 reports every patch; otherwise the ``top`` distinct patterns, ranked by their
+    ``patches`` = 0 reports every patch; otherwise the ``patches`` distinct patterns, ranked by their
     contribution to the head's predicted class's logit summed over the patches holding them
     (``occurrences``), each reported at its first patch; patches with no vector (unseen, no seen
     parts) come last.
@@ -79,20 +89,20 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
     if k < 1:
         raise ParameterError("k", f"{k} must be at least 1")
     keys, weights = run.encode(image)  # hashed and pooled once for every part of the answer
-    pooled = run.pooled_keys(keys, weights=weights)
-    head = run.classify_pooled(pooled)[0]
-    lookup = run.lookup_keys(keys[0], head, k, top or None, None if weights is None else weights[0])
-    probs = head if classifier == "head" else run.classify_pooled(pooled, classifier)[0]
-    near = run.neighbours(pooled, k)
+    pooled = run.classifier.pooled(keys, weights=weights)
+    head = run.classifier.probabilities(pooled)[0]
+    lookup = run.lookup.lookup_keys(keys[0], head, k, patches or None, None if weights is None else weights[0])
+    probs = head if classifier == "head" else run.classifier.probabilities(pooled, classifier)[0]
+    near = run.training_images.nearest(pooled, k)
     fam = run.familiarity_keys(keys, weights, pooled, near)
     order = np.argsort(-lookup.contribution, kind="stable")
     loc = lookup.location
     nearest = _patterns(run, lookup.ids[order], lookup.distances[order], (loc["view"][order], *run.plan.pattern_shape(lookup.slots[order])))
-    patches = []
+    decisive = []
     for n, s in enumerate(order):
         loc = {c: int(v[s]) for c, v in lookup.location.items()}
         brightness, contrast = brightness_contrast(image[loc["y"] : loc["y"] + loc["h"], loc["x"] : loc["x"] + loc["w"]])
-        patches.append(
+        decisive.append(
             {
                 "slot": int(lookup.slots[s]),
                 **loc,
@@ -115,9 +125,9 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, top: int = 10,
         "prediction": run.class_names[int(probs.argmax())],
         "probabilities": {c: float(p) for c, p in zip(run.class_names, probs)},
         "familiarity": None if fam is None else float(fam[0]),
-        "patches": lookup.counts,
-        "top_patches": patches,
-        "background_only": bool(patches) and all(p["flat"] for p in patches),  # every decisive pattern is flat
+        "patch_counts": lookup.counts,
+        "patches": decisive,
+        "background_only": bool(decisive) and all(p["flat"] for p in decisive),  # every decisive pattern is flat
         "nearest_images": [
             {"image_id": int(i), "row": int(r), "name": name, "label": run.class_names[int(c)], "distance": float(d)}
             for i, r, name, c, d in zip(near.image_ids[0], near.ids[0], near.names[0], near.labels[0], near.distances[0]) if i >= 0
@@ -135,14 +145,14 @@ def text_lines(res: dict, label: str) -> list[str]:
     start, the image's path): the top classes, the familiarity, the patch counts, one line per
     place of the decisive patterns with each pattern found there, and the nearest training images."""
     probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])[:3]
-    c = res["patches"]
+    c = res["patch_counts"]
     out = [f"{label}: {res['prediction']}  ({', '.join(f'{n} {p:.3f}' for n, p in probs)})" + (f"  -> {res['png']}" if "png" in res else ""),
            f"  {describe_familiarity(res['familiarity'])}",
            f"  patches: {c['total']} ({c['seen']} seen, {c['composed']} unseen composed from parts, {c['unmatched']} unmatched)"]
     if res.get("background_only"):
         out.append("  every decisive pattern is flat (no edge inside it): the answer rests on brightness and colour, not on a shape")
     places: dict[tuple, list] = {}
-    for i, p in enumerate(res["top_patches"]):
+    for i, p in enumerate(res["patches"]):
         places.setdefault((p["y"], p["x"], p["h"], p["w"]), []).append((i, p))
     for (y, x, h, w), items in places.items():
         first = items[0][1]
@@ -166,7 +176,7 @@ def info_lines(s: dict) -> list[str]:
     out.append(f"{s['run']}: {len(s['classes'])} classes ({', '.join(s['classes'][:10])}{', ...' if len(s['classes']) > 10 else ''}), "
                f"{s['image']['height']}x{s['image']['width']} images with {s['image']['channels']} channel(s)")
     out.append(f"  held-out accuracy {acc} at epoch {s['best_epoch']} of {s['epochs_run']} (train {s['train_accuracy']:.4f}); "
-               f"{s['patterns']:,} patterns, {s['rows']:,} table rows of dimension {tr['dim']}; index {s['index']}; unseen patches: {s['unseen_rule']}")
+               f"{s['patterns']:,} patterns, {s['rows']:,} table rows of dimension {tr['dim']}; index {s['index']}; unseen patches: {s['unseen']}")
     out.append(f"  extracted with views {ex['views']} up to {ex['max_h']}x{ex['max_w']}, position {ex['position']}, grid {ex['grid']}, "
                f"code shapes {ex['code_shapes']}" + (f" ({ex['atoms']} atoms, k {ex['code_k']})" if ex["code_shapes"] != "none" else "")
                + f"; trained {tr['epochs']} epochs max, lr {tr['lr']}, bag {tr['bag']}; from {s['shards']}")

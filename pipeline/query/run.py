@@ -10,26 +10,27 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-
-import os
+from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.table import index as pattern_index
 from pipeline import familiarity, layout
-from pipeline.table import patterns, weights
-from pipeline.config import ExtractConfig, TrainConfig
-from pipeline.data.images import MAX_PIXELS
+from pipeline.config import ExtractConfig, TrainConfig, check_resize
+from pipeline.data.images import FIT_RULE, MAX_PIXELS, BadImage, decode, file_channels, fit_array
 from pipeline.data.pixels import as_nhwc, to_channels
-from pipeline.errors import PipelineError
+from pipeline.data.sources import Source, read_ref
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.codes import Dictionary
 from pipeline.extraction.hashing import KeyPlan
+from pipeline.extraction.shards import Shards
 from pipeline.layout import RUN_FORMAT
-from pipeline.query import unseen
-from pipeline.query.classify import Classify
-from pipeline.query.lookup import ImageLookup, LookUp, PatchLookup
+from pipeline.query import evaluation, unseen_patches
+from pipeline.query.classify import Classifier
+from pipeline.query.lookup import PatchLookup, PatternLookup
+from pipeline.query.training_images import ImageLookup, TrainingImages
+from pipeline.table import index as pattern_index
+from pipeline.table import weights
+from pipeline.table.loaded import PatternTable
 from pipeline.table.vocab import Vocabulary
 
 __all__ = ["Run", "load", "PatchLookup", "ImageLookup"]
@@ -44,25 +45,29 @@ def head_names(hidden: int) -> list[str]:
     return ["head.weight", "head.bias"] if hidden == 0 else ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
 
 
-def _identity(path: Path) -> tuple:
-    """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ()
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+class Run:
+    """A trained run directory, loaded. What it reads is in named parts:
 
+    * ``table`` (:class:`pipeline.table.loaded.PatternTable`): the learned patterns (vocabulary,
+      vectors, pattern metadata, pattern index);
+    * ``classifier`` (:class:`pipeline.query.classify.Classifier`): pooling through the table and
+      the head (or the nearest training images' vote);
+    * ``lookup`` (:class:`pipeline.query.lookup.PatternLookup`): nearest patterns and why a
+      prediction was made;
+    * ``training_images`` (:class:`pipeline.query.training_images.TrainingImages`): the indexed
+      training images;
 
-class Run(Classify, LookUp):
-    """A trained run directory, loaded: its configs, plan, vocabulary, model and (on first use)
-    pattern table and indexes. Classifying is :class:`Classify`'s, looking up :class:`LookUp`'s."""
+    and the verbs a user calls are on the run: :meth:`predict`, :meth:`evaluate`,
+    :meth:`nearest_patterns`, :meth:`nearest_images`, :meth:`familiarity`, :meth:`pattern_pixels`,
+    :meth:`class_patterns`. ``unseen`` is the default unseen-patch rule
+    (:mod:`pipeline.query.unseen_patches`)."""
 
-    def __init__(self, root: Path | str, unseen_rule: str | None = None):
+    def __init__(self, root: Path | str, unseen: str | None = None):
         self.root = Path(root)
         mpath = self.root / layout.RUN_MANIFEST
         if not mpath.exists() and not mpath.is_symlink():
             raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
-        self._identity = _identity(mpath)
+        self.unchanged = layout.Unchanged(self.root)  # raises once the run on disk is another
         try:
             self.manifest = layout.read_json(mpath)
         except (ValueError, OSError) as e:
@@ -77,8 +82,8 @@ class Run(Classify, LookUp):
             self.height: int = int(self.manifest["height"])
             self.width: int = int(self.manifest["width"])
             self.class_names: list[str] = [str(c) for c in self.manifest["class_names"]]
-            self.index_info = pattern_index.IndexInfo.from_dict(self.manifest["index"])
-            self.image_index_info = pattern_index.IndexInfo.from_dict(self.manifest["image_index"])
+            index_info = pattern_index.IndexInfo.from_dict(self.manifest["index"])
+            image_index_info = pattern_index.IndexInfo.from_dict(self.manifest["image_index"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PipelineError(f"{mpath} is damaged ({e.__class__.__name__}: {e}); train the run again") from None
         if not (1 <= self.height <= MAX_SIDE and 1 <= self.width <= MAX_SIDE and self.height * self.width <= MAX_PIXELS) or not self.class_names:
@@ -94,18 +99,20 @@ class Run(Classify, LookUp):
         )
         self.plan = KeyPlan(self.extract_config, self.height, self.width, self.dictionary)
         self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
-        if self.index_info.vectors != self.vocab.size:
-            raise PipelineError(f"{mpath} records {self.index_info.vectors:,} indexed patterns but the vocabulary has {self.vocab.size:,}; train the run again")
+        if index_info.vectors != self.vocab.size:
+            raise PipelineError(f"{mpath} records {index_info.vectors:,} indexed patterns but the vocabulary has {self.vocab.size:,}; train the run again")
         self.weights = weights.load(self.root / layout.WEIGHTS, "train the run again")
-        self._table, self.head_layers = self._check_weights()
-        self.unseen_rule = unseen.check_rule(unseen_rule or unseen.DEFAULT_RULE)
-        self._near_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # learned key -> its nearest patterns (lookup.py)
-        self._pushes: dict[int, np.ndarray] = {}  # class -> every table row's push on its logit (lookup.py)
-        self.moved = np.zeros(0, np.int64)  # rows changed in memory since loading (learn), ascending
+        vectors, head_layers = self._check_weights()
+        self.table = PatternTable(self.root, self.vocab, vectors, index_info, self.unchanged.check)
+        self.training_images = TrainingImages(self.root, image_index_info, self.unchanged.check)
+        self.classifier = Classifier(self.table, self.plan, head_layers, self.train_config.bag, self.training_images,
+                                     unseen or unseen_patches.DEFAULT)
+        self.lookup = PatternLookup(self.table, self.plan, self.classifier, self.dictionary, self.extract_config.channels)
         # the tables are opened now (their footers read), so the whole run is the files present at load
-        for name in (layout.PATTERNS, layout.IMAGES):
-            if (self.root / name).exists():
-                getattr(self, "pattern_file" if name == layout.PATTERNS else "image_file")
+        if (self.root / layout.PATTERNS).exists():
+            self.table.file
+        if (self.root / layout.IMAGES).exists():
+            self.training_images.file
 
     def __repr__(self) -> str:
         return (f"Run({str(self.root)!r}: {len(self.class_names)} classes, {self.height}x{self.width}x{self.extract_config.channels} images, "
@@ -114,86 +121,191 @@ class Run(Classify, LookUp):
     def check_unchanged(self) -> None:
         """Raise :class:`PipelineError` when the run directory was trained again (or its manifest
         replaced) after it was loaded: files opened from now on would belong to another run."""
-        if _identity(self.root / layout.RUN_MANIFEST) != self._identity:
-            raise PipelineError(f"{self.root} was replaced on disk after it was loaded (trained again?); load it again")
+        self.unchanged.check()
 
-    @cached_property
-    def patterns(self) -> dict[str, np.ndarray]:
-        """The whole pattern table's metadata as numpy columns, row i = pattern id i (a query
-        needs only :meth:`pattern_rows`)."""
-        return patterns.read(self.pattern_file)
-
-    @cached_property
-    def pattern_file(self) -> pq.ParquetFile:
-        return self._parquet(layout.PATTERNS, self.vocab.size, "patterns")
-
-    @cached_property
-    def image_file(self) -> pq.ParquetFile:
-        return self._parquet(layout.IMAGES, self.image_index_info.vectors, "indexed images")
-
-    def _parquet(self, name: str, rows: int, what: str) -> pq.ParquetFile:
-        """The Parquet table ``name``, opened, with ``rows`` rows (one per {what} of the run)."""
-        path = self.root / name
-        if not path.exists():
-            raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
-        self.check_unchanged()
-        try:
-            pf = pq.ParquetFile(path)
-        except (OSError, ValueError, pa.ArrowException) as e:
-            raise PipelineError(f"{path} is not a readable Parquet file ({e.__class__.__name__}); train the run again") from None
-        if pf.metadata.num_rows != rows:
-            raise PipelineError(f"{path} has {pf.metadata.num_rows:,} rows but the run has {rows:,} {what}; train the run again")
-        return pf
-
-    def pattern_rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Metadata of patterns ``ids`` (numpy columns parallel to ``ids``): from :attr:`patterns` once
-        that is loaded (a server loads it), else read from their row groups only."""
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if "patterns" in self.__dict__:
-            if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab.size):
-                raise IndexError(f"pattern ids must lie in 0..{self.vocab.size - 1}")
-            return {c: v[ids] for c, v in self.patterns.items()}
-        names = [c for c in self.pattern_file.schema_arrow.names if c != "example_pixels"]
-        return patterns.columns(patterns.rows(self.pattern_file, ids, names))
-
-    @cached_property
-    def index(self):
-        """The pattern index (memory-mapped); ``nprobe`` / ``ef_search`` as recorded, see :meth:`tune`."""
-        self.check_unchanged()
-        return pattern_index.load(self.root / layout.PATTERN_INDEX, self.index_info, check=True)
+    @property
+    def unseen(self) -> str:
+        """The default unseen-patch rule of predictions (``drop``, ``compose`` or ``nearest``)."""
+        return self.classifier.unseen
 
     def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change the pattern index's query-time knobs (recall against speed) for this session."""
-        pattern_index.apply_params(self.index, nprobe, ef_search)
-        self._near_cache.clear()  # answers of the old settings
+        self.table.tune(nprobe, ef_search)
+        self.lookup.forget()  # answers of the old settings
 
-    @cached_property
-    def image_index(self):
-        self.check_unchanged()
-        idx = pattern_index.load(self.root / layout.IMAGE_INDEX, self.image_index_info, check=True)
-        if idx.ntotal != len(self.images["image_id"]):
-            raise PipelineError(f"{self.root / layout.IMAGE_INDEX} holds {idx.ntotal:,} images but {layout.IMAGES} lists {len(self.images['image_id']):,}; train the run again")
-        return idx
+    # -- encoding and predicting
 
-    @cached_property
-    def images(self) -> dict[str, np.ndarray]:
-        """The training images of the image index: ``image_id``, ``label`` and (where known) ``name``,
-        row i = index id i."""
-        cols = [c for c in ("image_id", "label", "name") if c in self.image_file.schema_arrow.names]
-        t = self.image_file.read(columns=cols)
-        out = {c: patterns.array(t, c) for c in ("image_id", "label")}
-        out["name"] = np.array(t.column("name").to_pylist() if "name" in cols else [None] * len(t), object)
+    def images_to_keys(self, images: np.ndarray) -> np.ndarray:
+        """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""
+        return self.encode(images)[0]
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Keys (N x K) of uint8 images hashed the run's way, and their weights (N x K float32; None
+        when every key weighs 1, i.e. the run has no code view)."""
+        arr = np.asarray(images)
+        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[1:] != (self.height, self.width):
+            arr = arr[None]  # one H x W x C image (a batch of gray images is N x H x W)
+        arr = as_nhwc(arr)
+        if arr.shape[1:3] != (self.height, self.width):
+            raise PipelineError(
+                f"the images are {arr.shape[1]}x{arr.shape[2]} (height x width) but the run was trained on "
+                f"{self.height}x{self.width}; resize them to {self.height}x{self.width} first"
+            )
+        return self.plan.encode(to_channels(arr, self.extract_config.channels))
+
+
+    # -- reading image files
+
+    def read_image(self, path: Path | str, resize: tuple[int, int] | None = None, notes: list[str] | None = None) -> np.ndarray:
+        """One image file as H x W x C uint8 in the run's channel count, resized to ``resize`` (default:
+        the run's own ``--resize``, if it has one; else an image of another size than the run's is
+        fitted to it by :func:`pipeline.data.images.fit_array`). A grayscale file on a colour run (or
+        the reverse) is converted as docs/extract.md documents; ``notes`` is told of each change."""
+        if resize is not None:
+            check_resize(resize)
+        if not Path(path).exists():
+            raise PipelineError(f"{path} does not exist; check the path")
+        try:
+            data = read_ref(("file", str(path)))
+        except BadImage as e:
+            raise PipelineError(f"cannot read {path}: {e}") from None
+        return self.image_from_bytes(data, str(path), resize, notes)
+
+    def image_from_bytes(self, data: bytes, name: str, resize: tuple[int, int] | None = None, notes: list[str] | None = None,
+                         max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """:meth:`read_image` of an encoded image already in memory (an upload); ``name`` names it in messages.
+        Raises :class:`PipelineError` for bytes that are no image (or of more than ``max_pixels`` pixels)."""
+        cfg = self.extract_config
+        if resize is not None:
+            check_resize(resize)
+        try:
+            img = decode(data, cfg.channels, resize or cfg.resize, max_pixels)
+            own = file_channels(data)
+        except BadImage as e:
+            raise PipelineError(f"cannot read {name}: {e}") from None
+        if own != cfg.channels and notes is not None:
+            kinds = {1: "grayscale", 3: "colour"}
+            notes.append(f"{name} is {kinds[own]} and the run {kinds[cfg.channels]}: converted "
+                         + ("by repeating the gray channel" if cfg.channels == 3 else "to gray with Pillow's luma formula"))
+        if img.shape[:2] != (self.height, self.width):
+            if notes is not None:
+                notes.append(f"{name} is {img.shape[0]}x{img.shape[1]} (height x width): fitted to the run's {self.height}x{self.width}, {FIT_RULE}")
+            img = fit_array(img, (self.height, self.width))
+        return img
+
+    # -- predicting
+
+    def predict(self, images: np.ndarray, unseen: str | None = None, classifier: str = "head") -> tuple[np.ndarray, np.ndarray]:
+        """(labels N, probabilities N x C) of uint8 images; ``unseen`` overrides the run's unseen-patch
+        rule, ``classifier`` = ``knn`` votes by the nearest training images instead of the head."""
+        keys, weights = self.encode(images)
+        probs = self.classifier.predict_keys(keys, unseen, classifier, weights=weights)
+        return probs.argmax(1), probs
+
+    def predict_files(self, paths, resize: tuple[int, int] | None = None, unseen: str | None = None, classifier: str = "head") -> list[dict]:
+        """One answer per image file: ``{"file", "prediction"`` (the class name), ``"probabilities"``
+        ({class name: p}), ``"familiarity"`` (docs/query.md), ``"notes"`` (how the file was
+        converted or fitted to the run's size)}``. Files are read as ``pipe query`` reads them."""
+        out = []
+        for path in paths:
+            notes: list[str] = []
+            img = self.read_image(path, resize, notes)
+            keys, weights = self.encode(img)
+            pooled = self.classifier.pooled(keys, unseen, weights)
+            probs = self.classifier.probabilities(pooled, classifier)[0]
+            fam = self.familiarity_keys(keys, weights, pooled, unseen=unseen)
+            out.append({"file": str(path), "prediction": self.class_names[int(probs.argmax())],
+                        "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
+                        "familiarity": None if fam is None else float(fam[0]), "notes": notes})
         return out
 
-    def thumbnails(self, rows: np.ndarray) -> list[np.ndarray | None]:
-        """Thumbnails (h x w x C uint8, at most 64 a side) of image-index rows ``rows``; None where the
-        run has none (the source was unreadable at training, or the run predates them)."""
-        rows = np.asarray(rows, np.int64)
-        if "thumbnail" not in self.image_file.schema_arrow.names:
-            return [None] * len(rows)
-        t = patterns.rows(self.image_file, rows, ["thumbnail_shape", "thumbnail"])
-        return [None if v is None else np.frombuffer(v, np.uint8).reshape(shape)
-                for v, shape in zip(t.column("thumbnail").to_pylist(), t.column("thumbnail_shape").to_pylist())]
+    def evaluate(self, data: Source | Shards, progress: Callable[[int], None] | None = None, unseen: str | None = None,
+                 classifier: str = "head", k: int = 10, validation: bool = False, resize: tuple[int, int] | None = None) -> dict:
+        """Accuracy, loss, per-class accuracy and confusion matrix on ``data`` (a source or shards);
+        ``validation`` scores only the images the run's training held out (:func:`pipeline.query.evaluation.evaluate`)."""
+        return evaluation.evaluate(self, data, progress, unseen, classifier, k, validation, resize)
+
+    def validation_shards(self) -> Shards:
+        """The shards this run was trained on (for scoring its held-out part)."""
+        return evaluation.validation_shards(self)
+
+    # -- looking up
+
+    def nearest_patterns(self, image_or_keys: np.ndarray, k: int = 5, patches: int | None = None) -> PatchLookup | tuple[np.ndarray, np.ndarray]:
+        """The k nearest learned patterns.
+
+        Given one image (H x W [x C] uint8): a :class:`PatchLookup` of its patches, every patch
+        (``patches`` None) or only the ``patches`` contributing most to the predicted class's logit,
+        in that order (the search is the costly part).
+
+        Given patch keys (a 1-D uint64 array, e.g. from :meth:`images_to_keys`): ``(distances,
+        ids)``, each len x k, from each seen key's learned vector; rows of unseen keys are
+        inf / -1 (without the patch's place no parts can be composed).
+        """
+        if k < 1:
+            raise ParameterError("k", f"{k} must be at least 1")
+        arr = np.asarray(image_or_keys)
+        if arr.ndim == 1 and arr.dtype == np.uint64:
+            return self.lookup.of_keys(arr, k)
+        keys, weights = self.encode(arr)
+        if len(keys) != 1:
+            raise PipelineError("nearest_patterns takes one image; call it once per image")
+        probs = self.classifier.predict_keys(keys, weights=weights)[0]
+        return self.lookup.lookup_keys(keys[0], probs, k, patches, None if weights is None else weights[0])
+
+    def nearest_images(self, images: np.ndarray, k: int = 5, unseen: str | None = None) -> ImageLookup:
+        """The k nearest training images of each image by pooled vector."""
+        if k < 1:
+            raise ParameterError("k", f"{k} must be at least 1")
+        keys, weights = self.encode(images)
+        return self.training_images.nearest(self.classifier.pooled(keys, unseen, weights), k)
+
+    def pattern_pixels(self, ids: np.ndarray, like: tuple[float, float] | None = None) -> list[np.ndarray | None]:
+        """Example pixels (h x w x C uint8) of patterns ``ids`` (:meth:`pipeline.query.lookup.PatternLookup.pattern_pixels`)."""
+        return self.lookup.pattern_pixels(ids, like)
+
+    def class_patterns(self, c: int, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` patterns class ``c`` relies on most: (pattern ids, scores), best first
+        (:meth:`pipeline.query.lookup.PatternLookup.class_patterns`)."""
+        return self.lookup.class_patterns(c, n)
+
+    # -- familiarity
+
+    @cached_property
+    def familiarity_reference(self) -> familiarity.Reference | None:
+        """The held-out images' familiarity signs (:mod:`pipeline.familiarity`); None for a run trained
+        before they were measured."""
+        try:
+            return familiarity.Reference.load(self.root / layout.FAMILIARITY)
+        except ValueError as e:
+            raise PipelineError(f"{e}; train the run again") from None
+
+    def familiarity(self, images: np.ndarray) -> np.ndarray | None:
+        """How much each uint8 image is like the training images, in [0, 1] (:meth:`familiarity_keys`)."""
+        keys, weights = self.encode(images)
+        return self.familiarity_keys(keys, weights)
+
+    def familiarity_keys(self, keys: np.ndarray, weights: np.ndarray | None = None, pooled: np.ndarray | None = None,
+                         near: ImageLookup | None = None, unseen: str | None = None) -> np.ndarray | None:
+        """How much each image (keys N x K, their weights) is like the training images, in [0, 1]
+        (:mod:`pipeline.familiarity`); None when the run has no reference. ``pooled`` and ``near``:
+        the images' pooled vectors and nearest training images where already computed, with unseen
+        rule ``unseen`` (default: the run's); reused when that rule drops unseen patches, as the
+        familiarity's vectors do."""
+        ref = self.familiarity_reference
+        if ref is None:
+            return None
+        if (unseen or self.unseen) != "drop":
+            pooled = near = None
+        if near is not None and near.distances.shape[1] >= familiarity.NEIGHBOURS:
+            d = near.distances[:, : familiarity.NEIGHBOURS]
+        else:
+            if pooled is None:
+                pooled = self.classifier.pooled(keys, "drop", weights)
+            d, _ = self.training_images.search(pooled, familiarity.NEIGHBOURS)
+        return ref.score(familiarity.signs(self.vocab.own_ids(keys), d))
+
+    # -- describing and learning
 
     def summary(self) -> dict:
         """What ``pipe info`` shows: classes, image size, both configs, the best epoch's figures, the
@@ -211,7 +323,7 @@ class Run(Classify, LookUp):
             "patterns": m["patterns"],
             "rows": m["rows"],
             "index": m["index"]["factory"],
-            "unseen_rule": self.unseen_rule,
+            "unseen": self.unseen,
             "shards": m.get("shards"),
             "refit": m.get("refit"),  # trained again on every image for the chosen epochs (then nothing is held out)
             "lineage": m.get("lineage"),  # a run grown in steps (pipe train --from): each step's shards and the run it grew from
@@ -246,20 +358,15 @@ class Run(Classify, LookUp):
         layers = [(np.asarray(w[names[i]], np.float32), np.asarray(w[names[i + 1]], np.float32)) for i in range(0, len(names), 2)]
         return np.asarray(w["table.weight"]), layers
 
-    @property
-    def table(self) -> np.ndarray:
-        """The pattern table (rows x dim float32), memory-mapped from ``model.safetensors``."""
-        return self._table
-
     @cached_property
     def model(self):
         """The run as a torch module (``PatchBagModel``, eval mode), for code that wants torch; a
-        query itself never builds it (:mod:`pipeline.query.pooling`)."""
+        query itself never builds it (it pools with :func:`pipeline.table.pooling.pool_bags`)."""
         import torch
 
         from pipeline.model import build_model
 
-        state = {k: torch.from_numpy(np.array(v)) for k, v in self.weights.items()}
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.tensors().items()}
         model = build_model(self.train_config, self.vocab.rows, len(self.class_names), state)
         return model.eval()
 
@@ -269,49 +376,26 @@ class Run(Classify, LookUp):
         ``vectors``, the head becomes ``head_layers`` for ``class_names`` (the old ones first), and
         ``class_counts`` (patterns x classes) are added to the pattern table's. The files on disk are
         not touched; the pattern index still holds the moved rows' old vectors, so searches find a
-        moved row at its new place instead (:meth:`search_patterns`)."""
+        moved row at its new place instead (:meth:`pipeline.table.loaded.PatternTable.search`)."""
         if len(class_names) < len(self.class_names) or class_names[: len(self.class_names)] != self.class_names:
             raise ValueError("class_names must extend the run's classes")
-        cc = self.patterns["class_counts"]
-        grown = np.zeros((len(cc), len(class_names)), np.int64)
-        grown[:, : cc.shape[1]] = cc
-        self.patterns["class_counts"] = grown + class_counts
-        if not self._table.flags.writeable:  # the memory-mapped file stays as it is: learn on a copy
-            self._table = np.array(self._table)
-        rows = np.asarray(rows, np.int64)
-        self._table[rows] = vectors
-        self.head_layers = [(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)) for w, b in head_layers]
-        self.weights = dict(self.weights, **self.head_tensors(), **{"table.weight": self._table})
+        self.table.move(rows, vectors, class_counts)
+        self.classifier.head_layers = [(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)) for w, b in head_layers]
         self.class_names = list(class_names)
-        self.moved = np.union1d(self.moved, rows[rows < self.vocab.size])
-        self._pushes.clear()
-        self._near_cache.clear()
+        self.lookup.forget()
         self.__dict__.pop("model", None)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The model's tensors by their names in ``model.safetensors``, as they are now (after any lesson)."""
+        return {"table.weight": self.table.vectors, **self.head_tensors()}
 
     def head_tensors(self) -> dict[str, np.ndarray]:
         """The head's layers by their names in ``model.safetensors``."""
-        names = head_names(0 if len(self.head_layers) == 1 else 1)
-        return dict(zip(names, [x for layer in self.head_layers for x in layer]))
-
-    def images_to_keys(self, images: np.ndarray) -> np.ndarray:
-        """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""
-        return self.encode(images)[0]
-
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Keys (N x K) of uint8 images hashed the run's way, and their weights (N x K float32; None
-        when every key weighs 1, i.e. the run has no code view)."""
-        arr = np.asarray(images)
-        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[1:] != (self.height, self.width):
-            arr = arr[None]  # one H x W x C image (a batch of gray images is N x H x W)
-        arr = as_nhwc(arr)
-        if arr.shape[1:3] != (self.height, self.width):
-            raise PipelineError(
-                f"the images are {arr.shape[1]}x{arr.shape[2]} (height x width) but the run was trained on "
-                f"{self.height}x{self.width}; resize them to {self.height}x{self.width} first"
-            )
-        return self.plan.encode(to_channels(arr, self.extract_config.channels))
+        layers = self.classifier.head_layers
+        names = head_names(0 if len(layers) == 1 else 1)
+        return dict(zip(names, [x for layer in layers for x in layer]))
 
 
-def load(root: Path | str, unseen_rule: str | None = None) -> Run:
-    """Open a trained run directory; ``unseen_rule`` says what unseen patches do in predictions."""
-    return Run(root, unseen_rule)
+def load(root: Path | str, unseen: str | None = None) -> Run:
+    """Open a trained run directory; ``unseen`` says what unseen patches do in predictions (default ``drop``)."""
+    return Run(root, unseen)

@@ -9,7 +9,7 @@
   ``pipe query`` prints as ``note:`` lines, when there are any); query parameters ``k``,
   ``patches``, ``classifier`` and ``resize`` as in ``pipe query``;
 * ``GET /pattern/{id}.png``: a learned pattern's pixels, enlarged (``brightness`` and ``contrast``:
-  a code pattern drawn in a patch's, as ``top_patches`` give them);
+  a code pattern drawn in a patch's, as ``patches`` give them);
 * ``GET /training-image/{row}.png``: a thumbnail of an image-index image (``nearest_images[].row``);
 * ``GET /class/{name or index}``: the patterns a class relies on most (:meth:`Run.class_patterns`);
 * ``POST /learn`` (with ``--learn-into DIR``): multipart ``image`` (one file) and ``label`` (a class
@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.config import parse_size
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.workers import machine_cores
-from pipeline.query.report import image_from_bytes, query_one
+from pipeline.query.report import query_one
 from pipeline.query.run import Run, load
 from pipeline.serve.guards import Guard, is_loopback  # noqa: F401 (is_loopback: for pipe serve)
 from pipeline.serve import server
@@ -124,10 +124,10 @@ MAX_WORKERS = 64
 
 def app_from_env():
     """The application of one worker process of :func:`run_workers`, from the settings in
-    ``$PATCHHASH_SERVE``: ``run``, ``rule``, ``max_upload_mb``, ``loopback_only``."""
+    ``$PATCHHASH_SERVE``: ``run``, ``unseen``, ``max_upload_mb``, ``loopback_only``."""
     spec = json.loads(os.environ[server.SPEC_ENV])
     logging.getLogger("uvicorn.error").addFilter(server.NoInvalidRequests())  # this process's logging is set up by now
-    run = load(spec["run"], spec["rule"])
+    run = load(spec["run"], spec["unseen"])
     warm(run)
     return make_app(run, spec["max_upload_mb"], loopback_only=spec["loopback_only"])
 
@@ -162,8 +162,8 @@ def warm(run: Run) -> None:
     """Load the whole pattern table's metadata (so answers index it instead of decoding row groups)
     and answer one blank image, so that the indexes, the image table and the compiled kernels are
     loaded before the first real request."""
-    run.patterns
-    run.pattern_file, run.image_file, run.index, run.image_index  # every file opened now
+    run.table.metadata
+    run.table.file, run.training_images.file, run.table.index, run.training_images.index  # every file opened now
     blank = np.zeros((run.height, run.width, run.extract_config.channels), np.uint8)
     query_one(run, blank, "warm-up")
 
@@ -250,7 +250,7 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
         results, notes = [], []
         for name, img, said in decoded:
             with lock:  # per image, so that one request's images take turns with other requests'
-                results.append(query_one(run, img, name, k=k, top=patches, classifier=classifier)[0])
+                results.append(query_one(run, img, name, k=k, patches=patches, classifier=classifier)[0])
             notes += said
         return {"results": results, **({"notes": notes} if notes else {})}
 
@@ -258,7 +258,7 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
         name = f.filename or "upload"
         notes: list[str] = []
         with decoders:
-            return name, image_from_bytes(run, f.file.read(), name, size, notes, MAX_UPLOAD_PIXELS), notes
+            return name, run.image_from_bytes(f.file.read(), name, size, notes, MAX_UPLOAD_PIXELS), notes
 
     @app.post("/learn")
     def learn(image: UploadFile = File(...), label: str = Form(...), k: int = Query(5), patches: int = Query(5)):
@@ -293,7 +293,7 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
     @lru_cache(maxsize=1024)
     def thumbnail_png(row: int) -> bytes | None:
         with lock:
-            pixels = run.thumbnails(np.array([row]))[0]
+            pixels = run.training_images.thumbnails(np.array([row]))[0]
         return None if pixels is None else png_bytes(pixels)
 
     @app.get("/pattern/{pid}.png")
@@ -310,7 +310,7 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
 
     @app.get("/training-image/{row}.png")
     def training_image(row: int):
-        n = run.image_index_info.vectors
+        n = run.training_images.index_info.vectors
         if not 0 <= row < n:
             return _error(404, f"training image row {row} does not exist; the image index has rows 0..{n - 1}")
         png = thumbnail_png(row)
@@ -322,7 +322,7 @@ def make_app(run: Run, max_upload_mb: float = MAX_UPLOAD_MB, max_images: int = M
     def class_view(c: int, n: int) -> dict:
         with lock:
             ids, scores = run.class_patterns(c, n)
-            rows = run.pattern_rows(ids)
+            rows = run.table.metadata_of(ids)
         return {
             "class": run.class_names[c],
             "patterns": [

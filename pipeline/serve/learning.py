@@ -37,7 +37,7 @@ class Learning:
             raise PipelineError(f"this server was taught {MAX_LESSONS} images already; POST /save, then serve the saved run to teach it more")
         lesson = learn(self.run, image, label, name)
         self.lessons.append(lesson)
-        answer = query_one(self.run, image, name, k=k, top=patches)[0]
+        answer = query_one(self.run, image, name, k=k, patches=patches)[0]
         return {
             "learned": {"image": name, "class": lesson.label, "new_class": lesson.new_class, "before": lesson.before,
                         "after": lesson.after, "steps": lesson.steps, "patterns_moved": lesson.rows},

@@ -92,14 +92,14 @@ function show(res, file, fig = null) {
   Object.entries(res.probabilities).sort((a, b) => b[1] - a[1]).forEach(([c, p]) => bars.append(
     el("div", { className: "bar" }, [el("span", { textContent: c }), el("div", { className: "track" }, [el("div", { className: "fill", style: `width:${(100 * p).toFixed(1)}%` })]), el("span", { className: "num", textContent: p.toFixed(3) })])));
   $("background").classList.toggle("hidden", !res.background_only);
-  const n = res.patches;
+  const n = res.patch_counts;
   $("counts").textContent = `${n.total.toLocaleString()} patches: ${n.seen.toLocaleString()} seen in training, ${n.composed.toLocaleString()} unseen but composed from seen parts, ${n.unmatched.toLocaleString()} unmatched (left out).`;
   const body = $("patches"); body.replaceChildren();
   shown.onload = () => {
     // one table row per place: the patch once, then each decisive pattern found there (a code
     // patch's atoms, other views of the same pixels), numbered in the order of their push
     const places = [];
-    res.top_patches.forEach((p, i) => {
+    res.patches.forEach((p, i) => {
       const key = `${p.y},${p.x},${p.h},${p.w}`;
       const place = places.find(g => g.key === key) || (places.push({ key, p, items: [] }), places[places.length - 1]);
       place.items.push([p, i]);

@@ -4,15 +4,14 @@ Kinds follow FAISS's guidelines ("Guidelines to choose an index" in the FAISS wi
 
 * ``flat``: exact search (``IndexFlatL2``), the choice for small sets and the reference.
 * ``hnsw``: graph search (``HNSW32``), the best recall per query time when memory allows;
-  slow to build on few cores (about 7k vectors/s on 2 cores, ``benchmarks/query.py``).
+  slow to build on few cores.
 * ``ivf``: inverted lists over k-means cells (``IVF<n>,Flat``), fast to build, recall set by
   ``nprobe`` at query time.
 * ``ivfpq``: the same with vectors compressed by product quantization (``IVF<n>,PQ<m>``),
   for when memory is short; approximate distances.
-* ``auto``: ``flat`` up to :data:`EXACT_UP_TO` vectors, ``ivf`` beyond. On 1.7 M CIFAR
-  patterns ``ivf`` (nprobe 32) reaches recall@10 0.98 at 28x exact search and builds in
-  15 s; ``hnsw`` (efSearch 64) reaches 0.97 at 144x but builds in 247 s, and on the 10 M
-  patterns of full CIFAR it would take longer than the training itself (docs/query.md).
+* ``auto``: ``flat`` up to :data:`EXACT_UP_TO` vectors, ``ivf`` beyond: ``ivf`` builds in
+  seconds where ``hnsw`` would take longer than the training itself on a large table, at a
+  recall close to it (``benchmarks/query.py``; the figures are in docs/results.md).
 
 Any other string is passed to ``faiss.index_factory`` as is (e.g. ``"HNSW64"``,
 ``"OPQ16_64,IVF4096,PQ16"``). The saved index is always the CPU form and is loaded
@@ -162,7 +161,7 @@ def build(
         ivf = _faiss().try_extract_index_ivf(idx)
         need = ivf.nlist if ivf is not None else 1
         if n < need:
-            raise ParameterError("index", f"{kind!r} needs at least {need} vectors to train, got {n}; use `kind` flat")
+            raise ParameterError("index", f"{kind!r} needs at least {need} vectors to train, got {n}; use `index` flat")
         # a product quantizer's codebooks (256 centroids each) want PQ_TRAIN points, more than the coarse lists may
         take = min(n, max(TRAIN_PER_LIST * need, PQ_TRAIN if "PQ" in factory.upper() else 0))
         sample = v if take == n else v[np.sort(np.random.default_rng(seed).choice(n, take, replace=False))]

@@ -5,7 +5,7 @@ pattern id = table row = FAISS id of :mod:`pipeline.table.index`. The statistics
 from :func:`pipeline.table.vocab.pattern_stats`.
 
 The file is written in row groups of ``ROW_GROUP`` patterns, so a query reads the
-patterns it names (:func:`rows`) by decoding only their row groups, not the whole table.
+patterns it names (:func:`read_rows`) by decoding only their row groups, not the whole table.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout
+from pipeline.errors import PipelineError
 from pipeline.extraction.hashing import KeyPlan
 
 ROW_GROUP = 1024  # patterns per Parquet row group: what reading one pattern by id decodes
@@ -61,12 +62,26 @@ def write(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
 
 
+def open_file(path: Path, rows: int, what: str) -> pq.ParquetFile:
+    """A run's Parquet table at ``path`` (the pattern table, the image table), opened, refused unless
+    readable with ``rows`` rows (one per {what} of the run)."""
+    if not path.exists():
+        raise PipelineError(f"{path} is missing; the run is incomplete or from an older version: train it again")
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise PipelineError(f"{path} is not a readable Parquet file ({e.__class__.__name__}); train the run again") from None
+    if pf.metadata.num_rows != rows:
+        raise PipelineError(f"{path} has {pf.metadata.num_rows:,} rows but the run has {rows:,} {what}; train the run again")
+    return pf
+
+
 def read(pf: pq.ParquetFile) -> dict[str, np.ndarray]:
     """The (opened) pattern table as numpy columns (``class_counts`` as P x C), without the pixels (see :func:`pixels`)."""
     return columns(pf.read(columns=[c for c in pf.schema_arrow.names if c != "example_pixels"]))
 
 
-def rows(pf: pq.ParquetFile, ids: np.ndarray, columns: list[str]) -> pa.Table:
+def read_rows(pf: pq.ParquetFile, ids: np.ndarray, columns: list[str]) -> pa.Table:
     """Rows ``ids`` (row numbers, in that order, repeats allowed) of a Parquet file (the pattern
     table, the image table), reading only ``columns`` of the row groups that hold them."""
     ids = np.asarray(ids, np.int64).reshape(-1)
@@ -114,7 +129,7 @@ def pixels(pf: pq.ParquetFile, ids: np.ndarray, channels: int) -> list[np.ndarra
     """The example pixels (h x w x C uint8) of patterns ``ids``; None where the run has none."""
     if "example_pixels" not in pf.schema_arrow.names:
         return [None] * len(ids)
-    t = rows(pf, ids, ["h", "w", "example_pixels"])
+    t = read_rows(pf, ids, ["h", "w", "example_pixels"])
     out = []
     for v, hh, ww in zip(t.column("example_pixels").to_pylist(), t.column("h").to_pylist(), t.column("w").to_pylist()):
         out.append(None if v is None else np.frombuffer(v, np.uint8).reshape(int(hh), int(ww), channels))

@@ -12,17 +12,18 @@ from pipeline.table import index as pattern_index
 from pipeline.table import weights
 
 
-def rebuild_index(root, kind: str, nprobe: int | None = None, ef_search: int | None = None, seed: int = 0) -> dict:
-    """Rebuild a finished run's pattern index as ``kind`` and record it in the run manifest; returns its
-    entry, with ``rebuilt`` False when only the query-time knobs changed (``kind`` is what the run
-    already has, so nothing is rebuilt)."""
+def rebuild_index(root, index: str, nprobe: int | None = None, ef_search: int | None = None, seed: int = 0) -> dict:
+    """Rebuild a finished run's pattern index as ``index`` (a kind of :data:`pipeline.table.index.KINDS`
+    or a FAISS factory string) and record it in the run manifest; returns its entry, with ``rebuilt``
+    False when only the query-time knobs changed (``index`` is what the run already has, so nothing
+    is rebuilt)."""
     root = Path(root)
     pattern_index.check_params(nprobe, ef_search)
     mpath = root / layout.RUN_MANIFEST
     if not mpath.exists():
         raise PipelineError(f"{root} is not a finished run (no {layout.RUN_MANIFEST}); train one with pipe train")
     with outputs.locked(root, "pipe index"):
-        return _rebuild(root, mpath, kind, nprobe, ef_search, seed)
+        return _rebuild(root, mpath, index, nprobe, ef_search, seed)
 
 
 def _rebuild(root: Path, mpath: Path, kind: str, nprobe: int | None, ef_search: int | None, seed: int) -> dict:

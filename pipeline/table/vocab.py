@@ -230,19 +230,33 @@ def _count_in_parts(batches, parts: int, budget: int | None, min_count: int, buc
     return Vocabulary(keys, counts, buckets, min_count, stats)
 
 
-def pattern_stats(vocab: Vocabulary, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int) -> dict[str, np.ndarray]:
-    """For each vocabulary key: occurrences per class and the first (image, slot) it occurs at.
+class PatternStats:
+    """For each vocabulary key: occurrences per class and the first (image, slot) it occurs at,
+    gathered batch by batch (:meth:`add`); :meth:`columns` gives what
+    :func:`pipeline.table.patterns.to_table` takes (pattern id = vocabulary row)."""
 
-    ``batches`` yields (keys N x K, labels, image_ids) of the training images. The columns
-    are what :func:`pipeline.table.patterns.to_table` takes; pattern id = vocabulary row.
-    """
-    v = vocab.size
-    cc = np.zeros((v, num_classes), np.int64)
-    first_image = np.full(v, -1, np.int64)
-    first_slot = np.zeros(v, np.int64)
-    for keys, labels, ids in batches:
+    def __init__(self, vocab: Vocabulary, num_classes: int):
+        self.vocab = vocab
+        v = vocab.size
+        self.class_counts = np.zeros((v, num_classes), np.int64)
+        self.first_image = np.full(v, -1, np.int64)
+        self.first_slot = np.zeros(v, np.int64)
+
+    def add(self, keys: np.ndarray, labels: np.ndarray, image_ids: np.ndarray) -> None:
+        """Count one batch of training images: keys N x K, their labels and image ids."""
         count_tables.pattern_stats(
-            np.ascontiguousarray(keys, dtype=np.uint64), labels.astype(np.int64), ids.astype(np.int64),
-            vocab._slots, cc, first_image, first_slot, VARIANT_STRIDE,
+            np.ascontiguousarray(keys, dtype=np.uint64), labels.astype(np.int64), image_ids.astype(np.int64),
+            self.vocab._slots, self.class_counts, self.first_image, self.first_slot, VARIANT_STRIDE,
         )
-    return {"key": vocab.keys, "count": vocab.counts, "class_counts": cc, "slot": first_slot, "example_image": first_image}
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"key": self.vocab.keys, "count": self.vocab.counts, "class_counts": self.class_counts, "slot": self.first_slot,
+                "example_image": self.first_image}
+
+
+def pattern_stats(vocab: Vocabulary, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int) -> dict[str, np.ndarray]:
+    """:class:`PatternStats` of every batch (keys N x K, labels, image_ids) of ``batches``."""
+    stats = PatternStats(vocab, num_classes)
+    for keys, labels, ids in batches:
+        stats.add(keys, labels, ids)
+    return stats.columns()

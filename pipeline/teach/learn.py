@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.query import pooling
+from pipeline.table import pooling
 from pipeline.table.vocab import pattern_stats
 
 TARGET = 0.6  # the taught class's probability at which the steps stop
@@ -90,11 +90,11 @@ def _grad_pooled(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, c: 
 
 def _training_mean(run) -> np.ndarray:
     """The mean of the head's input over the training images of the image index."""
-    idx = run.image_index
+    idx = run.training_images.index
     n = idx.ntotal
     vectors = idx.reconstruct_n(0, n) if n else np.zeros((1, run.train_config.dim), np.float32)
     f = vectors.astype(np.float64)
-    for w, b in run.head_layers[:-1]:
+    for w, b in run.classifier.head_layers[:-1]:
         f = np.maximum(f @ w.T + b, 0)
     return f.mean(0)
 
@@ -127,13 +127,13 @@ def learn(run, image: np.ndarray, label: str, name: str = "image", by_count: boo
                             "(its patterns were never seen in training)")
     total = pooling.bag_totals(counts, offsets)
     share = (counts / pooling.divisor(total, run.train_config.bag)[0]).astype(np.float64)  # each row's weight in the pooled vector
-    table = run.table
+    table = run.table.vectors
     moving = rows[own]
     v = table[moving].astype(np.float64)
     fixed = share[~own] @ table[rows[~own]].astype(np.float64) if (~own).any() else np.zeros(table.shape[1])
     a = share[own]
     scale = a / np.maximum(run.vocab.counts[moving], 1) if by_count else a  # a row's step: its share over its training count
-    layers = [(w.astype(np.float64), b.astype(np.float64)) for w, b in run.head_layers]
+    layers = [(w.astype(np.float64), b.astype(np.float64)) for w, b in run.classifier.head_layers]
     classes = list(run.class_names)
     new_class = label not in classes
     x = a @ v + fixed

@@ -90,19 +90,19 @@ def _write(run, lessons: list[Lesson], work: Path, out: Path) -> dict:
     extract(src, work / SHARDS, like=root, workers=1)
     taught_ids = _original_ids(Shards(work / SHARDS))
 
-    weights.save({"table.weight": run.table, **run.head_tensors()}, work / layout.WEIGHTS)
+    weights.save(run.tensors(), work / layout.WEIGHTS)
 
     table = pq.read_table(root / layout.PATTERNS)
-    cc = run.patterns["class_counts"]
+    cc = run.table.metadata["class_counts"]
     patterns.write(table.set_column(table.column_names.index("class_counts"), "class_counts", patterns.class_counts_column(cc)),
                    work / layout.PATTERNS)
-    info = run.index_info
-    index = pattern_index.build(run.table[: run.vocab.size], work / layout.PATTERN_INDEX, info.kind, info.nprobe, info.ef_search)
+    info = run.table.index_info
+    index = pattern_index.build(run.table.vectors[: run.table.size], work / layout.PATTERN_INDEX, info.kind, info.nprobe, info.ef_search)
 
     keys = np.stack([les.keys for les in lessons])
     key_weights = None if lessons[0].weights is None else np.stack([les.weights for les in lessons])
-    pooled = run.pooled_keys(keys, "drop", key_weights)  # as training pools its images for this index
-    old = run.image_index.reconstruct_n(0, run.image_index.ntotal)
+    pooled = run.classifier.pooled(keys, "drop", key_weights)  # as training pools its images for this index
+    old = run.training_images.index.reconstruct_n(0, run.training_images.index.ntotal)
     image_index = pattern_index.build(np.concatenate([old, pooled]).astype(np.float32), work / layout.IMAGE_INDEX, "flat")
     thumbs = [thumbnail(les.image) for les in lessons]
     added = pa.table({

@@ -19,45 +19,16 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.data import augment
 from pipeline.table import vocab
 from pipeline.extraction.shards import Shards
-from pipeline.data.split import is_validation
 
 SHUFFLE_IMAGES = 8192  # images held in the shuffle buffer when streaming
 PREFETCH_BATCHES = 8  # batches prepared ahead by the reader thread
-
-
-def part_groups(
-    shards: Shards, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
-) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]]:
-    """(index of the row group in ``groups``, (keys, labels, image_ids, weights)) of the training (or
-    validation) images; ``weights`` is None when every key weighs 1 (no code view).
-
-    Validation is scored on original images only, not on augmented copies; images without a
-    label (-1) are in neither part.
-    """
-    groups = shards.row_groups() if groups is None else groups
-    for g, b in enumerate(shards.iter_batches(groups=groups)):
-        m = (is_validation(b.image_ids, fraction) == val) & (b.labels >= 0)
-        if val:
-            m &= augment.is_original(b.image_ids)
-        if m.any():
-            yield g, (b.keys[m], b.labels[m], b.image_ids[m], None if b.weights is None else b.weights[m])
-
-
-def part_batches(
-    shards: Shards, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
-    """(keys, labels, image_ids, weights) of the training (or validation) images, row group by row group."""
-    for _, part in part_groups(shards, val, fraction, groups):
-        yield part
 
 
 @dataclass
@@ -150,7 +121,7 @@ class BagCache:
 
     def fill(self, shards: Shards, v: vocab.Vocabulary, val: bool, fraction: float) -> None:
         """Read the whole part into the cache (a resumed run refilling it before its next epoch)."""
-        for g, (keys, labels, _, weights) in part_groups(shards, val, fraction):
+        for g, (keys, labels, _, weights) in shards.part_groups(val, fraction):
             self.add(g, to_bags(v, keys, labels, weights))
             if self.overflow:
                 break
@@ -183,7 +154,7 @@ def shuffled_bags(
         rest = perm[full:]
         buf, buf_labels = [buf[i] for i in rest], [buf_labels[i] for i in rest]
 
-    for g, (keys, labels, _, weights) in part_groups(shards, False, fraction, [groups[i] for i in order]):
+    for g, (keys, labels, _, weights) in shards.part_groups(False, fraction, [groups[i] for i in order]):
         b = to_bags(v, keys, labels, weights)
         if cache is not None:
             cache.add(int(order[g]), b)
@@ -202,7 +173,7 @@ def validation_bags(shards: Shards, v: vocab.Vocabulary, fraction: float, batch_
     if cache is not None and cache.complete:
         yield from cache.batches(batch_size)
         return
-    for g, (keys, labels, _, weights) in part_groups(shards, True, fraction):
+    for g, (keys, labels, _, weights) in shards.part_groups(True, fraction):
         b = to_bags(v, keys, labels, weights)
         if cache is not None:
             cache.add(g, b)

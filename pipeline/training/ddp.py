@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import layout, outputs
 from pipeline.training import torchfiles
 from pipeline.table import vocab
-from pipeline.training.bags import concat_bags, part_groups, to_bags, validation_bags
+from pipeline.training.bags import concat_bags, to_bags, validation_bags
 from pipeline.config import TrainConfig
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import Shards
@@ -52,7 +52,7 @@ def _my_bags(shards: Shards, v: vocab.Vocabulary, config: TrainConfig, rank: int
     groups = shards.row_groups()
     by_group = len(groups) >= world
     parts, labels, seen = [], [], 0
-    for _, (keys, lab, _, weights) in part_groups(shards, False, config.val_fraction, groups[rank::world] if by_group else groups):
+    for _, (keys, lab, _, weights) in shards.part_groups(False, config.val_fraction, groups[rank::world] if by_group else groups):
         b = to_bags(v, keys, lab, weights)
         mine = range(len(lab)) if by_group else range((rank - seen) % world, len(lab), world)
         seen += len(lab)

@@ -21,6 +21,7 @@ starts the optimizer afresh.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,6 @@ from pipeline.data.split import is_validation
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import KeyBatch, Shards
 from pipeline.table import vocab as vocab_mod
-from pipeline.training.bags import part_batches
 
 
 
@@ -257,7 +257,7 @@ def calibrate(model, batches, ridge: float = 1e-3) -> np.ndarray:
 def grown_vocabulary(parent: vocab_mod.Vocabulary, new: Shards, fraction: float, min_count: int, memory_mb: int | None,
                      progress: Callable[[int], None] | None = None) -> vocab_mod.Vocabulary:
     """The earlier vocabulary plus the new images' keys that reach ``min_count``."""
-    counted = vocab_mod.build(lambda: (k for k, _, _, _ in part_batches(new, False, fraction)), 1, 0, progress, memory_mb)
+    counted = vocab_mod.build(functools.partial(new.part_keys, False, fraction), 1, 0, progress, memory_mb)
     keys = np.union1d(parent.keys, counted.keys[counted.counts >= min_count])
     counts = np.zeros(len(keys), np.int64)
     counts[np.searchsorted(keys, parent.keys)] += parent.counts

@@ -23,7 +23,7 @@ from pipeline import layout
 from pipeline.table import patterns
 from pipeline.data import augment
 from pipeline.data.augment import VARIANT_STRIDE
-from pipeline.training.bags import part_batches, to_bags
+from pipeline.training.bags import to_bags
 from pipeline.errors import PipelineError
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.model import PatchBagModel
@@ -31,7 +31,7 @@ from pipeline.memory import release_unused
 from pipeline.extraction.shards import Shards
 from pipeline.data.sources import reopen
 from pipeline.data.images import thumbnail
-from pipeline.table.vocab import Vocabulary, pattern_stats
+from pipeline.table.vocab import PatternStats, Vocabulary
 
 
 
@@ -154,17 +154,15 @@ def _pool(model: PatchBagModel, v: Vocabulary, keys: np.ndarray, labels: np.ndar
         return model.pooled(rows, offsets, counts).numpy()
 
 
-def _pooling(model: PatchBagModel, v: Vocabulary, batches, vecs: list, ids: list, labels: list):
-    """Pass ``batches`` (keys, labels, image_ids) through unchanged, collecting the pooled vectors,
-    ids and labels of their original images (no augmented copies) on the way."""
-    model.eval()
-    for keys, lab, img, weights in batches:
-        keep = img < VARIANT_STRIDE
-        if keep.any():
-            vecs.append(_pool(model, v, keys, lab, weights, keep))
-            ids.append(img[keep])
-            labels.append(lab[keep])
-        yield keys, lab, img
+def _pool_originals(model: PatchBagModel, v: Vocabulary, batch, vecs: list, ids: list, labels: list) -> None:
+    """Collect the pooled vectors, ids and labels of the original images (no augmented copies) of one
+    batch (keys, labels, image_ids, weights)."""
+    keys, lab, img, weights = batch
+    keep = img < VARIANT_STRIDE
+    if keep.any():
+        vecs.append(_pool(model, v, keys, lab, weights, keep))
+        ids.append(img[keep])
+        labels.append(lab[keep])
 
 
 def _reference_signs(batches, model: PatchBagModel, v: Vocabulary, index, index_ids: np.ndarray, leave_out: bool) -> dict | None:
@@ -220,23 +218,24 @@ def chooser_reference(shards: Shards, model: PatchBagModel, v: Vocabulary, val_f
     vecs: list = []
     ids: list = []
     labels: list = []
-    for _ in _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels):
-        pass
+    model.eval()
+    for batch in shards.part_batches(False, val_fraction):
+        _pool_originals(model, v, batch, vecs, ids, labels)
     if not vecs:
         return None
     index = faiss.IndexFlatL2(model.table.weight.shape[1])
     index.add(np.ascontiguousarray(np.concatenate(vecs), np.float32))
-    held = _reference_signs(part_batches(shards, True, val_fraction), model, v, index, np.concatenate(ids), False)
+    held = _reference_signs(shards.part_batches(True, val_fraction), model, v, index, np.concatenate(ids), False)
     return None if held is None else familiarity.Reference(held, "held-out, before the refit")
 
 
 def familiarity_reference(shards: Shards, model: PatchBagModel, v: Vocabulary, index, index_ids: np.ndarray, val_fraction: float) -> familiarity.Reference:
     """The run's familiarity reference (:mod:`pipeline.familiarity`): the held-out images' signs, or
     with none held out, training images' signs with each left out of its own neighbours."""
-    held = _reference_signs(part_batches(shards, True, val_fraction), model, v, index, index_ids, False) if val_fraction > 0 else None
+    held = _reference_signs(shards.part_batches(True, val_fraction), model, v, index, index_ids, False) if val_fraction > 0 else None
     if held is not None:
         return familiarity.Reference(held, "held-out")
-    train = _reference_signs(part_batches(shards, False, val_fraction), model, v, index, index_ids, True)
+    train = _reference_signs(shards.part_batches(False, val_fraction), model, v, index, index_ids, True)
     if train is None:
         train = {name: np.zeros(0) for name in familiarity.SIGNS}
     return familiarity.Reference(train, "training, each left out")
@@ -263,7 +262,12 @@ def write_lookups(
     vecs: list = []
     ids: list = []
     labels: list = []
-    stats = pattern_stats(v, _pooling(model, v, part_batches(shards, False, val_fraction), vecs, ids, labels), len(shards.class_names))
+    counting = PatternStats(v, len(shards.class_names))
+    model.eval()
+    for batch in shards.part_batches(False, val_fraction):  # one pass: each pattern's classes, each image's pooled vector
+        counting.add(*batch[:3])
+        _pool_originals(model, v, batch, vecs, ids, labels)
+    stats = counting.columns()
     if vecs:
         ivec, iids, ilab = np.concatenate(vecs), np.concatenate(ids), np.concatenate(labels)
     else:

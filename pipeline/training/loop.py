@@ -24,6 +24,7 @@ validated on the same images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from pipeline import layout, outputs
 from pipeline.table import index as pattern_index
 from pipeline.config import TrainConfig
 from pipeline.errors import ParameterError, PipelineError
-from pipeline.training.bags import Bags, BagCache, part_batches, prefetch, shuffled_bags, validation_bags
+from pipeline.training.bags import Bags, BagCache, prefetch, shuffled_bags, validation_bags
 from pipeline.layout import RUN_FORMAT
 from pipeline.model import PatchBagModel, build_model, pick_device
 from pipeline.memory import release_unused
@@ -199,7 +200,7 @@ def _save_model(out: Path, model: PatchBagModel) -> None:
 
 def build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
     v = vocab.build(
-        lambda: (keys for keys, _, _, _ in part_batches(shards, False, config.val_fraction)),
+        functools.partial(shards.part_keys, False, config.val_fraction),
         config.min_count, config.buckets, progress, config.vocab_mb,
     )
     if v.size == 0:

@@ -5,14 +5,14 @@ patch gets the mean of the learned vectors of its strictly smaller sub-patches (
 position mode and view) that have their own row. A patch none of whose parts were seen
 has no vector ("unmatched").
 
-How unseen patches enter a prediction (``rule``):
+How unseen patches enter a prediction (the ``unseen`` parameter, ``--unseen``):
 
 * ``drop``: left out, as in training (the bag holds seen patches only).
 * ``compose``: the composed vector joins the bag as one more patch.
 * ``nearest``: the composed vector is replaced by its nearest learned pattern (FAISS), whose
   row joins the bag.
 
-The default is the rule measured best by ``benchmarks/query.py`` (docs/query.md).
+The default is ``drop``, what training does; ``benchmarks/query.py`` compares the three (docs/results.md).
 """
 from __future__ import annotations
 
@@ -23,16 +23,17 @@ import numpy as np
 
 from pipeline.errors import ParameterError
 from pipeline.extraction.hashing import KeyPlan
-from pipeline.query.pooling import pool
+from pipeline.table.pooling import pool_bags
 
 RULES = ("drop", "compose", "nearest")
-DEFAULT_RULE = "drop"  # benchmarks/query.py compares the rules (docs/results.md)
+DEFAULT = "drop"
 
 
-def check_rule(rule: str) -> str:
-    if rule not in RULES:
-        raise ParameterError("rule", f"{rule!r} is not one of {', '.join(RULES)}")
-    return rule
+def check(unseen: str) -> str:
+    """``unseen`` when it is one of :data:`RULES`."""
+    if unseen not in RULES:
+        raise ParameterError("unseen", f"{unseen!r} is not one of {', '.join(RULES)}")
+    return unseen
 
 
 @lru_cache(maxsize=8)
@@ -75,7 +76,7 @@ class Unseen:
         if has.any():
             per = np.diff(self.offsets)
             weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)
-            out[has] = pool(table, self.parts, self.offsets, weights)[has]
+            out[has] = pool_bags(table, self.parts, self.offsets, weights)[has]
         return out
 
 
@@ -112,4 +113,4 @@ def composed_sums(u: Unseen, table: np.ndarray, n_images: int) -> tuple[np.ndarr
     weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)[order]
     offsets = np.zeros(n_images + 1, np.int64)
     np.cumsum(np.bincount(pair_image, minlength=n_images), out=offsets[1:])
-    return pool(table, u.parts[order], offsets, weights), count
+    return pool_bags(table, u.parts[order], offsets, weights), count
