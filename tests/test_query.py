@@ -51,8 +51,9 @@ def test_flat_index_is_exact(tmp_path):
 
 @pytest.mark.parametrize("kind,knob,bound", [("ivf", {"nprobe": 8}, 0.9), ("hnsw", {"ef_search": 64}, 0.9), ("ivfpq", {"nprobe": 8}, 0.4)])
 def test_approximate_indexes_meet_a_recall_bound(tmp_path, kind, knob, bound):
-    x = _clustered(20000, 32)
-    q = _clustered(200, 32, seed=1)
+    d = 8 if kind == "ivfpq" else 32  # PQ fits 256 centroids per sub-vector, one sub-vector per dimension here: fewer is quicker
+    x = _clustered(20000, d)
+    q = _clustered(200, d, seed=1)
     info = pidx.build(x, tmp_path / "a.faiss", kind, **knob)
     assert not info.exact and info.kind == kind
     idx = pidx.load(tmp_path / "a.faiss", info, gpu=False)

@@ -82,6 +82,8 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         own = fig.add_subplot(grid[r, 1])
         patch = img[y : y + h, x : x + w]
         _show(own, patch)
+        own.set_adjustable("datalim")  # a square box like its neighbours': a tall place (a pooled cell) widens its margins instead of
+        own.set_box_aspect(1)  # growing into the next row's title
         nearby = lookup.ids[r][lookup.ids[r] >= 0]
         look = brightness_contrast(patch)
         pix = dict(zip(nearby.tolist(), run.pattern_pixels(nearby, like=look))) if len(nearby) else {}
