@@ -96,14 +96,23 @@ def test_train_benchmark_smoke():
 
 def test_storage_benchmark_smoke():
     (r,) = smoke("benchmarks/storage.py")
-    layouts = {row["layout"] for row in r["rows"]}
-    assert {"list", "binary", "long", "binary_allkeys"} <= layouts and all(row["bytes_per_patch"] > 0 for row in r["rows"])
+    # 40 digits (8x8), every rectangle up to 3x3: 21^2 patches each
+    assert (r["images"], r["source"], r["patches"]) == (40, "digits", 40 * sum(9 - h for h in range(1, 4)) ** 2) == (40, "digits", 17_640)
+    cells = [(row["layout"], row["codec"], row["dictionary"]) for row in r["rows"]]
+    grid = [(layout, codec, False) for layout in ("list", "list_nonnull", "binary", "long") for codec in ("lz4", "snappy", "zstd:1", "zstd:-5", "none")]
+    assert cells == grid + [("list_nonnull", "snappy", True), ("binary", "snappy", False), ("binary", "snappy", False), ("binary_allkeys", "snappy", False)]
+    assert all(row["bytes_per_patch"] > 0 for row in r["rows"])
 
 
 def test_query_benchmark_smoke():
     (r,) = smoke("benchmarks/query.py")
-    assert r["curve"][0]["index"] == "Flat" and any(c["index"].startswith("IVF") for c in r["curve"])
-    assert 0 < r["recall_at_10"] <= 1 and set(r["accuracy"]) >= {"drop", "compose", "nearest", "knn_vote"}
+    assert r["curve"][0]["index"] == "Flat" and r["curve"][0]["recall_at_10"] == 1.0  # exact search is its own truth
+    assert any(c["index"].startswith("IVF") for c in r["curve"]) and all(0 <= c["recall_at_10"] <= 1 for c in r["curve"])
+    # a small run's own index is exact (auto: flat up to 100,000 patterns), so it finds the true 10 nearest
+    assert r["vectors"] <= 100_000 and r["index"] == "Flat" and r["recall_at_10"] == 1.0
+    assert r["speedup"] == pytest.approx(r["queries_per_s"] / r["exact_queries_per_s"], rel=1e-9)
+    assert set(r["accuracy"]) >= {"drop", "compose", "nearest", "knn_vote"} and r["default_rule"] == "drop"
+    assert r["compose_accuracy_delta"] == pytest.approx(r["accuracy"]["compose"] - r["accuracy"]["drop"], abs=1e-12)
 
 
 def test_options_benchmark_smoke():
@@ -124,8 +133,16 @@ def test_benchmarks_of_an_existing_run_smoke(script):
     if "index_load" in script:
         assert r["memory_mapped"]["vectors"] == r["read_whole"]["vectors"] > 0
     elif "coverage" in script:
-        assert 0 < r["train"] <= 1 and 0 <= r["validation"] <= 1 and r["train_images"] > 0 and r["validation_images"] > 0
-        assert r["groups"] and all(0 <= g[p] <= 1 for g in r["groups"].values() for p in ("train", "validation"))
+        from pipeline.data.split import is_validation
+
+        # the smoke run: 200 digits with no flags, the held-out part chosen by the split rule
+        held = int(is_validation(np.arange(200), 0.1).sum())
+        assert (r["train_images"], r["validation_images"]) == (200 - held, held)
+        assert 0 < r["train"] <= 1 and 0 <= r["validation"] <= 1
+        # one group per view and shape: the 4x4 code patch, and every rectangle up to 3x3 in both exact views
+        shapes = [f"{h}x{w}" for h in (1, 2, 3) for w in (1, 2, 3)]
+        assert sorted(r["groups"]) == sorted(["code 4x4 grid"] + [f"{v} {s} grid" for v in ("grad", "levels") for s in shapes])
+        assert all(0 <= g[p] <= 1 for g in r["groups"].values() for p in ("train", "validation"))
     else:
         assert r["keys"] > 0 and set(r["steps_mb"]) == {"start", "after_vocabulary", "after_pyarrow_release", "after_malloc_trim"}
 
@@ -161,6 +178,12 @@ def test_factors_benchmark_smoke():
     assert [row["row"] for row in r["rows"]] == ["default", "atoms"]
     assert all(0 <= row["val_accuracy"] <= 1 and row["train"]["seconds"] > 0 and row["shards_mb"] > 0 for row in r["rows"])
     assert r["rows"][1]["extract_flags"] == ["--atoms", "64"] and "extract" in r["rows"][1]
+    # 200 digits: 882 exact keys (2 views x 21^2 rectangles) + 5 atoms x 25 places of the 4x4 code patch per image, whatever the atoms
+    per_image = 2 * sum(9 - h for h in range(1, 4)) ** 2 + 5 * 5**2
+    for row in r["rows"]:
+        assert row["extract"]["summary"].startswith(f"200 images (8x8, 1 channel(s)), {200 * per_image:,} patches ({200 * per_image:,} keys)")
+        assert row["train_flags"] == ["--epochs", "1"] and row["best_epoch"] == row["epochs_run"] == 1
+    assert r["rows"][0]["extract_flags"] == []
 
 
 def test_small_data_benchmark_smoke():
