@@ -1,5 +1,6 @@
 """docs/cli.md rendered from the click commands themselves: each command's usage, its help text
-(what ``--help`` prints) and a table of every option with its default.
+(what ``--help`` prints) and a table of every option with its default (an option's bounds, from the
+configs, are in its help).
 
     python scripts/cli_reference.py          # write docs/cli.md
     python scripts/cli_reference.py --check  # exit 1 when docs/cli.md is not the rendering
@@ -34,18 +35,7 @@ def _spelling(p: click.Option) -> str:
     if p.metavar:
         return f"{names} {p.metavar}"
     kind = {click.INT: "N", click.FLOAT: "X"}.get(p.type, "PATH" if isinstance(p.type, click.Path) else "TEXT")
-    if isinstance(p.type, (click.IntRange, click.FloatRange)):
-        kind = "N" if isinstance(p.type, click.IntRange) else "X"
     return f"{names} {kind}"
-
-
-def _bounds(p: click.Option) -> str:
-    t = p.type
-    if not isinstance(t, (click.IntRange, click.FloatRange)):
-        return ""
-    lo = "" if t.min is None else f"{t.min} {'<' if t.min_open else '≤'} "
-    hi = "" if t.max is None else f" {'<' if t.max_open else '≤'} {t.max}"
-    return f"{lo}value{hi}"
 
 
 def _row(p: click.Option) -> tuple[str, str, str]:
@@ -60,16 +50,14 @@ def _row(p: click.Option) -> tuple[str, str, str]:
     elif said:
         default = said.group(1)
     else:
-        return f"`{_spelling(p)}`", "—", _with_bounds(p, help_text)
+        return f"`{_spelling(p)}`", "—", _with_env(p, help_text)
     if said and not (p.show_default and p.default is not None):
         help_text = help_text[: said.start()] + "."
-    return f"`{_spelling(p)}`", default if default in ("off", "required") else f"`{default}`", _with_bounds(p, help_text)
+    return f"`{_spelling(p)}`", default if default in ("off", "required") else f"`{default}`", _with_env(p, help_text)
 
 
-def _with_bounds(p: click.Option, help_text: str) -> str:
-    bounds = _bounds(p)
-    if bounds:
-        help_text += f" ({bounds})"
+def _with_env(p: click.Option, help_text: str) -> str:
+    """The help text, naming the environment variable that sets the option when the help does not already."""
     if p.envvar and "Env:" not in help_text:
         help_text += f" Env: {p.envvar}."
     return help_text
@@ -107,7 +95,7 @@ def render(group: click.Group | None = None) -> str:
     out = ["# The `pipe` command", "",
            "<!-- rendered by `python scripts/cli_reference.py` from the click commands; edit their help there, not here -->", ""]
     out += _help_markdown(group.help or "")
-    out += [f"Usage: `pipe [GLOBAL OPTIONS] COMMAND ...`; every command also has `--help`.", "", "Global options:", ""]
+    out += ["Usage: `pipe [GLOBAL OPTIONS] COMMAND ...`; every command also has `--help`.", "", "Global options:", ""]
     out += _options_table(group.params)
     for name in group.commands:  # in the order they are defined: the order of the work
         cmd = group.get_command(ctx, name)

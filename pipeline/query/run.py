@@ -101,8 +101,7 @@ class Run:
         self.vocab = Vocabulary.load(self.root / layout.VOCAB, self.manifest.get("vocabulary"))
         if index_info.vectors != self.vocab.size:
             raise PipelineError(f"{mpath} records {index_info.vectors:,} indexed patterns but the vocabulary has {self.vocab.size:,}; train the run again")
-        self.weights = weights.load(self.root / layout.WEIGHTS, "train the run again")
-        vectors, head_layers = self._check_weights()
+        vectors, head_layers = self._check_weights(weights.load(self.root / layout.WEIGHTS, "train the run again"))
         self.table = PatternTable(self.root, self.vocab, vectors, index_info, self.unchanged.check)
         self.training_images = TrainingImages(self.root, image_index_info, self.unchanged.check)
         self.classifier = Classifier(self.table, self.plan, head_layers, self.train_config.bag, self.training_images,
@@ -152,7 +151,6 @@ class Run:
                 f"{self.height}x{self.width}; resize them to {self.height}x{self.width} first"
             )
         return self.plan.encode(to_channels(arr, self.extract_config.channels))
-
 
     # -- reading image files
 
@@ -342,10 +340,11 @@ class Run:
         views = [] if self.extract_config.views == "none" else self.extract_config.views.split(",")
         return views[view] if view < len(views) else "code"
 
-    def _check_weights(self) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """The table (rows x dim) and the head's (weight, bias) layers, refused unless their shapes
-        are what the run's vocabulary and settings make."""
-        w, cfg, c = self.weights, self.train_config, len(self.class_names)
+    def _check_weights(self, w: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The table (rows x dim) and the head's (weight, bias) layers of the weights file's tensors
+        ``w``, refused unless their shapes are what the run's vocabulary and settings make (the run
+        keeps only these: after a lesson they are the current ones, :meth:`tensors`)."""
+        cfg, c = self.train_config, len(self.class_names)
         names = head_names(cfg.hidden)
         shapes = {"table.weight": (self.vocab.rows, cfg.dim)}
         shapes.update({"head.weight": (c, cfg.dim), "head.bias": (c,)} if cfg.hidden == 0 else

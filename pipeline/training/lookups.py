@@ -158,7 +158,7 @@ def _pool_originals(model: PatchBagModel, v: Vocabulary, batch, vecs: list, ids:
     """Collect the pooled vectors, ids and labels of the original images (no augmented copies) of one
     batch (keys, labels, image_ids, weights)."""
     keys, lab, img, weights = batch
-    keep = img < VARIANT_STRIDE
+    keep = augment.is_original(img)
     if keep.any():
         vecs.append(_pool(model, v, keys, lab, weights, keep))
         ids.append(img[keep])
@@ -174,7 +174,7 @@ def _reference_signs(batches, model: PatchBagModel, v: Vocabulary, index, index_
     left = familiarity.REFERENCE_IMAGES
     model.eval()
     for keys, lab, img, weights in batches:
-        keep = np.flatnonzero(img < VARIANT_STRIDE)[:left]
+        keep = np.flatnonzero(augment.is_original(img))[:left]
         if not len(keep):
             continue
         d, ids = pattern_index.search(index, _pool(model, v, keys, lab, weights, keep), k)
