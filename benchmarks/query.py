@@ -75,7 +75,7 @@ def main() -> None:
 
     import pipeline
     from pipeline.table import index as pidx
-    from pipeline.query import unseen_patches
+    from pipeline.query.classify import DEFAULT_UNSEEN, find_unseen
 
     work = a.work or Path(tempfile.mkdtemp(prefix="query-bench-"))
     try:
@@ -101,7 +101,7 @@ def main() -> None:
         # a random sample: shards hold images in source order, which for an image folder or tar is class by class
         pick = np.random.default_rng(0).permutation(len(keys))[: a.eval_images]
         keys, labels = keys[pick], labels[pick]
-        u = unseen_patches.find(run.plan, run.vocab.rows_of(keys[: a.nearest_images]), run.vocab.size)
+        u = find_unseen(run.plan, run.vocab.rows_of(keys[: a.nearest_images]), run.vocab.size)
         comp = u.vectors(run.table.vectors)[u.has]
         rng = np.random.default_rng(0)
         q = np.ascontiguousarray(comp[rng.choice(len(comp), min(a.queries, len(comp)), replace=False)])
@@ -166,7 +166,7 @@ def main() -> None:
             "paired": paired,
             "oov_accuracy_delta": acc["nearest"] - paired["nearest"]["drop_accuracy_same_images"],
             "compose_accuracy_delta": acc["compose"] - acc["drop"],
-            "default_rule": unseen_patches.DEFAULT,
+            "default_rule": DEFAULT_UNSEEN,
             "threads": faiss.omp_get_max_threads(),
             "torch_threads": torch.get_num_threads(),
             "curve": curve,

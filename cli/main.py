@@ -20,7 +20,7 @@ from pipeline import ExtractConfig, PipelineError, TrainConfig
 from pipeline.config import CODE_POOLS, DISTILL, EXTRACT_BOUNDS, OPTIMIZERS, REPLAY, TRAIN_BOUNDS, parse_size
 from pipeline.extraction.shards import DEFAULT_CODEC
 from pipeline.errors import ParameterError, environment_message
-from pipeline.query.unseen_patches import RULES as UNSEEN_RULES
+from pipeline.query.classify import UNSEEN_RULES
 
 from cli import progress as progress_bars
 

@@ -17,7 +17,7 @@ import pipeline
 from pipeline import ExtractConfig, PipelineError
 from pipeline.extraction.audit import audit, expected_collisions
 from pipeline.extraction.hashing import KeyPlan
-from pipeline.data.pixels import symbols
+from pipeline.extraction.hashing import symbols
 from pipeline.data.sources import from_arrays
 
 from .conftest import digits_images, one_view_config

@@ -10,7 +10,7 @@ import pipeline
 from pipeline.config import POSITION_MODES, ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.extraction.hashing import KeyPlan, grid_cell, reference_key
-from pipeline.data.pixels import symbols
+from pipeline.extraction.hashing import symbols
 
 from .conftest import CIFAR_TAR, digits_images, one_view_config
 
@@ -230,7 +230,7 @@ def test_views_config_parsing_and_fingerprint():
 
 
 def test_grad_view_is_an_ordinal_code():
-    from pipeline.data.pixels import ordinal_symbols
+    from pipeline.extraction.hashing import ordinal_symbols
 
     rng = np.random.default_rng(2)
     img = rng.integers(0, 256, size=(1, 5, 6, 3)).astype(np.uint8)

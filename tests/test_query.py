@@ -13,7 +13,7 @@ import torch
 import pipeline
 from pipeline import KeyPlan, PipelineError
 from pipeline.table import index as pidx
-from pipeline.query import unseen_patches
+from pipeline.query.classify import composed_sums, find_unseen
 from pipeline.query.batch import query_batch, schema
 
 from .conftest import digits_images, one_view_config
@@ -87,7 +87,7 @@ def test_composition_by_hand():
     rows[0, s(1, 0, 1, 1)] = 2  # bottom-left seen; bottom-right unseen
     rows[0, s(0, 0, 1, 2)] = 4  # top row seen; bottom row unseen
     rows[0, s(0, 0, 2, 1)] = 5  # left column seen; right column unseen; the 2x2 unseen
-    u = unseen_patches.find(plan, rows, own_rows=6)
+    u = find_unseen(plan, rows, own_rows=6)
     vec = dict(zip(u.slot.tolist(), u.vectors(table)))
     assert set(vec) == {s(1, 1, 1, 1), s(1, 0, 1, 2), s(0, 1, 2, 1), s(0, 0, 2, 2)}
     assert np.isnan(vec[s(1, 1, 1, 1)]).all()  # a 1x1 has no parts: unmatched
@@ -95,7 +95,7 @@ def test_composition_by_hand():
     assert np.allclose(vec[s(0, 1, 2, 1)], [0.0, 2.0])  # right column: only top-right seen
     # the 2x2: top-left, top-right, bottom-left, top row, left column
     assert np.allclose(vec[s(0, 0, 2, 2)], [(1 + 0 + 3 + 10 - 6) / 5, (0 + 2 + 3 + 20 + 6) / 5])
-    sums, count = unseen_patches.composed_sums(u, table, 1)
+    sums, count = composed_sums(u, table, 1)
     assert count.tolist() == [3.0]
     assert np.allclose(sums[0], [3 + 0 + 8 / 5, 3 + 2 + 31 / 5])
 

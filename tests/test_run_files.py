@@ -152,7 +152,7 @@ def test_9_fifos_and_devices_in_a_run_are_refused_without_reading(small_run, tmp
 def test_10_a_full_disk_while_the_weights_are_written_is_one_line_on_a_real_tmpfs(tmp_path):
     import torch
 
-    from pipeline.training import torchfiles
+    from pipeline.training import run_files
 
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -160,7 +160,7 @@ def test_10_a_full_disk_while_the_weights_are_written_is_one_line_on_a_real_tmpf
         pytest.skip("this machine cannot mount a tmpfs")
     try:
         with pytest.raises(PipelineError, match=r"cannot write .*model.safetensors .*is the disk full\?"):
-            torchfiles.save_weights({"table.weight": torch.zeros(1 << 20)}, mnt / layout.WEIGHTS)
+            run_files.save_weights({"table.weight": torch.zeros(1 << 20)}, mnt / layout.WEIGHTS)
         assert list(mnt.iterdir()) == []  # nothing half-written under any name
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

@@ -521,11 +521,11 @@ def _shrink_table(run: Path) -> None:
 
 
 def test_11_a_checkpoint_holding_objects_is_refused_unread(tmp_path):
-    from pipeline.training import torchfiles
+    from pipeline.training import run_files
 
     (tmp_path / layout.CHECKPOINT).write_bytes(_pickled_object())
     with pytest.raises(PipelineError, match="holds objects other than tensors, which are never loaded"):
-        torchfiles.load(tmp_path / layout.CHECKPOINT, "start again")
+        run_files.load(tmp_path / layout.CHECKPOINT, "start again")
 
 
 def _edit_manifest_file(path: Path, edit) -> None:

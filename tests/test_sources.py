@@ -13,8 +13,7 @@ from sklearn.model_selection import train_test_split
 
 import pipeline
 from pipeline import PipelineError
-from pipeline.data.images import encode_png
-from pipeline.data.pixels import to_channels
+from pipeline.data.images import encode_png, to_channels
 
 from .conftest import digits_images, write_folder
 

@@ -253,7 +253,7 @@ def _random_bags(rng: np.random.Generator, rows: int, images: int):
     (drop, bag, "adagrad") for drop in ("0", "0.3", "auto") for bag in ("mean", "sqrt")
 ] + [("0.3", "mean", "rowwise-adagrad"), ("auto", "sqrt", "rowwise-adagrad")])
 def test_compiled_cpu_step_equals_the_torch_step(drop, bag, optimizer):
-    """The compiled pool + grouped Adagrad (table_kernels) against autograd + LazyAdagrad, step by step."""
+    """The compiled pool + grouped Adagrad (training/optim.py) against autograd + LazyAdagrad, step by step."""
     from pipeline.model import build_model
     from pipeline.training.loop import _fused_step, _optimizers, _torch_step
 
@@ -289,7 +289,7 @@ def test_compiled_cpu_step_equals_the_torch_step(drop, bag, optimizer):
 
 def test_group_rows_against_numpy():
     """Blocks of distinct rows: every occurrence once, in its row's block, rows ascending."""
-    from pipeline.training.table_kernels import _BLOCK, group_rows
+    from pipeline.training.optim import _BLOCK, group_rows
 
     rng = np.random.default_rng(3)
     rows_total = 5000

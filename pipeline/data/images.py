@@ -8,10 +8,15 @@ One rule, used by extract, query and serve alike, in this order:
 3. transparency (an alpha channel, or a palette's transparent colour) is composited onto
    black, ``round(c * a / 255)``; gray with alpha stays gray;
 4. then the image is resized (bilinear), where a size is asked for;
-5. then converted to the channels asked for (:func:`pipeline.data.pixels.to_channels`).
+5. then converted to the channels asked for (:func:`to_channels`).
 
 Supported modes: 1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr. 16-bit and float
 modes (I, I;16, F) are refused rather than silently clipped.
+Arrays follow the same conventions as files (so an image read from a file and the same
+pixels read from an array give the same keys): gray -> rgb repeats the value in the three
+channels; rgb -> gray is ``L = (19595 R + 38470 G + 7471 B + 32768) >> 16`` (ITU-R 601-2
+luma, Pillow's integer formula); alpha is composited onto black, ``round(c * a / 255)``,
+then dropped.
 """
 from __future__ import annotations
 
@@ -22,13 +27,52 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.pixels import drop_alpha, to_channels
+from pipeline.errors import PipelineError
+
 
 _SUPPORTED = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}
 _GRAY = {"1", "L", "LA"}
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the file formats read (PPM covers PGM and PBM)
 MAX_PIXELS = 1 << 26  # an image larger than 8192 x 8192 is refused from its header, before decoding
 MAX_FILE_BYTES = 1 << 28  # an image file larger than 256 MiB is refused before it is read
+
+
+# ---------------------------------------------------------------- arrays
+
+def as_nhwc(images: np.ndarray) -> np.ndarray:
+    """Return ``images`` as uint8 N x H x W x C (C in 1, 3, 4); a single image gains N = 1 where unambiguous."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise PipelineError(f"images must be uint8 (0..255), got dtype {a.dtype}; convert with .astype(np.uint8)")
+    if a.ndim == 3:  # N x H x W grayscale
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
+        raise PipelineError(
+            f"images must be N x H x W or N x H x W x C with C in 1, 3, 4; got shape {tuple(np.shape(images))}"
+        )
+    return a
+
+
+def drop_alpha(images: np.ndarray) -> np.ndarray:
+    """Composite RGBA onto black and return RGB (other inputs pass through)."""
+    if images.shape[-1] != 4:
+        return images
+    rgb = images[..., :3].astype(np.uint32)
+    alpha = images[..., 3:4].astype(np.uint32)
+    return ((rgb * alpha + 127) // 255).astype(np.uint8)
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Convert N x H x W x C uint8 images to 1 (gray) or 3 (rgb) channels."""
+    images = drop_alpha(images)
+    c = images.shape[-1]
+    if c == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    x = images.astype(np.uint32)
+    gray = (19595 * x[..., 0] + 38470 * x[..., 1] + 7471 * x[..., 2] + 32768) >> 16
+    return gray.astype(np.uint8)[..., None]
 
 
 class BadImage(Exception):

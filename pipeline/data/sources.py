@@ -29,8 +29,7 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.errors import ParameterError, PipelineError
-from pipeline.data.images import MAX_FILE_BYTES, BadImage, decode, fit_array, is_image_name, resize_array
-from pipeline.data.pixels import as_nhwc, to_channels
+from pipeline.data.images import MAX_FILE_BYTES, BadImage, as_nhwc, decode, fit_array, is_image_name, resize_array, to_channels
 
 SPLITS = ("train", "test")
 

@@ -4,7 +4,7 @@ The exact specification (constants, order, mixing) is in docs/hashing.md; the
 pure-Python reference :func:`reference_key` below is that specification in
 code, and the tests hold the fast path to it.
 
-For an image of symbols ``s`` (see :mod:`pipeline.data.pixels`) every pixel gets a
+For an image of symbols ``s`` (:func:`view_symbols`: one integer per pixel) every pixel gets a
 pseudo-random 64-bit value ``r = fmix64(s + PIXEL_SALT * (seed + 1))``. The
 content hash of the h x w patch at (y, x) is
 
@@ -31,7 +31,6 @@ from pipeline.fmix import MASK, fmix64, fmix64_int
 from pipeline.extraction.codes import auto_shapes
 from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig
 from pipeline.errors import PipelineError
-from pipeline.data.pixels import view_symbols
 
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
 B = 0xC2B2AE3D27D4EB4F  # column multiplier (odd)
@@ -40,6 +39,66 @@ TAG_SALT = 0x27D4EB2F165667C5
 CODE_SALT = 0x9FB21C651E98DF25  # the code view's content value: fmix64(atom + CODE_SALT * (seed + 1))
 A_INV = pow(A, -1, 1 << 64)
 B_INV = pow(B, -1, 1 << 64)
+
+
+# ---------------------------------------------------------------- symbols: one integer per pixel, per view
+
+def symbols(images: np.ndarray, levels: int) -> np.ndarray:
+    """Quantize N x H x W x C uint8 images into one integer symbol per pixel.
+
+    Each channel value v becomes ``q = (v * levels) >> 8`` in ``[0, levels)``, and the
+    pixel's symbol is ``sum_c q_c * levels**c`` (channel 0 first).
+    """
+    q = (images.astype(np.uint64) * np.uint64(levels)) >> np.uint64(8)
+    out = q[..., 0].copy()
+    scale = np.uint64(1)
+    for c in range(1, q.shape[-1]):
+        scale = scale * np.uint64(levels)
+        out += q[..., c] * scale
+    return out
+
+
+def view_symbols(images: np.ndarray, views: list[tuple[str, int]]) -> np.ndarray:
+    """N x H x W x C uint8 images -> N x V x H x W symbols, one plane per view (kind, levels).
+
+    ``levels`` quantizes the pixels as they are; ``norm`` first stretches each image's
+    values linearly so its darkest value becomes 0 and its brightest 255 (all channels
+    together, so colours keep their ratios), which makes the codes independent of the
+    image's brightness and contrast. ``grad`` is an ordinal code (:func:`ordinal_symbols`).
+    """
+    out = np.empty((images.shape[0], len(views)) + images.shape[1:3], np.uint64)
+    for v, (kind, levels) in enumerate(views):
+        if kind == "grad":
+            out[:, v] = ordinal_symbols(images)
+            continue
+        imgs = images
+        if kind == "norm":
+            flat = images.reshape(len(images), -1)
+            lo = flat.min(1).astype(np.int32)[:, None, None, None]
+            span = np.maximum(flat.max(1).astype(np.int32)[:, None, None, None] - lo, 1)
+            imgs = ((images.astype(np.int32) - lo) * 255 // span).astype(np.uint8)
+        out[:, v] = symbols(imgs, levels)
+    return out
+
+
+def ordinal_symbols(images: np.ndarray) -> np.ndarray:
+    """Ordinal code per pixel: for each channel, is it brighter than its right neighbour, and than the one below.
+
+    ``s = sum_c (b_right_c + 2 * b_below_c) * 4**c`` with ``b = 1`` when strictly brighter;
+    the last column (row) compares with itself, so its bit is 0. Unchanged by any
+    increasing change of brightness or contrast, so patches of it are shapes of the
+    image's edges rather than its colours.
+    """
+    x = images.astype(np.int16)
+    right = np.zeros_like(x, dtype=np.uint64)
+    below = np.zeros_like(x, dtype=np.uint64)
+    right[:, :, :-1] = x[:, :, :-1] > x[:, :, 1:]
+    below[:, :-1] = x[:, :-1] > x[:, 1:]
+    q = right + 2 * below
+    out = q[..., 0].copy()
+    for c in range(1, q.shape[-1]):
+        out += q[..., c] * np.uint64(4**c)
+    return out
 
 
 # ---------------------------------------------------------------- reference (pure Python)

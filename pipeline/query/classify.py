@@ -1,22 +1,130 @@
-"""Classifying pooled patterns: an image's keys pooled into one vector through the run's table
-(each unseen-patch rule), then the trained head (its layers in numpy: no torch at query time) or a
-vote of the nearest training images.
+"""Classifying pooled patterns: an image's keys pooled into one vector through the run's table,
+then the trained head (its layers in numpy: no torch at query time) or a vote of the nearest
+training images.
 
-:class:`pipeline.query.run.Run` holds one as ``run.classifier``.
+Patches whose key was not seen in training get a vector composed from their seen sub-patches:
+fastText builds a vector for an unknown word from its character n-grams; here an unseen patch
+gets the mean of the learned vectors of its strictly smaller sub-patches (same position mode and
+view) that have their own row. A patch none of whose parts were seen has no vector
+("unmatched"). How unseen patches enter a prediction (the ``unseen`` parameter, ``--unseen``):
+
+* ``drop``: left out, as in training (the bag holds seen patches only).
+* ``compose``: the composed vector joins the bag as one more patch.
+* ``nearest``: the composed vector is replaced by its nearest learned pattern (FAISS), whose
+  row joins the bag.
+
+The default is ``drop``, what training does; ``benchmarks/query.py`` compares the three (docs/results.md).
+
+:class:`pipeline.query.run.Run` holds a :class:`Classifier` as ``run.classifier``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from pipeline.errors import ParameterError
 from pipeline.extraction.hashing import KeyPlan
-from pipeline.query import unseen_patches
-from pipeline.table import pooling
 from pipeline.query.training_images import TrainingImages
+from pipeline.table import pooling
 from pipeline.table.loaded import PatternTable
 
 CLASSIFIERS = ("head", "knn")
+UNSEEN_RULES = ("drop", "compose", "nearest")
+DEFAULT_UNSEEN = "drop"
 
+
+# ---------------------------------------------------------------- unseen patches
+
+def check_unseen(unseen: str) -> str:
+    """``unseen`` when it is one of :data:`UNSEEN_RULES`."""
+    if unseen not in UNSEEN_RULES:
+        raise ParameterError("unseen", f"{unseen!r} is not one of {', '.join(UNSEEN_RULES)}")
+    return unseen
+
+
+@lru_cache(maxsize=8)
+def _sub_slot_csr(plan: KeyPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr K+1, indices): the sub-slots of every slot, as :meth:`KeyPlan.sub_slots` gives them."""
+    subs = [plan.sub_slots(s) for s in range(plan.keys_per_image)]
+    indptr = np.zeros(len(subs) + 1, np.int64)
+    np.cumsum([len(s) for s in subs], out=indptr[1:])
+    indices = np.concatenate(subs).astype(np.int64) if indptr[-1] else np.zeros(0, np.int64)
+    return indptr, indices
+
+
+@dataclass
+class Unseen:
+    """The unseen patches of a batch of images and the seen rows their vectors are composed of."""
+
+    image: np.ndarray  # U: which image (row of the batch)
+    slot: np.ndarray  # U: which slot
+    parts: np.ndarray  # rows of the seen sub-patches, all patches concatenated
+    offsets: np.ndarray  # U + 1 into ``parts``
+    own: np.ndarray  # N x K bool: the key has its own row
+
+    @property
+    def has(self) -> np.ndarray:
+        """U bool: at least one seen sub-patch (a vector can be composed)."""
+        return np.diff(self.offsets) > 0
+
+    def means(self, values: np.ndarray) -> np.ndarray:
+        """U: the mean of a per-row value over each unseen patch's parts (0 where there is none),
+        what :meth:`vectors` gives for a one-column table, without building the vectors."""
+        per = np.diff(self.offsets)
+        sums = np.bincount(np.repeat(np.arange(len(per)), per), weights=values[self.parts], minlength=len(per))
+        return sums / np.maximum(per, 1)
+
+    def vectors(self, table: np.ndarray) -> np.ndarray:
+        """U x d composed vectors (mean of the parts; NaN where there is none)."""
+        d = table.shape[1]
+        out = np.full((len(self.image), d), np.nan, np.float32)
+        has = self.has
+        if has.any():
+            per = np.diff(self.offsets)
+            weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)
+            out[has] = pooling.pool_bags(table, self.parts, self.offsets, weights)[has]
+        return out
+
+
+def find_unseen(plan: KeyPlan, rows: np.ndarray, own_rows: int) -> Unseen:
+    """The unseen patches of images whose keys map to ``rows`` (N x K, from ``Vocabulary.rows_of``).
+
+    A key has its own row when ``0 <= row < own_rows`` (shared buckets do not count as seen).
+    """
+    own = (rows >= 0) & (rows < own_rows)
+    image, slot = np.nonzero(~own)
+    indptr, indices = _sub_slot_csr(plan)
+    n_sub = indptr[slot + 1] - indptr[slot]
+    pair = np.repeat(np.arange(len(slot)), n_sub)
+    start = np.repeat(indptr[slot] - np.concatenate(([0], np.cumsum(n_sub)[:-1])), n_sub)
+    sub = indices[start + np.arange(len(pair))] if len(pair) else np.zeros(0, np.int64)
+    img = image[pair]
+    ok = own[img, sub]
+    parts = rows[img[ok], sub[ok]]
+    offsets = np.zeros(len(slot) + 1, np.int64)
+    np.cumsum(np.bincount(pair[ok], minlength=len(slot)), out=offsets[1:])
+    return Unseen(image, slot, parts, offsets, own)
+
+
+def composed_sums(u: Unseen, table: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (sum of its composed vectors N x d, how many it has N)."""
+    has = u.has
+    per = np.diff(u.offsets)
+    count = np.bincount(u.image[has], minlength=n_images).astype(np.float32)
+    if not has.any():
+        return np.zeros((n_images, table.shape[1]), np.float32), count
+    # one weighted bag per image: each part weighs 1 / (parts of its patch)
+    pair_image = np.repeat(u.image, per)
+    order = np.argsort(pair_image, kind="stable")
+    weights = np.repeat(1.0 / np.maximum(per, 1), per).astype(np.float32)[order]
+    offsets = np.zeros(n_images + 1, np.int64)
+    np.cumsum(np.bincount(pair_image, minlength=n_images), out=offsets[1:])
+    return pooling.pool_bags(table, u.parts[order], offsets, weights), count
+
+
+# ---------------------------------------------------------------- the head and the classifier
 
 def head(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
     """Logits of pooled vectors through the head's linear layers (weight, bias), ReLU between them."""
@@ -55,16 +163,16 @@ class Classifier:
         self.head_layers = head_layers
         self.bag = bag
         self.training_images = training_images
-        self.unseen = unseen_patches.check(unseen)
+        self.unseen = check_unseen(unseen)
 
-    def nearest_keys(self, keys: np.ndarray) -> tuple[np.ndarray, unseen_patches.Unseen]:
+    def nearest_keys(self, keys: np.ndarray) -> tuple[np.ndarray, Unseen]:
         """``keys`` with each unseen patch's key replaced by its nearest learned pattern's key.
 
         The unseen patch's composed vector is searched in the pattern index; patches with no
         seen part keep their (unseen) key and so stay out of the bag.
         """
         vocab = self.table.vocab
-        u = unseen_patches.find(self.plan, vocab.rows_of(keys), vocab.size)
+        u = find_unseen(self.plan, vocab.rows_of(keys), vocab.size)
         vec = u.vectors(self.table.vectors)
         has = u.has
         out = np.array(keys, dtype=np.uint64, copy=True)
@@ -77,7 +185,7 @@ class Classifier:
     def pooled(self, keys: np.ndarray, unseen: str | None = None, weights: np.ndarray | None = None) -> np.ndarray:
         """Pooled image vectors (N x d float32, the model's bag reduction) for key arrays (N x K) with
         their weights (None = all 1); ``unseen`` says what unseen patches do (default :attr:`unseen`)."""
-        unseen = unseen_patches.check(unseen or self.unseen)
+        unseen = check_unseen(unseen or self.unseen)
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         if unseen == "nearest":
             keys, _ = self.nearest_keys(keys)
@@ -86,8 +194,8 @@ class Classifier:
         sums = pooling.pool_bags(vectors, rows, offsets, counts)
         n = pooling.bag_totals(counts, offsets)
         if unseen == "compose":
-            u = unseen_patches.find(self.plan, vocab.rows_of(keys), vocab.size)
-            extra, m = unseen_patches.composed_sums(u, vectors, len(keys))
+            u = find_unseen(self.plan, vocab.rows_of(keys), vocab.size)
+            extra, m = composed_sums(u, vectors, len(keys))
             sums, n = sums + extra, n + m
         return sums / pooling.divisor(n, self.bag)[:, None]
 

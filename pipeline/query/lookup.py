@@ -12,8 +12,7 @@ import numpy as np
 from pipeline.extraction.codes import Dictionary
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.errors import PipelineError
-from pipeline.query import unseen_patches
-from pipeline.query.classify import Classifier
+from pipeline.query.classify import Classifier, find_unseen
 from pipeline.table.loaded import PatternTable
 
 
@@ -71,11 +70,11 @@ class PatternLookup:
         """Vectors for the K slots of one image's keys: (vectors K x d, seen, composed).
 
         A key in the vocabulary uses its learned vector; any other key its composed vector
-        (:mod:`pipeline.query.unseen_patches`), or NaN when none of its parts was seen.
+        (:mod:`pipeline.query.classify`), or NaN when none of its parts was seen.
         """
         table = self.table.vectors
         rows = self.table.vocab.rows_of(keys[None])
-        u = unseen_patches.find(self.plan, rows, self.table.size)
+        u = find_unseen(self.plan, rows, self.table.size)
         seen = u.own[0]
         vectors = np.full((len(keys), table.shape[1]), np.nan, np.float32)
         vectors[seen] = table[rows[0][seen]]
@@ -103,7 +102,7 @@ class PatternLookup:
         the distances and ids to :meth:`search_lookups`, which searches for many images' patches at once."""
         table = self.table.vectors
         rows = self.table.vocab.rows_of(keys[None])
-        u = unseen_patches.find(self.plan, rows, self.table.size)
+        u = find_unseen(self.plan, rows, self.table.size)
         seen = u.own[0]
         made = u.has
         composed = np.zeros(len(keys), bool)

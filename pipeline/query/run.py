@@ -16,16 +16,15 @@ import numpy as np
 
 from pipeline import familiarity, layout
 from pipeline.config import ExtractConfig, TrainConfig, check_resize
-from pipeline.data.images import FIT_RULE, MAX_PIXELS, BadImage, decode, file_channels, fit_array
-from pipeline.data.pixels import as_nhwc, to_channels
+from pipeline.data.images import FIT_RULE, MAX_PIXELS, BadImage, as_nhwc, decode, file_channels, fit_array, to_channels
 from pipeline.data.sources import Source, read_ref
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.codes import Dictionary
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.extraction.shards import Shards
 from pipeline.layout import RUN_FORMAT
-from pipeline.query import evaluation, unseen_patches
-from pipeline.query.classify import Classifier
+from pipeline.query import evaluation
+from pipeline.query.classify import DEFAULT_UNSEEN, Classifier
 from pipeline.query.lookup import PatchLookup, PatternLookup
 from pipeline.query.training_images import ImageLookup, TrainingImages
 from pipeline.table import index as pattern_index
@@ -60,7 +59,7 @@ class Run:
     and the verbs a user calls are on the run: :meth:`predict`, :meth:`evaluate`,
     :meth:`nearest_patterns`, :meth:`nearest_images`, :meth:`familiarity`, :meth:`pattern_pixels`,
     :meth:`class_patterns`. ``unseen`` is the default unseen-patch rule
-    (:mod:`pipeline.query.unseen_patches`)."""
+    (:mod:`pipeline.query.classify`)."""
 
     def __init__(self, root: Path | str, unseen: str | None = None):
         self.root = Path(root)
@@ -105,7 +104,7 @@ class Run:
         self.table = PatternTable(self.root, self.vocab, vectors, index_info, self.unchanged.check)
         self.training_images = TrainingImages(self.root, image_index_info, self.unchanged.check)
         self.classifier = Classifier(self.table, self.plan, head_layers, self.train_config.bag, self.training_images,
-                                     unseen or unseen_patches.DEFAULT)
+                                     unseen or DEFAULT_UNSEEN)
         self.lookup = PatternLookup(self.table, self.plan, self.classifier, self.dictionary, self.extract_config.channels)
         # the tables are opened now (their footers read), so the whole run is the files present at load
         if (self.root / layout.PATTERNS).exists():

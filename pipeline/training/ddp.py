@@ -7,7 +7,7 @@ the vocabulary and writes it; the others load it. Each rank reads a disjoint set
 training part's row groups (group i goes to rank i mod N) and steps on ``batch_size / N``
 images, so a step sees the same number of images as one process does; ``DDP.join`` covers
 ranks whose part runs out first. The table is updated by torch's sparse Adagrad (the
-single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.training.table_kernels`,
+single-process CPU path uses the compiled lazy Adagrad of :mod:`pipeline.training.optim`,
 the same arithmetic), or torch's SparseAdam or SGD as ``--optimizer`` says. Rank 0 validates, writes metrics, curves and the best model, and
 finishes the run directory exactly as a single-process run does. Rank 0 also writes
 ``checkpoint.pt`` after every epoch (model, optimizers, history: the optimizer state is the
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import layout, outputs
-from pipeline.training import torchfiles
+from pipeline.training import run_files
 from pipeline.table import vocab
 from pipeline.training.bags import concat_bags, to_bags, validation_bags
 from pipeline.config import TrainConfig
@@ -148,7 +148,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
                                lambda: {"processes": world}, on_epoch, master=rank == 0, agree=agree)
     manifest = None
     if rank == 0:
-        state = torchfiles.load(out_p / layout.MODEL, "start the run again with --overwrite")
+        state = run_files.load(out_p / layout.MODEL, "start the run again with --overwrite")
         model.load_state_dict(state)
         manifest = finish_run(out_p, shards, config, model, v, history, best)
         manifest["processes"] = world

@@ -10,7 +10,7 @@ From the CLI: ``pipe train SHARDS --out RUN``; from Python:
    in a seeded random order through a shuffle buffer, in a background thread,
    and keeps the bags in memory up to ``cache_mb``; later epochs permute them
    from memory. On the CPU with Adagrad, each step's pooling and table update
-   run in compiled loops (:mod:`pipeline.training.table_kernels`); elsewhere through
+   run in compiled loops (:class:`pipeline.training.optim.CpuTableStep`); elsewhere through
    torch autograd and :mod:`pipeline.training.optim`.
 3. After each epoch: validation, one line of ``metrics.jsonl``, ``curves.png``,
    and ``checkpoint.pt`` (model, optimizers, random states), so ``resume=True``
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.training import curves, grow, lookups, optim, torchfiles
+from pipeline.training import grow, lookups, optim, run_files
 from pipeline.table import vocab
 from pipeline import layout, outputs
 from pipeline.table import index as pattern_index
@@ -142,13 +142,13 @@ def save_checkpoint(out: Path, model, opts, epoch: int, history: list[dict], bes
         "best": json.dumps(best),
         **extra,
     }
-    torchfiles.save(state, out / layout.CHECKPOINT)
+    run_files.save(state, out / layout.CHECKPOINT)
 
 
 def check_checkpoint(out: Path, processes: int | None) -> None:
     """Refuse a checkpoint written by another number of processes (``None``: the single-process
     trainer, whose optimizer and random states differ from the multi-process one's)."""
-    ck = torchfiles.load(out / layout.CHECKPOINT, RESTART, mmap=True)
+    ck = run_files.load(out / layout.CHECKPOINT, RESTART, mmap=True)
     had = ck.get("processes")
     if had != processes:
         how = "without `nproc`" if had is None else f"with `nproc` {had}"
@@ -157,7 +157,7 @@ def check_checkpoint(out: Path, processes: int | None) -> None:
 
 def load_checkpoint(out: Path, model, opts, device) -> tuple[dict, list[dict], dict, int]:
     """Restore model and optimizers from ``checkpoint.pt``; returns (checkpoint, history, best, next epoch)."""
-    ck = torchfiles.load(out / layout.CHECKPOINT, RESTART, map_location=device)
+    ck = run_files.load(out / layout.CHECKPOINT, RESTART, map_location=device)
     model.load_state_dict(ck.pop("model"))
     opts[0].load_state_dict(ck.pop("opt_table"))
     opts[1].load_state_dict(ck.pop("opt_head"))
@@ -195,7 +195,7 @@ def record_epoch(out: Path, model: PatchBagModel, row: dict, history: list[dict]
 
 
 def _save_model(out: Path, model: PatchBagModel) -> None:
-    torchfiles.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / layout.MODEL)
+    run_files.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / layout.MODEL)
 
 
 def build_vocab(shards: Shards, config: TrainConfig, out: Path, progress: Callable[[int], None] | None) -> vocab.Vocabulary:
@@ -402,13 +402,13 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     release_unused()  # the bag cache's blocks would stay in the C heap otherwise
     refit = reference = None
     if refits(config, history[-1].get("val_images") or 0, growth):
-        chooser = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
+        chooser = build_model(config, v.rows, num_classes, run_files.load(out / layout.MODEL, RESTART, mmap=True))
         reference = lookups.chooser_reference(shards, chooser, v, config.val_fraction)
         del chooser
         v, refit = _refit(shards, out, config, max(1, best["epoch"]), device, on_step)
         release_unused()
     # memory-mapped and assigned, not copied: the final step must not hold the table twice
-    final = build_model(config, v.rows, num_classes, torchfiles.load(out / layout.MODEL, RESTART, mmap=True))
+    final = build_model(config, v.rows, num_classes, run_files.load(out / layout.MODEL, RESTART, mmap=True))
     if growth is not None:
         head = final.output_layer()
         offsets = grow.calibrate(final, validation_bags(shards, v, config.val_fraction))
@@ -446,7 +446,7 @@ def run_epochs(out: Path, model, opts, config: TrainConfig, start: int, history:
                 row["drop_rate"] = float(model.auto_drop.rate.item())
             best, stale = record_epoch(out, model, row, history, best, stale, select)
             save_checkpoint(out, model, opts, epoch, history, best, **state())
-            curves.plot(history, out / layout.CURVES)
+            run_files.plot_curves(history, out / layout.CURVES)
             if on_epoch:
                 on_epoch(row)
         stop = bool(config.patience) and stale >= config.patience
@@ -591,7 +591,7 @@ def finish_run(
         "refit": refit,  # trained again on every image for the chosen epochs: no held-out part is left
         **(growth.manifest() if growth else {}),
     }
-    torchfiles.save_weights(model.state_dict(), out / layout.WEIGHTS)
+    run_files.save_weights(model.state_dict(), out / layout.WEIGHTS)
     layout.write_json(out / layout.RUN_MANIFEST, manifest)
     for name in (layout.CHECKPOINT, layout.TRAIN_JOB, layout.MODEL):
         (out / name).unlink(missing_ok=True)
