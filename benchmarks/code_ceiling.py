@@ -4,7 +4,7 @@
     python benchmarks/code_ceiling.py --shards DIR                                 # shards already extracted with --code-pool
     python benchmarks/code_ceiling.py --smoke --json                               # seconds: 300 digits images (what CI runs)
 
-``pipe extract --code-pool coarse`` (every atom of every 6x6 patch, triangle weights summed per
+``pipe extract --code-pool coarse --atoms 1024`` (every one of 1,024 atoms for every 6x6 patch, triangle weights summed per
 quadrant: the features of Coates, Lee & Ng 2011) writes one weight per (atom, cell) for each image
 and its mirror. The reference reads those weights back from the shards and fits a linear
 classifier on them alone, each feature standardised by its mean and standard deviation over the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import CIFAR_TAR, emit  # noqa: E402
 from benchmarks.defaults import size_mb, stage  # noqa: E402
 
-EXTRACT = ["--code-pool", "coarse"]
+EXTRACT = ["--code-pool", "coarse", "--atoms", "1024"]  # 1,024 atoms: 4,096 weights an image on 32x32
 
 
 def pooled_weights(shards_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

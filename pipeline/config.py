@@ -172,7 +172,7 @@ EXTRACT_BOUNDS = {
     "stride": Bound(1, 65535),
     "grid": Bound(0, 255, note="0 = auto"),
     "seed": Bound(0, (1 << 32) - 1),
-    "atoms": Bound(2, 65535),
+    "atoms": Bound(0, 65535, note="0 = auto"),
     "whiten": Bound(0, 1e6, hi_open=True, note="0 = no whitening"),
     "code_stride": Bound(1, 65535),
     "code_sample": Bound(1),
@@ -194,7 +194,7 @@ class ExtractConfig:
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
     code_shapes: str = "auto"  # shapes of the code view, a list 'HxW,HxW,...', 'none' (no code view) or 'auto' = chosen from the image size (docs/extract.md) [auto]
-    atoms: int = 1024  # dictionary atoms per code shape (FAISS k-means) [1024]
+    atoms: int = 0  # dictionary atoms per code shape (FAISS k-means); 0 = auto: 2048 when a code shape holds more than 64 values (h x w x channels: 6x6 RGB), else 1024 [auto]
     code_k: int = 0  # nearest atoms kept per patch of the code view; 0 = auto: every atom when the code view is pooled, else 5 [auto]
     code_weight: str = "triangle"  # weight of a kept atom: 'triangle' (mean distance minus its distance, at least 0) or 'hard' (1) [triangle]
     code_norm: str = "contrast"  # how a code-view patch is scaled before whitening: 'contrast' (each patch's brightness and contrast normalised) or 'none' (pixels on [0, 1]) [contrast]
@@ -226,7 +226,9 @@ class ExtractConfig:
         if self.code_shapes not in ("auto", "none"):
             listed = parse_shapes(self.code_shapes, "code_shapes")
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
-        if not 0 <= self.code_k <= self.atoms:
+        if self.atoms == 1:
+            raise ParameterError("atoms", "1 must be 0 (auto) or from 2 to 65535")
+        if self.atoms and not 0 <= self.code_k <= self.atoms:
             raise ParameterError("code_k", f"{self.code_k} must be from 1 to atoms ({self.atoms}), or 0 (auto)")
         if self.code_pool not in CODE_POOLS:
             raise ParameterError("code_pool", f"{self.code_pool!r} is not one of {', '.join(CODE_POOLS)}")

@@ -175,7 +175,7 @@ def test_defaults_benchmark_smoke():
 
 def test_factors_benchmark_smoke():
     (r,) = smoke("benchmarks/factors.py")
-    assert [row["row"] for row in r["rows"]] == ["default", "atoms"]
+    assert [row["row"] for row in r["rows"]] == ["base", "atoms"]
     assert all(0 <= row["val_accuracy"] <= 1 and row["train"]["seconds"] > 0 and row["shards_mb"] > 0 for row in r["rows"])
     assert r["rows"][1]["extract_flags"] == ["--atoms", "64"] and "extract" in r["rows"][1]
     # 200 digits: 882 exact keys (2 views x 21^2 rectangles) + 5 atoms x 25 places of the 4x4 code patch per image, whatever the atoms

@@ -13,7 +13,7 @@ from cli.main import main
 from pipeline import ExtractConfig, TrainConfig
 from pipeline.extraction import codes
 from pipeline.config import POSITION_MODES
-from pipeline.errors import PipelineError
+from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.hashing import KeyPlan, reference_code_key
 from pipeline.data.images import encode_png
 
@@ -301,6 +301,18 @@ def test_auto_settings_follow_the_image_size():
     from pipeline.data.augment import resolve
 
     assert (resolve("auto", 3), resolve("auto", 1), resolve("shift:1", 3)) == ("flip", "none", "shift:1")
+
+
+def test_auto_atoms_follow_the_code_patch_values():
+    # 6x6 x 3 = 108 values > 64: 2,048; 4x4 gray (16), 6x6 gray (36) and 4x4 RGB (48): 1,024
+    resolved = {(c, s): KeyPlan(ExtractConfig(color=c), s, s).config.atoms for c, s in [("rgb", 32), ("gray", 8), ("gray", 28), ("rgb", 8)]}
+    assert resolved == {("rgb", 32): 2048, ("gray", 8): 1024, ("gray", 28): 1024, ("rgb", 8): 1024}
+    assert codes.auto_atoms([(4, 4), (6, 6)], 3) == 2048 and codes.auto_atoms([], 3) == 1024  # any shape over 64 values
+    assert KeyPlan(ExtractConfig(color="rgb", atoms=64), 32, 32).config.atoms == 64  # a number given is kept
+    with pytest.raises(ParameterError, match="code_k 1500 must be from 1 to atoms \\(1024\\)"):
+        KeyPlan(ExtractConfig(color="gray", code_k=1500), 8, 8)  # checked against the resolved count
+    with pytest.raises(ParameterError, match="atoms 1 must be 0 \\(auto\\) or from 2"):
+        ExtractConfig(atoms=1)
 
 
 def _pooled_reference(d, imgs, k, weighting, cells, n_cells):

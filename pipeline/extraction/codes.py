@@ -62,6 +62,17 @@ def auto_shapes(height: int, width: int) -> list[tuple[int, int]]:
     return [(s, s)]
 
 
+AUTO_ATOMS_VALUES = 64  # --atoms auto: a code shape holding more values than this gets the larger dictionary
+
+
+def auto_atoms(shapes: list[tuple[int, int]], channels: int) -> int:
+    """The dictionary size for ``--atoms auto``: 2048 atoms when a code shape holds more than
+    :data:`AUTO_ATOMS_VALUES` values (h x w x channels: 6x6 on RGB images), else 1024 (4x4 or 6x6
+    on gray ones). A patch of more values spreads over more directions, and more atoms cover them;
+    the patch papers' dictionaries for 6x6 RGB patches hold 1,600 to 4,000 atoms."""
+    return 2048 if any(h * w * channels > AUTO_ATOMS_VALUES for h, w in shapes) else 1024
+
+
 def patch_matrix(images: np.ndarray, h: int, w: int, stride: int) -> tuple[np.ndarray, int, int]:
     """Every h x w patch of N x H x W x C uint8 images as float32 rows (N * ny * nx x h*w*C, row-major HWC),
     locations in row-major order with steps of ``stride``; returns (patches, ny, nx)."""
