@@ -215,7 +215,7 @@ def compare(images, labels, config, tmp: Path, tag: str, repeat: int, compressio
     ours_dir, base_dir = tmp / f"{tag}-ours", tmp / f"{tag}-baseline"
 
     def ours():
-        return pipeline.extract(from_arrays(images, labels), ours_dir, config, overwrite=True, compression=compression, augment="none")
+        return pipeline.extract(from_arrays(images, labels), ours_dir, config, overwrite=True, compression=compression, augment="none", workers=1)  # one core, as the baseline
 
     def base():
         shutil.rmtree(base_dir, ignore_errors=True)

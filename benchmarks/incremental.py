@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--no-retrain", action="store_true", help="leave out the retrain-from-scratch reference but its last step (the joint run)")
     ap.add_argument("--no-naive", action="store_true", help="leave out the naive side (continuing on the new images only)")
     ap.add_argument("--step-args", default="", help="more flags for the steps side's pipe train --from, e.g. '--distill 2'")
+    ap.add_argument("--extract-args", default="", help="more flags for the first step's and the joint run's pipe extract (later steps copy them with --like), e.g. '--atoms 1024'")
     ap.add_argument("--smoke", action="store_true", help="digits, three steps of a few images (seconds)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -125,7 +126,7 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
                 write_folder(tmp / f"test{j}", {c: test[c] for c in pair})
         row: dict = {"step": i + 1, "classes": list(images), "images": sum(len(v) for v in images.values())}
         if i == 0:
-            row["steps_extract"] = stage(["extract", str(folder), "--out", str(tmp / "s0")])
+            row["steps_extract"] = stage(["extract", str(folder), "--out", str(tmp / "s0"), *shlex.split(a.extract_args)])
             row["steps_train"] = stage(["train", str(tmp / "s0"), "--out", str(tmp / "r0"), *train_flags])
             (tmp / "n0").symlink_to(tmp / "r0")
         else:
@@ -138,7 +139,7 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
         last = i == len(steps) - 1
         if not a.no_retrain or last:
             union = write_folder(tmp / f"union{i}", {c: [img for st in steps[: i + 1] for img in st.get(c, [])] for c in seen_classes})
-            row["retrain_extract"] = stage(["extract", str(union), "--out", str(tmp / f"u{i}")])
+            row["retrain_extract"] = stage(["extract", str(union), "--out", str(tmp / f"u{i}"), *shlex.split(a.extract_args)])
             row["retrain_train"] = stage(["train", str(tmp / f"u{i}"), "--out", str(tmp / f"j{i}"), *train_flags])
         for name, run in (("steps", tmp / f"r{i}"), ("naive", tmp / f"n{i}"), ("retrain", tmp / f"j{i}")):
             if not run.exists():
@@ -160,6 +161,7 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
         "per_class": a.per_class,
         "held_out": a.held_out,
         "step_args": a.step_args,
+        "extract_args": a.extract_args,
         "order": ["/".join(p) for p in order],
         "steps": rows,
         "final": {"steps": rows[-1]["steps"]["seen"], "naive": rows[-1].get("naive", {}).get("seen"), "joint": joint,
