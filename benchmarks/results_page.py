@@ -94,8 +94,8 @@ def factors() -> str:
         rows.append([r["row"], f"`{change}`", f"{r['val_accuracy']:.4f}", f"{r['train_accuracy']:.4f}",
                      f"{ex['seconds']:.0f}" if ex else "(shared)", f"{tr['seconds']:.0f}",
                      f"{max(ex['peak_rss_mb'] if ex else 0, tr['peak_rss_mb']):,}", f"{r['shards_mb']:,.0f}", f"{r['run_mb']:,.0f}"])
-    gap = (f" The base row is {base['val_accuracy']:.4f}; on these images `--atoms auto` resolves to 2,048, so the defaults are the atoms row"
-           " (the first table).") if base else ""
+    atoms = load("cifar_defaults.json")["extract"]["atoms"]
+    gap = (f" The base row is {base['val_accuracy']:.4f}; on these images `--atoms auto` resolves to {atoms:,} (the first table).") if base else ""
     ceiling = ""
     if (RESULTS / "code_ceiling.json").exists():
         c = load("code_ceiling.json")

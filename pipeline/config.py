@@ -179,6 +179,12 @@ EXTRACT_BOUNDS = {
 }
 
 
+def check_code_k(code_k: int, atoms: int) -> None:
+    """Refuse a ``code_k`` above the dictionary's ``atoms`` (the given count, or the resolved one of ``atoms`` 0)."""
+    if not 0 <= code_k <= atoms:
+        raise ParameterError("code_k", f"{code_k} must be from 1 to atoms ({atoms}), or 0 (auto)")
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """How images become keys (see docs/hashing.md)."""
@@ -228,8 +234,8 @@ class ExtractConfig:
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
         if self.atoms == 1:
             raise ParameterError("atoms", "1 must be 0 (auto) or from 2 to 65535")
-        if self.atoms and not 0 <= self.code_k <= self.atoms:
-            raise ParameterError("code_k", f"{self.code_k} must be from 1 to atoms ({self.atoms}), or 0 (auto)")
+        if self.atoms:
+            check_code_k(self.code_k, self.atoms)
         if self.code_pool not in CODE_POOLS:
             raise ParameterError("code_pool", f"{self.code_pool!r} is not one of {', '.join(CODE_POOLS)}")
         if self.code_weight not in CODE_WEIGHTS:
@@ -318,8 +324,8 @@ class ExtractConfig:
 
     def fingerprint(self) -> str:
         """A short stable digest of everything that decides the keys."""
-        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h) or (self.code_shapes != "none" and self.code_k == 0):
-            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes, k or grid are still 'auto'")
+        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h) or (self.code_shapes != "none" and 0 in (self.code_k, self.atoms)):
+            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes, atoms, k or grid are still 'auto'")
         if self.has_code and not self.dictionary:
             raise PipelineError("cannot fingerprint a code view without its dictionary's digest")
         d = self.to_dict()

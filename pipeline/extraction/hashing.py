@@ -29,8 +29,8 @@ import numpy as np
 from pipeline.extraction import kernels
 from pipeline.fmix import MASK, fmix64, fmix64_int
 from pipeline.extraction.codes import auto_atoms, auto_shapes
-from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig
-from pipeline.errors import ParameterError, PipelineError
+from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig, check_code_k
+from pipeline.errors import PipelineError
 
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
 B = 0xC2B2AE3D27D4EB4F  # column multiplier (odd)
@@ -249,8 +249,7 @@ class KeyPlan:
             config = dataclasses.replace(config, grid=auto_grid(height, width))
         if config.atoms == 0:
             config = dataclasses.replace(config, atoms=auto_atoms(config.code_shape_list(), config.channels))
-        if config.code_k > config.atoms:
-            raise ParameterError("code_k", f"{config.code_k} must be from 1 to atoms ({config.atoms}), or 0 (auto)")
+            check_code_k(config.code_k, config.atoms)  # a given count was checked by the config
         if config.code_k == 0:
             config = dataclasses.replace(config, code_k=config.atoms if config.code_pooled else min(CODE_K_UNPOOLED, config.atoms))
         if config.views == "auto":
