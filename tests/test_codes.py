@@ -79,7 +79,8 @@ def test_coding_over_many_chunks_with_ties_equals_brute_force(k):
 def test_coding_in_blocks_equals_one_block(monkeypatch):
     d, imgs = small_dictionary()
     whole = d.code(imgs[:30], 1, 3, "triangle")
-    monkeypatch.setattr(codes, "BLOCK_PATCHES", 37)  # many blocks, the last one partial
+    monkeypatch.setattr(codes, "BLOCK_DISTANCES", 37 * 8)  # blocks of 37 patches at 8 atoms, the last one partial
+    assert codes.block_rows(8) == 37
     parts = d.code(imgs[:30], 1, 3, "triangle")
     assert np.array_equal(whole[0], parts[0])
     np.testing.assert_allclose(whole[1], parts[1], rtol=1e-6)

@@ -39,7 +39,13 @@ MAX_ATOMS = 65535  # atoms per shape: a code holds an atom id in 16 bits
 MAX_DICTIONARY_BYTES = 1 << 32  # a dictionary file larger than this is not one
 
 CONTRAST = 10.0  # added to each patch's variance (pixel values 0..255) before dividing by its square root
-BLOCK_PATCHES = 4096  # patches per matrix product: 16 MiB of distances at K = 1024, read back while still cached
+BLOCK_DISTANCES = 1 << 21  # distances per matrix product (8 MiB): one worker's block per core stays in the shared cache until read back
+
+
+def block_rows(atoms: int) -> int:
+    """Patches per matrix product with ``atoms`` atoms: :data:`BLOCK_DISTANCES` distances, at least one patch."""
+    return max(1, BLOCK_DISTANCES // atoms)
+
 FIT_PATCHES_PER_IMAGE = 20  # the fit's sample takes about this many patches from each image it reads
 FIT_MIN_IMAGES = 1000  # ... from at least this many images (all, when the source has fewer)
 DICTIONARY_FORMAT = "patchhash-dictionary-v1"
@@ -118,39 +124,64 @@ def _ordered_sum(x):
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
-CHUNK = 16  # atoms taken together: a group whose smallest distance is past the bound below is never scanned
+CHUNK = 16  # atoms per group: a group whose smallest distance is past the bound below is never scanned
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # no nnan/ninf: inf marks empty places
 
+# The K distances of a patch are read as a CHUNK x G matrix (G = K // CHUNK groups, row-major):
+# group q holds atoms q, q + G, ..., q + (CHUNK - 1) G, and atoms from CHUNK * G on are in no
+# group. Every per-group quantity is then a column-wise operation over whole rows, which the
+# compiler turns into vector instructions.
+
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _distances(zc_row, zr, c2, dist):
-    """A patch's distance to every atom, ``sqrt(max(0, |z|^2 + |c|^2 - 2 z.c))``, into ``dist``; returns
-    their sum (:func:`_ordered_sum`). A loop without branches, so it vectorizes."""
-    for j in range(dist.size):
+def _distances(zc_row, zr, c2, dist, lows, groups):
+    """A patch's distance to every atom, ``sqrt(max(0, |z|^2 + |c|^2 - 2 z.c))``, into ``dist``, and
+    each group's smallest distance into ``lows[:groups]``."""
+    for q in range(groups):
+        d = np.sqrt(max(zr + c2[q] - np.float32(2.0) * zc_row[q], np.float32(0.0)))
+        dist[q] = d
+        lows[q] = d
+    for i in range(1, CHUNK):
+        o = i * groups
+        for q in range(groups):
+            d = np.sqrt(max(zr + c2[o + q] - np.float32(2.0) * zc_row[o + q], np.float32(0.0)))
+            dist[o + q] = d
+            lows[q] = min(lows[q], d)
+    for j in range(groups * CHUNK, dist.size):
         dist[j] = np.sqrt(max(zr + c2[j] - np.float32(2.0) * zc_row[j], np.float32(0.0)))
-    return _ordered_sum(dist)
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _nearest(dist, k, lows, cand, best_d, best_i):
+@njit(cache=True, nogil=True)
+def _total(dist, groups, sums):
+    """The sum of a patch's distances in one fixed order: each group's running sum (column by
+    column of the matrix above, exact IEEE additions, so the order never depends on the
+    thread count or the array's alignment), those sums by :func:`_ordered_sum`, then the
+    atoms in no group."""
+    sums[:groups] = 0
+    for i in range(CHUNK):
+        o = i * groups
+        for q in range(groups):
+            sums[q] += dist[o + q]
+    s = _ordered_sum(sums[:groups])
+    for j in range(groups * CHUNK, dist.size):
+        s += dist[j]
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _nearest(dist, k, lows, groups, cand, best_d, best_i):
     """The k smallest of ``dist`` (nearest first, ties to the lower index) into ``best_d`` / ``best_i``.
 
-    The k-th smallest of the minima of groups of :data:`CHUNK` distances bounds the k-th smallest
-    distance from above, so only the groups whose minimum is within that bound are looked at, and
-    only their distances within the bound enter the ordered list (kept without a branch): the
-    choice is exactly that of a scan of every distance."""
+    Each group's smallest distance is some atom's distance, so the k-th smallest of the groups'
+    minima bounds the k-th smallest distance from above: only the groups whose minimum is within
+    that bound are looked at, and only their distances within it (and those of atoms in no group)
+    enter the ordered list, compared by (distance, index): the choice is exactly that of a scan of
+    every distance."""
     n = dist.size
-    chunks = n // CHUNK
-    for q in range(chunks):
-        low = dist[q * CHUNK]
-        for j in range(q * CHUNK + 1, (q + 1) * CHUNK):
-            low = min(low, dist[j])
-        lows[q] = low
-    lows[chunks] = -np.inf  # the distances past the last whole group are always looked at
     bound = np.inf
-    if chunks >= k:
+    if groups >= k:
         best_d[:] = np.inf  # here: the k smallest group minima
-        for q in range(chunks):
+        for q in range(groups):
             v = lows[q]
             if v < best_d[k - 1]:
                 p = k - 1
@@ -160,20 +191,24 @@ def _nearest(dist, k, lows, cand, best_d, best_i):
                 best_d[p] = v
         bound = best_d[k - 1]
     m = 0
-    for q in range(chunks + 1):
+    for q in range(groups):
         if lows[q] > bound:
             continue
-        for j in range(q * CHUNK, min((q + 1) * CHUNK, n)):
+        for i in range(CHUNK):
+            j = i * groups + q
             cand[m] = j
             m += dist[j] <= bound
+    for j in range(groups * CHUNK, n):
+        cand[m] = j
+        m += dist[j] <= bound
     best_d[:] = np.inf
     best_i[:] = n
     for t in range(m):
         j = cand[t]
         d = dist[j]
-        if d < best_d[k - 1]:
+        if d < best_d[k - 1] or (d == best_d[k - 1] and j < best_i[k - 1]):
             p = k - 1
-            while p > 0 and best_d[p - 1] > d:
+            while p > 0 and (best_d[p - 1] > d or (best_d[p - 1] == d and best_i[p - 1] > j)):
                 best_d[p] = best_d[p - 1]
                 best_i[p] = best_i[p - 1]
                 p -= 1
@@ -183,9 +218,11 @@ def _nearest(dist, k, lows, cand, best_d, best_i):
 
 @njit(cache=True, nogil=True)
 def _scratch(n, k):
-    """One thread's buffers for :func:`_distances` and :func:`_nearest` over n atoms, k kept."""
-    return (np.empty(n, np.float32), np.empty(n // CHUNK + 1, np.float32), np.empty(n, np.int64),
-            np.empty(k, np.float32), np.empty(k, np.int64))
+    """One thread's buffers for :func:`_distances`, :func:`_total` and :func:`_nearest` over n atoms, k kept:
+    (groups, dist, lows, sums, cand, best_d, best_i)."""
+    groups = n // CHUNK
+    return (groups, np.empty(n, np.float32), np.empty(groups, np.float32), np.empty(groups, np.float32),
+            np.empty(n, np.int64), np.empty(k, np.float32), np.empty(k, np.int64))
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -204,9 +241,10 @@ def _select(zc, z2, c2, k, hard, atoms, weights, row0):
     and their weights, written to rows row0.. of ``atoms`` / ``weights``. Rows run in parallel."""
     b, n = zc.shape
     for r in prange(b):
-        dist, lows, cand, best_d, best_i = _scratch(n, k)
-        mean = _distances(zc[r], z2[r], c2, dist) / n
-        _nearest(dist, k, lows, cand, best_d, best_i)
+        groups, dist, lows, sums, cand, best_d, best_i = _scratch(n, k)
+        _distances(zc[r], z2[r], c2, dist, lows, groups)
+        mean = _total(dist, groups, sums) / n
+        _nearest(dist, k, lows, groups, cand, best_d, best_i)
         for j in range(k):
             atoms[row0 + r, j] = best_i[j]
             weights[row0 + r, j] = _weight(mean, best_d[j], hard)
@@ -223,17 +261,18 @@ def _pool(zc, z2, c2, k, hard, cells, out, image0):
     images = zc.shape[0] // locations
     n = zc.shape[1]
     for i in prange(images):
-        dist, lows, cand, best_d, best_i = _scratch(n, k)
+        groups, dist, lows, sums, cand, best_d, best_i = _scratch(n, k)
         img = out[image0 + i]
         for loc in range(locations):
             r = i * locations + loc
-            mean = _distances(zc[r], z2[r], c2, dist) / n
+            _distances(zc[r], z2[r], c2, dist, lows, groups)
+            mean = _total(dist, groups, sums) / n
             acc = img[cells[loc]]
             if k == n:
                 for j in range(n):
                     acc[j] += _weight(mean, dist[j], hard)
                 continue
-            _nearest(dist, k, lows, cand, best_d, best_i)
+            _nearest(dist, k, lows, groups, cand, best_d, best_i)
             for j in range(k):
                 acc[best_i[j]] += _weight(mean, best_d[j], hard)
 
@@ -262,7 +301,7 @@ class ShapeCode:
         atoms = np.empty((len(patches), k), np.int64)
         weights = np.empty((len(patches), k), np.float32)
         c2 = (self.atoms**2).sum(1)
-        for s, zc, z2 in self._products(patches, BLOCK_PATCHES):
+        for s, zc, z2 in self._products(patches, block_rows(len(self.atoms))):
             _select(zc, z2, c2, k, hard, atoms, weights, s)
         return atoms, weights
 
@@ -287,7 +326,7 @@ class ShapeCode:
         out = np.zeros((n, n_cells, len(self.atoms)), np.float32)
         c2 = (self.atoms**2).sum(1)
         cells = np.ascontiguousarray(cells, np.int64)
-        rows = max(1, BLOCK_PATCHES // locations) * locations  # whole images per product
+        rows = max(1, block_rows(len(self.atoms)) // locations) * locations  # whole images per product
         for s, zc, z2 in self._products(patches, rows):
             _pool(zc, z2, c2, k, hard, cells, out, s // locations)
         return out
