@@ -274,7 +274,7 @@ RESULT = dict(images=m["images"], patches=m["patches"], bytes=m["bytes"])
 """
 
 
-MATMUL_ROWS = 4096  # patches in the bare product the coding is compared with (all cores)
+MATMUL_ROWS = 4096  # patches per product of the numpy coding, and in the bare product the coding is compared with (all cores)
 
 
 def numpy_codes(images: np.ndarray, d, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -286,9 +286,8 @@ def numpy_codes(images: np.ndarray, d, k: int) -> tuple[np.ndarray, np.ndarray]:
         p, ny, nx = codes.patch_matrix(images, s.h, s.w, 1)
         codes.normalise(p, s.norm)
         out_a, out_w = [], []
-        rows = codes.block_rows(len(s.atoms))
-        for b in range(0, len(p), rows):
-            z = (p[b : b + rows] - s.mean) @ s.whiten
+        for b in range(0, len(p), MATMUL_ROWS):
+            z = (p[b : b + MATMUL_ROWS] - s.mean) @ s.whiten
             dist = np.sqrt(np.maximum((z * z).sum(1, keepdims=True) - 2 * z @ s.atoms.T + (s.atoms**2).sum(1), 0))
             part = np.argpartition(dist, k - 1, axis=1)[:, :k]
             near = np.take_along_axis(dist, part, 1)

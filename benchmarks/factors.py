@@ -38,6 +38,13 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("schedule", [], ["--epochs", "10", "--patience", "3", "--lr", "0.5"]),
     ("combined", ["--atoms", "2048", "--code-k", "10"], ["--epochs", "10", "--patience", "3", "--lr", "0.5"]),  # the rows that helped
     ("within budget", ["--atoms", "2048"], ["--epochs", "10", "--patience", "3", "--lr", "0.5"]),  # combined without k 10 (its shards pass 5 GB)
+    ("hard", ["--code-weight", "hard"], []),
+    ("whiten", ["--whiten", "0.01"], []),
+    ("overlap", ["--position", "grid,offset"], []),  # a second key per patch: the cell of the grid moved by half a cell
+    ("regularised", [], ["--lr", "0.3", "--drop", "0.3"]),
+    ("atoms 4096", ["--atoms", "4096"], []),
+    ("overlap 2048", ["--atoms", "2048", "--position", "grid,offset"], []),  # the two that helped most
+    ("signs", ["--code-signs", "both"], []),  # the atoms nearest each patch's negative too (Thiry et al.'s second map)
 ]
 SMOKE_ROWS = [("base", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
 

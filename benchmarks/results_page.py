@@ -40,11 +40,8 @@ def cifar_defaults() -> str:
     d = load("cifar_defaults.json")
     return f"""## CIFAR-10 with the defaults
 
-`python benchmarks/defaults.py --out benchmarks/results/cifar_defaults.json`:
-`pipe extract` on the shared archive of the {d['images'] // (2 if d['extract']['augment'] == 'flip' else 1):,} CIFAR-10 training
-images and `pipe train`, no flags, each stage its own process on {d['cpus']} cores. The
-accuracy is on the {d['val_images']:,} training images the trainer holds out (the
-dictionary fit leaves them out too); the official test split is not used here.
+`python benchmarks/defaults.py --out benchmarks/results/cifar_defaults.json`: `pipe extract` on the shared archive of the {d['images'] // (2 if d['extract']['augment'] == 'flip' else 1):,} CIFAR-10 training images and `pipe train`, no flags, each stage its own process on {d['cpus']} cores.
+The accuracy is on the {d['val_images']:,} training images the trainer holds out (the dictionary fit leaves them out too); the official test split is not used here.
 
 {table(["figure", "value", "bound"], [
     ["held-out accuracy (best epoch)", f"**{d['val_accuracy']:.4f}** (epoch {d['best_epoch']} of {d['epochs_run']})", "≥ 0.75"],
@@ -136,7 +133,7 @@ def coding_speed() -> str:
 
 `python benchmarks/extract.py --codes --json > benchmarks/results/extract_codes.json`: coding {d['code_images']:,} CIFAR
 images ({', '.join(d['code_shapes'])}, {d['atoms']:,} atoms, k = {d['code_k']}), ours against the same coding in numpy (`argpartition`), and
-over {d['workers']} workers as `pipe extract` runs it against a bare matmul of one block on all cores.
+over {d['workers']} workers as `pipe extract` runs it against a bare matmul of 4,096 patches by the atoms on all cores.
 
 {table(["", "ours", "numpy"], [
     ["images/s, one process", f"{d['ours_images_per_s']:,}", f"{d['numpy_images_per_s']:,}"],
@@ -158,10 +155,8 @@ def extract_engine() -> str:
     rss = "; ".join(f"{r['images']:,} → {r['peak_rss_mb']:.0f} MB" for r in d["rss_default"] + d["rss_full"])
     return f"""## Extract engine
 
-`python benchmarks/extract.py --json > benchmarks/results/extract.json`:
-the exact views' hashing (one `levels` view, no code view), ours (prefix-sum rolling hash
-compiled with numba) against `torch.Tensor.unfold` per shape and a wrapping dot product
-(the same hash, so the keys must match), both writing the same shards, one core each.
+`python benchmarks/extract.py --json > benchmarks/results/extract.json`: the exact views' hashing (one `levels` view, no code view), ours (prefix-sum rolling hash
+compiled with numba) against `torch.Tensor.unfold` per shape and a wrapping dot product (the same hash, so the keys must match), both writing the same shards, one core each.
 
 {table(["input", "ours M patches/s", "baseline M patches/s", "ratio", "identical keys"], rows)}
 
@@ -175,12 +170,9 @@ def training() -> str:
     d = load("train.json")
     return f"""## Training throughput
 
-`python benchmarks/train.py --current-defaults --json > benchmarks/results/train.json`:
-{d['images']:,} CIFAR images with today's extract defaults, {d['epochs']} epochs each side, each side
-in its own process. Baseline: the plain loop, `EmbeddingBag(mode="mean", sparse=True)` over each
-image's raw keys hashed into 4M rows, SparseAdam + Adam, batch 128. Ours: `pipeline.train` with
-the defaults. `ids/s` counts the images' raw keys per second of the inner loop; wall clock is the
-whole process (reading, our vocabulary pass, validation, our look-up artifacts).
+`python benchmarks/train.py --current-defaults --json > benchmarks/results/train.json`: {d['images']:,} CIFAR images with today's extract defaults, {d['epochs']} epochs each side, each side
+in its own process. Baseline: the plain loop, `EmbeddingBag(mode="mean", sparse=True)` over each image's raw keys hashed into 4M rows, SparseAdam + Adam, batch 128.
+Ours: `pipeline.train` with the defaults. `ids/s` counts the images' raw keys per second of the inner loop; wall clock is the whole process (reading, our vocabulary pass, validation, our look-up artifacts).
 
 {table(["", "ours", "baseline", "ratio"], [
     ["M ids/s, inner loop", mps(d['ids_per_s']), mps(d['baseline_ids_per_s']), f"{d['ratio']:.2f}"],

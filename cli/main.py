@@ -17,7 +17,7 @@ import click
 
 import pipeline
 from pipeline import ExtractConfig, PipelineError, TrainConfig
-from pipeline.config import CODE_POOLS, DISTILL, EXTRACT_BOUNDS, OPTIMIZERS, REPLAY, TRAIN_BOUNDS, parse_size
+from pipeline.config import CODE_POOLS, CODE_SIGNS, DISTILL, EXTRACT_BOUNDS, OPTIMIZERS, REPLAY, TRAIN_BOUNDS, parse_size
 from pipeline.extraction.shards import DEFAULT_CODEC
 from pipeline.errors import ParameterError, environment_message
 from pipeline.query.classify import UNSEEN_RULES
@@ -131,6 +131,7 @@ def source_options(f):
 @click.option("--code-pool", type=click.Choice(list(CODE_POOLS)), default=ExtractConfig.code_pool, show_default=True, help="Code view: none = a key per patch location and kept atom; grid, coarse or offset = the weights of each atom summed over the patches of each cell of that key kind before anything is written (the code keys then use that kind alone).")
 @click.option("--code-weight", type=click.Choice(["triangle", "hard"]), default=ExtractConfig.code_weight, show_default=True, help="Code view: weight of a kept atom: triangle (mean distance to all atoms minus its distance) or hard (1).")
 @click.option("--code-norm", type=click.Choice(["contrast", "none"]), default=ExtractConfig.code_norm, show_default=True, help="Code view: how a patch is scaled before whitening: contrast (each patch's brightness and contrast normalised) or none (pixels on [0, 1], e.g. with --whiten 0.01); atoms of none are drawn in their own colours.")
+@click.option("--code-signs", type=click.Choice(list(CODE_SIGNS)), default=ExtractConfig.code_signs, show_default=True, help="Code view: one = a patch keeps the atoms nearest to it; both = also the atoms nearest to its negative, each a key of its own (the second map of Thiry et al. 2021).")
 @click.option("--whiten", type=float, default=ExtractConfig.whiten, show_default=True, help="Code view: ZCA regularisation added to the eigenvalues of the scaled patches' covariance; 0 = no whitening.")
 @click.option("--code-stride", type=int, default=ExtractConfig.code_stride, show_default=True, help="Code view: step between patch positions, in pixels.")
 @click.option("--code-sample", type=int, default=ExtractConfig.code_sample, show_default=True, help="Code view: patches per shape sampled to fit the dictionary.")
@@ -148,7 +149,7 @@ def source_options(f):
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @_json_option("Print the shards' manifest (with resumed_shards, seconds, and the audit with --audit) as one JSON object.")
-def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_pool, code_weight, code_norm, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
+def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_pool, code_weight, code_norm, code_signs, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -184,7 +185,7 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
     mh, mw = (0, 0) if max_size == "auto" else _size(max_size, "--max-size")
     config = ExtractConfig(
         levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
-        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_pool=code_pool, code_weight=code_weight, code_norm=code_norm, whiten=whiten,
+        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_pool=code_pool, code_weight=code_weight, code_norm=code_norm, code_signs=code_signs, whiten=whiten,
         code_stride=code_stride, code_sample=code_sample,
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
@@ -225,7 +226,7 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
 
 # the options of pipe extract that --like takes from the earlier run or shards
 SETTINGS_OF_LIKE = ("levels", "views", "color", "max_size", "shapes", "stride", "position", "grid", "code_shapes", "atoms", "code_k",
-                    "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
+                    "code_pool", "code_weight", "code_norm", "code_signs", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
 
 
 def _train_option(name: str, help: str, **kw):

@@ -95,8 +95,10 @@ VIEW_KINDS = ("levels", "norm", "grad")
 CODE_WEIGHTS = ("triangle", "hard")
 CODE_NORMS = ("none", "contrast")
 CODE_POOLS = ("none", "grid", "coarse", "offset")
+CODE_SIGNS = ("one", "both")
 CODE_K_UNPOOLED = 5  # --code-k auto without pooling
-CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary")
+MAX_SIGNED_ATOMS = 32767  # atoms per shape with --code-signs both: ids of both signs fit 16 bits
+CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "code_signs")
 
 
 def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
@@ -209,6 +211,7 @@ class ExtractConfig:
     code_sample: int = 200000  # patches per code shape sampled from the training images to fit the dictionary [200000]
     dictionary: str = ""  # SHA-256 of the dictionary the code view was made with (set by pipe extract) []
     code_pool: str = "none"  # 'none' (a key per patch location and rank), or a position mode ('grid', 'coarse', 'offset') whose cells sum the code view's weights before anything is written (its keys then use that mode alone) [none]
+    code_signs: str = "one"  # 'one': a patch keeps the atoms nearest to it; 'both': also those nearest to its negative, as atoms of their own (ids atoms..2*atoms-1) [one]
     views: str = "auto"  # exact views hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour); 'none'; 'auto' = levels,grad on gray images, levels on RGB [auto]
 
     def __post_init__(self) -> None:
@@ -242,6 +245,10 @@ class ExtractConfig:
             raise ParameterError("code_weight", f"{self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
         if self.code_norm not in CODE_NORMS:
             raise ParameterError("code_norm", f"{self.code_norm!r} is not one of {', '.join(CODE_NORMS)}")
+        if self.code_signs not in CODE_SIGNS:
+            raise ParameterError("code_signs", f"{self.code_signs!r} is not one of {', '.join(CODE_SIGNS)}")
+        if self.code_signs == "both" and self.atoms > MAX_SIGNED_ATOMS:
+            raise ParameterError("atoms", f"{self.atoms} is more than {MAX_SIGNED_ATOMS} with `code_signs` both (an atom id and its negative's share 16 bits); use fewer atoms")
         if self.views != "auto":
             views = parse_views(self.views, self.levels)
             object.__setattr__(self, "views", ",".join(k if lv == self.levels or k == "grad" else f"{k}:{lv}" for k, lv in views) or "none")
@@ -266,6 +273,11 @@ class ExtractConfig:
         if self.code_shapes == "auto":
             raise PipelineError("the code shapes are still 'auto'; resolve them against a source first")
         return self.code_shapes != "none"
+
+    @property
+    def signs(self) -> int:
+        """How many signs of a patch the code view codes: 1 (``one``) or 2 (``both``)."""
+        return 2 if self.code_signs == "both" else 1
 
     @property
     def code_pooled(self) -> bool:
@@ -318,6 +330,7 @@ class ExtractConfig:
         d.setdefault("code_norm", "contrast")  # written before --code-norm existed: contrast normalisation
         d.setdefault("code_pool", "none")  # written before --code-pool existed: a key per location and rank
         d.setdefault("code_k", CODE_K_UNPOOLED)  # written before --code-k auto existed
+        d.setdefault("code_signs", "one")  # written before --code-signs existed
         if d.get("resize") is not None:
             d["resize"] = tuple(d["resize"])
         return cls(**d)
@@ -336,6 +349,8 @@ class ExtractConfig:
             del d["code_norm"]
         if d.get("code_pool") == "none":  # unpooled codes hash as before --code-pool existed
             del d["code_pool"]
+        if d.get("code_signs") == "one":  # one-sign codes hash as before --code-signs existed
+            del d["code_signs"]
         if d["views"] == "levels":  # the single default view hashes as before views existed
             del d["views"]
         payload = json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True)

@@ -76,6 +76,60 @@ def test_coding_over_many_chunks_with_ties_equals_brute_force(k):
     assert k == 1 or (atoms >= 50).any()  # copies are chosen, so the ties are exercised
 
 
+@pytest.mark.parametrize("k,weighting", [(1, "triangle"), (4, "triangle"), (3, "hard")])
+def test_both_signs_equal_brute_force(k, weighting):
+    """``code_signs`` both: each patch's k nearest atoms to z, then the k nearest to -z as ids
+    K + atom, with the triangle weights of each sign's own distances, against the float64
+    reference; 70 atoms (four groups of the selection and a tail)."""
+    d, imgs = small_dictionary(shapes=((3, 3), (2, 4)), atoms=70, eps=0.01)
+    atoms, weights = d.code(imgs[:12], 1, k, weighting, signs=2)
+    ref_atoms, ref_weights = codes.brute_force(imgs[:12], d, 1, k, weighting, signs=2)
+    assert atoms.shape == ref_atoms.shape == (12, 2 * k * (36 + 35))
+    assert np.array_equal(atoms.astype(np.int64), ref_atoms)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-4)
+    one, _ = d.code(imgs[:12], 1, k, weighting)
+    per = atoms[:, : 2 * k * 36].reshape(12, 2 * k, 36)
+    assert np.array_equal(per[:, :k], one[:, : k * 36].reshape(12, k, 36))  # the first k ranks are the one-sign code
+    assert (per[:, k:] >= 70).all() and (per[:, :k] < 70).all()
+
+
+def test_both_signs_pooled_equal_the_per_location_codes_summed():
+    d, imgs = small_dictionary(shapes=((3, 3),), atoms=20, eps=0.01)
+    cells = np.arange(36) % 4
+    atoms, weights = d.code(imgs[:10], 1, 20, "triangle", [cells], 4, signs=2)
+    ref_atoms, ref_weights = codes.brute_force(imgs[:10], d, 1, 20, "triangle", signs=2)
+    ref = np.zeros((10, 40, 4))
+    for i in range(10):
+        np.add.at(ref[i], (ref_atoms[i], np.tile(cells, 40)), ref_weights[i])
+    assert (atoms == np.repeat(np.arange(40), 4)).all()
+    np.testing.assert_allclose(weights, ref.reshape(10, -1), rtol=1e-4, atol=1e-3)
+
+
+def test_both_signs_keys_are_atoms_of_their_own():
+    """A plan with both signs keys atom id K + a like atom K + a of a dictionary twice as large, at
+    the ranks after the k nearest; the key table holds both; too many atoms for 16 bits are refused."""
+    d, imgs = small_dictionary(shapes=((3, 3),), atoms=12)
+    plan = KeyPlan(ExtractConfig(color="gray", code_shapes="3x3", atoms=12, code_k=2, code_signs="both", grid=3), 8, 8, d)
+    one = KeyPlan(ExtractConfig(color="gray", code_shapes="3x3", atoms=12, code_k=2, grid=3), 8, 8, d)
+    assert plan.code_slots == 2 * one.code_slots == 4 * 36 and plan.code_ranks == 4
+    keys, weights = plan.encode(imgs[:3])
+    atoms, _ = plan.codes(imgs[:3])
+    t = plan.slot_table
+    code = np.flatnonzero(plan.is_code(np.arange(plan.keys_per_image)))
+    for slot in code[:: 17]:
+        a = int(atoms[0, slot - plan.exact_patches]) if plan.keys_per_image == plan.patches_per_image else None
+        rank, cell = int(t["rank"][slot]), int(t["cell"][slot])
+        assert (a >= 12) == (rank >= 2)
+        assert keys[0, slot] == reference_code_key(a, 3, 3, cell, 0, "grid")
+    table = plan.code_key_table()
+    assert set(table["atom"].tolist()) == set(range(24)) and len(np.unique(table["key"])) == len(table["key"])
+    assert ExtractConfig(code_signs="both", atoms=12).fingerprint != ExtractConfig(atoms=12).fingerprint
+    with pytest.raises(ParameterError, match="32768 is more than 32767 with `code_signs` both"):
+        ExtractConfig(code_signs="both", atoms=32768)
+    with pytest.raises(ParameterError, match="'two' is not one of one, both"):
+        ExtractConfig(code_signs="two")
+
+
 def test_coding_in_blocks_equals_one_block(monkeypatch):
     d, imgs = small_dictionary()
     whole = d.code(imgs[:30], 1, 3, "triangle")
@@ -83,7 +137,7 @@ def test_coding_in_blocks_equals_one_block(monkeypatch):
     assert codes.block_rows(8) == 37
     parts = d.code(imgs[:30], 1, 3, "triangle")
     assert np.array_equal(whole[0], parts[0])
-    np.testing.assert_allclose(whole[1], parts[1], rtol=1e-6)
+    assert np.array_equal(whole[1].view(np.uint32), parts[1].view(np.uint32))  # a patch's weights do not depend on its block
 
 
 def test_codes_do_not_depend_on_the_thread_count():
@@ -108,7 +162,9 @@ def test_scaled_atoms_are_drawn_in_their_own_colours(tmp_path):
     d, _ = small_dictionary(eps=0.0, norm="none", channels=3)
     s = d.shapes[0]
     expect = np.clip(np.rint((s.atoms.astype(np.float64) + s.mean) * 255), 0, 255).astype(np.uint8)
-    assert np.array_equal(s.pixels(3).reshape(len(s.atoms), -1), expect)
+    drawn = s.pixels(3).reshape(2 * len(s.atoms), -1)
+    assert np.array_equal(drawn[: len(s.atoms)], expect)
+    assert np.array_equal(drawn[len(s.atoms) :], np.clip(np.rint((s.mean - s.atoms.astype(np.float64)) * 255), 0, 255).astype(np.uint8))  # the negatives
     d.save(tmp_path / "d.npz")
     assert codes.Dictionary.load(tmp_path / "d.npz").norm == "none"
     with np.load(tmp_path / "d.npz") as z:

@@ -134,21 +134,22 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # no nnan/ninf: inf marks emp
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _distances(zc_row, zr, c2, dist, lows, groups):
-    """A patch's distance to every atom, ``sqrt(max(0, |z|^2 + |c|^2 - 2 z.c))``, into ``dist``, and
-    each group's smallest distance into ``lows[:groups]``."""
+def _distances(zc_row, zr, c2, dist, lows, groups, two):
+    """A patch's distance to every atom, ``sqrt(max(0, |z|^2 + |c|^2 - two z.c))``, into ``dist``, and
+    each group's smallest distance into ``lows[:groups]``; ``two`` is 2, or -2 for the distances
+    of the patch's negative -z."""
     for q in range(groups):
-        d = np.sqrt(max(zr + c2[q] - np.float32(2.0) * zc_row[q], np.float32(0.0)))
+        d = np.sqrt(max(zr + c2[q] - two * zc_row[q], np.float32(0.0)))
         dist[q] = d
         lows[q] = d
     for i in range(1, CHUNK):
         o = i * groups
         for q in range(groups):
-            d = np.sqrt(max(zr + c2[o + q] - np.float32(2.0) * zc_row[o + q], np.float32(0.0)))
+            d = np.sqrt(max(zr + c2[o + q] - two * zc_row[o + q], np.float32(0.0)))
             dist[o + q] = d
             lows[q] = min(lows[q], d)
     for j in range(groups * CHUNK, dist.size):
-        dist[j] = np.sqrt(max(zr + c2[j] - np.float32(2.0) * zc_row[j], np.float32(0.0)))
+        dist[j] = np.sqrt(max(zr + c2[j] - two * zc_row[j], np.float32(0.0)))
 
 
 @njit(cache=True, nogil=True)
@@ -235,26 +236,29 @@ def _weight(mean, d, hard):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _select(zc, z2, c2, k, hard, atoms, weights, row0):
+def _select(zc, z2, c2, k, hard, signs, atoms, weights, row0):
     """For each patch r of a block, from ``zc = z @ atoms.T`` (B x K) and the squared norms of the
     patches (``z2``) and atoms (``c2``): the k nearest atoms (nearest first, ties to the lower id)
-    and their weights, written to rows row0.. of ``atoms`` / ``weights``. Rows run in parallel."""
+    and their weights, written to rows row0.. of ``atoms`` / ``weights``; with ``signs`` 2, then
+    the k atoms nearest to the patch's negative, as ids K + atom. Rows run in parallel."""
     b, n = zc.shape
     for r in prange(b):
         groups, dist, lows, sums, cand, best_d, best_i = _scratch(n, k)
-        _distances(zc[r], z2[r], c2, dist, lows, groups)
-        mean = _total(dist, groups, sums) / n
-        _nearest(dist, k, lows, groups, cand, best_d, best_i)
-        for j in range(k):
-            atoms[row0 + r, j] = best_i[j]
-            weights[row0 + r, j] = _weight(mean, best_d[j], hard)
+        for sg in range(signs):
+            _distances(zc[r], z2[r], c2, dist, lows, groups, np.float32(2.0) if sg == 0 else np.float32(-2.0))
+            mean = _total(dist, groups, sums) / n
+            _nearest(dist, k, lows, groups, cand, best_d, best_i)
+            for j in range(k):
+                atoms[row0 + r, sg * k + j] = best_i[j] + sg * n
+                weights[row0 + r, sg * k + j] = _weight(mean, best_d[j], hard)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _pool(zc, z2, c2, k, hard, cells, out, image0):
+def _pool(zc, z2, c2, k, hard, signs, cells, out, image0):
     """The codes of a block of whole images' patches summed per cell: for image i of the block
     (rows ``i * L .. (i + 1) * L`` of ``zc``, L = ``len(cells)`` locations), ``out[image0 + i, c, a]``
-    gains the weight of atom a in every patch whose location lies in cell c (``cells``). With k equal
+    gains the weight of atom a in every patch whose location lies in cell c (``cells``), and with
+    ``signs`` 2 ``out[image0 + i, c, K + a]`` that of atom a for the patch's negative. With k equal
     to the number of atoms every atom is kept (its triangle weight, at least 0). Images run in
     parallel, each one's patches in order, so the sums do not depend on the thread count."""
     locations = cells.size
@@ -265,16 +269,17 @@ def _pool(zc, z2, c2, k, hard, cells, out, image0):
         img = out[image0 + i]
         for loc in range(locations):
             r = i * locations + loc
-            _distances(zc[r], z2[r], c2, dist, lows, groups)
-            mean = _total(dist, groups, sums) / n
             acc = img[cells[loc]]
-            if k == n:
-                for j in range(n):
-                    acc[j] += _weight(mean, dist[j], hard)
-                continue
-            _nearest(dist, k, lows, groups, cand, best_d, best_i)
-            for j in range(k):
-                acc[best_i[j]] += _weight(mean, best_d[j], hard)
+            for sg in range(signs):
+                _distances(zc[r], z2[r], c2, dist, lows, groups, np.float32(2.0) if sg == 0 else np.float32(-2.0))
+                mean = _total(dist, groups, sums) / n
+                if k == n:
+                    for j in range(n):
+                        acc[sg * n + j] += _weight(mean, dist[j], hard)
+                    continue
+                _nearest(dist, k, lows, groups, cand, best_d, best_i)
+                for j in range(k):
+                    acc[sg * n + best_i[j]] += _weight(mean, best_d[j], hard)
 
 
 @lru_cache(maxsize=1)
@@ -295,14 +300,15 @@ class ShapeCode:
     atoms: np.ndarray  # K x d float32, whitened space
     norm: str = "contrast"  # one of NORMS
 
-    def code(self, patches: np.ndarray, k: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
+    def code(self, patches: np.ndarray, k: int, hard: bool, signs: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Scaled-and-whitened codes of raw patch rows (P x d float32, changed in place):
-        (atoms P x k int64, weights P x k float32)."""
-        atoms = np.empty((len(patches), k), np.int64)
-        weights = np.empty((len(patches), k), np.float32)
+        (atoms P x k*signs int64, weights P x k*signs float32); with ``signs`` 2 the last k are the
+        negative's atoms, ids K..2K-1."""
+        atoms = np.empty((len(patches), k * signs), np.int64)
+        weights = np.empty((len(patches), k * signs), np.float32)
         c2 = (self.atoms**2).sum(1)
         for s, zc, z2 in self._products(patches, block_rows(len(self.atoms))):
-            _select(zc, z2, c2, k, hard, atoms, weights, s)
+            _select(zc, z2, c2, k, hard, signs, atoms, weights, s)
         return atoms, weights
 
     def _products(self, patches: np.ndarray, rows: int):
@@ -317,24 +323,26 @@ class ShapeCode:
                 z = (block - self.mean) @ self.whiten
                 yield s, z @ self.atoms.T, (z * z).sum(1)
 
-    def pool(self, patches: np.ndarray, k: int, hard: bool, cells: np.ndarray, n_cells: int) -> np.ndarray:
+    def pool(self, patches: np.ndarray, k: int, hard: bool, cells: np.ndarray, n_cells: int, signs: int = 1) -> np.ndarray:
         """The codes of whole images' raw patch rows (N * L x d float32, image by image, changed in
         place; L = ``len(cells)`` locations, ``cells`` the cell of each) summed per cell:
-        N x n_cells x K float32 (atom a's weights over the patches of cell c)."""
+        N x n_cells x K*signs float32 (atom a's weights over the patches of cell c; K + a: the negatives')."""
         locations = len(cells)
         n = len(patches) // locations
-        out = np.zeros((n, n_cells, len(self.atoms)), np.float32)
+        out = np.zeros((n, n_cells, len(self.atoms) * signs), np.float32)
         c2 = (self.atoms**2).sum(1)
         cells = np.ascontiguousarray(cells, np.int64)
         rows = max(1, block_rows(len(self.atoms)) // locations) * locations  # whole images per product
         for s, zc, z2 in self._products(patches, rows):
-            _pool(zc, z2, c2, k, hard, cells, out, s // locations)
+            _pool(zc, z2, c2, k, hard, signs, cells, out, s // locations)
         return out
 
     @cached_property
     def unwhitened(self) -> np.ndarray:
-        """Every atom un-whitened back to a scaled patch (K x d float64)."""
-        return self.atoms.astype(np.float64) @ np.linalg.pinv(self.whiten.astype(np.float64)) + self.mean
+        """Every atom un-whitened back to a scaled patch (2K x d float64): atom a at row a, the
+        negative of atom a (what ``--code-signs both`` keys as atom K + a) at row K + a."""
+        signed = np.concatenate([self.atoms, -self.atoms]).astype(np.float64)
+        return signed @ np.linalg.pinv(self.whiten.astype(np.float64)) + self.mean
 
     def pixels_like(self, atoms: np.ndarray, brightness: float, contrast: float, channels: int) -> np.ndarray:
         """Atoms ``atoms`` drawn as pixels (len x h x w x C uint8) a person can compare with a patch of
@@ -349,7 +357,7 @@ class ShapeCode:
         return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(len(x), self.h, self.w, channels)
 
     def pixels(self, channels: int) -> np.ndarray:
-        """Every atom shown as pixels (K x h x w x C uint8): un-whitened back to a scaled patch, then
+        """Every atom shown as pixels (2K x h x w x C uint8, the negatives after the atoms: :attr:`unwhitened`): un-whitened back to a scaled patch, then
         with ``none`` scaled back by 255 (its own colours), with ``contrast`` (which lost the
         patch's brightness and contrast) stretched linearly to 0..255."""
         x = self.unwhitened
@@ -373,9 +381,11 @@ class Dictionary:
 
     def code(
         self, images: np.ndarray, stride: int, k: int, weighting: str, cells: list[np.ndarray] | None = None, n_cells: int = 0,
+        signs: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Codes of N x H x W x C uint8 images: (atoms N x S uint16, weights N x S float32) over the
-        code slots, for each shape then each rank (nearest first) then each location (row-major).
+        code slots, for each shape then each rank (nearest first; with ``signs`` 2, ranks k..2k-1 are
+        the negative's nearest, ids K + atom) then each location (row-major).
 
         With ``cells`` (per shape, the cell of each location, row-major, below ``n_cells``) the
         weights are summed per cell before anything is returned: the slots are, for each shape,
@@ -386,13 +396,14 @@ class Dictionary:
         for i, s in enumerate(self.shapes):
             p, ny, nx = patch_matrix(images, s.h, s.w, stride)
             if cells is not None:
-                pooled = s.pool(p, k, weighting == "hard", cells[i], n_cells)  # N x cells x K
+                pooled = s.pool(p, k, weighting == "hard", cells[i], n_cells, signs)  # N x cells x K*signs
+                ids = len(s.atoms) * signs
                 weights.append(pooled.transpose(0, 2, 1).reshape(n, -1))
-                atoms.append(np.broadcast_to(np.repeat(np.arange(len(s.atoms)), n_cells), (n, len(s.atoms) * n_cells)))
+                atoms.append(np.broadcast_to(np.repeat(np.arange(ids), n_cells), (n, ids * n_cells)))
                 continue
-            a, wt = s.code(p, k, weighting == "hard")
-            atoms.append(a.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
-            weights.append(wt.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+            a, wt = s.code(p, k, weighting == "hard", signs)
+            atoms.append(a.reshape(n, ny * nx, k * signs).transpose(0, 2, 1).reshape(n, -1))
+            weights.append(wt.reshape(n, ny * nx, k * signs).transpose(0, 2, 1).reshape(n, -1))
         return np.concatenate(atoms, 1).astype(np.uint16), np.ascontiguousarray(np.concatenate(weights, 1))
 
     def to_bytes(self) -> bytes:
@@ -510,8 +521,9 @@ def fit(
     return Dictionary(out, channels)
 
 
-def brute_force(images: np.ndarray, d: Dictionary, stride: int, k: int, weighting: str) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`Dictionary.code` written directly in float64 numpy (for tests): same layout and ties."""
+def brute_force(images: np.ndarray, d: Dictionary, stride: int, k: int, weighting: str, signs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Dictionary.code` written directly in float64 numpy (for tests): same layout and ties;
+    with ``signs`` 2 the k atoms nearest to -z follow each patch's k nearest to z, as ids K + atom."""
     n = len(images)
     atoms, weights = [], []
     for s in d.shapes:
@@ -523,10 +535,14 @@ def brute_force(images: np.ndarray, d: Dictionary, stride: int, k: int, weightin
         else:
             p = (p - p.mean(1, keepdims=True)) / np.sqrt(p.var(1, keepdims=True) + CONTRAST)
         z = (p - s.mean) @ s.whiten.astype(np.float64)
-        dist = np.sqrt(((z[:, None, :] - s.atoms[None].astype(np.float64)) ** 2).sum(-1))
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        near = np.take_along_axis(dist, order, 1)
-        wt = np.ones_like(near) if weighting == "hard" else np.maximum(0, dist.mean(1, keepdims=True) - near)
-        atoms.append(order.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
-        weights.append(wt.reshape(n, ny * nx, k).transpose(0, 2, 1).reshape(n, -1))
+        orders, wts = [], []
+        for sign in (1, -1)[:signs]:
+            dist = np.sqrt(((sign * z[:, None, :] - s.atoms[None].astype(np.float64)) ** 2).sum(-1))
+            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+            near = np.take_along_axis(dist, order, 1)
+            orders.append(order + (0 if sign == 1 else len(s.atoms)))
+            wts.append(np.ones_like(near) if weighting == "hard" else np.maximum(0, dist.mean(1, keepdims=True) - near))
+        order, wt = np.concatenate(orders, 1), np.concatenate(wts, 1)
+        atoms.append(order.reshape(n, ny * nx, k * signs).transpose(0, 2, 1).reshape(n, -1))
+        weights.append(wt.reshape(n, ny * nx, k * signs).transpose(0, 2, 1).reshape(n, -1))
     return np.concatenate(atoms, 1), np.concatenate(weights, 1)

@@ -236,8 +236,9 @@ class KeyPlan:
 
     A code view (``config.code_shapes``) comes after the exact views, as view
     ``len(views)``: for each code shape, for each rank r < ``code_k`` (the patch's
-    r-th nearest atom), every location in steps of ``code_stride``. Its content
-    values are :func:`code_value` of the atom, stored in shards as atom ids with a
+    r-th nearest atom; with ``code_signs`` both, ranks ``code_k``.. are its negative's,
+    atom ids K + a), every location in steps of ``code_stride``. Its content
+    values are :func:`code_value` of the atom id, stored in shards as atom ids with a
     weight each (:mod:`pipeline.extraction.codes`); coding images needs ``dictionary``.
     """
 
@@ -282,26 +283,30 @@ class KeyPlan:
         self.code_view = len(self.views)
         self.code_shapes = config.code_shape_list()
         self.code_k = config.code_k if self.code_shapes else 0
+        self.code_ranks = self.code_k * config.signs  # a patch's kept atoms: the k nearest, then (both signs) the negative's k
+        self.atom_ids = config.atoms * config.signs  # ids a stored atom takes: K + a is atom a for the patch's negative
         cst = config.code_stride
         slots_per_shape = []
         self._pool_cells: list[np.ndarray] = []  # pooled: per code shape, the cell of each location
         self.n_pool_cells = cells_per_side(config.code_pool, config.grid) ** 2 if self.code_shapes and config.code_pooled else 0
+        # the first rank of the negative's atoms (a pooled view's ranks are atom ids); 0 with one sign
+        self.negative_from = 0 if config.signs == 1 else (config.atoms if self.n_pool_cells else self.code_k)
         for h, w in self.code_shapes:
             ny, nx = (height - h) // cst + 1, (width - w) // cst + 1
             if self.n_pool_cells:  # one slot per atom and cell: a block per atom whose "locations" are the cells
                 side = cells_per_side(config.code_pool, config.grid)
                 ys, xs = np.arange(ny)[:, None] * cst, np.arange(nx)[None, :] * cst
                 self._pool_cells.append(grid_cell(ys, xs, h, w, height, width, config.grid, config.code_pool).ravel().astype(np.int64))
-                for r in range(config.atoms):
+                for r in range(self.atom_ids):
                     blocks.append(_Block(h, w, config.code_pool, self.code_view, offset, patch_offset + r * side * side, side, side, cst, r, True))
                     offset += side * side
-                slots_per_shape.append(config.atoms * side * side)
+                slots_per_shape.append(self.atom_ids * side * side)
             else:
                 for mode in config.position_modes:
-                    for r in range(self.code_k):
+                    for r in range(self.code_ranks):
                         blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
                         offset += ny * nx
-                slots_per_shape.append(self.code_k * ny * nx)
+                slots_per_shape.append(self.code_ranks * ny * nx)
             patch_offset += slots_per_shape[-1]
         self.code_slots = patch_offset - self.exact_patches  # atom ids (and weights) stored per image
         self.blocks: list[_Block] = blocks
@@ -319,8 +324,8 @@ class KeyPlan:
         self._inv_a = _powers(A_INV, height + 1)
         self._inv_b = _powers(B_INV, width + 1)
         self._block_index = {(b.view, b.h, b.w, b.mode, max(b.rank, 0)): b for b in blocks}
-        # code_value of every atom, and the position-free key of every (code shape, atom) at index shape * atoms + atom
-        self._code_values = fmix64(np.arange(config.atoms, dtype=np.uint64) + _U((CODE_SALT * (seed + 1)) & MASK))
+        # code_value of every atom id, and the position-free key of every (code shape, atom id) at index shape * atom_ids + id
+        self._code_values = fmix64(np.arange(self.atom_ids, dtype=np.uint64) + _U((CODE_SALT * (seed + 1)) & MASK))
         mix = np.array([self._mix(h, w, -1) for h, w in self.code_shapes], dtype=np.uint64)
         self._code_content = fmix64((self._code_values[None, :] ^ mix[:, None]).ravel())
         self._code_shape_of_slot = np.repeat(np.arange(len(self.code_shapes)), slots_per_shape)
@@ -382,7 +387,7 @@ class KeyPlan:
 
     def code_content(self, atoms: np.ndarray) -> np.ndarray:
         """Position-free code keys (N x code_slots uint64) of stored atom ids (N x code_slots)."""
-        idx = self._code_shape_of_slot[None, :] * self.config.atoms + atoms.astype(np.int64)
+        idx = self._code_shape_of_slot[None, :] * self.atom_ids + atoms.astype(np.int64)
         return self._code_content[idx]
 
     def codes(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -391,8 +396,8 @@ class KeyPlan:
             raise PipelineError("this key plan has a code view but no dictionary to code images with")
         c = self.config
         if self.n_pool_cells:
-            return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells)
-        return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight)
+            return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells, c.signs)
+        return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, signs=c.signs)
 
     def expand(self, content: np.ndarray, atoms: np.ndarray | None = None) -> np.ndarray:
         """Keys in key order (N x keys_per_image) from exact content keys (N x exact_patches) and,
@@ -502,7 +507,7 @@ class KeyPlan:
         """Every key the code view can make: ``key`` (uint64) with its ``shape`` (index into
         ``code_shapes``), ``atom``, ``cell`` (-1 without position) and ``mode`` (index into POSITION_MODES)."""
         cols: dict[str, list] = {"key": [], "shape": [], "atom": [], "cell": [], "mode": []}
-        atoms = np.arange(self.config.atoms, dtype=np.int64)
+        atoms = np.arange(self.atom_ids, dtype=np.int64)
         modes = (self.config.code_pool,) if self.n_pool_cells else self.config.position_modes
         for i, (h, w) in enumerate(self.code_shapes):
             for mode in modes:

@@ -5,6 +5,9 @@ const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, kids = []) => { const e = Object.assign(document.createElement(tag), props); kids.forEach(k => e.append(k)); return e; };
 
 const ordinal = (n) => n + (n % 10 === 1 && n % 100 !== 11 ? "st" : n % 10 === 2 && n % 100 !== 12 ? "nd" : n % 10 === 3 && n % 100 !== 13 ? "rd" : "th");
+// which atom a code pattern is: a pooled view's atom id, else the patch's n-th nearest (with both signs, its negative's)
+const atomOf = (p) => p.pooled ? `atom ${p.sign_rank}${p.negative ? " of its negative" : ""}`
+  : p.negative ? `the ${ordinal(p.sign_rank + 1)} nearest atom to its negative` : `its ${ordinal(p.rank + 1)} nearest atom`;
 
 // Strings from the run (class names, file names) always go in as text, never as markup.
 const lines = (parts) => parts.flatMap((p, i) => (i ? [el("br"), p] : [p]));
@@ -120,7 +123,7 @@ function show(res, file, fig = null) {
         }
         cells.push(
           el("td", { className: "pattern" }, [el("b", { textContent: p.view }), el("br"), ...lines([
-            ...(p.view === "code" ? [`its ${ordinal(p.rank + 1)} nearest atom, weight ${p.weight.toFixed(2)}`] : []),
+            ...(p.view === "code" ? [`${atomOf(p)}, weight ${p.weight.toFixed(2)}`] : []),
             `${state}${p.occurrences > 1 ? `, in ${p.occurrences} places` : ""}`])]),
           el("td", { textContent: (p.contribution >= 0 ? "+" : "") + p.contribution.toFixed(3) }),
           el("td", {}, [near]));
