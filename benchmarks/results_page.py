@@ -88,7 +88,8 @@ def factors() -> str:
     for r in d["rows"]:
         ex, tr = r.get("extract"), r["train"]
         change = " ".join(r["extract_flags"] + r["train_flags"]) or "(base)"
-        rows.append([r["row"], f"`{change}`", f"{r['val_accuracy']:.4f}", f"{r['train_accuracy']:.4f}",
+        delta = f"{100 * (r['val_accuracy'] - base['val_accuracy']):+.2f}" if base else ""
+        rows.append([r["row"], f"`{change}`", f"{r['val_accuracy']:.4f}", delta, f"{r['train_accuracy']:.4f}",
                      f"{ex['seconds']:.0f}" if ex else "(shared)", f"{tr['seconds']:.0f}",
                      f"{max(ex['peak_rss_mb'] if ex else 0, tr['peak_rss_mb']):,}", f"{r['shards_mb']:,.0f}", f"{r['run_mb']:,.0f}"])
     atoms = load("cifar_defaults.json")["extract"]["atoms"]
@@ -97,9 +98,10 @@ def factors() -> str:
     if (RESULTS / "code_ceiling.json").exists():
         c = load("code_ceiling.json")
         ex, ref, tr = c["extract"], c["reference"], c["trainer"]
-        rows.append(["pooled", f"`--code-pool coarse --atoms 1024 {' '.join(tr['flags'])}`", f"{tr['val_accuracy']:.4f}", f"{tr['train_accuracy']:.4f}", f"{ex['seconds']:.0f}",
+        vs = (lambda acc: f"{100 * (acc - base['val_accuracy']):+.2f}" if base else "")
+        rows.append(["pooled", f"`--code-pool coarse --atoms 1024 {' '.join(tr['flags'])}`", f"{tr['val_accuracy']:.4f}", vs(tr['val_accuracy']), f"{tr['train_accuracy']:.4f}", f"{ex['seconds']:.0f}",
                      f"{tr['train']['seconds']:.0f}", f"{max(ex['peak_rss_mb'], tr['train']['peak_rss_mb']):,}", f"{c['shards_mb']:,.0f}", ""])
-        rows.append(["pooled, linear", "the same shards, standardised linear classifier", f"{ref['val_accuracy']:.4f}", f"{ref['train_accuracy']:.4f}",
+        rows.append(["pooled, linear", "the same shards, standardised linear classifier", f"{ref['val_accuracy']:.4f}", vs(ref['val_accuracy']), f"{ref['train_accuracy']:.4f}",
                      "(shared)", f"{ref['seconds']:.0f}", "", "", ""])
         ceiling = (f" The last two rows are `python benchmarks/code_ceiling.py --out benchmarks/results/code_ceiling.json`: every atom of every"
                    f" patch summed per quadrant ({ref['features']:,} weights an image), scored by `pipe train` and by a linear classifier on the"
@@ -108,8 +110,9 @@ def factors() -> str:
 
 `python benchmarks/factors.py --out benchmarks/results/factors.json`: one `pipe extract` + `pipe train` per row on all
 50,000 images, the base (the defaults with `--atoms 1024`, every row's first flags) with one change; held-out part as above (one image is 0.02 points).{gap}{ceiling}
+Rows from `hard` on were measured after the coding's selection was made faster (CHANGELOG.md), so their extract times are not comparable with the rows above them.
 
-{table(["row", "change", "held-out", "train", "extract s", "train s", "peak RSS MB", "shards MB", "run MB"], rows)}
+{table(["row", "change", "held-out", "vs base, points", "train", "extract s", "train s", "peak RSS MB", "shards MB", "run MB"], rows)}
 """
 
 
@@ -335,12 +338,38 @@ def teach() -> str:
 """
 
 
+BUDGET = {"seconds": 1200, "peak_rss_mb": 6000, "shards_mb": 5000, "run_mb": 1000}  # issue 25's budget for a default run
+
+
+def factors_limit() -> str:
+    """The limitations line on the gap to the patch papers, from the factors table."""
+    text = ("- The soft-code papers reach 79.6% (Coates et al. 2011, 4,000 atoms) and 82% (Thiry et al. 2021: 2,048 atoms, both signs, "
+            "overlapping pooling cells, a batch-normalised low-rank head trained 80 epochs with crops).")
+    if not (RESULTS / "factors.json").exists():
+        return text
+    rows = load("factors.json")["rows"]
+
+    def fits(r: dict) -> bool:
+        secs = r["train"]["seconds"] + (r.get("extract") or {}).get("seconds", 0)
+        peak = max(r["train"]["peak_rss_mb"], (r.get("extract") or {}).get("peak_rss_mb", 0))
+        return secs <= BUDGET["seconds"] and peak <= BUDGET["peak_rss_mb"] and r["shards_mb"] <= BUDGET["shards_mb"] and r["run_mb"] <= BUDGET["run_mb"]
+
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    within = max((r for r in rows if fits(r)), key=lambda r: r["val_accuracy"])
+    return (text + f" Of the factors measured here on all the images the best row is `{best['row']}` at {best['val_accuracy']:.4f}, the best within"
+            f" the default's budget (20 min, 6 GB, 5 GB of shards, a 1 GB run) `{within['row']}` at {within['val_accuracy']:.4f}."
+            " None of the rows changes the classifier: ours is a table over sparse keys whose training accuracy runs ahead of the held-out"
+            " one from its second epoch, where the papers fit a normalised linear classifier on dense pooled codes to convergence with"
+            " crops; a dense pooled code under our trainer or under a plain linear classifier (the pooled rows) scores below the sparse"
+            " keys, so the rest of the gap is not in the encoding alone.")
+
+
 def limitations() -> str:
     d = load("cifar_defaults.json")
     return f"""## Limitations
 
 - At its best epoch the CIFAR run's training accuracy is {d['train_accuracy']:.4f} against {d['val_accuracy']:.4f} held out.
-- The soft-code papers reach 79.6% (Coates et al. 2011, 4,000 atoms) and 82% (Thiry et al. 2021). Their dense code alone, 1,024 atoms summed per quadrant, scores below our defaults here (the factors table's pooled rows). Of the factors measured on all the images, more atoms (the defaults' 2,048 on RGB), more atoms kept per patch and a longer schedule each add under a point; together they reach the combined row, whose shards pass 5 GB. Left to try: 4,000 atoms, both signs, overlapping cells, per-key scaling in training and a head trained longer.
+{factors_limit()}
 - One 2-core machine, with other work on it at times: compare ratios within a run, not seconds across runs.
 - How each default was chosen, and every earlier figure, is in CHANGELOG.md.
 """

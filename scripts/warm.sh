@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-pipe() { .venv/bin/python -m cli.main --progress off "$@" > /dev/null; }
+# each step's output is shown only when it fails
+pipe() { .venv/bin/python -m cli.main --progress off "$@" > "$work/log" 2>&1 || { cat "$work/log" >&2; exit 1; }; }
 pipe extract digits --limit 120 --workers 1 --out "$work/shards"
 pipe train "$work/shards" --out "$work/run" --epochs 1
 pipe evaluate "$work/run" digits --limit 40
