@@ -358,7 +358,7 @@ def factors_limit() -> str:
     within = max((r for r in rows if fits(r)), key=lambda r: r["val_accuracy"])
     return (text + f" Of the factors measured here on all the images the best row is `{best['row']}` at {best['val_accuracy']:.4f}, the best within"
             f" the default's budget (20 min, 6 GB, 5 GB of shards, a 1 GB run) `{within['row']}` at {within['val_accuracy']:.4f}."
-            " None of the rows changes the classifier: ours is a table over sparse keys whose training accuracy runs ahead of the held-out"
+            " None of the rows changes the kind of model: ours is a table over sparse keys whose training accuracy runs ahead of the held-out"
             " one from its second epoch, where the papers fit a normalised linear classifier on dense pooled codes to convergence with"
             " crops; a dense pooled code under our trainer or under a plain linear classifier (the pooled rows) scores below the sparse"
             " keys, so the rest of the gap is not in the encoding alone.")
