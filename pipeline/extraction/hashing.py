@@ -385,6 +385,12 @@ class KeyPlan:
             )
         return out
 
+    def sign_rank(self, rank: int) -> tuple[bool, int]:
+        """(whether a slot of ``rank`` holds an atom of its patch's negative, its rank among its own
+        sign's atoms: the atom's id in a pooled view). Exact views' rank -1 stays as it is."""
+        negative = 0 < self.negative_from <= rank
+        return negative, rank - self.negative_from if negative else rank
+
     def code_content(self, atoms: np.ndarray) -> np.ndarray:
         """Position-free code keys (N x code_slots uint64) of stored atom ids (N x code_slots)."""
         idx = self._code_shape_of_slot[None, :] * self.atom_ids + atoms.astype(np.int64)

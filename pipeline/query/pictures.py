@@ -50,6 +50,7 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     n = len(lookup.slots)
     k = lookup.ids.shape[1] if n else 0
     keys, weights = run.encode(img)
+    atoms = run.extract_config.atoms  # a pattern's atom id from this on is a negative's (both signs)
     near = run.training_images.nearest(run.classifier.pooled(keys, weights=weights), max(k, 1))
     rows = near.ids[0][near.ids[0] >= 0]
     thumbs = run.training_images.thumbnails(rows) if len(rows) else []
@@ -96,7 +97,8 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
         cell = int(lookup.location["cell"][r])
         where = f"row {y} col {x}" + cell_label(cell, int(lookup.location["mode"][r]))
         pooled = bool(run.plan.n_pool_cells)
-        atom = f" {atom_label(int(lookup.location['rank'][r]), pooled, run.plan.negative_from)} w{weights[0][lookup.slots[r]]:.2f}" if view == "code" and weights is not None else ""
+        negative, sign_rank = run.plan.sign_rank(int(lookup.location["rank"][r]))
+        atom = f" {atom_label(sign_rank, pooled, negative)} w{weights[0][lookup.slots[r]]:.2f}" if view == "code" and weights is not None else ""
         flat = " flat" if look[1] < FLAT else ""
         own.set_title(f"#{r + 1} {view}{atom}\n{h}x{w} {where}{flat}\n{state}, push {lookup.contribution[r]:+.3f}{times}", fontsize=6, color=color)
         found = np.flatnonzero(lookup.ids[r] >= 0)  # the patch's own view and shape first, each group nearest first
@@ -116,8 +118,7 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
             cc = meta["class_counts"][i]
             top = run.class_names[int(cc.argmax())] if cc.sum() else "-"
             atom = int(meta["atom"][i]) if "atom" in meta else -1
-            k_atoms = run.extract_config.atoms
-            what = (f"atom {atom}" if atom < k_atoms else f"atom {atom - k_atoms} of -x") if atom >= 0 else f"seen {int(meta['count'][i])}"
+            what = atom_label(atom - atoms if atom >= atoms else atom, True, atom >= atoms) if atom >= 0 else f"seen {int(meta['count'][i])}"  # a pattern's id
             ax.set_title(f"d={lookup.distances[r, j]:.1f} {run.view_name(int(meta['view'][i]))}\n{what} {top}", fontsize=6)
     label = fig.add_subplot(grid[-1, 0])
     label.axis("off")

@@ -39,13 +39,10 @@ def cell_label(cell: int, mode: int) -> str:
     return f" {kind} cell {cell}" if kind != "grid" else f" cell {cell}"
 
 
-def atom_label(rank: int, pooled: bool, negative_from: int = 0) -> str:
-    """A code slot's atom: its id in a pooled code view, else which of the patch's nearest atoms (1 =
-    nearest); ranks from ``negative_from`` on (both signs: :attr:`KeyPlan.negative_from`) are the
-    patch's negative's, counted from there and named so."""
-    negative = 0 < negative_from <= rank
-    r = rank - negative_from if negative else rank
-    return (f"atom {r}" if pooled else f"atom {r + 1}") + (" of -x" if negative else "")
+def atom_label(sign_rank: int, pooled: bool, negative: bool = False) -> str:
+    """A code slot's atom (:meth:`KeyPlan.sign_rank`): its id in a pooled code view, else which of the
+    patch's nearest atoms (1 = nearest), named as its negative's where it is one."""
+    return (f"atom {sign_rank}" if pooled else f"atom {sign_rank + 1}") + (" of -x" if negative else "")
 
 
 def _patterns(run: Run, ids: np.ndarray, distances: np.ndarray, kinds: tuple[np.ndarray, ...] | None = None) -> list[list[dict]]:
@@ -103,9 +100,9 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, patches: int =
     loc = lookup.location
     nearest = _patterns(run, lookup.ids[order], lookup.distances[order], (loc["view"][order], *run.plan.pattern_shape(lookup.slots[order])))
     decisive = []
-    negative = [0 < run.plan.negative_from <= int(loc["rank"][s]) and int(loc["view"][s]) == run.plan.code_view for s in order]
     for n, s in enumerate(order):
         loc = {c: int(v[s]) for c, v in lookup.location.items()}
+        negative, sign_rank = run.plan.sign_rank(loc["rank"])
         brightness, contrast = brightness_contrast(image[loc["y"] : loc["y"] + loc["h"], loc["x"] : loc["x"] + loc["w"]])
         decisive.append(
             {
@@ -118,8 +115,8 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, patches: int =
                 "occurrences": int(lookup.occurrences[s]),
                 "view": run.view_name(int(lookup.location["view"][s])),
                 "pooled": bool(run.plan.n_pool_cells) and int(lookup.location["view"][s]) == run.plan.code_view,  # rank is the atom, place its cell
-                "negative": negative[n],  # an atom of the patch's negative (both signs)
-                "sign_rank": loc["rank"] - run.plan.negative_from if negative[n] else loc["rank"],  # the rank among its sign's atoms
+                "negative": negative,  # an atom of the patch's negative (both signs)
+                "sign_rank": sign_rank,  # the rank among its sign's atoms
                 "weight": 1.0 if weights is None else float(weights[0][lookup.slots[s]]),  # its weight in the image's bag
                 "brightness": round(brightness, 3),  # of the patch's pixels (mean): code patterns are drawn with it
                 "contrast": round(contrast, 3),  # (standard deviation)
@@ -165,8 +162,7 @@ def text_lines(res: dict, label: str) -> list[str]:
         first = items[0][1]
         out.append(f"  {h}x{w} at row {y} col {x}" + cell_label(first["cell"], first["mode"]) + (" (flat)" if first["flat"] else ""))
         for i, p in items:
-            label = atom_label(p["rank"], p["pooled"], p["rank"] - p["sign_rank"] if p["negative"] else 0)
-            what = p["view"] + (f" {label} weight {p['weight']:.2f}" if p["view"] == "code" else "")
+            what = p["view"] + (f" {atom_label(p['sign_rank'], p['pooled'], p['negative'])} weight {p['weight']:.2f}" if p["view"] == "code" else "")
             what += f", {p['occurrences']} places" if p["occurrences"] > 1 else ""
             state = "seen" if p["seen"] else ("unseen, composed" if p["composed"] else "unseen, unmatched")
             near = ", ".join(f"#{n['pattern_id']} d={n['distance']:.3f} seen {n['count']} {n['top_class']}" for n in p["nearest"])
