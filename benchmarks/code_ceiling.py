@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import CIFAR_TAR, emit  # noqa: E402
 from benchmarks.defaults import size_mb, stage  # noqa: E402
+from benchmarks.factors import TRAIN_BASE  # noqa: E402  the factors' training, so the rows compare
 
 EXTRACT = ["--code-pool", "coarse", "--atoms", "1024"]  # 1,024 atoms: 4,096 weights an image on 32x32
 
@@ -109,7 +110,8 @@ def main() -> None:
         del x
         run = Path(work) / "run"
         res["trainer"] = {"flags": ["--epochs", str(10 if not a.smoke else epochs)]}
-        res["trainer"]["train"] = stage(["train", str(shards), "--out", str(run), "--epochs", str(10 if not a.smoke else epochs), "--refit", "off"])
+        res["trainer"]["train"] = stage(["train", str(shards), "--out", str(run), "--epochs", str(10 if not a.smoke else epochs), "--refit", "off",
+                                           *TRAIN_BASE])
         m = json.loads((run / "run.json").read_text())
         res["trainer"].update(val_accuracy=round(m["final"]["val_accuracy"], 4), train_accuracy=round(m["final"]["train_accuracy"], 4),
                               best_epoch=m["best_epoch"], val_images=m["final"]["val_images"])

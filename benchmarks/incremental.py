@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="leave out the naive side (continuing on the new images only)")
     ap.add_argument("--step-args", default="", help="more flags for the steps side's pipe train --from, e.g. '--distill 2'")
     ap.add_argument("--extract-args", default="", help="more flags for the first step's and the joint run's pipe extract (later steps copy them with --like), e.g. '--atoms 1024'")
+    ap.add_argument("--train-args", default="", help="more flags for the first step's and the joint run's pipe train (later steps keep their run's), e.g. '--lr 1 --drop 0'")
     ap.add_argument("--smoke", action="store_true", help="digits, three steps of a few images (seconds)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -100,6 +101,7 @@ def main() -> None:
     if a.smoke:
         a.source, a.per_class, a.held_out, order, a.no_retrain = "digits", 25, 10, SMOKE_ORDER, True
         train_flags = ["--epochs", "1", "--dim", "8"]
+    train_flags += shlex.split(a.train_args)
     with tempfile.TemporaryDirectory(prefix="incremental-") as work:
         result = run(a, order, train_flags, Path(work))
     text = json.dumps(result, indent=2)
@@ -162,6 +164,7 @@ def run(a, order: list[tuple[str, ...]], train_flags: list[str], tmp: Path) -> d
         "held_out": a.held_out,
         "step_args": a.step_args,
         "extract_args": a.extract_args,
+        "train_args": a.train_args,
         "order": ["/".join(p) for p in order],
         "steps": rows,
         "final": {"steps": rows[-1]["steps"]["seen"], "naive": rows[-1].get("naive", {}).get("seen"), "joint": joint,

@@ -98,6 +98,7 @@ CODE_POOLS = ("none", "grid", "coarse", "offset")
 CODE_SIGNS = ("one", "both")
 CODE_K_UNPOOLED = 5  # --code-k auto without pooling
 MAX_SIGNED_ATOMS = 32767  # atoms per shape with --code-signs both: ids of both signs fit 16 bits
+LARGE_CODE_VALUES = 64  # a code shape holding more values (h x w x channels) than this makes the code "large": the larger dictionary and a regularised table
 CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "code_signs")
 
 
@@ -165,6 +166,10 @@ def auto_batch(train_images: int) -> int:
     return int(min(128, max(8, train_images // 32)))
 
 
+PLAIN_LR = 1.0  # pipe train's lr auto on shards whose code is not large
+LARGE_CODE_LR = 0.3  # ... on shards whose code is large (ExtractConfig.large_code)
+LARGE_CODE_DROP = 0.3  # pipe train's drop 'image' on shards whose code is large
+
 REPLAY = 2000  # pipe train --from: earlier original images per class a step trains on again
 DISTILL = 1.0  # pipe train --from: weight of the earlier run's answers (distillation) in a step's loss
 
@@ -202,7 +207,7 @@ class ExtractConfig:
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
     code_shapes: str = "auto"  # shapes of the code view, a list 'HxW,HxW,...', 'none' (no code view) or 'auto' = chosen from the image size (docs/extract.md) [auto]
-    atoms: int = 0  # dictionary atoms per code shape (FAISS k-means); 0 = auto: 2048 when a code shape holds more than 64 values (h x w x channels: 6x6 RGB), else 1024 [auto]
+    atoms: int = 0  # dictionary atoms per code shape (FAISS k-means); 0 = auto: 4096 when a code shape holds more than 64 values (h x w x channels: 6x6 RGB), else 1024 [auto]
     code_k: int = 0  # nearest atoms kept per patch of the code view; 0 = auto: every atom when the code view is pooled, else 5 [auto]
     code_weight: str = "triangle"  # weight of a kept atom: 'triangle' (mean distance minus its distance, at least 0) or 'hard' (1) [triangle]
     code_norm: str = "contrast"  # how a code-view patch is scaled before whitening: 'contrast' (each patch's brightness and contrast normalised) or 'none' (pixels on [0, 1]) [contrast]
@@ -288,6 +293,13 @@ class ExtractConfig:
         """The code view's shapes, in canonical order (empty without a code view)."""
         return parse_shapes(self.code_shapes, "code_shapes") if self.has_code else []
 
+    @property
+    def large_code(self) -> bool:
+        """True when a code shape holds more than :data:`LARGE_CODE_VALUES` values (h x w x channels:
+        6x6 on RGB images, not 4x4 or 6x6 on gray ones); ``--atoms auto`` and ``pipe train``'s
+        automatic ``lr`` and ``drop`` follow it."""
+        return any(h * w * self.channels > LARGE_CODE_VALUES for h, w in self.code_shape_list())
+
     def view_list(self) -> list[tuple[str, int]]:
         """Every view (kind, levels), in the order their patches are stored."""
         if self.views == "auto":
@@ -371,7 +383,7 @@ TRAIN_BOUNDS = {
     "epochs": Bound(1),
     "patience": Bound(0, note="0 = never stop early"),
     "batch_size": Bound(0, MAX_BATCH, note="0 = auto"),
-    "lr": Bound(0.0, MAX_LR, lo_open=True),
+    "lr": Bound(0.0, MAX_LR, note="0 = auto"),
     "head_lr": Bound(0.0, MAX_LR, lo_open=True),
     "init_std": Bound(0.0, MAX_INIT_STD),
     "vocab_mb": Bound(64),
@@ -391,13 +403,13 @@ class TrainConfig:
     dim: int = 64  # embedding dimension [64]
     bag: str = "mean"  # pooling of an image's rows: 'mean', 'sum' or 'sqrt' (sum / sqrt(n)) [mean]
     hidden: int = 0  # 0 = linear head, else one hidden ReLU layer of this width [0]
-    drop: str = "0"  # patch dropout: rate of an image's distinct rows dropped in training, or 'auto' (learned) [0]
+    drop: str = "image"  # patch dropout: rate of an image's distinct rows dropped in training, 'auto' (learned), or 'image' = 0.3 when the shards' code is large (6x6 on RGB), else 0 [image]
     pooled_dropout: float = 0.0  # ordinary dropout on the pooled vector [0]
     optimizer: str = "adagrad"  # for the table: 'adagrad', 'rowwise-adagrad' (one accumulator per row), 'sparseadam' or 'sgd' [adagrad]
     epochs: int = 5  # most passes over the training part [5]
     patience: int = 3  # stop after this many epochs without a better validation accuracy; 0 = never [3]
     batch_size: int = 0  # images per step; 0 = auto: 128, or fewer so that an epoch has at least 32 steps (at least 8 images) [auto]
-    lr: float = 1.0  # learning rate of the table [1.0]
+    lr: float = 0.0  # learning rate of the table; 0 = auto: 0.3 when the shards' code is large (6x6 on RGB), else 1.0 [auto]
     head_lr: float = 0.01  # Adam learning rate of the head [0.01]
     init_std: float = 0.001  # standard deviation of the table's initial values [0.001]
     vocab_mb: int = 4096  # memory for counting keys; past it the count is split into passes over key ranges [4096]
@@ -415,13 +427,13 @@ class TrainConfig:
             bound.check(name, getattr(self, name))
         if self.bag not in BAGS:
             raise ParameterError("bag", f"{self.bag!r} is not one of {', '.join(BAGS)}")
-        if self.drop != "auto":
+        if self.drop not in ("auto", "image"):
             try:
                 rate = float(self.drop)
             except ValueError:
                 rate = -1.0
             if not 0.0 <= rate < 1.0:
-                raise ParameterError("drop", f"{self.drop!r} must be a rate in [0, 1) or 'auto'")
+                raise ParameterError("drop", f"{self.drop!r} must be a rate in [0, 1), 'auto' or 'image'")
             object.__setattr__(self, "drop", repr(rate) if rate else "0")
         if self.optimizer not in OPTIMIZERS:
             raise ParameterError("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -447,14 +459,25 @@ class TrainConfig:
                 f"this machine has {have / 2**30:.1f} GiB: lower `dim`, `buckets` or raise `min_count`"
             )
 
-    def resolved(self, train_images: int) -> "TrainConfig":
-        """These settings with the automatic batch size fixed for ``train_images`` training images."""
-        if self.batch_size:
-            return self
-        return dataclasses.replace(self, batch_size=auto_batch(train_images))
+    def resolved(self, train_images: int | None, large_code: bool) -> "TrainConfig":
+        """These settings with the automatic ones fixed: the batch size for ``train_images`` training
+        images (left automatic when None); the table's learning rate and patch dropout for shards whose code is large or not
+        (:attr:`ExtractConfig.large_code`). A large code gives each image many more rows than it
+        has pixels (4,096 atoms x 16 cells on 32x32 RGB), and the table overfits them unless it
+        learns slower and drops some of them."""
+        changes: dict[str, Any] = {}
+        if not self.batch_size and train_images is not None:
+            changes["batch_size"] = auto_batch(train_images)
+        if not self.lr:
+            changes["lr"] = LARGE_CODE_LR if large_code else PLAIN_LR
+        if self.drop == "image":
+            changes["drop"] = repr(LARGE_CODE_DROP) if large_code else "0"
+        return dataclasses.replace(self, **changes) if changes else self
 
     @property
     def drop_rate(self) -> float | str:
+        if self.drop == "image":
+            raise PipelineError("the patch dropout is still 'image'; resolve it against the shards first (TrainConfig.resolved)")
         return "auto" if self.drop == "auto" else float(self.drop)
 
     def to_dict(self) -> dict[str, Any]:

@@ -129,12 +129,17 @@ def test_bad_options(trained, tmp_path):
 
 @pytest.mark.skipif(not CIFAR_TAR.exists(), reason="shared CIFAR-10 archive not present")
 def test_cifar_archive_end_to_end(tmp_path):
-    r = run("extract", CIFAR_TAR, "--per-class", "6", "--out", tmp_path / "s")
+    # a smaller sample for the 4,096 atoms' k-means keeps the test short; every other setting is the default
+    r = run("extract", CIFAR_TAR, "--per-class", "6", "--code-sample", "20000", "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
     # 60 images and their mirrors (--augment auto on colour) x (3,969 levels patches up to 2x2 + 729 6x6 code patches x 5 atoms)
     assert "120 images (with 1 augmented copy each) (32x32, 3 channel(s)), 913,680 patches" in r.stdout
     r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--val-fraction", "0.2")
     assert r.exit_code == 0, r.output
+    # a 6x6 RGB code (108 values) is large: 4,096 atoms, and a table that learns at 0.3 and drops 30% of an image's rows
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["config"]["atoms"] == 4096
+    cfg = json.loads((tmp_path / "r" / "run.json").read_text())["train_config"]
+    assert (cfg["lr"], cfg["drop"]) == (0.3, "0.3")
     r = run("evaluate", tmp_path / "r", CIFAR_TAR, "--per-class", "2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 20
 

@@ -361,10 +361,13 @@ def test_auto_settings_follow_the_image_size():
 
 
 def test_auto_atoms_follow_the_code_patch_values():
-    # 6x6 x 3 = 108 values > 64: 2,048; 4x4 gray (16), 6x6 gray (36) and 4x4 RGB (48): 1,024
-    resolved = {(c, s): KeyPlan(ExtractConfig(color=c), s, s).config.atoms for c, s in [("rgb", 32), ("gray", 8), ("gray", 28), ("rgb", 8)]}
-    assert resolved == {("rgb", 32): 2048, ("gray", 8): 1024, ("gray", 28): 1024, ("rgb", 8): 1024}
-    assert codes.auto_atoms([(4, 4), (6, 6)], 3) == 2048 and codes.auto_atoms([], 3) == 1024  # any shape over 64 values
+    # 6x6 x 3 = 108 values > 64: 4,096; 4x4 gray (16), 6x6 gray (36) and 4x4 RGB (48): 1,024
+    sizes = [("rgb", 32), ("gray", 8), ("gray", 28), ("rgb", 8)]
+    resolved = {(c, s): KeyPlan(ExtractConfig(color=c), s, s).config for c, s in sizes}
+    assert {k: c.atoms for k, c in resolved.items()} == {("rgb", 32): 4096, ("gray", 8): 1024, ("gray", 28): 1024, ("rgb", 8): 1024}
+    assert {k: c.large_code for k, c in resolved.items()} == {("rgb", 32): True, ("gray", 8): False, ("gray", 28): False, ("rgb", 8): False}
+    assert not KeyPlan(ExtractConfig(color="rgb", code_shapes="none"), 32, 32).config.large_code  # no code view
+    assert codes.auto_atoms([(4, 4), (6, 6)], 3) == 4096 and codes.auto_atoms([], 3) == 1024  # any shape over 64 values
     assert KeyPlan(ExtractConfig(color="rgb", atoms=64), 32, 32).config.atoms == 64  # a number given is kept
     with pytest.raises(ParameterError, match="code_k 1500 must be from 1 to atoms \\(1024\\)"):
         KeyPlan(ExtractConfig(color="gray", code_k=1500), 8, 8)  # checked against the resolved count

@@ -15,6 +15,7 @@ import torch
 
 import pipeline
 from pipeline import PipelineError, TrainConfig, layout
+from pipeline.errors import ParameterError
 from pipeline.table import weights
 from pipeline.model import PatchBagModel
 from pipeline.table.vocab import KeyCounter, build
@@ -452,7 +453,29 @@ def test_the_automatic_batch_size():
     from pipeline.config import auto_batch
 
     assert [auto_batch(n) for n in (0, 100, 800, 4096, 4127, 100_000)] == [8, 8, 25, 128, 128, 128]
-    assert TrainConfig().resolved(808).batch_size == 25 and TrainConfig(batch_size=64).resolved(808).batch_size == 64
+    assert TrainConfig().resolved(808, False).batch_size == 25 and TrainConfig(batch_size=64).resolved(808, False).batch_size == 64
+
+
+def test_the_automatic_lr_and_drop_follow_the_code():
+    """lr 0 and drop 'image' become 0.3 and 0.3 on shards whose code is large, 1.0 and 0 otherwise;
+    given values are kept; an unresolved 'image' cannot build a model."""
+    large, plain = TrainConfig().resolved(None, True), TrainConfig().resolved(None, False)
+    assert (large.lr, large.drop, large.drop_rate, large.batch_size) == (0.3, "0.3", 0.3, 0)
+    assert (plain.lr, plain.drop, plain.drop_rate) == (1.0, "0", 0.0)
+    given = TrainConfig(lr=0.5, drop="auto").resolved(None, True)
+    assert (given.lr, given.drop) == (0.5, "auto")
+    assert TrainConfig(drop="0.1").resolved(None, True).drop == "0.1"
+    with pytest.raises(PipelineError, match="still 'image'"):
+        TrainConfig().drop_rate
+    with pytest.raises(ParameterError, match="'image'"):
+        TrainConfig(drop="often")
+
+
+def test_a_digits_run_records_its_resolved_lr_and_drop(digits_run):
+    """Digits (8x8 gray: a 4x4 code of 16 values) train with lr 1.0 and no patch dropout, and run.json
+    records the values used, so a step from it keeps them."""
+    cfg = json.loads((digits_run / "run.json").read_text())["train_config"]
+    assert (cfg["lr"], cfg["drop"]) == (1.0, "0")
 
 
 def test_a_small_held_out_part_is_warned_about(digits_shards, tmp_path, caplog):

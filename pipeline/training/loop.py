@@ -242,8 +242,8 @@ def train(
     is never modified."""
     out = Path(out)
     growth = None
-    if start is not None:
-        growth = _Growth(shards, start, config, replay, distill)
+    if start is not None:  # a step's settings are compared with its run's resolved, so the automatic lr and drop are fixed first
+        growth = _Growth(shards, start, config and config.resolved(None, shards.config.large_code), replay, distill)
         config, shards = growth.config, growth.step
     config = config or TrainConfig()
     present = shards.classes_present()
@@ -256,8 +256,7 @@ def train(
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root] + ([growth.parent.root] if growth else []))
-    if not config.batch_size:  # auto: fixed from the number of training images
-        config = config.resolved(shards.count_training(config.val_fraction))
+    config = config.resolved(None if config.batch_size else shards.count_training(config.val_fraction), shards.config.large_code)
     with outputs.locked(out, "pipe train"):
         return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step, growth)
 
