@@ -462,9 +462,9 @@ class TrainConfig:
     def resolved(self, train_images: int | None, large_code: bool) -> "TrainConfig":
         """These settings with the automatic ones fixed: the batch size for ``train_images`` training
         images (left automatic when None); the table's learning rate and patch dropout for shards whose code is large or not
-        (:attr:`ExtractConfig.large_code`). A large code gives each image many more rows than it
-        has pixels (4,096 atoms x 16 cells on 32x32 RGB), and the table overfits them unless it
-        learns slower and drops some of them."""
+        (:attr:`ExtractConfig.large_code`). A large code spreads the images over a large table
+        (4,096 atoms in each of 16 cells on 32x32 RGB), which overfits them unless it learns
+        slower and drops some of an image's rows."""
         changes: dict[str, Any] = {}
         if not self.batch_size and train_images is not None:
             changes["batch_size"] = auto_batch(train_images)
