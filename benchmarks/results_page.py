@@ -87,12 +87,12 @@ def factors() -> str:
         return ""
     d = load("factors.json")
     base = next((r for r in d["rows"] if r["row"] == "base"), None)
+    vs = (lambda acc: f"{100 * (acc - base['val_accuracy']):+.2f}" if base else "")  # points against the base row
     rows = []
     for r in d["rows"]:
         ex, tr = r.get("extract"), r["train"]
         change = " ".join(r["extract_flags"] + r["train_flags"]) or "(base)"
-        delta = f"{100 * (r['val_accuracy'] - base['val_accuracy']):+.2f}" if base else ""
-        rows.append([r["row"], f"`{change}`", f"{r['val_accuracy']:.4f}", delta, f"{r['train_accuracy']:.4f}",
+        rows.append([r["row"], f"`{change}`", f"{r['val_accuracy']:.4f}", vs(r["val_accuracy"]), f"{r['train_accuracy']:.4f}",
                      f"{ex['seconds']:.0f}" if ex else "(shared)", f"{tr['seconds']:.0f}",
                      f"{max(ex['peak_rss_mb'] if ex else 0, tr['peak_rss_mb']):,}", f"{r['shards_mb']:,.0f}", f"{r['run_mb']:,.0f}"])
     atoms = load("cifar_defaults.json")["extract"]["atoms"]
@@ -102,7 +102,6 @@ def factors() -> str:
     if (RESULTS / "code_ceiling.json").exists():
         c = load("code_ceiling.json")
         ex, ref, tr = c["extract"], c["reference"], c["trainer"]
-        vs = (lambda acc: f"{100 * (acc - base['val_accuracy']):+.2f}" if base else "")
         rows.append(["pooled", f"`--code-pool coarse --atoms 1024 {' '.join(tr['flags'])}`", f"{tr['val_accuracy']:.4f}", vs(tr['val_accuracy']), f"{tr['train_accuracy']:.4f}", f"{ex['seconds']:.0f}",
                      f"{tr['train']['seconds']:.0f}", f"{max(ex['peak_rss_mb'], tr['train']['peak_rss_mb']):,}", f"{c['shards_mb']:,.0f}", ""])
         rows.append(["pooled, linear", "the same shards, standardised linear classifier", f"{ref['val_accuracy']:.4f}", vs(ref['val_accuracy']), f"{ref['train_accuracy']:.4f}",

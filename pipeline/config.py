@@ -166,6 +166,12 @@ def auto_batch(train_images: int) -> int:
     return int(min(128, max(8, train_images // 32)))
 
 
+def is_large_code(shapes: list[tuple[int, int]], channels: int) -> bool:
+    """True when a code shape holds more than :data:`LARGE_CODE_VALUES` values (h x w x channels:
+    6x6 on RGB images, not 4x4 or 6x6 on gray ones)."""
+    return any(h * w * channels > LARGE_CODE_VALUES for h, w in shapes)
+
+
 PLAIN_LR = 1.0  # pipe train's lr auto on shards whose code is not large
 LARGE_CODE_LR = 0.3  # ... on shards whose code is large (ExtractConfig.large_code)
 LARGE_CODE_DROP = 0.3  # pipe train's drop 'image' on shards whose code is large
@@ -295,10 +301,9 @@ class ExtractConfig:
 
     @property
     def large_code(self) -> bool:
-        """True when a code shape holds more than :data:`LARGE_CODE_VALUES` values (h x w x channels:
-        6x6 on RGB images, not 4x4 or 6x6 on gray ones); ``--atoms auto`` and ``pipe train``'s
+        """:func:`is_large_code` of this config's code shapes: ``--atoms auto`` and ``pipe train``'s
         automatic ``lr`` and ``drop`` follow it."""
-        return any(h * w * self.channels > LARGE_CODE_VALUES for h, w in self.code_shape_list())
+        return is_large_code(self.code_shape_list(), self.channels)
 
     def view_list(self) -> list[tuple[str, int]]:
         """Every view (kind, levels), in the order their patches are stored."""
@@ -473,6 +478,11 @@ class TrainConfig:
         if self.drop == "image":
             changes["drop"] = repr(LARGE_CODE_DROP) if large_code else "0"
         return dataclasses.replace(self, **changes) if changes else self
+
+    def for_shards(self, shards) -> "TrainConfig":
+        """:meth:`resolved` for training on ``shards`` (a Shards, or a step's): their training
+        images are counted only when the batch size is automatic."""
+        return self.resolved(None if self.batch_size else shards.count_training(self.val_fraction), shards.config.large_code)
 
     @property
     def drop_rate(self) -> float | str:

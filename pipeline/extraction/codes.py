@@ -33,7 +33,7 @@ from threadpoolctl import ThreadpoolController
 
 from pipeline import layout
 from pipeline.config import CODE_NORMS as NORMS  # how a patch is scaled before whitening (the module's first step)
-from pipeline.config import LARGE_CODE_VALUES
+from pipeline.config import is_large_code
 from pipeline.errors import ParameterError, PipelineError
 
 MAX_ATOMS = 65535  # atoms per shape: a code holds an atom id in 16 bits
@@ -70,12 +70,12 @@ def auto_shapes(height: int, width: int) -> list[tuple[int, int]]:
 
 
 def auto_atoms(shapes: list[tuple[int, int]], channels: int) -> int:
-    """The dictionary size for ``--atoms auto``: 4096 atoms when a code shape holds more than
-    :data:`~pipeline.config.LARGE_CODE_VALUES` values (h x w x channels: 6x6 on RGB images), else
-    1024 (4x4 or 6x6 on gray ones). A patch of more values spreads over more directions, and more
-    atoms cover them; the patch papers' dictionaries for 6x6 RGB patches hold 1,600 to 4,000 atoms
-    and more."""
-    return 4096 if any(h * w * channels > LARGE_CODE_VALUES for h, w in shapes) else 1024
+    """The dictionary size for ``--atoms auto``: 4096 atoms on a large code
+    (:func:`~pipeline.config.is_large_code`: a shape of more than 64 values, 6x6 on RGB images),
+    else 1024 (4x4 or 6x6 on gray ones). A patch of more values spreads over more directions, and
+    more atoms cover them; the patch papers' dictionaries for 6x6 RGB patches hold 1,600 to 4,000
+    atoms and more."""
+    return 4096 if is_large_code(shapes, channels) else 1024
 
 
 def patch_matrix(images: np.ndarray, h: int, w: int, stride: int) -> tuple[np.ndarray, int, int]:

@@ -198,7 +198,7 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
         if getattr(config, name) != getattr(default, name) and not (name == "device" and config.device == "cpu"):
             raise PipelineError(f"{flag} goes with one process (--nproc runs on the CPU and keeps every bag in memory); leave it out or drop --nproc")
     sh = Shards(shards)  # a bad shard directory fails here with its one-line message
-    config = config.resolved(None if config.batch_size else sh.count_training(config.val_fraction), sh.config.large_code)
+    config = config.for_shards(sh)
     o = Path(out)
     outputs.check_out(o, [shards])
     with outputs.locked(o, "pipe train"):

@@ -256,7 +256,7 @@ def train(
     pattern_index.check_kind(config.index, config.dim)  # a bad --index fails now, not after training
     device = pick_device(config.device)  # an unusable --device fails before the run directory is touched
     outputs.check_out(out, [shards.root] + ([growth.parent.root] if growth else []))
-    config = config.resolved(None if config.batch_size else shards.count_training(config.val_fraction), shards.config.large_code)
+    config = config.for_shards(shards)
     with outputs.locked(out, "pipe train"):
         return _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab, device, on_step, growth)
 
