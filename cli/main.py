@@ -39,12 +39,16 @@ def with_flags(text: str) -> str:
     return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), text)
 
 
-class _Flags(logging.Filter):
-    """Library warnings name parameters as the library's callers pass them; on the command line, by their flags."""
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = with_flags(record.getMessage()), ()
-        return True
+
+class _Flags(logging.Formatter):
+    """Library warnings name parameters as the library's callers pass them; on the command line, by
+    their flags. A formatter of the CLI's own handler, so the records other handlers see keep the
+    library's words."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return with_flags(super().format(record))
 
 
 class _Group(click.Group):
@@ -87,10 +91,10 @@ def main(verbose: bool, progress: str) -> None:
     starts, one at most every 30 seconds and one when it ends.
     """
     progress_bars.MODE["mode"] = progress
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _Flags) for f in handler.filters):
-            handler.addFilter(_Flags())
+        if not isinstance(handler.formatter, _Flags):
+            handler.setFormatter(_Flags(LOG_FORMAT))
 
 
 _source_options = [

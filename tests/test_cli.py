@@ -247,6 +247,7 @@ def test_progress_in_a_log_is_plain_lines_and_names_the_finishing_steps(trained,
                             "--epochs", "1", "--dim", "8"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     # no progress at all; what is left is the warning that the held-out part is small
     assert quiet.returncode == 0 and all(l.startswith("WARNING ") for l in quiet.stderr.splitlines()), quiet.stderr
+    assert "raise --val-fraction (now 0.1)" in quiet.stderr  # the library's `val_fraction`, written as its flag
 
 
 def test_a_query_never_imports_torch(trained):

@@ -491,7 +491,7 @@ def test_a_small_held_out_part_is_warned_about(digits_shards, tmp_path, caplog):
     assert 0 < n < FEW_HELD_OUT
     said = [r.getMessage() for r in caplog.records if "held-out images choose the best epoch" in r.getMessage()]
     assert said == [f"only {n} held-out images choose the best epoch (one image is {100 / n:.2f} points of accuracy), "
-                    "so the choice is mostly noise: raise --val-fraction (now 0.1) if there are images to spare"]
+                    "so the choice is mostly noise: raise `val_fraction` (now 0.1) if there are images to spare"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.training.loop"):
         pipeline.train(pipeline.open_shards(digits_shards), tmp_path / "b", TrainConfig(epochs=1, dim=8, val_fraction=0))
