@@ -120,6 +120,7 @@ def test_both_signs_keys_are_atoms_of_their_own():
         a = int(atoms[0, slot - plan.exact_patches]) if plan.keys_per_image == plan.patches_per_image else None
         rank, cell = int(t["rank"][slot]), int(t["cell"][slot])
         assert (a >= 12) == (rank >= 2)
+        assert plan.atom_sign(a) == (rank >= 2, a % 12)  # how a pattern's atom id is shown
         assert keys[0, slot] == reference_code_key(a, 3, 3, cell, 0, "grid")
     table = plan.code_key_table()
     assert set(table["atom"].tolist()) == set(range(24)) and len(np.unique(table["key"])) == len(table["key"])

@@ -234,6 +234,14 @@ def _weight(mean, d, hard):
     return wv if wv > 0 else np.float32(0.0)
 
 
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _sign_distances(zc_r, z2_r, c2, sg, dist, lows, groups, sums):
+    """One patch's distances to every atom into ``dist`` (``sg`` 0), or its negative's (``sg`` 1),
+    from its row of the product; returns their mean (what a triangle weight is measured from)."""
+    _distances(zc_r, z2_r, c2, dist, lows, groups, np.float32(2.0) if sg == 0 else np.float32(-2.0))
+    return _total(dist, groups, sums) / zc_r.size
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _select(zc, z2, c2, k, hard, signs, atoms, weights, row0):
     """For each patch r of a block, from ``zc = z @ atoms.T`` (B x K) and the squared norms of the
@@ -244,8 +252,7 @@ def _select(zc, z2, c2, k, hard, signs, atoms, weights, row0):
     for r in prange(b):
         groups, dist, lows, sums, cand, best_d, best_i = _scratch(n, k)
         for sg in range(signs):
-            _distances(zc[r], z2[r], c2, dist, lows, groups, np.float32(2.0) if sg == 0 else np.float32(-2.0))
-            mean = _total(dist, groups, sums) / n
+            mean = _sign_distances(zc[r], z2[r], c2, sg, dist, lows, groups, sums)
             _nearest(dist, k, lows, groups, cand, best_d, best_i)
             for j in range(k):
                 atoms[row0 + r, sg * k + j] = best_i[j] + sg * n
@@ -270,8 +277,7 @@ def _pool(zc, z2, c2, k, hard, signs, cells, out, image0):
             r = i * locations + loc
             acc = img[cells[loc]]
             for sg in range(signs):
-                _distances(zc[r], z2[r], c2, dist, lows, groups, np.float32(2.0) if sg == 0 else np.float32(-2.0))
-                mean = _total(dist, groups, sums) / n
+                mean = _sign_distances(zc[r], z2[r], c2, sg, dist, lows, groups, sums)
                 if k == n:
                     for j in range(n):
                         acc[sg * n + j] += _weight(mean, dist[j], hard)

@@ -391,6 +391,12 @@ class KeyPlan:
         negative = 0 < self.negative_from <= rank
         return negative, rank - self.negative_from if negative else rank
 
+    def atom_sign(self, atom: int) -> tuple[bool, int]:
+        """(whether a code pattern's atom id, 0..2K-1 as :meth:`code_key_table` numbers them, is an
+        atom of a patch's negative, its id among its own sign's atoms)."""
+        negative = atom >= self.config.atoms
+        return negative, atom - self.config.atoms if negative else atom
+
     def code_content(self, atoms: np.ndarray) -> np.ndarray:
         """Position-free code keys (N x code_slots uint64) of stored atom ids (N x code_slots)."""
         idx = self._code_shape_of_slot[None, :] * self.atom_ids + atoms.astype(np.int64)

@@ -50,7 +50,6 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
     n = len(lookup.slots)
     k = lookup.ids.shape[1] if n else 0
     keys, weights = run.encode(img)
-    atoms = run.extract_config.atoms  # a pattern's atom id from this on is a negative's (both signs)
     near = run.training_images.nearest(run.classifier.pooled(keys, weights=weights), max(k, 1))
     rows = near.ids[0][near.ids[0] >= 0]
     thumbs = run.training_images.thumbnails(rows) if len(rows) else []
@@ -118,7 +117,11 @@ def query_png(run: Run, image: np.ndarray, lookup: PatchLookup, path: Path | str
             cc = meta["class_counts"][i]
             top = run.class_names[int(cc.argmax())] if cc.sum() else "-"
             atom = int(meta["atom"][i]) if "atom" in meta else -1
-            what = atom_label(atom - atoms if atom >= atoms else atom, True, atom >= atoms) if atom >= 0 else f"seen {int(meta['count'][i])}"  # a pattern's id
+            if atom >= 0:  # a code pattern: its atom, named as a negative's where it is one
+                negative, own = run.plan.atom_sign(atom)
+                what = atom_label(own, True, negative)
+            else:
+                what = f"seen {int(meta['count'][i])}"
             ax.set_title(f"d={lookup.distances[r, j]:.1f} {run.view_name(int(meta['view'][i]))}\n{what} {top}", fontsize=6)
     label = fig.add_subplot(grid[-1, 0])
     label.axis("off")
