@@ -133,6 +133,7 @@ def source_options(f):
 @click.option("--atoms", type=int, default=ExtractConfig.atoms, show_default=True, help="Code view: dictionary atoms per shape (FAISS k-means on sampled training patches); 0 = auto: 4096 when a code shape holds more than 64 values (h x w x channels: 6x6 on RGB), else 1024.")
 @click.option("--code-k", type=int, default=ExtractConfig.code_k, show_default=True, help="Code view: nearest atoms kept per patch, each a key with a weight; 0 = auto: every atom when the code view is pooled, else 5.")
 @click.option("--code-pool", type=click.Choice(list(CODE_POOLS)), default=ExtractConfig.code_pool, show_default=True, help="Code view: none = a key per patch location and kept atom; grid, coarse or offset = the weights of each atom summed over the patches of each cell of that key kind before anything is written (the code keys then use that kind alone).")
+@click.option("--code-position", default=ExtractConfig.code_position, show_default=True, help="Code view: key kinds of its patches (unpooled), like --position; same = those of --position; e.g. grid,offset gives the code view overlapping cells and leaves the exact views' keys as they are.")
 @click.option("--code-weight", type=click.Choice(["triangle", "hard"]), default=ExtractConfig.code_weight, show_default=True, help="Code view: weight of a kept atom: triangle (mean distance to all atoms minus its distance) or hard (1).")
 @click.option("--code-norm", type=click.Choice(["contrast", "none"]), default=ExtractConfig.code_norm, show_default=True, help="Code view: how a patch is scaled before whitening: contrast (each patch's brightness and contrast normalised) or none (pixels on [0, 1], e.g. with --whiten 0.01); atoms of none are drawn in their own colours.")
 @click.option("--code-signs", type=click.Choice(list(CODE_SIGNS)), default=ExtractConfig.code_signs, show_default=True, help="Code view: one = a patch keeps the atoms nearest to it; both = also the atoms nearest to its negative, each a key of its own (the second map of Thiry et al. 2021).")
@@ -153,7 +154,7 @@ def source_options(f):
 @click.option("--audit-images", type=int, default=None, help="Audit only the first N images [all].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @_json_option("Print the shards' manifest (with resumed_shards, seconds, and the audit with --audit) as one JSON object.")
-def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_pool, code_weight, code_norm, code_signs, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
+def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, views, color, max_size, shapes, stride, position, grid, code_shapes, atoms, code_k, code_pool, code_position, code_weight, code_norm, code_signs, whiten, code_stride, code_sample, dictionary, like, seed, resize, augment, workers, engine, address, compression, images_per_shard, audit, audit_images, overwrite, as_json):
     """Hash every patch of every image of SOURCE into Parquet shards.
 
     SOURCE is 'digits', an image folder, a .tar/.tar.gz of one, a CIFAR
@@ -189,7 +190,7 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
     mh, mw = (0, 0) if max_size == "auto" else _size(max_size, "--max-size")
     config = ExtractConfig(
         levels=levels, views=views, color=color, max_h=mh, max_w=mw, shapes=shapes, stride=stride, position=position, grid=grid, seed=seed,
-        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_pool=code_pool, code_weight=code_weight, code_norm=code_norm, code_signs=code_signs, whiten=whiten,
+        resize=_size(resize, "--resize"), code_shapes=code_shapes, atoms=atoms, code_k=code_k, code_pool=code_pool, code_position=code_position, code_weight=code_weight, code_norm=code_norm, code_signs=code_signs, whiten=whiten,
         code_stride=code_stride, code_sample=code_sample,
     )
     src = pipeline.open_source(source, split=split, limit=limit, per_class=per_class, skip_bad=skip_bad, holdout=holdout)
@@ -230,7 +231,7 @@ def extract(source, out, split, holdout, limit, per_class, skip_bad, levels, vie
 
 # the options of pipe extract that --like takes from the earlier run or shards
 SETTINGS_OF_LIKE = ("levels", "views", "color", "max_size", "shapes", "stride", "position", "grid", "code_shapes", "atoms", "code_k",
-                    "code_pool", "code_weight", "code_norm", "code_signs", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
+                    "code_pool", "code_position", "code_weight", "code_norm", "code_signs", "whiten", "code_stride", "code_sample", "dictionary", "seed", "resize", "augment")
 
 
 def _train_option(name: str, help: str, **kw):

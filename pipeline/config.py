@@ -99,7 +99,7 @@ CODE_SIGNS = ("one", "both")
 CODE_K_UNPOOLED = 5  # --code-k auto without pooling
 MAX_SIGNED_ATOMS = 32767  # atoms per shape with --code-signs both: ids of both signs fit 16 bits
 LARGE_CODE_VALUES = 64  # a code shape holding more values (h x w x channels) than this makes the code "large": the larger dictionary and a regularised table
-CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_pool", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "code_signs")
+CODE_FIELDS = ("code_shapes", "atoms", "code_k", "code_pool", "code_position", "code_weight", "code_norm", "whiten", "code_stride", "code_sample", "dictionary", "code_signs")
 
 
 def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
@@ -126,18 +126,18 @@ def parse_views(text: str, levels: int) -> list[tuple[str, int]]:
     return out
 
 
-def canonical_position(text: str) -> str:
+def canonical_position(text: str, param: str = "position") -> str:
     """``'grid,none'`` -> ``'both'``; any list of POSITION_MODES in canonical order, each once."""
     parts = POSITION_ALIASES.get(text.strip().lower()) or [p.strip().lower() for p in text.split(",")]
     bad = [p for p in parts if p not in POSITION_MODES]
     if bad or not parts:
         raise ParameterError(
-            "position", f"{text!r}: {bad[0] if bad else text!r} is not a key kind; use one or more of "
+            param, f"{text!r}: {bad[0] if bad else text!r} is not a key kind; use one or more of "
             f"{', '.join(POSITION_MODES)} (or both = none,grid), e.g. grid,offset"
         )
     modes = tuple(m for m in POSITION_MODES if m in parts)
     if len(modes) != len(parts):
-        raise ParameterError("position", f"{text!r} lists a key kind twice")
+        raise ParameterError(param, f"{text!r} lists a key kind twice")
     return next((alias for alias, ms in POSITION_ALIASES.items() if ms == modes), ",".join(modes))
 
 
@@ -221,6 +221,7 @@ class ExtractConfig:
     code_stride: int = 1  # step between code-view patch positions, in pixels [1]
     code_sample: int = 200000  # patches per code shape sampled from the training images to fit the dictionary [200000]
     dictionary: str = ""  # SHA-256 of the dictionary the code view was made with (set by pipe extract) []
+    code_position: str = "same"  # key kinds of the code view's patches: 'same' (those of `position`) or a list like `position`'s, e.g. grid,offset for overlapping cells on the code view alone [same]
     code_pool: str = "none"  # 'none' (a key per patch location and rank), or a position mode ('grid', 'coarse', 'offset') whose cells sum the code view's weights before anything is written (its keys then use that mode alone) [none]
     code_signs: str = "one"  # 'one': a patch keeps the atoms nearest to it; 'both': also those nearest to its negative, as atoms of their own (ids atoms..2*atoms-1) [one]
     views: str = "auto"  # exact views hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour); 'none'; 'auto' = levels,grad on gray images, levels on RGB [auto]
@@ -243,6 +244,10 @@ class ExtractConfig:
         object.__setattr__(self, "position", canonical_position(self.position))
         if "offset" in self.position_modes and self.grid > 254:
             raise ParameterError("grid", f"{self.grid} is too fine for `position` offset, whose grid has one more cell per side; use 1 to 254")
+        if self.code_position != "same":
+            object.__setattr__(self, "code_position", canonical_position(self.code_position, "code_position"))
+            if "offset" in self.code_position_modes and self.grid > 254:
+                raise ParameterError("grid", f"{self.grid} is too fine for `code_position` offset, whose grid has one more cell per side; use 1 to 254")
         if self.code_shapes not in ("auto", "none"):
             listed = parse_shapes(self.code_shapes, "code_shapes")
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
@@ -252,6 +257,9 @@ class ExtractConfig:
             check_code_k(self.code_k, self.atoms)
         if self.code_pool not in CODE_POOLS:
             raise ParameterError("code_pool", f"{self.code_pool!r} is not one of {', '.join(CODE_POOLS)}")
+        if self.code_pooled and self.code_position != "same":
+            raise ParameterError("code_position", f"{self.code_position!r} cannot key a pooled code view, whose keys are its `code_pool` kind "
+                                 f"({self.code_pool}) alone; leave `code_position` same")
         if self.code_weight not in CODE_WEIGHTS:
             raise ParameterError("code_weight", f"{self.code_weight!r} is not one of {', '.join(CODE_WEIGHTS)}")
         if self.code_norm not in CODE_NORMS:
@@ -277,6 +285,13 @@ class ExtractConfig:
     def position_modes(self) -> tuple[str, ...]:
         """The key kinds emitted per patch, in canonical order."""
         return POSITION_ALIASES.get(self.position) or tuple(self.position.split(","))
+
+    @property
+    def code_position_modes(self) -> tuple[str, ...]:
+        """The key kinds emitted per patch of the code view (unpooled), in canonical order."""
+        if self.code_position == "same":
+            return self.position_modes
+        return POSITION_ALIASES.get(self.code_position) or tuple(self.code_position.split(","))
 
     @property
     def has_code(self) -> bool:
@@ -348,6 +363,7 @@ class ExtractConfig:
         d.setdefault("code_pool", "none")  # written before --code-pool existed: a key per location and rank
         d.setdefault("code_k", CODE_K_UNPOOLED)  # written before --code-k auto existed
         d.setdefault("code_signs", "one")  # written before --code-signs existed
+        d.setdefault("code_position", "same")  # written before --code-position existed
         if d.get("resize") is not None:
             d["resize"] = tuple(d["resize"])
         return cls(**d)
@@ -368,6 +384,8 @@ class ExtractConfig:
             del d["code_pool"]
         if d.get("code_signs") == "one":  # one-sign codes hash as before --code-signs existed
             del d["code_signs"]
+        if d.get("code_position") == "same":  # a code view keyed like the exact views hashes as before --code-position existed
+            del d["code_position"]
         if d["views"] == "levels":  # the single default view hashes as before views existed
             del d["views"]
         payload = json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True)

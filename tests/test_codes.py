@@ -124,7 +124,7 @@ def test_both_signs_keys_are_atoms_of_their_own():
         assert keys[0, slot] == reference_code_key(a, 3, 3, cell, 0, "grid")
     table = plan.code_key_table()
     assert set(table["atom"].tolist()) == set(range(24)) and len(np.unique(table["key"])) == len(table["key"])
-    assert ExtractConfig(code_signs="both", atoms=12).fingerprint != ExtractConfig(atoms=12).fingerprint
+    assert coded(code_signs="both").fingerprint() != coded().fingerprint()
     with pytest.raises(ParameterError, match="32768 is more than 32767 with `code_signs` both"):
         ExtractConfig(code_signs="both", atoms=32768)
     with pytest.raises(ParameterError, match="'two' is not one of one, both"):
@@ -197,17 +197,50 @@ def test_golden_code_keys(args, key):
     assert reference_code_key(*args) == key
 
 
-@pytest.mark.parametrize("position,grid", [("grid", 3), ("none,grid,offset", 2)])
-def test_plan_code_keys_equal_the_reference(position, grid):
+def coded(**kw) -> ExtractConfig:
+    """A resolved RGB config with a code view (what a fingerprint needs), ``kw`` overriding any field."""
+    return ExtractConfig(**{"color": "rgb", "views": "levels", "max_h": 2, "max_w": 2, "grid": 4, "code_shapes": "6x6", "atoms": 12,
+                            "code_k": 2, "dictionary": "ab" * 32, **kw})
+
+
+def test_code_position_is_parsed_and_keyed_apart_and_same_hashes_as_before_it_existed():
+    import hashlib
+
+    from pipeline.config import HASH_VERSION
+
+    d = coded().to_dict()
+    for k in ("code_position", "code_norm", "code_pool", "code_signs", "views"):  # defaults that hash as before they existed
+        del d[k]
+    want = hashlib.sha256(json.dumps({"hash": HASH_VERSION, **d}, sort_keys=True).encode()).hexdigest()[:16]
+    assert coded().fingerprint() == want == coded(code_position="same").fingerprint()
+    assert coded(code_position="offset, GRID").code_position == "grid,offset"
+    assert coded(code_position="grid,offset").fingerprint() not in (want, coded(position="grid,offset").fingerprint())
+    assert coded(code_position="grid,offset").code_position_modes == ("grid", "offset") and coded().code_position_modes == ("grid",)
+    old = coded().to_dict()
+    del old["code_position"]  # a manifest written before the field existed
+    assert ExtractConfig.from_dict(old).code_position == "same"
+    for bad in ("diagonal", "grid,grid"):
+        with pytest.raises(ParameterError, match="code_position"):
+            coded(code_position=bad)
+    with pytest.raises(ParameterError, match="pooled code view"):
+        coded(code_position="offset", code_pool="grid")
+
+
+@pytest.mark.parametrize("position,grid,code_position", [("grid", 3, "same"), ("none,grid,offset", 2, "same"), ("grid", 3, "grid,offset"), ("none", 2, "offset")])
+def test_plan_code_keys_equal_the_reference(position, grid, code_position):
     d, imgs = small_dictionary()
     cfg = ExtractConfig(views="levels", max_h=2, max_w=2, position=position, grid=grid, code_shapes="2x2,2x3",
-                        atoms=8, code_k=3, seed=5, dictionary=d.digest())
+                        atoms=8, code_k=3, seed=5, dictionary=d.digest(), code_position=code_position)
     plan = KeyPlan(cfg, 8, 8, d)
     keys, weights = plan.encode(imgs[:4])
     atoms, w = d.code(imgs[:4], 1, 3, "triangle")
     t = plan.slot_table
     code = np.flatnonzero(plan.is_code(np.arange(plan.keys_per_image)))
-    assert len(code) == len(cfg.position_modes) * 3 * (7 * 7 + 7 * 6)
+    exact = np.setdiff1d(np.arange(plan.keys_per_image), code)
+    modes = position.split(",") if code_position == "same" else code_position.split(",")
+    assert len(code) == len(modes) * 3 * (7 * 7 + 7 * 6)
+    assert {POSITION_MODES[m] for m in t["mode"][code]} == set(modes)  # the code view's key kinds
+    assert {POSITION_MODES[m] for m in t["mode"][exact]} == set(position.split(","))  # the exact views' stay
     shape_base = {(2, 2): 0, (2, 3): 3 * 49}
     for s in code[::7]:
         h, wd, rank = int(t["h"][s]), int(t["w"][s]), int(t["rank"][s])
@@ -218,7 +251,6 @@ def test_plan_code_keys_equal_the_reference(position, grid):
             ref = reference_code_key(int(atoms[n, col]), h, wd, int(t["cell"][s]), 5, POSITION_MODES[t["mode"][s]])
             assert int(keys[n, s]) == ref
             assert weights[n, s] == w[n, col]
-    exact = np.setdiff1d(np.arange(plan.keys_per_image), code)
     assert (weights[:, exact] == 1).all()
     table = plan.code_key_table()
     assert np.isin(keys[:, code], table["key"]).all() and len(np.unique(table["key"])) == len(table["key"])

@@ -302,7 +302,7 @@ class KeyPlan:
                     offset += side * side
                 slots_per_shape.append(self.atom_ids * side * side)
             else:
-                for mode in config.position_modes:
+                for mode in config.code_position_modes:
                     for r in range(self.code_ranks):
                         blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
                         offset += ny * nx
@@ -420,7 +420,7 @@ class KeyPlan:
             if atoms is None or atoms.shape != (content.shape[0], self.code_slots):
                 raise ValueError(f"a code view needs {self.code_slots} atom ids per image")
             content = np.concatenate([content, self.code_content(atoms)], axis=1)
-        if self.config.position_modes == ("none",):
+        if self.config.position_modes == self.config.code_position_modes == ("none",):
             return np.ascontiguousarray(content)
         source, delta = self._expansion
         out = np.empty((content.shape[0], self.keys_per_image), dtype=np.uint64)
@@ -520,7 +520,7 @@ class KeyPlan:
         ``code_shapes``), ``atom``, ``cell`` (-1 without position) and ``mode`` (index into POSITION_MODES)."""
         cols: dict[str, list] = {"key": [], "shape": [], "atom": [], "cell": [], "mode": []}
         atoms = np.arange(self.atom_ids, dtype=np.int64)
-        modes = (self.config.code_pool,) if self.n_pool_cells else self.config.position_modes
+        modes = (self.config.code_pool,) if self.n_pool_cells else self.config.code_position_modes
         for i, (h, w) in enumerate(self.code_shapes):
             for mode in modes:
                 cells = [-1] if mode == "none" else range(cells_per_side(mode, self.config.grid) ** 2)
