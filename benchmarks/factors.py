@@ -49,6 +49,9 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("overlap 2048", ["--atoms", "2048", "--position", "grid,offset"], []),  # the two that helped most
     ("signs", ["--code-signs", "both"], []),  # the atoms nearest each patch's negative too (Thiry et al.'s second map)
     ("4096 regularised", ["--atoms", "4096"], ["--lr", "0.3", "--drop", "0.3"]),  # the best atoms row with the training that helped, within budget
+    ("4096 whitened", ["--atoms", "4096", "--code-norm", "none", "--whiten", "0.001"], ["--lr", "0.3", "--drop", "0.3"]),  # Thiry et al.'s scaling and regulariser
+    ("4096 k 10", ["--atoms", "4096", "--code-k", "10"], ["--lr", "0.3", "--drop", "0.3"]),
+    ("4096 code overlap", ["--atoms", "4096", "--code-position", "grid,offset"], ["--lr", "0.3", "--drop", "0.3"]),  # overlapping cells on the code view alone
 ]
 SMOKE_ROWS = [("base", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
 
