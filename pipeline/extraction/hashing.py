@@ -240,6 +240,8 @@ class KeyPlan:
     atom ids K + a), every location in steps of ``code_stride``. Its content
     values are :func:`code_value` of the atom id, stored in shards as atom ids with a
     weight each (:mod:`pipeline.extraction.codes`); coding images needs ``dictionary``.
+    Its keys come in the modes of ``config.code_position_modes`` (those of
+    ``position`` unless ``code_position`` gives its own).
     """
 
     def __init__(self, config: ExtractConfig, height: int, width: int, dictionary=None):
