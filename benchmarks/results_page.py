@@ -370,7 +370,8 @@ def factors_limit() -> str:
         se = 100 * math.sqrt(d["val_accuracy"] * (1 - d["val_accuracy"]) / d["val_images"])  # one standard error of a held-out accuracy
         above = [r for r in rows if r["val_accuracy"] > default["val_accuracy"]]
         dearer = all(r["train"]["peak_rss_mb"] > default["train"]["peak_rss_mb"] and r["train"]["seconds"] > default["train"]["seconds"] for r in above)
-        which += (f"; the defaults do `{default['row']}` ({default['val_accuracy']:.4f}): the rows above it ({', '.join(f'`{r}`' for r in (a['row'] for a in above))})"
+        names = ", ".join(f"`{r['row']}`" for r in above)
+        which += (f"; the defaults do `{default['row']}` ({default['val_accuracy']:.4f}): the rows above it ({names})"
                   f" are at most {100 * (best['val_accuracy'] - default['val_accuracy']):.2f} points ahead, against one standard error of"
                   f" {se:.2f} points on {d['val_images']:,} held-out images" + (", and train slower in more memory" if dearer else ""))
     return (text + f" Of the factors measured here on all the images{which}."

@@ -141,6 +141,11 @@ def canonical_position(text: str, param: str = "position") -> str:
     return next((alias for alias, ms in POSITION_ALIASES.items() if ms == modes), ",".join(modes))
 
 
+def modes_of(canonical: str) -> tuple[str, ...]:
+    """The key kinds of a :func:`canonical_position` text, in canonical order."""
+    return POSITION_ALIASES.get(canonical) or tuple(canonical.split(","))
+
+
 def parse_shapes(text: str, param: str = "shapes") -> list[tuple[int, int]]:
     """Parse an explicit shape list ``'1x1,2x3,4'`` (N means NxN) into sorted unique (h, w) pairs."""
     shapes = set()
@@ -242,12 +247,11 @@ class ExtractConfig:
         if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
             raise ParameterError("max_size", "must be below 65536 on each side")
         object.__setattr__(self, "position", canonical_position(self.position))
-        if "offset" in self.position_modes and self.grid > 254:
-            raise ParameterError("grid", f"{self.grid} is too fine for `position` offset, whose grid has one more cell per side; use 1 to 254")
         if self.code_position != "same":
             object.__setattr__(self, "code_position", canonical_position(self.code_position, "code_position"))
-            if "offset" in self.code_position_modes and self.grid > 254:
-                raise ParameterError("grid", f"{self.grid} is too fine for `code_position` offset, whose grid has one more cell per side; use 1 to 254")
+        for name, modes in (("position", self.position_modes), ("code_position", self.code_position_modes)):
+            if "offset" in modes and self.grid > 254:
+                raise ParameterError("grid", f"{self.grid} is too fine for `{name}` offset, whose grid has one more cell per side; use 1 to 254")
         if self.code_shapes not in ("auto", "none"):
             listed = parse_shapes(self.code_shapes, "code_shapes")
             object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
@@ -284,14 +288,12 @@ class ExtractConfig:
     @property
     def position_modes(self) -> tuple[str, ...]:
         """The key kinds emitted per patch, in canonical order."""
-        return POSITION_ALIASES.get(self.position) or tuple(self.position.split(","))
+        return modes_of(self.position)
 
     @property
     def code_position_modes(self) -> tuple[str, ...]:
         """The key kinds emitted per patch of the code view (unpooled), in canonical order."""
-        if self.code_position == "same":
-            return self.position_modes
-        return POSITION_ALIASES.get(self.code_position) or tuple(self.code_position.split(","))
+        return self.position_modes if self.code_position == "same" else modes_of(self.code_position)
 
     @property
     def has_code(self) -> bool:
