@@ -52,6 +52,7 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("4096 whitened", ["--atoms", "4096", "--code-norm", "none", "--whiten", "0.001"], ["--lr", "0.3", "--drop", "0.3"]),  # Thiry et al.'s scaling and regulariser
     ("4096 k 10", ["--atoms", "4096", "--code-k", "10"], ["--lr", "0.3", "--drop", "0.3"]),
     ("4096 code overlap", ["--atoms", "4096", "--code-position", "grid,offset"], ["--lr", "0.3", "--drop", "0.3"]),  # overlapping cells on the code view alone
+    ("4096 two shapes", ["--atoms", "4096", "--code-shapes", "4x4,6x6"], ["--lr", "0.3", "--drop", "0.3"]),  # a second, finer code scale
 ]
 SMOKE_ROWS = [("base", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
 
