@@ -42,6 +42,8 @@ def cifar_defaults() -> str:
     t = d.get("train")
     train = (f", and `pipe train`'s to a table of dimension {t['dim']} learning at {t['lr']} with patch dropout {t['drop']},"
              f" batches of {t['batch_size']}, at most {t['epochs']} epochs (docs/training.md)") if t else ""
+    mirrored = " (closed under mirroring: the flipped copies' codes are their originals', mirrored)" if "flip" in d["extract"]["augment"] else ""
+    kinds = " (in their grid cell and also without a location)" if d["extract"].get("code_position") == "both" else ""
     return f"""## CIFAR-10 with the defaults
 
 `python benchmarks/defaults.py --out benchmarks/results/cifar_defaults.json`: `pipe extract` on the shared archive of the {d['images'] // (2 if d['extract']['augment'] == 'flip' else 1):,} CIFAR-10 training images and `pipe train`, no flags, each stage its own process on {d['cpus']} cores.
@@ -57,7 +59,7 @@ The accuracy is on the {d['val_images']:,} training images the trainer holds out
 ])}
 
 On 32×32 colour images the defaults resolve to views `{d['extract']['views']}` up to {d['extract']['max_h']}×{d['extract']['max_w']}, position `{d['extract']['position']}` on a {d['extract']['grid']}×{d['extract']['grid']} grid, the code view
-`{d['extract']['code_shapes']}` with {d['extract']['atoms']:,} atoms, k = {d['extract']['code_k']}, whitening {d['extract']['whiten']}, `--augment {d['extract']['augment']}` (docs/extract.md gives the rules){train}.
+`{d['extract']['code_shapes']}` with {d['extract']['atoms']:,} atoms{mirrored}, k = {d['extract']['code_k']}, whitening {d['extract']['whiten']}, its patches keyed `{d['extract'].get('code_position', 'same')}`{kinds}, `--augment {d['extract']['augment']}` (docs/extract.md gives the rules){train}.
 """
 
 
@@ -95,10 +97,12 @@ def factors() -> str:
         rows.append([r["row"], f"`{change}`", f"{r['val_accuracy']:.4f}", vs(r["val_accuracy"]), f"{r['train_accuracy']:.4f}",
                      f"{ex['seconds']:.0f}" if ex else "(shared)", f"{tr['seconds']:.0f}",
                      f"{max(ex['peak_rss_mb'] if ex else 0, tr['peak_rss_mb']):,}", f"{r['shards_mb']:,.0f}", f"{r['run_mb']:,.0f}"])
-    atoms = load("cifar_defaults.json")["extract"]["atoms"]
-    gap = (f" The base row is {base['val_accuracy']:.4f}; on these images `--atoms auto` resolves to {atoms:,} and `pipe train`'s automatic"
-           " `--lr` and `--drop` to 0.3 and 0.3, the row `4096 regularised` (the first table);"
-           " the rows named 4096 after it change it in one respect.") if base else ""
+    ext = load("cifar_defaults.json")["extract"]
+    gap = (f" The base row is {base['val_accuracy']:.4f}; on these images `--atoms auto` resolves to {ext['atoms']:,} and `pipe train`'s automatic"
+           " `--lr` and `--drop` to 0.3 and 0.3, the row `4096 regularised`; the rows named 4096 after it change it in one respect."
+           " Every row keys the code view like the exact views (`--code-position same`) and, up to `4096 two shapes`, was coded with a"
+           " dictionary that is not closed under mirroring" + (f"; the defaults (the first table) add `--code-position {ext['code_position']}` and"
+           " the mirror-closed dictionary." if ext.get("code_position", "same") != "same" else ".")) if base else ""
     ceiling = ""
     if (RESULTS / "code_ceiling.json").exists():
         c = load("code_ceiling.json")
@@ -112,8 +116,7 @@ def factors() -> str:
                    " same weights standardised per feature, the patch papers' way of scoring an encoding.")
     return f"""## The code view's factors on all of CIFAR-10
 
-`python benchmarks/factors.py --out benchmarks/results/factors.json`: one `pipe extract` + `pipe train` per row on all 50,000 images, the base (the defaults with `--atoms 1024`, trained with `--lr 1 --drop 0`: every row's first flags) with one change; held-out part as above (one image is 0.02 points).{gap}{ceiling}
-Rows from `hard` on were measured after the coding's selection was made faster (CHANGELOG.md), so their extract times are not comparable with the rows above them.
+`python benchmarks/factors.py --out benchmarks/results/factors.json`: one `pipe extract` + `pipe train` per row on all 50,000 images, the base (the defaults with `--atoms 1024`, trained with `--lr 1 --drop 0`: every row's first flags) with one change; held-out part as above (one image is 0.02 points).{gap}{ceiling} Rows from `hard` on were measured after the coding's selection was made faster (CHANGELOG.md), so their extract times are not comparable with the rows above them.
 
 {table(["row", "change", "held-out", "vs base, points", "train", "extract s", "train s", "peak RSS MB", "shards MB", "run MB"], rows)}
 """

@@ -177,6 +177,16 @@ def is_large_code(shapes: list[tuple[int, int]], channels: int) -> bool:
     return any(h * w * channels > LARGE_CODE_VALUES for h, w in shapes)
 
 
+def auto_code_position(config: "ExtractConfig") -> str:
+    """``code_position`` auto: on a large code (:func:`is_large_code`, unpooled) the kinds of
+    ``position`` plus ``none``, so each atom also has a key shared by every place it occurs (what it
+    means anywhere) beside its keys per cell (what it means there); else ``same``. A large code
+    spreads over many (atom, cell) rows, each seen by few images; the shared row pools them."""
+    if config.has_code and config.large_code and not config.code_pooled and "none" not in config.position_modes:
+        return canonical_position(config.position + ",none", "code_position")
+    return "same"
+
+
 PLAIN_LR = 1.0  # pipe train's lr auto on shards whose code is not large
 LARGE_CODE_LR = 0.3  # ... on shards whose code is large (ExtractConfig.large_code)
 LARGE_CODE_DROP = 0.3  # pipe train's drop 'image' on shards whose code is large
@@ -226,7 +236,7 @@ class ExtractConfig:
     code_stride: int = 1  # step between code-view patch positions, in pixels [1]
     code_sample: int = 200000  # patches per code shape sampled from the training images to fit the dictionary [200000]
     dictionary: str = ""  # SHA-256 of the dictionary the code view was made with (set by pipe extract) []
-    code_position: str = "same"  # key kinds of the code view's patches: 'same' (those of `position`) or a list like `position`'s, e.g. grid,offset for overlapping cells on the code view alone [same]
+    code_position: str = "auto"  # key kinds of the code view's patches: 'same' (those of `position`), a list like `position`'s (e.g. grid,offset: overlapping cells on the code view alone), or 'auto' = those of `position` plus 'none' (a key without location) on a large code (6x6 on RGB), else same [auto]
     code_pool: str = "none"  # 'none' (a key per patch location and rank), or a position mode ('grid', 'coarse', 'offset') whose cells sum the code view's weights before anything is written (its keys then use that mode alone) [none]
     code_signs: str = "one"  # 'one': a patch keeps the atoms nearest to it; 'both': also those nearest to its negative, as atoms of their own (ids atoms..2*atoms-1) [one]
     views: str = "auto"  # exact views hashed side by side: 'levels' (--levels), 'norm' (contrast-stretched per image), each with optional ':N' levels, and 'grad' (ordinal: brighter than the right / lower neighbour); 'none'; 'auto' = levels,grad on gray images, levels on RGB [auto]
@@ -247,9 +257,10 @@ class ExtractConfig:
         if self.max_h >= 1 << 16 or self.max_w >= 1 << 16:
             raise ParameterError("max_size", "must be below 65536 on each side")
         object.__setattr__(self, "position", canonical_position(self.position))
-        if self.code_position != "same":
+        if self.code_position not in ("same", "auto"):
             object.__setattr__(self, "code_position", canonical_position(self.code_position, "code_position"))
-        for name, modes in (("position", self.position_modes), ("code_position", self.code_position_modes)):
+        kinds = [("position", self.position_modes)] + ([("code_position", self.code_position_modes)] if self.code_position != "auto" else [])
+        for name, modes in kinds:  # auto adds only 'none' to position's kinds
             if "offset" in modes and self.grid > 254:
                 raise ParameterError("grid", f"{self.grid} is too fine for `{name}` offset, whose grid has one more cell per side; use 1 to 254")
         if self.code_shapes not in ("auto", "none"):
@@ -261,7 +272,7 @@ class ExtractConfig:
             check_code_k(self.code_k, self.atoms)
         if self.code_pool not in CODE_POOLS:
             raise ParameterError("code_pool", f"{self.code_pool!r} is not one of {', '.join(CODE_POOLS)}")
-        if self.code_pooled and self.code_position != "same":
+        if self.code_pooled and self.code_position not in ("same", "auto"):
             raise ParameterError("code_position", f"{self.code_position!r} cannot key a pooled code view, whose keys are its `code_pool` kind "
                                  f"({self.code_pool}) alone; leave `code_position` same")
         if self.code_weight not in CODE_WEIGHTS:
@@ -293,6 +304,8 @@ class ExtractConfig:
     @property
     def code_position_modes(self) -> tuple[str, ...]:
         """The key kinds emitted per patch of the code view (unpooled), in canonical order."""
+        if self.code_position == "auto":
+            raise PipelineError("the code view's key kinds are still 'auto'; resolve the config against the image size first")
         return self.position_modes if self.code_position == "same" else modes_of(self.code_position)
 
     @property
@@ -372,8 +385,8 @@ class ExtractConfig:
 
     def fingerprint(self) -> str:
         """A short stable digest of everything that decides the keys."""
-        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h) or (self.code_shapes != "none" and 0 in (self.code_k, self.atoms)):
-            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes, atoms, k or grid are still 'auto'")
+        if "auto" in (self.color, self.code_shapes, self.views) or 0 in (self.grid, self.max_h) or (self.code_shapes != "none" and (0 in (self.code_k, self.atoms) or self.code_position == "auto")):
+            raise PipelineError("cannot fingerprint an extract config whose color, views, sizes, code shapes, atoms, k, code key kinds or grid are still 'auto'")
         if self.has_code and not self.dictionary:
             raise PipelineError("cannot fingerprint a code view without its dictionary's digest")
         d = self.to_dict()

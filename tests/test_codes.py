@@ -2,6 +2,7 @@
 shards, training and query on a code-view run, and refused dictionary mismatches."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -157,6 +158,101 @@ def test_codes_do_not_depend_on_the_thread_count():
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1].view(np.uint32), two[1].view(np.uint32))
 
 
+def _colour_images(n):
+    """RGB images (from digits) whose channels differ and are not left-right symmetric."""
+    imgs, labels = digits_images("train", n)
+    g = imgs[..., 0]
+    return np.stack([g, g // 2, np.roll(g, 3, axis=1)], -1), labels
+
+
+@pytest.mark.parametrize("atoms", [16, 9])
+def test_a_mirrored_fit_is_closed_under_mirroring(atoms, tmp_path):
+    imgs, _ = _colour_images(200)
+    d = codes.fit([imgs], [(3, 3), (2, 3)], atoms, 0.1, 3000, 0, 3, mirror=True)
+    plain = codes.fit([imgs], [(3, 3), (2, 3)], atoms, 0.1, 3000, 0, 3)
+    assert d.mirrors is not None and plain.mirrors is None
+    pairs = d.mirrors
+    assert sorted(pairs) == list(range(atoms)) and np.array_equal(pairs[pairs], np.arange(atoms))  # an involution
+    for s in d.shapes:
+        assert len(s.atoms) == atoms
+        # mirror every atom as a patch by hand (h x w x C, columns reversed): the atom it maps to
+        by_hand = s.atoms.reshape(atoms, s.h, s.w, 3)[:, :, ::-1].reshape(atoms, -1)
+        assert np.array_equal(by_hand, s.atoms[pairs])
+    d.save(tmp_path / "d.npz")
+    assert codes.Dictionary.load(tmp_path / "d.npz").mirrors is not None  # a saved dictionary keeps it, with no field of its own
+
+
+@pytest.mark.parametrize("k,signs,stride", [(1, 1, 1), (4, 1, 1), (3, 2, 1), (2, 1, 2)])
+def test_mirrored_codes_are_nearest_atoms_of_the_mirrored_images(k, signs, stride):
+    """The codes taken from the originals' are a k-nearest choice for each patch of the mirrored images:
+    float64 distances of the atoms they name equal the brute-force k smallest, and the weights match.
+    (Where a patch is itself symmetric, an atom and its mirror tie exactly, so the ids may differ from
+    a scan's lowest-id choice; the distances may not.)"""
+    imgs, _ = _colour_images(60)
+    d = codes.fit([imgs], [(3, 3), (4, 3)], 12, 0.1, 3000, 0, 3, mirror=True)
+    imgs = imgs[:, :, :7]  # 8 x 7: with stride 2 the locations x = 0, 2, 4 of both shapes mirror onto each other
+    flipped = np.ascontiguousarray(imgs[:, :, ::-1])
+    atoms, weights = d.code(imgs, stride, k, "triangle", signs=signs)
+    got_a, got_w = d.mirrored(atoms, weights, 8, 7, stride, k, signs)
+    ref_a, ref_w = codes.brute_force(flipped, d, stride, k, "triangle", signs)
+    np.testing.assert_allclose(got_w, ref_w, rtol=1e-4, atol=1e-4)
+    col = 0
+    for s in d.shapes:
+        view = np.lib.stride_tricks.sliding_window_view(flipped.astype(np.float64), (s.h, s.w), axis=(1, 2))[:, ::stride, ::stride]
+        ny, nx = view.shape[1:3]
+        p = view.transpose(0, 1, 2, 4, 5, 3).reshape(len(imgs) * ny * nx, -1)
+        p = (p - p.mean(1, keepdims=True)) / np.sqrt(p.var(1, keepdims=True) + codes.CONTRAST)
+        z = (p - s.mean) @ s.whiten.astype(np.float64)
+        signed = np.concatenate([s.atoms, -s.atoms]).astype(np.float64)  # id K + a: atom a for the negative, i.e. -z to a
+        dist = np.sqrt(((z[:, None, :] - signed[None]) ** 2).sum(-1))  # |z - (-c)| = |-z - c|
+        size = k * signs * ny * nx
+
+        def per_patch(a):
+            return a[:, col : col + size].reshape(len(imgs), k * signs, ny * nx).transpose(0, 2, 1).reshape(-1, k * signs).astype(np.int64)
+
+        rows = np.arange(len(z))[:, None]
+        np.testing.assert_allclose(dist[rows, per_patch(got_a)], dist[rows, per_patch(ref_a)], rtol=1e-5, atol=1e-6)
+        col += size
+    assert (got_a == ref_a).mean() > 0.9  # most patches have no tie at all
+
+
+def test_extract_codes_flipped_copies_from_their_originals(tmp_path):
+    """With --augment flip a fitted dictionary is mirror-closed and each copy's code is its original's,
+    mirrored: keys equal to those :meth:`Dictionary.mirrored` gives, weights equal to coding the
+    copy itself (up to float rounding); workers 1 and 2 write the same bytes."""
+    from pipeline.data import augment
+
+    imgs, labels = _colour_images(24)
+    cfg = ExtractConfig(views="levels", max_h=2, max_w=2, code_shapes="3x3", atoms=16, code_k=3, grid=2, code_sample=2000)
+    runs = {w: pipeline.extract(pipeline.from_arrays(imgs, labels), tmp_path / f"w{w}", cfg, augment="flip", images_per_shard=5, workers=w)
+            for w in (1, 2)}
+    sh = pipeline.open_shards(tmp_path / "w1")
+    d = sh.dictionary()
+    assert d.mirrors is not None and runs[1]["fingerprint"] == runs[2]["fingerprint"]
+    ids = np.concatenate([b.image_ids for b in sh.iter_content()])
+    stored = np.concatenate([b.atoms for b in sh.iter_content()])
+    stored_w = np.concatenate([b.weights for b in sh.iter_content()])
+    copies = ids >= augment.VARIANT_STRIDE
+    assert copies.sum() == 24
+    own_a, own_w = d.code(imgs, 1, 3, "triangle")
+    want_a, want_w = d.mirrored(own_a, own_w, 8, 8, 1, 3)
+    assert np.array_equal(stored[~copies], own_a) and np.array_equal(stored[copies], want_a)
+    assert np.array_equal(stored_w[copies].view(np.uint32), want_w.view(np.uint32))
+    np.testing.assert_allclose(stored_w[copies], d.code(np.ascontiguousarray(imgs[:, :, ::-1]), 1, 3, "triangle")[1], rtol=1e-4, atol=1e-4)
+    for name in sorted(p.name for p in (tmp_path / "w1").glob("*.parquet")):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+    assert KeyPlan(sh.config, 8, 8, d).mirrors_codes  # pooled codes are coded directly: cells do not mirror onto each other
+    assert not KeyPlan(dataclasses.replace(sh.config, code_pool="grid"), 8, 8, d).mirrors_codes
+    none = pipeline.extract(pipeline.from_arrays(imgs, labels), tmp_path / "none", cfg, augment="none")
+    assert pipeline.open_shards(tmp_path / "none").dictionary().mirrors is None and none["images"] == 24
+
+
+def test_flip_variant_numbers_the_mirror_among_the_copies():
+    from pipeline.data.augment import flip_variant
+
+    assert (flip_variant("flip"), flip_variant("shift:1,flip"), flip_variant("shift:2"), flip_variant("none")) == (1, 9, 0, 0)
+
+
 def test_scaled_atoms_are_drawn_in_their_own_colours(tmp_path):
     """Without whitening, an atom of pixels on [0, 1] is its mean patch: drawn as round(255 * (atom + mean)),
     not stretched; the scaling survives saving, and a file written without one is contrast-normalised."""
@@ -200,7 +296,7 @@ def test_golden_code_keys(args, key):
 def coded(**kw) -> ExtractConfig:
     """A resolved RGB config with a code view (what a fingerprint needs), ``kw`` overriding any field."""
     return ExtractConfig(**{"color": "rgb", "views": "levels", "max_h": 2, "max_w": 2, "grid": 4, "code_shapes": "6x6", "atoms": 12,
-                            "code_k": 2, "dictionary": "ab" * 32, **kw})
+                            "code_k": 2, "code_position": "same", "dictionary": "ab" * 32, **kw})
 
 
 def test_code_position_is_parsed_and_keyed_apart_and_same_hashes_as_before_it_existed():
@@ -224,6 +320,21 @@ def test_code_position_is_parsed_and_keyed_apart_and_same_hashes_as_before_it_ex
             coded(code_position=bad)
     with pytest.raises(ParameterError, match="pooled code view"):
         coded(code_position="offset", code_pool="grid")
+    with pytest.raises(PipelineError, match="code key kinds"):
+        coded(code_position="auto").fingerprint()
+
+
+def test_code_position_auto_adds_a_shared_key_on_a_large_code():
+    """auto: position's kinds plus none on a large code (6x6 RGB), unpooled and without none already; else same."""
+    def resolved(color, side, **kw):
+        return KeyPlan(ExtractConfig(color=color, **kw), side, side).config
+
+    assert resolved("rgb", 32).code_position == "both" and resolved("rgb", 32).code_position_modes == ("none", "grid")
+    assert resolved("rgb", 32, position="grid,offset").code_position_modes == ("none", "grid", "offset")
+    for color, side, kw in [("gray", 8, {}), ("gray", 28, {}), ("rgb", 8, {}), ("rgb", 32, {"code_pool": "grid"}), ("rgb", 32, {"position": "both"})]:
+        assert resolved(color, side, **kw).code_position == "same", (color, side, kw)
+    plan = KeyPlan(ExtractConfig(color="rgb", views="none"), 32, 32)
+    assert plan.keys_per_image == 2 * plan.code_slots  # every code patch's atom keyed in its cell and without one
 
 
 @pytest.mark.parametrize("position,grid,code_position", [("grid", 3, "same"), ("none,grid,offset", 2, "same"), ("grid", 3, "grid,offset"), ("none", 2, "offset")])

@@ -66,6 +66,16 @@ def check_size(spec: str, height: int, width: int) -> None:
         raise ParameterError("augment", f"{spec!r} makes {count(spec)} copies of every image, more than {MAX_COPIES}; use a smaller shift")
 
 
+def flip_variant(spec: str) -> int:
+    """The variant number v of the left-right mirror among ``spec``'s variants, 0 when there is none."""
+    v = 1
+    for kind, n in parse(spec):
+        if kind == "flip":
+            return v
+        v += (2 * n + 1) ** 2 - 1
+    return 0
+
+
 def variants(image: np.ndarray, spec: str) -> list[np.ndarray]:
     """The variants of one H x W x C image, in id order (v = 1, 2, ...)."""
     out = []

@@ -411,6 +411,43 @@ class Dictionary:
             weights.append(wt.reshape(n, ny * nx, k * signs).transpose(0, 2, 1).reshape(n, -1))
         return np.concatenate(atoms, 1).astype(np.uint16), np.ascontiguousarray(np.concatenate(weights, 1))
 
+    @cached_property
+    def mirrors(self) -> np.ndarray | None:
+        """The atom ids' mirror map (:func:`mirror_pairs`) when every shape's dictionary is closed
+        under left-right mirroring, bit for bit (mean, whitening and atoms, as :func:`fit` with
+        ``mirror`` makes them), else None."""
+        pairs = mirror_pairs(len(self.shapes[0].atoms))
+        for s in self.shapes:
+            order = mirror_order(s.h, s.w, self.channels)
+            if not (np.array_equal(s.mean[order], s.mean) and np.array_equal(s.whiten[np.ix_(order, order)], s.whiten)
+                    and np.array_equal(s.atoms[:, order], s.atoms[pairs])):
+                return None
+        return pairs
+
+    def can_mirror(self, width: int, stride: int) -> bool:
+        """Whether :meth:`mirrored` applies to images ``width`` pixels wide coded with ``stride``: a
+        mirror-closed dictionary, and every shape's patch locations mirrored onto each other."""
+        return self.mirrors is not None and all((width - s.w) % stride == 0 for s in self.shapes)
+
+    def mirrored(self, atoms: np.ndarray, weights: np.ndarray, height: int, width: int, stride: int, k: int, signs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The codes (:meth:`code`'s layout, not pooled) of the left-right mirrors of images whose own
+        codes are ``atoms`` / ``weights``: a mirrored patch's nearest atoms are the mirrors of its
+        original's at the same distances, so each location takes the mirrored location's atoms
+        through :attr:`mirrors` and its weights as they are. Needs :meth:`can_mirror`; equal to coding
+        the mirrored images up to float rounding (near-ties may swap)."""
+        if not self.can_mirror(width, stride):
+            raise ValueError(f"this dictionary does not code mirrored {width}-pixel-wide images from their originals")
+        pairs = self.mirrors
+        ids = np.concatenate([pairs, pairs + len(pairs)]) if signs == 2 else pairs
+        n, col, out_a, out_w = len(atoms), 0, [], []
+        for s in self.shapes:
+            grid = (k * signs, (height - s.h) // stride + 1, (width - s.w) // stride + 1)
+            size = int(np.prod(grid))
+            out_a.append(ids[atoms[:, col : col + size].reshape(n, *grid)[..., ::-1].astype(np.int64)].reshape(n, size))
+            out_w.append(weights[:, col : col + size].reshape(n, *grid)[..., ::-1].reshape(n, size))
+            col += size
+        return np.concatenate(out_a, 1).astype(atoms.dtype), np.ascontiguousarray(np.concatenate(out_w, 1))
+
     def to_bytes(self) -> bytes:
         arrays = {"format": np.array(DICTIONARY_FORMAT), "channels": np.int64(self.channels),
                   "shapes": np.array([[s.h, s.w] for s in self.shapes], np.int64)}
@@ -485,6 +522,32 @@ class Dictionary:
             raise ValueError(f"atoms per shape {sorted(counts)}; every shape needs the same number, 1 to {MAX_ATOMS}")
 
 
+def mirror_order(h: int, w: int, channels: int) -> np.ndarray:
+    """The permutation of a patch row (row-major HWC, ``h*w*channels`` values) that mirrors the patch
+    left to right: ``row[mirror_order(...)]`` is the row of the mirrored patch."""
+    return np.arange(h * w * channels).reshape(h, w, channels)[:, ::-1].ravel()
+
+
+def mirror_pairs(atoms: int) -> np.ndarray:
+    """The atom ids' mirror map of a mirror-closed dictionary of ``atoms`` atoms: the first
+    ``atoms // 2`` atoms and the next ``atoms // 2`` are each other's mirrors, and with an odd count
+    the last atom is its own."""
+    half = atoms // 2
+    return np.concatenate([np.arange(half, 2 * half), np.arange(half), np.arange(2 * half, atoms)])
+
+
+def _mirror_close(centroids: np.ndarray, atoms: int, order: np.ndarray) -> np.ndarray:
+    """Atoms closed under mirroring (:func:`mirror_pairs`): ``centroids[:atoms // 2]``, their mirrors,
+    and with an odd count one more centroid averaged with its own mirror (a sum of two floats does
+    not depend on their order, so its mirror is itself, bit for bit)."""
+    half = atoms // 2
+    parts = [centroids[:half], centroids[:half][:, order]]
+    if atoms % 2:
+        c = centroids[half : half + 1]
+        parts.append((c + c[:, order]) / np.float32(2))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
 def fit(
     images: Iterable[np.ndarray],
     shapes: list[tuple[int, int]],
@@ -494,10 +557,16 @@ def fit(
     seed: int,
     channels: int,
     norm: str = "contrast",
+    mirror: bool = False,
 ) -> Dictionary:
     """Fit each shape's whitening and atoms on patches sampled from ``images`` (batches of
     N x H x W x C uint8), scaled by ``norm``: up to ``sample`` patches per shape, drawn uniformly
-    from every image with a seeded generator, then ``faiss.Kmeans`` (seeded) in the whitened space."""
+    from every image with a seeded generator, then ``faiss.Kmeans`` (seeded) in the whitened space.
+
+    With ``mirror`` the dictionary is closed under left-right mirroring (:attr:`Dictionary.mirrors`):
+    the whitening is fitted on the sample and its mirror, k-means finds ``atoms - atoms // 2``
+    centroids, and the atoms are half of them and their mirrors. A mirrored patch is then coded by
+    the mirrors of its original's atoms, so a mirrored image's code is its original's, mirrored."""
     import faiss
 
     rng = np.random.default_rng(seed)
@@ -518,11 +587,18 @@ def fit(
             raise ParameterError(
                 "atoms", f"{atoms} is more than the {len(x)} {h}x{w} patches sampled to fit them; use fewer atoms or more images"
             )
-        mu, wz = zca(x, eps)
+        order = mirror_order(h, w, channels)
+        mu, wz = zca(np.concatenate([x, x[:, order]]) if mirror else x, eps)
+        if mirror:  # averaged with their mirrors: exactly symmetric, bit for bit, as above
+            mu, wz = (mu + mu[order]) / np.float32(2), (wz + wz[np.ix_(order, order)]) / np.float32(2)
         z = np.ascontiguousarray((x - mu) @ wz, dtype=np.float32)
-        km = faiss.Kmeans(z.shape[1], atoms, niter=20, seed=seed + 1, max_points_per_centroid=max(256, len(z) // atoms + 1))
+        fitted = atoms - atoms // 2 if mirror else atoms
+        km = faiss.Kmeans(z.shape[1], fitted, niter=20, seed=seed + 1, max_points_per_centroid=max(256, len(z) // fitted + 1))
         km.train(z)
-        out.append(ShapeCode(h, w, mu, wz, np.ascontiguousarray(km.centroids, dtype=np.float32), norm))
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        if mirror:
+            centroids = _mirror_close(centroids, atoms, order)
+        out.append(ShapeCode(h, w, mu, wz, centroids, norm))
     return Dictionary(out, channels)
 
 

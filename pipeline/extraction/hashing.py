@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.extraction import kernels
 from pipeline.fmix import MASK, fmix64, fmix64_int
 from pipeline.extraction.codes import auto_atoms, auto_shapes
-from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig, check_code_k
+from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig, auto_code_position, check_code_k
 from pipeline.errors import PipelineError
 
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
@@ -241,7 +241,7 @@ class KeyPlan:
     values are :func:`code_value` of the atom id, stored in shards as atom ids with a
     weight each (:mod:`pipeline.extraction.codes`); coding images needs ``dictionary``.
     Its keys come in the modes of ``config.code_position_modes`` (those of
-    ``position`` unless ``code_position`` gives its own).
+    ``position`` unless ``code_position`` gives its own; ``auto``: :func:`~pipeline.config.auto_code_position`).
     """
 
     def __init__(self, config: ExtractConfig, height: int, width: int, dictionary=None):
@@ -255,6 +255,8 @@ class KeyPlan:
             check_code_k(config.code_k, config.atoms)  # a given count was checked by the config
         if config.code_k == 0:
             config = dataclasses.replace(config, code_k=config.atoms if config.code_pooled else min(CODE_K_UNPOOLED, config.atoms))
+        if config.code_position == "auto":
+            config = dataclasses.replace(config, code_position=auto_code_position(config))
         if config.views == "auto":
             config = dataclasses.replace(config, views=auto_views(config.channels))
         if config.max_h == 0:
@@ -404,10 +406,33 @@ class KeyPlan:
         idx = self._code_shape_of_slot[None, :] * self.atom_ids + atoms.astype(np.int64)
         return self._code_content[idx]
 
-    def codes(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Atom ids (N x code_slots uint16) and weights (float32) of N x H x W x C uint8 images."""
+    @property
+    def mirrors_codes(self) -> bool:
+        """Whether a mirrored image's code can be taken from its original's
+        (:meth:`pipeline.extraction.codes.Dictionary.mirrored`): a mirror-closed dictionary, codes not pooled."""
+        return self.dictionary is not None and not self.n_pool_cells and self.dictionary.can_mirror(self.width, self.config.code_stride)
+
+    def codes(self, images: np.ndarray, mirror_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Atom ids (N x code_slots uint16) and weights (float32) of N x H x W x C uint8 images.
+
+        ``mirror_of[i]`` >= 0 says image i is the left-right mirror of image ``mirror_of[i]`` (itself
+        not a mirror): with :attr:`mirrors_codes` its code is then taken from that image's instead of
+        computed, which spares the matrix products of every mirrored copy."""
         if self.dictionary is None:
             raise PipelineError("this key plan has a code view but no dictionary to code images with")
+        if mirror_of is not None and (mirror_of >= 0).any() and self.mirrors_codes:
+            direct = mirror_of < 0
+            if (mirror_of[~direct] >= len(images)).any() or (mirror_of[mirror_of[~direct]] >= 0).any():
+                raise ValueError("a mirrored image's original must be an image of the batch that is not itself a mirror")
+            atoms, weights = self.codes(images[direct])
+            row = np.cumsum(direct) - 1  # an image's row among the directly coded ones
+            src = row[mirror_of[~direct]]
+            c = self.config
+            out_a = np.empty((len(images), atoms.shape[1]), atoms.dtype)
+            out_w = np.empty((len(images), weights.shape[1]), weights.dtype)
+            out_a[direct], out_w[direct] = atoms, weights
+            out_a[~direct], out_w[~direct] = self.dictionary.mirrored(atoms[src], weights[src], self.height, self.width, c.code_stride, c.code_k, c.signs)
+            return out_a, out_w
         c = self.config
         if self.n_pool_cells:
             return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells, c.signs)

@@ -61,10 +61,11 @@ def resolve_size(config: ExtractConfig, height: int, width: int) -> ExtractConfi
     return KeyPlan(config, height, width).config
 
 
-def fit_dictionary(source: Source, config: ExtractConfig, progress: Callable[[int], None] | None = None) -> codes.Dictionary:
+def fit_dictionary(source: Source, config: ExtractConfig, progress: Callable[[int], None] | None = None, mirror: bool = False) -> codes.Dictionary:
     """Fit the code view's dictionary on a seeded, evenly spread sample of the source's images,
     leaving out the images training holds out for validation by default (so the held-out
-    accuracy is measured on images the dictionary never saw)."""
+    accuracy is measured on images the dictionary never saw); ``mirror`` closes it under
+    left-right mirroring (:func:`pipeline.extraction.codes.fit`)."""
     want = min(len(source), max(codes.FIT_MIN_IMAGES, -(-config.code_sample // codes.FIT_PATCHES_PER_IMAGE)))
     step = max(1, len(source) // want)
     picked = []
@@ -74,7 +75,7 @@ def fit_dictionary(source: Source, config: ExtractConfig, progress: Callable[[in
             picked.append(b.images[keep])
         if progress:
             progress(len(b.ids))
-    return codes.fit(picked, config.code_shape_list(), config.atoms, config.whiten, config.code_sample, config.seed, config.channels, config.code_norm)
+    return codes.fit(picked, config.code_shape_list(), config.atoms, config.whiten, config.code_sample, config.seed, config.channels, config.code_norm, mirror)
 
 
 # ------------------------------------------------------------------ one shard (runs in a worker)
@@ -112,6 +113,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     skipped: list[str] = []
     buf: list[tuple[int, int, str]] = []  # (image id, label, name) of each row
     pixels: list[np.ndarray] = []
+    mirror_of: list[int] = []  # per row: the row it is the left-right mirror of, or -1
+    flip = augment_mod.flip_variant(task.augment)
     originals = written = unlabelled = 0
 
     def flush() -> None:
@@ -119,12 +122,13 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
         written += originals
         images = np.stack(pixels)
         keys = plan.content_keys(plan.symbols(images))
-        atoms, weights = plan.codes(images) if plan.code_slots else (None, None)
+        atoms, weights = plan.codes(images, np.array(mirror_of, np.int64)) if plan.code_slots else (None, None)
         writer.write(np.array([b[0] for b in buf], np.int64), np.array([b[1] for b in buf], np.int32), [b[2] for b in buf], keys, atoms, weights)
         if progress:
             progress(originals, keys.size + (atoms.size if atoms is not None else 0))
         buf.clear()
         pixels.clear()
+        mirror_of.clear()
         originals = 0
 
     with layout.atomic(path) as tmp:
@@ -137,13 +141,16 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
                     if progress:
                         progress(1, 0)
                     continue
+                row = len(buf)
                 buf.append((raw.index, raw.label, raw.name))
                 pixels.append(arr)
+                mirror_of.append(-1)
                 originals += 1
                 unlabelled += raw.label < 0
                 for v, var in enumerate(augment_mod.variants(arr, task.augment), start=1):
                     buf.append((raw.index + v * augment_mod.VARIANT_STRIDE, raw.label, f"{raw.name}#{v}"))
                     pixels.append(var)
+                    mirror_of.append(row if v == flip else -1)
                 if len(buf) >= per_group:
                     flush()
             if buf:
@@ -158,15 +165,17 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     return record
 
 
-def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit) -> tuple[codes.Dictionary, ExtractConfig]:
+def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit, augment: str = "none") -> tuple[codes.Dictionary, ExtractConfig]:
     """The code view's dictionary and the config carrying its digest: the one ``given``, the one an
-    unfinished (or finished) extract into ``out`` with the same settings already fitted, or a new fit."""
+    unfinished (or finished) extract into ``out`` with the same settings already fitted, or a new fit,
+    closed under left-right mirroring when ``augment`` mirrors the images (a mirrored copy's code is
+    then its original's, mirrored, with no products of its own)."""
     if given is not None:
         d = codes.Dictionary.load(given)
     else:
-        d = _existing_dictionary(out, config)
+        d = _existing_dictionary(out, config, augment)
         if d is None:
-            d = fit_dictionary(source, config, on_fit)
+            d = fit_dictionary(source, config, on_fit, augment_mod.flip_variant(augment) > 0)
     if [(s.h, s.w) for s in d.shapes] != config.code_shape_list() or d.channels != config.channels:
         have = ",".join(f"{s.h}x{s.w}" for s in d.shapes)
         raise ParameterError(
@@ -178,9 +187,9 @@ def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit)
     return d, dataclasses.replace(config, dictionary=d.digest())
 
 
-def _existing_dictionary(out: Path, config: ExtractConfig) -> codes.Dictionary | None:
-    """The dictionary already in ``out`` when its job (unfinished or finished) has these settings:
-    a resumed extract keeps the dictionary its first shards were coded with."""
+def _existing_dictionary(out: Path, config: ExtractConfig, augment: str = "none") -> codes.Dictionary | None:
+    """The dictionary already in ``out`` when its job (unfinished or finished) has these settings and
+    augmentation: a resumed extract keeps the dictionary its first shards were coded with."""
     path = out / layout.DICTIONARY
     if not path.is_file():
         return None
@@ -190,6 +199,8 @@ def _existing_dictionary(out: Path, config: ExtractConfig) -> codes.Dictionary |
         except (ValueError, OSError):
             continue
         old = dict(job.get("job", job).get("config", {}))
+        if job.get("job", job).get("augment", "none") != augment:
+            continue
         if old.get("dictionary") and {**old, "dictionary": ""} == {**config.to_dict(), "dictionary": ""}:
             try:
                 return codes.Dictionary.load(path, old["dictionary"])
@@ -399,7 +410,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
         raise ParameterError("dictionary", "goes with a code view; leave it out, or set `code_shapes`")
     dict_obj = None
     if config.has_code:
-        dict_obj, config = _dictionary(source, config, out, dictionary, on_fit)
+        dict_obj, config = _dictionary(source, config, out, dictionary, on_fit, augment)
     plan = KeyPlan(config, height, width)
     p = plan.patches_per_image
     per_shard = images_per_shard or max(1, min(len(source), PATCHES_PER_SHARD // (p * copies)))
