@@ -54,6 +54,8 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("4096 code overlap", ["--atoms", "4096", "--code-position", "grid,offset"], ["--lr", "0.3", "--drop", "0.3"]),  # overlapping cells on the code view alone
     ("4096 two shapes", ["--atoms", "4096", "--code-shapes", "4x4,6x6"], ["--lr", "0.3", "--drop", "0.3"]),  # a second, finer code scale
     ("8192 atoms", ["--atoms", "8192"], ["--lr", "0.3", "--drop", "0.3"]),  # a mirror-closed dictionary codes the flipped copies for free: twice the atoms at the same cost
+    ("4096 mirrored", ["--atoms", "4096"], ["--lr", "0.3", "--drop", "0.3"]),  # 4096 regularised again, now with the mirror-closed dictionary: what the mirror alone changes
+    ("8192 shared keys", ["--atoms", "8192", "--code-position", "both"], ["--lr", "0.3", "--drop", "0.3"]),  # the mirrored 8192 atoms with the defaults' location-free code keys
 ]
 SMOKE_ROWS = [("base", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
 

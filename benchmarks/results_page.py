@@ -77,8 +77,7 @@ def digits() -> str:
 
 `python benchmarks/digits.py --defaults --json > benchmarks/results/digits_defaults.json` and `python benchmarks/digits.py --json >
 benchmarks/results/digits_tuned.json`: train on `digits --split train` (898 images), score `--split test` (899); scikit-learn's
-models see the raw pixels of the same images. Seeds 0, 1, 2: their mean (each seed in brackets). The code view's settings on a CIFAR
-subset (one change per row, 500 images per class, before the factors above): `python benchmarks/codes.py --out benchmarks/results/codes.json`.
+models see the raw pixels of the same images. Seeds 0, 1, 2: their mean (each seed in brackets). The code view's settings on a CIFAR subset (one change per row, 500 images per class, before the factors above): `python benchmarks/codes.py --out benchmarks/results/codes.json`.
 
 {table(["model", "test accuracy"], rows)}
 """
@@ -101,7 +100,7 @@ def factors() -> str:
     gap = (f" The base row is {base['val_accuracy']:.4f}; on these images `--atoms auto` resolves to {ext['atoms']:,} and `pipe train`'s automatic"
            " `--lr` and `--drop` to 0.3 and 0.3, the row `4096 regularised`; the rows named 4096 after it change it in one respect."
            " Every row keys the code view like the exact views (`--code-position same`) and, up to `4096 two shapes`, was coded with a"
-           " dictionary that is not closed under mirroring" + (f"; the defaults (the first table) add `--code-position {ext['code_position']}` and"
+           " dictionary that is not closed under mirroring, the rows after it with the mirror-closed one" + (f"; the defaults (the first table) add `--code-position {ext['code_position']}` and"
            " the mirror-closed dictionary." if ext.get("code_position", "same") != "same" else ".")) if base else ""
     ceiling = ""
     if (RESULTS / "code_ceiling.json").exists():
@@ -128,9 +127,7 @@ def small_data() -> str:
              f"{r['logistic_regression']:.4f}", f"{r['nearest_neighbour']:.4f}"] for r in d["rows"]]
     return f"""## Small data
 
-`python benchmarks/small.py --out benchmarks/results/small.json`: the defaults against logistic regression
-and 1-nearest-neighbour on the raw pixels of the same images; digits scored on `--split test`, CIFAR-10 on
-images 201-400 of each class (in sorted-name order). Bold: ours beats both.
+`python benchmarks/small.py --out benchmarks/results/small.json`: the defaults against logistic regression and 1-nearest-neighbour on the raw pixels of the same images; digits scored on `--split test`, CIFAR-10 on images 201-400 of each class (in sorted-name order). Bold: ours beats both.
 
 {table(["slice", "train", "scored", "ours", "logistic regression", "1-NN"], rows)}
 """
