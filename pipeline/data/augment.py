@@ -47,9 +47,14 @@ def parse(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+def _copies(kind: str, n: int) -> int:
+    """Variants one parsed part writes: 1 for flip, every translation by up to n but none for shift:n."""
+    return 1 if kind == "flip" else (2 * n + 1) ** 2 - 1
+
+
 def count(spec: str) -> int:
     """Variants written per image besides the image itself."""
-    return sum(1 if kind == "flip" else (2 * n + 1) ** 2 - 1 for kind, n in parse(spec))
+    return sum(_copies(kind, n) for kind, n in parse(spec))
 
 
 MAX_COPIES = 100  # variants per image: beyond this the shards grow past any use
@@ -72,7 +77,7 @@ def flip_variant(spec: str) -> int:
     for kind, n in parse(spec):
         if kind == "flip":
             return v
-        v += (2 * n + 1) ** 2 - 1
+        v += _copies(kind, n)
     return 0
 
 

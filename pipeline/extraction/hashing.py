@@ -420,6 +420,7 @@ class KeyPlan:
         computed, which spares the matrix products of every mirrored copy."""
         if self.dictionary is None:
             raise PipelineError("this key plan has a code view but no dictionary to code images with")
+        c = self.config
         if mirror_of is not None and (mirror_of >= 0).any() and self.mirrors_codes:
             direct = mirror_of < 0
             if (mirror_of[~direct] >= len(images)).any() or (mirror_of[mirror_of[~direct]] >= 0).any():
@@ -427,13 +428,11 @@ class KeyPlan:
             atoms, weights = self.codes(images[direct])
             row = np.cumsum(direct) - 1  # an image's row among the directly coded ones
             src = row[mirror_of[~direct]]
-            c = self.config
             out_a = np.empty((len(images), atoms.shape[1]), atoms.dtype)
             out_w = np.empty((len(images), weights.shape[1]), weights.dtype)
             out_a[direct], out_w[direct] = atoms, weights
             out_a[~direct], out_w[~direct] = self.dictionary.mirrored(atoms[src], weights[src], self.height, self.width, c.code_stride, c.code_k, c.signs)
             return out_a, out_w
-        c = self.config
         if self.n_pool_cells:
             return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, self._pool_cells, self.n_pool_cells, c.signs)
         return self.dictionary.code(images, c.code_stride, c.code_k, c.code_weight, signs=c.signs)

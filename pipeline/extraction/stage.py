@@ -198,8 +198,9 @@ def _existing_dictionary(out: Path, config: ExtractConfig, augment: str = "none"
             job = layout.read_json(out / name)
         except (ValueError, OSError):
             continue
-        old = dict(job.get("job", job).get("config", {}))
-        if job.get("job", job).get("augment", "none") != augment:
+        spec = job.get("job", job)  # a manifest holds its job under "job"
+        old = dict(spec.get("config", {}))
+        if spec.get("augment", "none") != augment:
             continue
         if old.get("dictionary") and {**old, "dictionary": ""} == {**config.to_dict(), "dictionary": ""}:
             try:
