@@ -263,6 +263,7 @@ def _train_option(name: str, help: str, **kw):
 @_train_option("--cache-mb", "Memory for keeping every image's bags after the first epoch (MB); 0 = read the shards every epoch.")
 @_train_option("--val-fraction", "Share of images held out for validation.")
 @_train_option("--refit", "auto = when fewer than 500 images are held out, train again on every image for the epochs they chose; off = keep them held out.", type=click.Choice(["auto", "off"]))
+@_train_option("--vote", "How an image is scored: mirror = as the bag of its own patches and its left-right mirror's; none = alone; auto = mirror when the shards hold each image's mirror (--augment flip).", type=click.Choice(["auto", "mirror", "none"]))
 @_train_option("--seed", "Seed for initialisation, shuffling and dropout.")
 @_train_option("--device", "auto = CUDA when present.", type=click.Choice(["auto", "cpu", "cuda"]))
 @_train_option("--index", "Pattern index: auto (flat up to 100k patterns, else ivf), flat, hnsw, ivf, ivfpq, or a FAISS factory string.")

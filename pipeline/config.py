@@ -409,6 +409,7 @@ class ExtractConfig:
 
 OPTIMIZERS = ("adagrad", "rowwise-adagrad", "sparseadam", "sgd")
 REFITS = ("auto", "off")
+VOTES = ("auto", "mirror", "none")
 BAGS = ("mean", "sum", "sqrt")
 
 
@@ -454,6 +455,7 @@ class TrainConfig:
     cache_mb: int = 4096  # memory for keeping every image's bags after the first epoch; 0 = read the shards every epoch [4096]
     val_fraction: float = 0.1  # share of images held out for validation, chosen by a hash of image_id [0.1]
     refit: str = "auto"  # 'auto': when fewer than 500 images are held out, train again on every image for the epochs they chose; 'off' [auto]
+    vote: str = "auto"  # how an image is scored: 'mirror' = as the bag of its own patches and its left-right mirror's, 'none' = its own alone, 'auto' = mirror when the shards hold each image's mirror (--augment with flip), else none [auto]
     seed: int = 0  # seed for initialisation, shuffling and dropout [0]
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu' or 'cuda' [auto]
     index: str = "auto"  # pattern index: 'auto', 'flat', 'hnsw', 'ivf', 'ivfpq' or a FAISS factory string [auto]
@@ -478,6 +480,8 @@ class TrainConfig:
         self.check_table(self.buckets, "`buckets`")
         if self.refit not in REFITS:
             raise ParameterError("refit", f"{self.refit!r} is not one of {', '.join(REFITS)}")
+        if self.vote not in VOTES:
+            raise ParameterError("vote", f"{self.vote!r} is not one of {', '.join(VOTES)}")
         if not self.index.strip():
             raise ParameterError("index", "must not be empty; give auto, flat, hnsw, ivf, ivfpq or a FAISS factory string")
         if self.device not in DEVICES:
@@ -497,13 +501,19 @@ class TrainConfig:
                 f"this machine has {have / 2**30:.1f} GiB: lower `dim`, `buckets` or raise `min_count`"
             )
 
-    def resolved(self, train_images: int | None, large_code: bool) -> "TrainConfig":
+    def resolved(self, train_images: int | None, large_code: bool, mirrored: bool = False) -> "TrainConfig":
         """These settings with the automatic ones fixed: the batch size for ``train_images`` training
         images (left automatic when None); the table's learning rate and patch dropout for shards whose code is large or not
         (:attr:`ExtractConfig.large_code`). A large code spreads the images over a large table
         (4,096 atoms in each of 16 cells on 32x32 RGB), which overfits them unless it learns
-        slower and drops some of an image's rows."""
+        slower and drops some of an image's rows. ``vote`` auto follows ``mirrored``: whether the shards
+        hold each image's left-right mirror."""
         changes: dict[str, Any] = {}
+        if self.vote == "auto":
+            changes["vote"] = "mirror" if mirrored else "none"
+        elif self.vote == "mirror" and not mirrored:
+            raise ParameterError("vote", "mirror scores an image with its left-right mirror, which these shards do not hold; "
+                                 "extract them with `augment` flip, or leave `vote` auto")
         if not self.batch_size and train_images is not None:
             changes["batch_size"] = auto_batch(train_images)
         if not self.lr:
@@ -515,7 +525,15 @@ class TrainConfig:
     def for_shards(self, shards) -> "TrainConfig":
         """:meth:`resolved` for training on ``shards`` (a Shards, or a step's): their training
         images are counted only when the batch size is automatic."""
-        return self.resolved(None if self.batch_size else shards.count_training(self.val_fraction), shards.config.large_code)
+        return self.resolved(None if self.batch_size else shards.count_training(self.val_fraction), shards.config.large_code,
+                             shards.mirror_variant > 0)
+
+    def vote_variant(self, shards) -> int:
+        """The variant number of the copy each held-out image of ``shards`` is scored with (its
+        mirror, :func:`pipeline.data.augment.flip_variant`), 0 when it is scored alone."""
+        if self.vote == "auto":
+            raise PipelineError("the vote is still 'auto'; resolve it against the shards first (TrainConfig.for_shards)")
+        return shards.mirror_variant if self.vote == "mirror" else 0
 
     @property
     def drop_rate(self) -> float | str:

@@ -138,8 +138,8 @@ class _Querier:
         self.answer = answer
         self.args = args
 
-    def table(self, keys, labels, image_ids, names, weights):
-        return self.answer(self.run, keys, labels, image_ids, names, *self.args, weights)
+    def table(self, keys, labels, image_ids, names, weights, vote_keys=None, vote_weights=None):
+        return self.answer(self.run, keys, labels, image_ids, names, *self.args, weights, vote_keys, vote_weights)
 
 
 def query_tables(load: Callable, answer: Callable, root: str, batches: Iterator, unseen: str | None, args: tuple,
@@ -151,7 +151,7 @@ def query_tables(load: Callable, answer: Callable, root: str, batches: Iterator,
         pool = [actor.remote(load, answer, root, unseen, args) for _ in range(workers)]
         pending: list = []
         for i, b in enumerate(batches):
-            pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names, b.weights))
+            pending.append(pool[i % len(pool)].table.remote(b.keys, b.labels, b.image_ids, b.names, b.weights, b.vote_keys, b.vote_weights))
             if len(pending) >= 2 * len(pool):  # bounded: two batches per actor in flight
                 yield _get(ray, pending.pop(0))
         while pending:

@@ -469,14 +469,23 @@ class KeyPlan:
             raise ValueError("a code view needs the images, not symbols; use encode()")
         return self.expand(self.content_keys(syms))
 
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, images: np.ndarray, mirror_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Keys in key order and their weights (None when all are 1) of N x H x W x C uint8 images
-        already in the config's channel count."""
+        already in the config's channel count; ``mirror_of`` as :meth:`codes`."""
         content = self.content_keys(self.symbols(images))
         if not self.code_slots:
             return self.expand(content), None
-        atoms, weights = self.codes(images)
+        atoms, weights = self.codes(images, mirror_of)
         return self.expand(content, atoms), self.expand_weights(weights)
+
+    def encode_with_mirrors(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`encode` of each image followed by its left-right mirror's: N x 2K keys and weights,
+        the mirrors' codes taken from their originals' where :attr:`mirrors_codes` allows."""
+        n = len(images)
+        both = np.concatenate([images, images[:, :, ::-1]])
+        keys, weights = self.encode(both, np.concatenate([np.full(n, -1, np.int64), np.arange(n)]))
+        keys = np.concatenate([keys[:n], keys[n:]], axis=1)
+        return keys, None if weights is None else np.concatenate([weights[:n], weights[n:]], axis=1)
 
     def image_keys(self, images: np.ndarray) -> np.ndarray:
         """Keys in key order of N x H x W x C uint8 images already in the config's channel count."""

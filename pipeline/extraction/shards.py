@@ -28,7 +28,7 @@ from pipeline import layout
 from pipeline.extraction.codes import Dictionary
 from pipeline.config import ExtractConfig
 from pipeline.errors import ParameterError, PipelineError
-from pipeline.data.augment import is_original
+from pipeline.data.augment import VARIANT_STRIDE, base_ids, flip_variant, is_original
 from pipeline.data.split import is_validation
 from pipeline.extraction.hashing import KeyPlan
 
@@ -135,6 +135,22 @@ class KeyBatch:
     names: list[str] | None = None  # file names, when read (``names=True``)
     weights: np.ndarray | None = None  # N x keys_per_image float32 in key order; None = every weight 1
     atoms: np.ndarray | None = None  # content batches only: N x code_slots uint16 atom ids of the code view
+    vote_keys: np.ndarray | None = None  # the keys predictions are made from when not ``keys`` (a run's mirror vote: N x 2K)
+    vote_weights: np.ndarray | None = None  # their weights (None with ``vote_keys`` None, or every weight 1)
+
+
+def with_copy(b: KeyBatch, mask: np.ndarray, variant: int, where) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(keys, weights, rows) of the original images of ``b`` that ``mask`` keeps: each row's keys
+    followed by those of the image's copy number ``variant`` (its mirror, scored with it), and the
+    originals' row numbers in ``b``. An extract writes every image's copies into its own row group,
+    in the originals' order; shards where a copy is missing are refused."""
+    own = np.flatnonzero(mask & is_original(b.image_ids))
+    twin = np.flatnonzero(mask & (np.asarray(b.image_ids, np.int64) // VARIANT_STRIDE == variant))
+    if len(twin) != len(own) or (base_ids(b.image_ids[twin]) != b.image_ids[own]).any():
+        raise PipelineError(f"in {where}, some images are not stored beside their copy number {variant}; extract the shards again")
+    keys = np.concatenate([b.keys[own], b.keys[twin]], axis=1)
+    weights = None if b.weights is None else np.concatenate([b.weights[own], b.weights[twin]], axis=1)
+    return keys, weights, own
 
 
 class Shards:
@@ -200,6 +216,12 @@ class Shards:
     @property
     def patches_per_image(self) -> int:
         return int(self.manifest["patches_per_image"])
+
+    @property
+    def mirror_variant(self) -> int:
+        """The variant number of each image's left-right mirror among its stored copies
+        (:func:`pipeline.data.augment.flip_variant` of the extract's ``augment``), 0 when none is stored."""
+        return flip_variant(self.manifest.get("augment", "none"))
 
     def plan(self) -> KeyPlan:
         """The key plan of these shards (without the dictionary: the stored codes need none)."""
@@ -275,18 +297,24 @@ class Shards:
             yield KeyBatch(b.image_ids, b.labels, plan.expand(b.keys, b.atoms), b.names, plan.expand_weights(b.weights))
 
     def part_groups(
-        self, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None
+        self, val: bool, fraction: float, groups: list[tuple[Path, int]] | None = None, vote: int = 0
     ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]]:
         """(index of the row group in ``groups``, (keys, labels, image_ids, weights)) of the training
         (or, ``val``, the validation) images, ``fraction`` of them held out by a hash of their id;
         ``weights`` is None when every key weighs 1 (no code view).
 
         Validation is scored on original images only, not on augmented copies; images without a
-        label (-1) are in neither part.
+        label (-1) are in neither part. ``vote`` > 0 (validation only): each original's row holds
+        its keys followed by those of its copy number ``vote`` (:func:`with_copy`).
         """
         groups = self.row_groups() if groups is None else groups
         for g, b in enumerate(self.iter_batches(groups=groups)):
             m = (is_validation(b.image_ids, fraction) == val) & (b.labels >= 0)
+            if val and vote:
+                keys, weights, own = with_copy(b, m, vote, self.root)
+                if len(own):
+                    yield g, (keys, b.labels[own], b.image_ids[own], weights)
+                continue
             if val:
                 m &= is_original(b.image_ids)
             if m.any():

@@ -57,11 +57,14 @@ def _score(table: pa.Table, labels: np.ndarray) -> tuple[int, int]:
 def result_table(
     run: Run, keys: np.ndarray, labels: np.ndarray, image_ids: np.ndarray, names: list[str] | None,
     k: int, patches: int, unseen: str | None, classifier: str, weights: np.ndarray | None = None,
+    vote_keys: np.ndarray | None = None, vote_weights: np.ndarray | None = None,
 ) -> pa.Table:
-    """The result rows (see :func:`schema`) of one batch of images given as keys (and their weights)."""
+    """The result rows (see :func:`schema`) of one batch of images given as keys (and their weights);
+    the predictions are made from ``vote_keys`` when given (:meth:`pipeline.query.run.Run.scoring_keys`),
+    everything else from the images' own keys."""
     cls = run.class_names
     pooled = run.classifier.pooled(keys, unseen, weights)
-    probs = run.classifier.probabilities(pooled, classifier)
+    probs = run.classifier.probabilities(pooled if vote_keys is None else run.classifier.pooled(vote_keys, unseen, vote_weights), classifier)
     near = run.training_images.nearest(pooled, k)
     fam = run.familiarity_keys(keys, weights, pooled, near, unseen)
     pred = probs.argmax(1)
@@ -140,7 +143,8 @@ def _write(run, data, out: Path, k, patches, unseen, classifier, batch_size, pro
                               (k, patches, unseen, classifier), workers, address)
         pairs = ((t, labels_of.pop(0)) for t in tables)
     else:
-        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, unseen, classifier, b.weights), b.labels) for b in batches)
+        pairs = ((result_table(run, b.keys, b.labels, b.image_ids, b.names, k, patches, unseen, classifier, b.weights,
+                                  b.vote_keys, b.vote_weights), b.labels) for b in batches)
     with layout.atomic(out) as tmp, pq.ParquetWriter(tmp, schema(len(names)), compression="zstd") as writer:
         for table, labels in pairs:
             writer.write_table(table)

@@ -184,9 +184,24 @@ class Classifier:
 
     def pooled(self, keys: np.ndarray, unseen: str | None = None, weights: np.ndarray | None = None) -> np.ndarray:
         """Pooled image vectors (N x d float32, the model's bag reduction) for key arrays (N x K) with
-        their weights (None = all 1); ``unseen`` says what unseen patches do (default :attr:`unseen`)."""
+        their weights (None = all 1); ``unseen`` says what unseen patches do (default :attr:`unseen`).
+        Keys N x mK (an image's keys followed by those of m - 1 copies, e.g. its mirror's,
+        :meth:`pipeline.query.run.Run.scoring_keys`) pool each image and its copies as one bag."""
         unseen = check_unseen(unseen or self.unseen)
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        k = self.plan.keys_per_image
+        if keys.ndim != 2 or keys.shape[1] % k:
+            raise ValueError(f"keys of shape {keys.shape} are not N x a multiple of the run's {k} keys per image")
+        sums, n = 0.0, 0.0
+        for c in range(0, keys.shape[1], k):
+            part = (keys[:, c : c + k], None if weights is None else np.ascontiguousarray(weights[:, c : c + k]))
+            s, m = self._sums(*part, unseen)
+            sums, n = sums + s, n + m
+        return sums / pooling.divisor(n, self.bag)[:, None]
+
+    def _sums(self, keys: np.ndarray, weights: np.ndarray | None, unseen: str) -> tuple[np.ndarray, np.ndarray]:
+        """(summed weighted vectors, total weights) of each image's N x K keys."""
+        keys = np.ascontiguousarray(keys)
         if unseen == "nearest":
             keys, _ = self.nearest_keys(keys)
         vocab, vectors = self.table.vocab, self.table.vectors
@@ -197,7 +212,7 @@ class Classifier:
             u = find_unseen(self.plan, vocab.rows_of(keys), vocab.size)
             extra, m = composed_sums(u, vectors, len(keys))
             sums, n = sums + extra, n + m
-        return sums / pooling.divisor(n, self.bag)[:, None]
+        return sums, n
 
     def probabilities(self, pooled: np.ndarray, classifier: str = "head", k: int = 10) -> np.ndarray:
         """Class probabilities (N x C) of pooled vectors: ``classifier`` = ``head`` (the trained head)

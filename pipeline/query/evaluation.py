@@ -11,7 +11,7 @@ from pipeline.data.augment import is_original
 from pipeline.data.sources import Source
 from pipeline.data.split import is_validation
 from pipeline.errors import ParameterError, PipelineError
-from pipeline.extraction.shards import KeyBatch, Shards
+from pipeline.extraction.shards import KeyBatch, Shards, with_copy
 
 
 def _label_map(run, class_names: list[str], where: str) -> np.ndarray:
@@ -28,7 +28,9 @@ def key_batches(run, data: Source | Shards, batch_size: int = 256, progress: Cal
     run's config) in batches, labels mapped to the run's classes (-1 when unknown). A source's
     images are resized to ``resize`` (default: the run's own ``resize``; without one, an image of
     another size than the run's is fitted to it, :func:`pipeline.data.images.fit_array`). Of
-    shards, only the original images: the augmented copies an extract wrote for training are left out."""
+    shards, only the original images: the augmented copies an extract wrote for training are left out.
+    With the run's mirror vote each batch also carries the keys predictions are made from
+    (``vote_keys``: an image's followed by its mirror's; of shards, the mirror copy the extract wrote)."""
     if resize is not None and isinstance(data, Shards):
         raise ParameterError("resize", "changes images of a source; shards hold keys already made, so leave it out")
     if resize is not None:
@@ -36,21 +38,29 @@ def key_batches(run, data: Source | Shards, batch_size: int = 256, progress: Cal
     if isinstance(data, Shards):
         data.check_fingerprint(run.fingerprint, f"run {run.root}")
         mapping = _label_map(run, data.class_names, str(data.root))
+        variant = data.mirror_variant if run.mirror_vote else 0
+        if run.mirror_vote and not variant:
+            raise PipelineError(f"{data.root} holds no mirrored copies, which {run.root} scores every image with; "
+                                "pass a source instead (its images are mirrored as they are read)")
         for b in data.iter_batches(names=True):
             keep = np.flatnonzero(is_original(b.image_ids))
+            vote_keys, vote_weights, _ = with_copy(b, np.ones(len(b.image_ids), bool), variant, data.root) if variant else (None, None, None)
             for i in range(0, len(keep), batch_size):
                 sl = keep[i : i + batch_size]
                 if progress:
                     progress(len(sl))
                 w = None if b.weights is None else b.weights[sl]
-                yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], [b.names[j] for j in sl], w)
+                votes = {} if vote_keys is None else {"vote_keys": vote_keys[i : i + batch_size],
+                                                       "vote_weights": None if vote_weights is None else vote_weights[i : i + batch_size]}
+                yield KeyBatch(b.image_ids[sl], mapping[b.labels[sl]], b.keys[sl], [b.names[j] for j in sl], w, **votes)
         return
     mapping = _label_map(run, data.class_names, data.path)
     for b in data.batches(batch_size, run.extract_config.channels, resize or run.extract_config.resize, fit=(run.height, run.width)):
         if progress:
             progress(len(b.labels))
-        keys, weights = run.encode(b.images)
-        yield KeyBatch(b.ids, mapping[b.labels], keys, b.names, weights)
+        keys, weights, vote_keys, vote_weights = run.scoring_keys(b.images)
+        votes = {"vote_keys": vote_keys, "vote_weights": vote_weights} if run.mirror_vote else {}
+        yield KeyBatch(b.ids, mapping[b.labels], keys, b.names, weights, **votes)
 
 
 def evaluate(run, data: Source | Shards, progress: Callable[[int], None] | None = None, unseen: str | None = None,
@@ -73,7 +83,8 @@ def evaluate(run, data: Source | Shards, progress: Callable[[int], None] | None 
             ok &= is_validation(b.image_ids, run.train_config.val_fraction) & is_original(b.image_ids)
         if not ok.any():
             continue
-        probs = run.classifier.predict_keys(b.keys[ok], unseen, classifier, k, None if b.weights is None else b.weights[ok])
+        keys, weights = (b.keys, b.weights) if b.vote_keys is None else (b.vote_keys, b.vote_weights)
+        probs = run.classifier.predict_keys(keys[ok], unseen, classifier, k, None if weights is None else weights[ok])
         y = b.labels[ok]
         loss_sum += float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).sum())
         np.add.at(confusion, (y, probs.argmax(1)), 1)

@@ -89,11 +89,13 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, patches: int =
     """
     if k < 1:
         raise ParameterError("k", f"{k} must be at least 1")
-    keys, weights = run.encode(image)  # hashed and pooled once for every part of the answer
+    keys, weights, vote_keys, vote_weights = run.scoring_keys(image)  # hashed and pooled once for every part of the answer
     pooled = run.classifier.pooled(keys, weights=weights)
-    head = run.classifier.probabilities(pooled)[0]
+    # the prediction (with the run's mirror vote, of the image and its mirror); the patches explain it
+    voted = pooled if vote_keys is keys else run.classifier.pooled(vote_keys, weights=vote_weights)
+    head = run.classifier.probabilities(voted)[0]
     lookup = run.lookup.lookup_keys(keys[0], head, k, patches or None, None if weights is None else weights[0])
-    probs = head if classifier == "head" else run.classifier.probabilities(pooled, classifier)[0]
+    probs = head if classifier == "head" else run.classifier.probabilities(voted, classifier)[0]
     near = run.training_images.nearest(pooled, k)
     fam = run.familiarity_keys(keys, weights, pooled, near)
     order = np.argsort(-lookup.contribution, kind="stable")

@@ -137,9 +137,30 @@ class Run:
         """Keys (N x K) of uint8 images (N x H x W [x C], or one H x W x C image) hashed the run's way."""
         return self.encode(images)[0]
 
+    @property
+    def mirror_vote(self) -> bool:
+        """Whether predictions score an image as the bag of its own patches and its left-right
+        mirror's (``pipe train --vote``; runs from before the setting score the image alone)."""
+        return self.train_config.vote == "mirror"
+
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Keys (N x K) of uint8 images hashed the run's way, and their weights (N x K float32; None
         when every key weighs 1, i.e. the run has no code view)."""
+        return self.plan.encode(self._checked(images))
+
+    def scoring_keys(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """:meth:`encode` of uint8 images, then the keys and weights their predictions are made from:
+        with :attr:`mirror_vote`, each image's keys followed by its mirror's (N x 2K); else the same arrays."""
+        arr = self._checked(images)
+        if not self.mirror_vote:
+            keys, weights = self.plan.encode(arr)
+            return keys, weights, keys, weights
+        both, weights = self.plan.encode_with_mirrors(arr)
+        k = both.shape[1] // 2
+        return both[:, :k], None if weights is None else weights[:, :k], both, weights
+
+    def _checked(self, images: np.ndarray) -> np.ndarray:
+        """N x H x W x C uint8 images in the run's channel count (one H x W x C image becomes a batch of one)."""
         arr = np.asarray(images)
         if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[1:] != (self.height, self.width):
             arr = arr[None]  # one H x W x C image (a batch of gray images is N x H x W)
@@ -149,7 +170,7 @@ class Run:
                 f"the images are {arr.shape[1]}x{arr.shape[2]} (height x width) but the run was trained on "
                 f"{self.height}x{self.width}; resize them to {self.height}x{self.width} first"
             )
-        return self.plan.encode(to_channels(arr, self.extract_config.channels))
+        return to_channels(arr, self.extract_config.channels)
 
     # -- reading image files
 
@@ -195,7 +216,7 @@ class Run:
     def predict(self, images: np.ndarray, unseen: str | None = None, classifier: str = "head") -> tuple[np.ndarray, np.ndarray]:
         """(labels N, probabilities N x C) of uint8 images; ``unseen`` overrides the run's unseen-patch
         rule, ``classifier`` = ``knn`` votes by the nearest training images instead of the head."""
-        keys, weights = self.encode(images)
+        _, _, keys, weights = self.scoring_keys(images)
         probs = self.classifier.predict_keys(keys, unseen, classifier, weights=weights)
         return probs.argmax(1), probs
 
@@ -207,9 +228,9 @@ class Run:
         for path in paths:
             notes: list[str] = []
             img = self.read_image(path, resize, notes)
-            keys, weights = self.encode(img)
+            keys, weights, vote_keys, vote_weights = self.scoring_keys(img)
             pooled = self.classifier.pooled(keys, unseen, weights)
-            probs = self.classifier.probabilities(pooled, classifier)[0]
+            probs = self.classifier.predict_keys(vote_keys, unseen, classifier, weights=vote_weights)[0]
             fam = self.familiarity_keys(keys, weights, pooled, unseen=unseen)
             out.append({"file": str(path), "prediction": self.class_names[int(probs.argmax())],
                         "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},

@@ -119,9 +119,10 @@ class BagCache:
             labels = np.asarray([parts[which[i]].labels[pos[i]] for i in idx], np.int64)
             yield concat_bags(chosen, labels, self.k)
 
-    def fill(self, shards: Shards, v: vocab.Vocabulary, val: bool, fraction: float) -> None:
-        """Read the whole part into the cache (a resumed run refilling it before its next epoch)."""
-        for g, (keys, labels, _, weights) in shards.part_groups(val, fraction):
+    def fill(self, shards: Shards, v: vocab.Vocabulary, val: bool, fraction: float, vote: int = 0) -> None:
+        """Read the whole part into the cache (a resumed run refilling it before its next epoch);
+        ``vote`` as :meth:`Shards.part_groups`."""
+        for g, (keys, labels, _, weights) in shards.part_groups(val, fraction, vote=vote):
             self.add(g, to_bags(v, keys, labels, weights))
             if self.overflow:
                 break
@@ -168,12 +169,15 @@ def shuffled_bags(
         yield from drain(True)
 
 
-def validation_bags(shards: Shards, v: vocab.Vocabulary, fraction: float, batch_size: int = 512, cache: BagCache | None = None) -> Iterator[Bags]:
-    """The validation images in batches: from ``cache`` when it holds them, else read (and offered to it)."""
+def validation_bags(shards: Shards, v: vocab.Vocabulary, fraction: float, batch_size: int = 512, cache: BagCache | None = None,
+                    vote: int = 0) -> Iterator[Bags]:
+    """The validation images in batches: from ``cache`` when it holds them, else read (and offered to
+    it). ``vote`` > 0: each image's bag also holds the rows of its copy number ``vote`` (its mirror:
+    the image is scored as the bag of both, :attr:`pipeline.config.TrainConfig.vote`)."""
     if cache is not None and cache.complete:
         yield from cache.batches(batch_size)
         return
-    for g, (keys, labels, _, weights) in shards.part_groups(True, fraction):
+    for g, (keys, labels, _, weights) in shards.part_groups(True, fraction, vote=vote):
         b = to_bags(v, keys, labels, weights)
         if cache is not None:
             cache.add(g, b)

@@ -134,7 +134,7 @@ def train_ranks(shards_dir: str, out: str, config: TrainConfig, overwrite: bool 
                 "train_images": int(stats[2]), "seconds": round(time.time() - t0, 3), "processes": world}
 
     def validate() -> dict:
-        return evaluate_bags(model, validation_bags(shards, v, config.val_fraction), torch.device("cpu"))
+        return evaluate_bags(model, validation_bags(shards, v, config.val_fraction, vote=config.vote_variant(shards)), torch.device("cpu"))
 
     def agree(stop: bool) -> bool:
         flag = torch.tensor([float(stop)])

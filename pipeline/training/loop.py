@@ -243,7 +243,7 @@ def train(
     out = Path(out)
     growth = None
     if start is not None:  # a step's settings are compared with its run's resolved, so the automatic lr and drop are fixed first
-        growth = _Growth(shards, start, config and config.resolved(None, shards.config.large_code), replay, distill)
+        growth = _Growth(shards, start, config and config.resolved(None, shards.config.large_code, shards.mirror_variant > 0), replay, distill)
         config, shards = growth.config, growth.step
     config = config or TrainConfig()
     present = shards.classes_present()
@@ -385,7 +385,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
         return row
 
     def validate() -> dict:
-        row = evaluate_bags(model, validation_bags(shards, v, config.val_fraction, cache=caches.validation()), device)
+        row = evaluate_bags(model, validation_bags(shards, v, config.val_fraction, cache=caches.validation(), vote=config.vote_variant(shards)), device)
         return dict(row, cached_mb=round((caches.train.nbytes + caches.validation().nbytes) / 2**20, 1))
 
     def state() -> dict:
@@ -410,7 +410,7 @@ def _train(shards, out, config, overwrite, resume, progress, on_epoch, on_vocab,
     final = build_model(config, v.rows, num_classes, run_files.load(out / layout.MODEL, RESTART, mmap=True))
     if growth is not None:
         head = final.output_layer()
-        offsets = grow.calibrate(final, validation_bags(shards, v, config.val_fraction))
+        offsets = grow.calibrate(final, validation_bags(shards, v, config.val_fraction, vote=config.vote_variant(shards)))
         head.bias = nn.Parameter(head.bias.detach() + torch.from_numpy(offsets))
         growth.offsets = [round(float(o), 6) for o in offsets]
     return finish_run(out, shards, config, final, v, history, best, on_step, growth, refit, reference)
@@ -469,7 +469,7 @@ class _Caches:
         self.val: BagCache | None = None
         if refill:  # a resumed run: the uninterrupted run would hold the bags by now
             self.train.fill(shards, v, False, config.val_fraction)
-            self.validation().fill(shards, v, True, config.val_fraction)
+            self.validation().fill(shards, v, True, config.val_fraction, config.vote_variant(shards))
 
     def validation(self) -> BagCache:
         if self.val is None:
