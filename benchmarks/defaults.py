@@ -63,7 +63,7 @@ def main() -> None:
             "source": source if a.smoke else Path(source).name,
             "images": manifest["images"],
             "extract": {**manifest["config"], "augment": manifest["augment"]},
-            "train": {k: m["train_config"][k] for k in ("lr", "drop", "dim", "batch_size", "epochs")},
+            "train": {k: m["train_config"].get(k) for k in ("lr", "drop", "dim", "batch_size", "epochs", "vote")},
             "val_accuracy": m["final"]["val_accuracy"],
             "train_accuracy": m["final"]["train_accuracy"],
             "val_images": m["final"]["val_images"],

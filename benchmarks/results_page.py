@@ -41,7 +41,8 @@ def cifar_defaults() -> str:
     d = load("cifar_defaults.json")
     t = d.get("train")
     train = (f", and `pipe train`'s to a table of dimension {t['dim']} learning at {t['lr']} with patch dropout {t['drop']},"
-             f" batches of {t['batch_size']}, at most {t['epochs']} epochs (docs/training.md)") if t else ""
+             f" batches of {t['batch_size']}, at most {t['epochs']} epochs"
+             + (", each image scored with its mirror (`--vote mirror`)" if t.get("vote") == "mirror" else "") + " (docs/training.md)") if t else ""
     mirrored = " (closed under mirroring: the flipped copies' codes are their originals', mirrored)" if "flip" in d["extract"]["augment"] else ""
     kinds = " (in their grid cell and also without a location)" if d["extract"].get("code_position") == "both" else ""
     return f"""## CIFAR-10 with the defaults

@@ -119,3 +119,23 @@ def test_vote_follows_the_shards_and_refuses_mirror_without_copies(tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()
     with pytest.raises(ParameterError, match="vote"):
         TrainConfig(vote="both")
+
+
+def test_teaching_moves_the_rows_of_the_image_and_its_mirror_and_the_vote_answers(voted, tmp_path):
+    """learn() pools the image as the run predicts it: afterwards the voted answer is the taught
+    class, and only rows of the image's or its mirror's patterns moved."""
+    from pipeline.teach.learn import TARGET, learn
+
+    imgs, labels, _, run = voted
+    run = pipeline.load(run.root)  # a copy of the run to teach, in memory
+    pred, _ = run.predict(imgs)
+    i = int(np.flatnonzero(pred != labels)[0])
+    before = np.array(run.table.vectors)
+    truth = run.class_names[int(labels[i])]
+    learn(run, imgs[i], truth)
+    _, probs = run.predict(imgs[i][None], unseen="drop")
+    assert run.class_names[int(probs.argmax())] == truth and probs.max() >= TARGET
+    changed = np.flatnonzero(np.any(run.table.vectors != before, axis=1))
+    keys = np.concatenate([run.encode(imgs[i])[0][0], run.encode(np.ascontiguousarray(imgs[i][:, ::-1]))[0][0]])
+    rows = run.vocab.rows_of(keys)
+    assert 0 < len(changed) and set(changed) <= set(rows[(rows >= 0) & (rows < run.vocab.size)])

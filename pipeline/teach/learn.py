@@ -15,8 +15,9 @@
 The steps stop once the taught class has probability :data:`TARGET` or more (the answer a
 person sees), or after :data:`STEPS`. Every other table row and every known class's head
 row are bit-identical afterwards, so another image's answer moves only through the patterns
-it shares with the taught one. The image is pooled as training pools it (its patches with a
-row; unseen ones left out). Nothing on disk changes: :mod:`pipeline.teach.save` writes a new
+it shares with the taught one. The image is pooled as the run predicts it (its patches with a
+row; unseen ones left out; with the run's mirror vote, its patches and its mirror's as one bag,
+so the mirror's patterns are among the image's own here). Nothing on disk changes: :mod:`pipeline.teach.save` writes a new
 run with the lessons.
 """
 from __future__ import annotations
@@ -119,8 +120,8 @@ def learn(run, image: np.ndarray, label: str, name: str = "image", by_count: boo
     of the image alone, not divided by its training count): the baseline benchmarks/teach.py
     compares with."""
     label = check_label(label)
-    keys, weights = run.encode(image)
-    rows, offsets, counts = run.vocab.bags(keys, weights)
+    keys, weights, vote_keys, vote_weights = run.scoring_keys(image)
+    rows, offsets, counts = run.vocab.bags(vote_keys, vote_weights)
     own = (rows < run.vocab.size) & (counts > 0)  # a pattern weighing nothing in the image cannot move it
     if not own.any():
         raise PipelineError(f"{name}: none of its patterns has a learned row, so there is nothing of it to update "
