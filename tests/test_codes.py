@@ -641,3 +641,16 @@ def test_a_pooled_code_run_trains_answers_and_draws(tmp_path):
     r = CliRunner().invoke(main, ["query", str(tmp_path / "run"), str(paths[0]), "--png", str(tmp_path / "why.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "why.png").stat().st_size > 0
+
+
+def test_overwrite_fits_a_new_dictionary_for_new_images(tmp_path):
+    """``overwrite`` starts an extract from nothing: the dictionary of the images it replaces (same
+    settings) is not kept, and the new one is what a fresh extract of the new images fits."""
+    cfg = ExtractConfig(views="levels", max_h=2, max_w=2, code_shapes="3x3", atoms=8, code_k=2, code_sample=2000)
+    imgs, labels = digits_images("train", 200)
+    first, second = pipeline.from_arrays(imgs[:100], labels[:100]), pipeline.from_arrays(imgs[100:], labels[100:])
+    a = pipeline.extract(first, tmp_path / "s", cfg)
+    b = pipeline.extract(second, tmp_path / "s", cfg, overwrite=True)
+    fresh = pipeline.extract(second, tmp_path / "fresh", cfg)
+    assert a["fingerprint"] != b["fingerprint"] == fresh["fingerprint"]
+    assert pipeline.open_shards(tmp_path / "s").dictionary().digest() == pipeline.open_shards(tmp_path / "fresh").dictionary().digest()

@@ -165,15 +165,17 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     return record
 
 
-def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit, augment: str = "none") -> tuple[codes.Dictionary, ExtractConfig]:
+def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit, augment: str = "none",
+                overwrite: bool = False) -> tuple[codes.Dictionary, ExtractConfig]:
     """The code view's dictionary and the config carrying its digest: the one ``given``, the one an
-    unfinished (or finished) extract into ``out`` with the same settings already fitted, or a new fit,
-    closed under left-right mirroring when ``augment`` mirrors the images (a mirrored copy's code is
-    then its original's, mirrored, with no products of its own)."""
+    unfinished (or finished) extract into ``out`` with the same settings already fitted (unless
+    ``overwrite`` starts it again from nothing), or a new fit, closed under left-right mirroring
+    when ``augment`` mirrors the images (a mirrored copy's code is then its original's, mirrored,
+    with no products of its own)."""
     if given is not None:
         d = codes.Dictionary.load(given)
     else:
-        d = _existing_dictionary(out, config, augment)
+        d = None if overwrite else _existing_dictionary(out, config, augment)
         if d is None:
             d = fit_dictionary(source, config, on_fit, augment_mod.flip_variant(augment) > 0)
     if [(s.h, s.w) for s in d.shapes] != config.code_shape_list() or d.channels != config.channels:
@@ -411,7 +413,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
         raise ParameterError("dictionary", "goes with a code view; leave it out, or set `code_shapes`")
     dict_obj = None
     if config.has_code:
-        dict_obj, config = _dictionary(source, config, out, dictionary, on_fit, augment)
+        dict_obj, config = _dictionary(source, config, out, dictionary, on_fit, augment, overwrite)
     plan = KeyPlan(config, height, width)
     p = plan.patches_per_image
     per_shard = images_per_shard or max(1, min(len(source), PATCHES_PER_SHARD // (p * copies)))
