@@ -93,6 +93,10 @@ def test_predictions_pool_the_image_and_its_mirror_as_one_bag(voted):
     np.testing.assert_allclose(probs, want, rtol=1e-3, atol=1e-4)  # float32 sums in another order
     alone = run.classifier.predict_keys(own, weights=own_w)
     assert not np.allclose(alone, probs, atol=1e-4)
+    _, _, both, both_w = run.scoring_keys(imgs[:30])  # the mirrors coded from their originals, as predict codes them
+    pooled, voted = run.classifier.pooled_own_and_all(both, weights=both_w)
+    assert np.array_equal(pooled, run.classifier.pooled(own, weights=own_w))  # what the image is: its own keys alone
+    np.testing.assert_allclose(run.classifier.probabilities(voted), probs, rtol=1e-6)
 
 
 def test_held_out_accuracy_is_what_evaluate_reports(voted):

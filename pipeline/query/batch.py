@@ -63,8 +63,9 @@ def result_table(
     the predictions are made from ``vote_keys`` when given (:meth:`pipeline.query.run.Run.scoring_keys`),
     everything else from the images' own keys."""
     cls = run.class_names
-    pooled = run.classifier.pooled(keys, unseen, weights)
-    probs = run.classifier.probabilities(pooled if vote_keys is None else run.classifier.pooled(vote_keys, unseen, vote_weights), classifier)
+    scored, scored_weights = (keys, weights) if vote_keys is None else (vote_keys, vote_weights)
+    pooled, voted = run.classifier.pooled_own_and_all(scored, unseen, scored_weights)
+    probs = run.classifier.probabilities(voted, classifier)
     near = run.training_images.nearest(pooled, k)
     fam = run.familiarity_keys(keys, weights, pooled, near, unseen)
     pred = probs.argmax(1)

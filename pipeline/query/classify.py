@@ -187,21 +187,28 @@ class Classifier:
         their weights (None = all 1); ``unseen`` says what unseen patches do (default :attr:`unseen`).
         Keys N x mK (an image's keys followed by those of m - 1 copies, e.g. its mirror's,
         :meth:`pipeline.query.run.Run.scoring_keys`) pool each image and its copies as one bag."""
+        return self.pooled_own_and_all(keys, unseen, weights)[1]
+
+    def pooled_own_and_all(self, keys: np.ndarray, unseen: str | None = None, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(:meth:`pooled` of each image's own keys, the first K of each row; :meth:`pooled` of all
+        its keys), each key pooled once: what an image is (its look-ups, nearest images, familiarity)
+        and what it is predicted from (with its copies). The same array twice for N x K keys."""
         unseen = check_unseen(unseen or self.unseen)
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         k = self.plan.keys_per_image
         if keys.ndim != 2 or keys.shape[1] % k:
             raise ValueError(f"keys of shape {keys.shape} are not N x a multiple of the run's {k} keys per image")
-        sums, n = 0.0, 0.0
-        for c in range(0, keys.shape[1], k):
-            part = (keys[:, c : c + k], None if weights is None else np.ascontiguousarray(weights[:, c : c + k]))
-            s, m = self._sums(*part, unseen)
-            sums, n = sums + s, n + m
-        return sums / pooling.divisor(n, self.bag)[:, None]
+        parts = [self._sums(keys[:, c : c + k], None if weights is None else weights[:, c : c + k], unseen) for c in range(0, keys.shape[1], k)]
+        own = parts[0][0] / pooling.divisor(parts[0][1], self.bag)[:, None]
+        if len(parts) == 1:
+            return own, own
+        sums, n = sum(s for s, _ in parts), sum(m for _, m in parts)
+        return own, sums / pooling.divisor(n, self.bag)[:, None]
 
     def _sums(self, keys: np.ndarray, weights: np.ndarray | None, unseen: str) -> tuple[np.ndarray, np.ndarray]:
         """(summed weighted vectors, total weights) of each image's N x K keys."""
         keys = np.ascontiguousarray(keys)
+        weights = None if weights is None else np.ascontiguousarray(weights)
         if unseen == "nearest":
             keys, _ = self.nearest_keys(keys)
         vocab, vectors = self.table.vocab, self.table.vectors

@@ -43,8 +43,10 @@ def key_batches(run, data: Source | Shards, batch_size: int = 256, progress: Cal
             raise PipelineError(f"{data.root} holds no mirrored copies, which {run.root} scores every image with; "
                                 "pass a source instead (its images are mirrored as they are read)")
         for b in data.iter_batches(names=True):
-            keep = np.flatnonzero(is_original(b.image_ids))
-            vote_keys, vote_weights, _ = with_copy(b, np.ones(len(b.image_ids), bool), variant, data.root) if variant else (None, None, None)
+            if variant:  # the originals, each with its mirror's keys
+                vote_keys, vote_weights, keep = with_copy(b, np.ones(len(b.image_ids), bool), variant, data.root)
+            else:
+                vote_keys, vote_weights, keep = None, None, np.flatnonzero(is_original(b.image_ids))
             for i in range(0, len(keep), batch_size):
                 sl = keep[i : i + batch_size]
                 if progress:

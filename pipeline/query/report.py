@@ -90,9 +90,8 @@ def query_one(run: Run, image: np.ndarray, name: str, k: int = 5, patches: int =
     if k < 1:
         raise ParameterError("k", f"{k} must be at least 1")
     keys, weights, vote_keys, vote_weights = run.scoring_keys(image)  # hashed and pooled once for every part of the answer
-    pooled = run.classifier.pooled(keys, weights=weights)
-    # the prediction (with the run's mirror vote, of the image and its mirror); the patches explain it
-    voted = pooled if vote_keys is keys else run.classifier.pooled(vote_keys, weights=vote_weights)
+    # the prediction from ``voted`` (with the run's mirror vote, the image and its mirror); the patches explain it
+    pooled, voted = run.classifier.pooled_own_and_all(vote_keys, weights=vote_weights)
     head = run.classifier.probabilities(voted)[0]
     lookup = run.lookup.lookup_keys(keys[0], head, k, patches or None, None if weights is None else weights[0])
     probs = head if classifier == "head" else run.classifier.probabilities(voted, classifier)[0]

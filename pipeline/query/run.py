@@ -229,8 +229,8 @@ class Run:
             notes: list[str] = []
             img = self.read_image(path, resize, notes)
             keys, weights, vote_keys, vote_weights = self.scoring_keys(img)
-            pooled = self.classifier.pooled(keys, unseen, weights)
-            probs = self.classifier.predict_keys(vote_keys, unseen, classifier, weights=vote_weights)[0]
+            pooled, voted = self.classifier.pooled_own_and_all(vote_keys, unseen, vote_weights)
+            probs = self.classifier.probabilities(voted, classifier)[0]
             fam = self.familiarity_keys(keys, weights, pooled, unseen=unseen)
             out.append({"file": str(path), "prediction": self.class_names[int(probs.argmax())],
                         "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)},
