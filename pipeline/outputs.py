@@ -76,14 +76,20 @@ def _replace(out: Path) -> None:
             p.unlink()
 
 
+def check_prepare(out: Path, overwrite: bool, commit_file: str, what: str, inputs: Iterable[Path | str] = ()) -> None:
+    """Refuse what :func:`prepare` would refuse, writing nothing: an output among the inputs, or a
+    non-empty one without ``overwrite``."""
+    check_out(out, inputs)
+    if contents(out) and not overwrite:
+        state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
+        raise ParameterError("out", f"{out} already holds {state}; pass `overwrite` to replace it or choose another directory")
+
+
 def prepare(out: Path, overwrite: bool, commit_file: str, what: str, inputs: Iterable[Path | str] = ()) -> None:
     """An empty output directory for a new job: an existing non-empty one is replaced only with
     ``overwrite`` (and only as :func:`_replace` allows)."""
-    check_out(out, inputs)
+    check_prepare(out, overwrite, commit_file, what, inputs)
     if contents(out):
-        if not overwrite:
-            state = f"a finished {what}" if (out / commit_file).exists() else f"an unfinished {what} or other files"
-            raise ParameterError("out", f"{out} already holds {state}; pass `overwrite` to replace it or choose another directory")
         _replace(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -19,7 +19,7 @@ from .conftest import CIFAR_TAR, ROOT, digits_images, one_line_error
 from .conftest import cli as run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     r = run("extract", "digits", "--out", root / "shards")

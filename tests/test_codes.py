@@ -367,7 +367,7 @@ def test_plan_code_keys_equal_the_reference(position, grid, code_position):
     assert np.isin(keys[:, code], table["key"]).all() and len(np.unique(table["key"])) == len(table["key"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def code_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("code")
     cfg = ExtractConfig(views="levels", max_h=2, max_w=2, code_shapes="3x3", atoms=32, code_k=3, grid=2, code_sample=5000)

@@ -36,7 +36,7 @@ def _digests(d: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chain(tmp_path_factory):
     """Three steps from the CLI: classes 0,1,2; then 2 (known) and 3 (new); then 4 and 5."""
     root = tmp_path_factory.mktemp("chain")

@@ -99,7 +99,7 @@ def test_the_page_shows_the_prediction_the_patches_and_the_neighbours(digits_run
 HOSTILE = ['<img src=x onerror="window.__pwned=1">', "<b onmouseover=alert(1)>bold</b>"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hostile_run(tmp_path_factory):
     """A run whose class folders and file names are markup that runs script if inserted as HTML."""
     root = tmp_path_factory.mktemp("hostile")

@@ -14,7 +14,7 @@ from pipeline.data import augment
 from tests.conftest import digits_images, write_folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def colour_run(tmp_path_factory):
     imgs, labs = digits_images("train", 240)
     g = imgs[..., 0]

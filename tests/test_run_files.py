@@ -168,7 +168,7 @@ def test_10_a_full_disk_while_the_weights_are_written_is_one_line_on_a_real_tmpf
 
 # ------------------------------------------------------------------ 11. dictionaries are checked
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def a_dictionary(tmp_path_factory) -> Path:
     import pipeline
     from tests.test_safety import small_config

@@ -50,7 +50,7 @@ def image_folder(root: Path, n: int = 12, size: int = 8) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("safety")
     pipeline.extract(pipeline.open_source("digits", limit=300), root / "s", small_config())

@@ -17,3 +17,24 @@ def test_every_pipeline_import_in_the_scripts_resolves():
                 assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), f"{script.name}: {module}.{name}"
             found.append(module)
     assert found, "no pipeline import found in scripts/*.sh (the test would check nothing)"
+
+
+def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
+    """scripts/test.sh runs `-n 2 --dist loadgroup` so that a module marked with xdist_group (one
+    costly fixture, e.g. tests/test_grow.py's chain of runs) runs on one worker; some pytest and
+    pytest-xdist versions drop the grouping without a word, which this catches."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_grouped.py").write_text(
+        "import os, pytest\n"
+        "pytestmark = pytest.mark.xdist_group('g')\n"
+        + "".join(f"def test_{i}():\n    open({str(tmp_path / 'workers')!r}, 'a').write(os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n"
+                  for i in range(6))
+    )
+    (tmp_path / "test_other.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(6)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup", str(tmp_path)],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    workers = (tmp_path / "workers").read_text().split()
+    assert len(workers) == 6 and len(set(workers)) == 1, workers

@@ -36,7 +36,7 @@ def own_rows(run, image) -> np.ndarray:
     return np.unique(rows[(rows >= 0) & (rows < run.vocab.size)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hidden_run(digits_shards, tmp_path_factory):
     """A digits run whose head has a hidden ReLU layer."""
     out = tmp_path_factory.mktemp("teach_hidden") / "run"

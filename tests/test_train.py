@@ -360,9 +360,11 @@ def test_bag_cache_over_budget_is_dropped_and_training_streams(digits_shards, tm
 
 
 @pytest.mark.slow
-def test_two_process_training_matches_one_process(tmp_path):
+def test_two_process_training_matches_one_process(tmp_path, monkeypatch):
     """torchrun with 2 processes (DDP, gloo) against 1 process of the same path, same epochs:
-    test accuracy within 1 point, and the run directory is complete and loads."""
+    test accuracy within 1 point, and the run directory is complete and loads; a second launch
+    into the finished run is refused before any process starts."""
+    from pipeline.training import ddp
     from pipeline.training.ddp import launch
 
     pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", images_per_shard=100)  # 9 row groups to share out
@@ -375,7 +377,8 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert a1 > 0.85 and abs(a2 - a1) <= 0.01, (a1, a2)
     rows = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5] and all(r["train_images"] == rows[0]["train_images"] for r in rows)
-    with pytest.raises(PipelineError, match="already holds a finished run"):
+    monkeypatch.setattr(ddp, "_launch", lambda *a: pytest.fail("torchrun was started for a run directory it refuses"))
+    with pytest.raises(ParameterError, match="already holds a finished run"):
         launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
 
 

@@ -26,7 +26,7 @@ def _colour_images(n):
     return np.stack([g, g // 2, np.roll(g, 3, axis=1)], -1), labels
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def voted(tmp_path_factory):
     """(images, labels, shards, run) of a flip extract and a run trained on it with the defaults."""
     root = tmp_path_factory.mktemp("vote")

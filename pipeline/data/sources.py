@@ -431,13 +431,27 @@ def from_arrays(images: np.ndarray, labels: np.ndarray | None = None, class_name
 
 # ------------------------------------------------------------------ digits
 
-def _digits(split: str | None):
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: images (N x 8 x 8, values 0..16) and targets. Read from the CSV
+    scikit-learn ships, without importing it (importing it takes longer than the rest of a small
+    run's reading); through ``load_digits`` where that file is not where it ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec and spec.submodule_search_locations else None
+    if path is not None and path.is_file():
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
-    split = split or "train"
     d = load_digits()
-    x = np.rint(d.images * 255 / 16).astype(np.uint8)
-    y = d.target.astype(np.int64)
+    return d.images, d.target.astype(np.int64)
+
+
+def _digits(split: str | None):
+    split = split or "train"
+    images, y = digits_arrays()
+    x = np.rint(images * 255 / 16).astype(np.uint8)
     sl = slice(0, 898) if split == "train" else slice(898, None)
     x, y = x[sl], y[sl]
 

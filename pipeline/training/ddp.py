@@ -41,7 +41,7 @@ from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.shards import Shards
 from pipeline.model import build_model
 from pipeline.training.loop import (
-    build_vocab, finish_run, prepare_run, check_checkpoint, check_loss, evaluate_bags, load_checkpoint, run_epochs,
+    build_vocab, finish_run, prepare_run, check_checkpoint, check_run, check_loss, evaluate_bags, load_checkpoint, run_epochs,
 )
 
 
@@ -202,6 +202,9 @@ def launch(shards: str | Path, out: str | Path, config: TrainConfig, nproc: int,
     o = Path(out)
     outputs.check_out(o, [shards])
     with outputs.locked(o, "pipe train"):
+        # refused here, before any process starts (rank 0 checks again as it prepares the run)
+        if check_run(o, sh, config, overwrite, resume):
+            check_checkpoint(o, nproc)
         return _launch(shards, o, config, nproc, overwrite, resume)
 
 

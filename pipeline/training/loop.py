@@ -93,17 +93,14 @@ def _job(shards: Shards, config: TrainConfig) -> dict:
     return {"format": RUN_FORMAT, "shards_fingerprint": shards.fingerprint, "shards_images": shards.num_images, "config": cfg}
 
 
-def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool, extra: dict | None = None) -> bool:
-    """Create or check the run directory (its callers have refused one that holds the shards or
-    the current directory); True when a checkpoint is there to resume from. ``extra`` joins
-    what a resumed run must match (the run a step grows from)."""
+def check_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool, extra: dict | None = None) -> bool:
+    """What :func:`prepare_run` refuses, writing nothing (a launcher checks before it starts
+    processes); True when a checkpoint is there to resume from."""
     job = dict(_job(shards, config), **(extra or {}))
-    inputs = [shards.root]
-    unstarted = (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
     if resume and not overwrite:
         if (out / layout.RUN_MANIFEST).exists():
             raise ParameterError("out", f"{out} holds a finished run; nothing to resume (pass `overwrite` to train again)")
-        if unstarted:
+        if _unstarted(out):
             raise ParameterError(
                 "out", f"{out} stopped before its first epoch ended (or while training again on every image), so there is no checkpoint to resume from; "
                 "run the same command without `resume` to start it again"
@@ -121,12 +118,27 @@ def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool,
             raise ParameterError("out", f"{out} was trained with different settings ({what}); resume with the same settings or start a new run")
         return True
     if shards.config.has_code:
-        shards.dictionary()  # refuses a dictionary file that is not the config's, before anything is written
+        shards.dictionary()  # refuses a dictionary file that is not the config's
     # an unfinished run with no checkpoint has nothing to keep: it starts again without --overwrite
-    outputs.prepare(out, overwrite or unstarted, layout.RUN_MANIFEST, "run", inputs)
+    outputs.check_prepare(out, overwrite or _unstarted(out), layout.RUN_MANIFEST, "run", [shards.root])
+    return False
+
+
+def _unstarted(out: Path) -> bool:
+    """``out`` holds a run that stopped before its first checkpoint (nothing there to keep)."""
+    return (out / layout.TRAIN_JOB).exists() and not (out / layout.CHECKPOINT).exists() and not (out / layout.RUN_MANIFEST).exists()
+
+
+def prepare_run(out: Path, shards: Shards, config: TrainConfig, overwrite: bool, resume: bool, extra: dict | None = None) -> bool:
+    """Create or check the run directory (its callers have refused one that holds the shards or
+    the current directory); True when a checkpoint is there to resume from. ``extra`` joins
+    what a resumed run must match (the run a step grows from)."""
+    if check_run(out, shards, config, overwrite, resume, extra):
+        return True
+    outputs.prepare(out, overwrite or _unstarted(out), layout.RUN_MANIFEST, "run", [shards.root])
     if shards.config.has_code:  # queries code new images with the dictionary the shards were coded with
         layout.copy_file(shards.dictionary_path, out / layout.DICTIONARY)
-    layout.write_json(out / layout.TRAIN_JOB, job)
+    layout.write_json(out / layout.TRAIN_JOB, dict(_job(shards, config), **(extra or {})))
     return False
 
 
