@@ -50,6 +50,32 @@ def test_shards_hold_one_content_key_per_patch_and_read_back_as_keys(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.json"] + [s["file"] for s in m["shards"]]
 
 
+def test_a_pass_over_the_shards_holds_one_shard_open_at_a_time(tmp_path):
+    """An open Parquet file keeps memory from each row group it read until it is closed, so a pass
+    (in order, or shuffled as the first training epoch reads) keeps at most one shard file open,
+    and none once it ends or is abandoned; the keys are those of reading each group alone."""
+    pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", images_per_shard=100)
+    sh = pipeline.open_shards(tmp_path / "s")
+    groups = sh.row_groups()
+    assert len(sh.files()) == 9
+
+    def open_shards() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd).startswith(str((tmp_path / "s").resolve())) and str(fd.resolve()).endswith(".parquet"))
+
+    order = [groups[i] for i in np.random.default_rng(0).permutation(len(groups))]
+    seen = []
+    for b in sh.iter_batches(groups=order):
+        seen.append(open_shards())
+        alone = next(sh.iter_batches(groups=[order[len(seen) - 1]]))
+        assert np.array_equal(b.keys, alone.keys)
+    assert len(seen) == len(groups) and max(seen) <= 1 and open_shards() == 0
+    it = sh.iter_batches(groups=order)
+    next(it)
+    it.close()
+    assert open_shards() == 0
+
+
 def test_two_workers_write_the_same_shards_as_one(tmp_path):
     """The default extract (with its code view) in one process and in two: byte-identical shards."""
     src = pipeline.open_source("digits", limit=300)

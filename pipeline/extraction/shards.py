@@ -269,24 +269,33 @@ class Shards:
         """
         if groups is None:
             groups = [(path, rg) for path in (files if files is not None else self.files()) for rg in range(self._open(path).num_row_groups)]
-        opened: dict[Path, pq.ParquetFile] = {}
+        # one shard open at a time: an open ParquetFile keeps memory from each row group it read
+        # until it is closed, so keeping every shard open would grow through a whole pass
+        pf, pf_path = None, None
         code = self.code_slots
         exact = self.patches_per_image - code
-        for path, rg in groups:
-            pf = opened.get(path) or opened.setdefault(path, self._open(path))
-            cols = ["image_id", "label"] + (["patch_keys"] if exact else []) + (["code_atoms", "code_weights"] if code else [])
-            try:
-                t = pf.read_row_group(rg, columns=cols + (["name"] if names else []))
-            except (OSError, pa.ArrowInvalid) as e:
-                raise PipelineError(f"shard {path} is damaged ({e}); extract again") from None
-            yield KeyBatch(
-                t.column("image_id").to_numpy().astype(np.int64),
-                t.column("label").to_numpy().astype(np.int64),
-                patch_matrix(t.column("patch_keys"), exact) if exact else np.empty((len(t), 0), np.uint64),
-                t.column("name").to_pylist() if names else None,
-                patch_matrix(t.column("code_weights"), code, "<f4") if code else None,
-                patch_matrix(t.column("code_atoms"), code, "<u2") if code else None,
-            )
+        cols = ["image_id", "label"] + (["patch_keys"] if exact else []) + (["code_atoms", "code_weights"] if code else [])
+        try:
+            for path, rg in groups:
+                if path != pf_path:
+                    if pf is not None:
+                        pf.close()
+                    pf, pf_path = self._open(path), path
+                try:
+                    t = pf.read_row_group(rg, columns=cols + (["name"] if names else []))
+                except (OSError, pa.ArrowInvalid) as e:
+                    raise PipelineError(f"shard {path} is damaged ({e}); extract again") from None
+                yield KeyBatch(
+                    t.column("image_id").to_numpy().astype(np.int64),
+                    t.column("label").to_numpy().astype(np.int64),
+                    patch_matrix(t.column("patch_keys"), exact) if exact else np.empty((len(t), 0), np.uint64),
+                    t.column("name").to_pylist() if names else None,
+                    patch_matrix(t.column("code_weights"), code, "<f4") if code else None,
+                    patch_matrix(t.column("code_atoms"), code, "<u2") if code else None,
+                )
+        finally:
+            if pf is not None:
+                pf.close()
 
     def iter_batches(
         self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None, names: bool = False
