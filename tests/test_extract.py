@@ -59,9 +59,11 @@ def test_a_pass_over_the_shards_holds_one_shard_open_at_a_time(tmp_path):
     groups = sh.row_groups()
     assert len(sh.files()) == 9
 
+    root = str((tmp_path / "s").resolve())
+
     def open_shards() -> int:
-        fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd).startswith(str((tmp_path / "s").resolve())) and str(fd.resolve()).endswith(".parquet"))
+        targets = (os.path.realpath(fd) for fd in Path("/proc/self/fd").iterdir())
+        return sum(1 for t in targets if t.startswith(root) and t.endswith(".parquet"))
 
     order = [groups[i] for i in np.random.default_rng(0).permutation(len(groups))]
     seen = []

@@ -365,12 +365,11 @@ def test_two_process_training_matches_one_process(tmp_path, monkeypatch):
     test accuracy within 1 point, and the run directory is complete and loads; a second launch
     into the finished run is refused before any process starts."""
     from pipeline.training import ddp
-    from pipeline.training.ddp import launch
 
     pipeline.extract(pipeline.open_source("digits"), tmp_path / "s", images_per_shard=100)  # 9 row groups to share out
     cfg = TrainConfig(patience=0)  # the defaults, never stopping early (so both sides run the same epochs): 5 of dim 64
-    m2 = launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
-    m1 = launch(tmp_path / "s", tmp_path / "r1", cfg, 1)
+    m2 = ddp.launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
+    m1 = ddp.launch(tmp_path / "s", tmp_path / "r1", cfg, 1)
     assert m2["processes"] == 2 and m1["processes"] == 1 and m2["epochs_run"] == m1["epochs_run"] == 5
     test = pipeline.open_source("digits", split="test")
     a2, a1 = pipeline.load(tmp_path / "r2").evaluate(test)["accuracy"], pipeline.load(tmp_path / "r1").evaluate(test)["accuracy"]
@@ -379,7 +378,7 @@ def test_two_process_training_matches_one_process(tmp_path, monkeypatch):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5] and all(r["train_images"] == rows[0]["train_images"] for r in rows)
     monkeypatch.setattr(ddp, "_launch", lambda *a: pytest.fail("torchrun was started for a run directory it refuses"))
     with pytest.raises(ParameterError, match="already holds a finished run"):
-        launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
+        ddp.launch(tmp_path / "s", tmp_path / "r2", cfg, 2)
 
 
 def _descendants(pid: int) -> list[int]:

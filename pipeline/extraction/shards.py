@@ -253,9 +253,10 @@ class Shards:
         except (OSError, pa.ArrowInvalid) as e:
             raise PipelineError(f"cannot read shard {path} ({e}); extract again") from None
 
-    def row_groups(self) -> list[tuple[Path, int]]:
-        """Every (shard file, row group) in order: the unit a shuffled reader permutes."""
-        return [(path, rg) for path in self.files() for rg in range(self._open(path).num_row_groups)]
+    def row_groups(self, files: list[Path] | None = None) -> list[tuple[Path, int]]:
+        """Every (shard file, row group) of ``files`` (default all shards) in order: the unit a
+        shuffled reader permutes."""
+        return [(path, rg) for path in (self.files() if files is None else files) for rg in range(self._open(path).num_row_groups)]
 
     def iter_content(
         self, files: list[Path] | None = None, groups: list[tuple[Path, int]] | None = None, names: bool = False
@@ -268,7 +269,7 @@ class Shards:
         group of ``files`` (default all shards) in order.
         """
         if groups is None:
-            groups = [(path, rg) for path in (files if files is not None else self.files()) for rg in range(self._open(path).num_row_groups)]
+            groups = self.row_groups(files)
         # one shard open at a time: an open ParquetFile keeps memory from each row group it read
         # until it is closed, so keeping every shard open would grow through a whole pass
         pf, pf_path = None, None
