@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import CIFAR_TAR  # noqa: E402
 from benchmarks.defaults import size_mb, stage  # noqa: E402
 
-BASE = ["--atoms", "1024", "--code-position", "same"]  # every row's extract flags start with these (the code view keyed like the exact views, as every row was measured)
+# every row's extract flags start with these: the code view keyed like the exact views and one full-resolution
+# code shape, as every row was measured
+BASE = ["--atoms", "1024", "--code-position", "same", "--code-shapes", "6x6"]
 TRAIN_BASE = ["--lr", "1", "--drop", "0"]  # every row's train flags start with these
 # (name, pipe extract flags, pipe train flags); an empty extract list reuses the base row's shards
 ROWS: list[tuple[str, list[str], list[str]]] = [
@@ -56,6 +58,7 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("8192 atoms", ["--atoms", "8192"], ["--lr", "0.3", "--drop", "0.3"]),  # a mirror-closed dictionary codes the flipped copies for free: twice the atoms at the same cost
     ("4096 mirrored", ["--atoms", "4096"], ["--lr", "0.3", "--drop", "0.3"]),  # 4096 regularised again, now with the mirror-closed dictionary: what the mirror alone changes
     ("8192 shared keys", ["--atoms", "8192", "--code-position", "both"], ["--lr", "0.3", "--drop", "0.3"]),  # the mirrored 8192 atoms with the defaults' location-free code keys
+    ("4096 half scale", ["--atoms", "4096", "--code-shapes", "6x6,6x6/2"], ["--lr", "0.3", "--drop", "0.3"]),  # 4096 mirrored with a second code shape on the image averaged over 2x2 blocks
 ]
 SMOKE_ROWS = [("base", [], ["--epochs", "1"]), ("atoms", ["--atoms", "64"], ["--epochs", "1"])]
 

@@ -100,9 +100,10 @@ def factors() -> str:
     ext = load("cifar_defaults.json")["extract"]
     gap = (f" The base row is {base['val_accuracy']:.4f}; on these images `--atoms auto` resolves to {ext['atoms']:,} and `pipe train`'s automatic"
            " `--lr` and `--drop` to 0.3 and 0.3, the row `4096 regularised`; the rows named 4096 after it change it in one respect."
-           " Every row keys the code view like the exact views (`--code-position same`) and, up to `4096 two shapes`, was coded with a"
-           " dictionary that is not closed under mirroring, the rows after it with the mirror-closed one" + (f"; the defaults (the first table) add `--code-position {ext['code_position']}` and"
-           " the mirror-closed dictionary." if ext.get("code_position", "same") != "same" else ".")) if base else ""
+           " Every row keys the code view like the exact views (`--code-position same`), codes one shape (`--code-shapes 6x6`) unless it names"
+           " others, and, up to `4096 two shapes`, was coded with a"
+           " dictionary that is not closed under mirroring, the rows after it with the mirror-closed one" + (f"; the defaults (the first table) add `--code-position {ext['code_position']}`,"
+           f" the code shapes `{ext['code_shapes']}` and the mirror-closed dictionary." if ext.get("code_position", "same") != "same" else ".")) if base else ""
     ceiling = ""
     if (RESULTS / "code_ceiling.json").exists():
         c = load("code_ceiling.json")

@@ -165,16 +165,44 @@ def parse_shapes(text: str, param: str = "shapes") -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
+def parse_code_shapes(text: str) -> list[tuple[int, int, int]]:
+    """Parse a code-shape list ``'6x6,6x6/2'`` into sorted unique (h, w, scale) triples: ``HxW/S``
+    is an h x w patch of the image averaged over S x S pixel blocks (covering hS x wS pixels);
+    without ``/S`` the scale is 1. Sorted by scale, then shape. Two shapes may not cover the same
+    pixels (their keys would coincide)."""
+    out = set()
+    for part in text.split(","):
+        shape, _, scale = part.strip().partition("/")
+        try:
+            s = int(scale) if scale else 1
+        except ValueError:
+            s = 0
+        if s < 1 or s > 64:
+            raise ParameterError("code_shapes", f"{text!r}: {part.strip()!r} has scale {scale!r}; a scale is a whole number from 1 to 64, as in 6x6/2")
+        for h, w in parse_shapes(shape, "code_shapes"):
+            out.add((h, w, s))
+    listed = sorted(out, key=lambda t: (t[2], t[0], t[1]))
+    covered = [(h * s, w * s) for h, w, s in listed]
+    if len(set(covered)) != len(covered):
+        raise ParameterError("code_shapes", f"{text!r} has two shapes covering the same pixels (such as 12x12 and 6x6/2); keep one of them")
+    return listed
+
+
+def code_shape_text(shapes: list[tuple[int, int, int]]) -> str:
+    """The canonical text of code shapes (:func:`parse_code_shapes`'s inverse), 'none' for none."""
+    return ",".join(f"{h}x{w}" + (f"/{s}" if s > 1 else "") for h, w, s in shapes) or "none"
+
+
 def auto_batch(train_images: int) -> int:
     """The automatic batch size: 128 images, or fewer so that an epoch has at least 32 steps (at
     least 8): a small training set still gets enough updates per epoch."""
     return int(min(128, max(8, train_images // 32)))
 
 
-def is_large_code(shapes: list[tuple[int, int]], channels: int) -> bool:
-    """True when a code shape holds more than :data:`LARGE_CODE_VALUES` values (h x w x channels:
-    6x6 on RGB images, not 4x4 or 6x6 on gray ones)."""
-    return any(h * w * channels > LARGE_CODE_VALUES for h, w in shapes)
+def is_large_code(shapes: list[tuple[int, int, int]], channels: int) -> bool:
+    """True when a code shape (h, w, scale) holds more than :data:`LARGE_CODE_VALUES` values (h x w x
+    channels: 6x6 on RGB images at any scale, not 4x4 or 6x6 on gray ones)."""
+    return any(h * w * channels > LARGE_CODE_VALUES for h, w, *_ in shapes)
 
 
 def auto_code_position(config: "ExtractConfig") -> str:
@@ -227,7 +255,7 @@ class ExtractConfig:
     grid: int = 0  # cells per side of the position grid; 0 = auto: cells of about 8 pixels, at least 3 per side (3 on 8x8, 4 on 32x32) [auto]
     seed: int = 0  # hash seed; a different seed gives unrelated keys [0]
     resize: tuple[int, int] | None = None  # (height, width) every image is resized to, or None to require equal sizes [None]
-    code_shapes: str = "auto"  # shapes of the code view, a list 'HxW,HxW,...', 'none' (no code view) or 'auto' = chosen from the image size (docs/extract.md) [auto]
+    code_shapes: str = "auto"  # shapes of the code view, a list 'HxW,HxW/S,...' (/S: on the image averaged over S x S blocks), 'none' (no code view) or 'auto' = chosen from the image size (docs/extract.md) [auto]
     atoms: int = 0  # dictionary atoms per code shape (FAISS k-means); 0 = auto: 4096 when a code shape holds more than 64 values (h x w x channels: 6x6 RGB), else 1024 [auto]
     code_k: int = 0  # nearest atoms kept per patch of the code view; 0 = auto: every atom when the code view is pooled, else 5 [auto]
     code_weight: str = "triangle"  # weight of a kept atom: 'triangle' (mean distance minus its distance, at least 0) or 'hard' (1) [triangle]
@@ -264,8 +292,7 @@ class ExtractConfig:
             if "offset" in modes and self.grid > 254:
                 raise ParameterError("grid", f"{self.grid} is too fine for `{name}` offset, whose grid has one more cell per side; use 1 to 254")
         if self.code_shapes not in ("auto", "none"):
-            listed = parse_shapes(self.code_shapes, "code_shapes")
-            object.__setattr__(self, "code_shapes", ",".join(f"{h}x{w}" for h, w in listed))
+            object.__setattr__(self, "code_shapes", code_shape_text(parse_code_shapes(self.code_shapes)))
         if self.atoms == 1:
             raise ParameterError("atoms", "1 must be 0 (auto) or from 2 to 65535")
         if self.atoms:
@@ -325,9 +352,9 @@ class ExtractConfig:
         """True when the code view's weights are summed per cell (``code_pool`` not 'none')."""
         return self.code_pool != "none"
 
-    def code_shape_list(self) -> list[tuple[int, int]]:
-        """The code view's shapes, in canonical order (empty without a code view)."""
-        return parse_shapes(self.code_shapes, "code_shapes") if self.has_code else []
+    def code_shape_list(self) -> list[tuple[int, int, int]]:
+        """The code view's shapes (h, w, scale), in canonical order (empty without a code view)."""
+        return parse_code_shapes(self.code_shapes) if self.has_code else []
 
     @property
     def large_code(self) -> bool:
@@ -360,9 +387,10 @@ class ExtractConfig:
                 "max_size", f"{self.max_h}x{self.max_w} is larger than the {height}x{width} images; "
                 f"use at most {height}x{width}"
             )
-        for h, w in self.code_shape_list() if self.code_shapes != "auto" else []:
-            if h > height or w > width:
-                raise ParameterError("code_shapes", f"{h}x{w} is larger than the {height}x{width} images; use shapes of at most {height}x{width}")
+        for h, w, s in self.code_shape_list() if self.code_shapes != "auto" else []:
+            if h * s > height or w * s > width:
+                name = f"{h}x{w}" + (f"/{s} (covering {h * s}x{w * s} pixels)" if s > 1 else "")
+                raise ParameterError("code_shapes", f"{name} is larger than the {height}x{width} images; use shapes covering at most {height}x{width}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -178,8 +178,8 @@ def test_factors_benchmark_smoke():
     assert [row["row"] for row in r["rows"]] == ["base", "atoms"]
     assert all(0 <= row["val_accuracy"] <= 1 and row["train"]["seconds"] > 0 and row["shards_mb"] > 0 for row in r["rows"])
     assert r["rows"][1]["extract_flags"] == ["--atoms", "64"] and "extract" in r["rows"][1]
-    # 200 digits: 882 exact keys (2 views x 21^2 rectangles) + 5 atoms x 25 places of the 4x4 code patch per image, whatever the atoms
-    per_image = 2 * sum(9 - h for h in range(1, 4)) ** 2 + 5 * 5**2
+    # 200 digits: 882 exact keys (2 views x 21^2 rectangles) + 5 atoms x 9 places of the base's 6x6 code patch per image, whatever the atoms
+    per_image = 2 * sum(9 - h for h in range(1, 4)) ** 2 + 5 * 3**2
     for row in r["rows"]:
         assert row["extract"]["summary"].startswith(f"200 images (8x8, 1 channel(s)), {200 * per_image:,} patches ({200 * per_image:,} keys)")
         assert row["train_flags"] == ["--epochs", "1"] and row["best_epoch"] == row["epochs_run"] == 1

@@ -132,8 +132,9 @@ def test_cifar_archive_end_to_end(tmp_path):
     # a smaller sample for the 4,096 atoms' k-means keeps the test short; every other setting is the default
     r = run("extract", CIFAR_TAR, "--per-class", "6", "--code-sample", "20000", "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
-    # 60 images and their mirrors (--augment auto on colour) x (3,969 levels patches up to 2x2 + 729 6x6 code patches x 5 atoms)
-    assert "120 images (with 1 augmented copy each) (32x32, 3 channel(s)), 913,680 patches" in r.stdout
+    # 60 images and their mirrors (--augment auto on colour) x (3,969 levels patches up to 2x2 + 5 atoms of each of
+    # the 729 6x6 code patches and the 121 6x6/2 ones)
+    assert "120 images (with 1 augmented copy each) (32x32, 3 channel(s)), 986,280 patches" in r.stdout
     r = run("train", tmp_path / "s", "--out", tmp_path / "r", "--epochs", "1", "--dim", "8", "--val-fraction", "0.2")
     assert r.exit_code == 0, r.output
     # a 6x6 RGB code (108 values) is large: 4,096 atoms, and a table that learns at 0.3 and drops 30% of an image's rows

@@ -3,6 +3,7 @@ shards, training and query on a code-view run, and refused dictionary mismatches
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from pipeline import ExtractConfig, TrainConfig
 from pipeline.extraction import codes
 from pipeline.config import POSITION_MODES
 from pipeline.errors import ParameterError, PipelineError
-from pipeline.extraction.hashing import KeyPlan, reference_code_key
+from pipeline.extraction.hashing import KeyPlan, grid_cell, reference_code_key
 from pipeline.data.images import encode_png
 
 from .conftest import digits_images
@@ -493,12 +494,14 @@ def test_shards_of_format_v2_still_load(tmp_path):
 
 
 def test_auto_settings_follow_the_image_size():
-    assert codes.auto_shapes(8, 8) == [(4, 4)] and codes.auto_shapes(32, 32) == [(6, 6)] and codes.auto_shapes(3, 9) == []
+    assert codes.auto_shapes(8, 8) == [(4, 4, 1)] and codes.auto_shapes(3, 9) == []
+    assert codes.auto_shapes(16, 16) == [(6, 6, 1)]  # an 8 x 8 half-size image holds one 6 x 6 square, not two
+    assert codes.auto_shapes(32, 32) == codes.auto_shapes(24, 40) == [(6, 6, 1), (6, 6, 2)]
     from pipeline.extraction.hashing import auto_grid
 
     assert (auto_grid(8, 8), auto_grid(32, 32), auto_grid(64, 48)) == (3, 4, 6)
     plan = KeyPlan(ExtractConfig(views="none", color="rgb"), 32, 32)
-    assert plan.config.code_shapes == "6x6" and plan.config.grid == 4 and plan.code_slots == 5 * 27 * 27
+    assert plan.config.code_shapes == "6x6,6x6/2" and plan.config.grid == 4 and plan.code_slots == 5 * 27 * 27 + 5 * 11 * 11
     from pipeline.data.augment import resolve
 
     assert (resolve("auto", 3), resolve("auto", 1), resolve("shift:1", 3)) == ("flip", "none", "shift:1")
@@ -654,3 +657,122 @@ def test_overwrite_fits_a_new_dictionary_for_new_images(tmp_path):
     fresh = pipeline.extract(second, tmp_path / "fresh", cfg)
     assert a["fingerprint"] != b["fingerprint"] == fresh["fingerprint"]
     assert pipeline.open_shards(tmp_path / "s").dictionary().digest() == pipeline.open_shards(tmp_path / "fresh").dictionary().digest()
+
+
+# ---------------------------------------------------------------- scaled code shapes (HxW/S)
+
+
+def _block_means(imgs: np.ndarray, scale: int) -> np.ndarray:
+    """The mean of every scale x scale block, pixel by pixel (float64)."""
+    n, height, width, c = imgs.shape
+    out = np.zeros((n, height // scale, width // scale, c))
+    for y in range(height // scale):
+        for x in range(width // scale):
+            out[:, y, x] = imgs[:, y * scale : (y + 1) * scale, x * scale : (x + 1) * scale].astype(np.float64).mean((1, 2))
+    return out
+
+
+def test_code_shapes_with_a_scale_are_parsed_checked_and_written_back():
+    from pipeline.config import parse_code_shapes
+
+    assert parse_code_shapes("6x6/2, 6x6,4x4") == [(4, 4, 1), (6, 6, 1), (6, 6, 2)]
+    assert ExtractConfig(code_shapes="6x6/2,6x6").code_shapes == "6x6,6x6/2"
+    assert ExtractConfig(code_shapes="3x3/1").code_shapes == "3x3"
+    for bad in ("6x6/0", "6x6/x", "6x6/2/2", "12x12,6x6/2"):
+        with pytest.raises(ParameterError) as e:
+            ExtractConfig(code_shapes=bad)
+        assert e.value.param == "code_shapes"
+    with pytest.raises(ParameterError, match="covering 10x10 pixels"):
+        ExtractConfig(code_shapes="5x5/2").check_image_size(8, 8)
+    ExtractConfig(code_shapes="4x4/2").check_image_size(8, 8)
+
+
+@pytest.mark.parametrize("k,stride,signs", [(1, 1, 1), (3, 1, 1), (2, 2, 1), (2, 1, 2)])
+def test_a_scaled_shape_codes_the_block_averaged_image(k, stride, signs):
+    """A 2x2/2 shape codes the image averaged over 2 x 2 blocks: the same atoms and weights as the
+    same arrays at scale 1 coding block means computed pixel by pixel."""
+    imgs, _ = _colour_images(40)
+    d = codes.fit([imgs], [(2, 2, 1), (2, 2, 2)], 8, 0.1, 3000, 0, 3)
+    assert [s.scale for s in d.shapes] == [1, 2]
+    atoms, weights = d.code(imgs, stride, k, "triangle", signs=signs)
+    first = k * signs * ((8 - 2) // stride + 1) ** 2  # the scale-1 shape's slots
+    assert atoms.shape[1] == first + k * signs * ((4 - 2) // stride + 1) ** 2
+    s = d.shapes[1]
+    plain = codes.Dictionary([codes.ShapeCode(s.h, s.w, s.mean, s.whiten, s.atoms, s.norm)], 3)
+    ref_a, ref_w = codes.brute_force(_block_means(imgs, 2), plain, stride, k, "triangle", signs)
+    assert np.array_equal(atoms[:, first:].astype(np.int64), ref_a)
+    np.testing.assert_allclose(weights[:, first:], ref_w, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_keys_a_scaled_shape_by_the_pixels_it_covers():
+    """A 2x2/2 patch on 8 x 8 images covers 4 x 4 pixels, one every 2 pixels: its slots say so, its
+    cells are those of the 4 x 4 patch there, and its keys are the reference code keys of a 4 x 4
+    patch with the atom the coding chose."""
+    imgs, _ = _colour_images(4)
+    d = codes.fit([_colour_images(60)[0]], [(2, 2, 1), (2, 2, 2)], 8, 0.1, 3000, 0, 3)
+    cfg = ExtractConfig(views="none", color="rgb", position="none,grid", grid=2, code_shapes="2x2,2x2/2", atoms=8, code_k=2, seed=3,
+                        dictionary=d.digest(), code_position="same")
+    plan = KeyPlan(cfg, 8, 8, d)
+    keys, weights = plan.encode(imgs)
+    atoms, w = d.code(imgs, 1, 2, "triangle")
+    t = plan.slot_table
+    scaled = np.flatnonzero(t["h"] == 4)
+    assert len(scaled) == 2 * 2 * 9 and set(t["w"][scaled]) == {4}
+    assert set(t["y"][scaled]) == set(t["x"][scaled]) == {0, 2, 4}
+    first = 2 * 49  # the 2x2 shape's stored slots
+    for slot in scaled:
+        y, x, rank, mode = int(t["y"][slot]), int(t["x"][slot]), int(t["rank"][slot]), POSITION_MODES[t["mode"][slot]]
+        cell = -1 if mode == "none" else grid_cell(y, x, 4, 4, 8, 8, 2, mode)
+        assert int(t["cell"][slot]) == cell
+        col = first + rank * 9 + (y // 2) * 3 + x // 2
+        for n in range(len(imgs)):
+            assert int(keys[n, slot]) == reference_code_key(int(atoms[n, col]), 4, 4, cell, 3, mode)
+            assert weights[n, slot] == w[n, col]
+    assert np.isin(keys, plan.code_key_table()["key"]).all()
+
+
+def test_a_scaled_mirror_closed_dictionary_codes_mirrors_from_their_originals(tmp_path):
+    imgs, _ = _colour_images(60)
+    d = codes.fit([imgs], [(2, 2, 1), (3, 2, 2)], 12, 0.1, 3000, 0, 3, mirror=True)
+    assert d.mirrors is not None and d.can_mirror(8, 1) and not d.can_mirror(7, 1)  # 7 columns do not average into whole blocks
+    atoms, weights = d.code(imgs, 1, 3, "triangle")
+    got_a, got_w = d.mirrored(atoms, weights, 8, 8, 1, 3)
+    want_a, want_w = d.code(np.ascontiguousarray(imgs[:, :, ::-1]), 1, 3, "triangle")
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-4)
+    assert (got_a == want_a).mean() > 0.9  # equal but for exact ties on symmetric patches
+    d.save(tmp_path / "d.npz")
+    back = codes.Dictionary.load(tmp_path / "d.npz")
+    assert [(s.h, s.w, s.scale) for s in back.shapes] == [(2, 2, 1), (3, 2, 2)] and back.digest() == d.digest()
+    plain = codes.fit([imgs], [(2, 2)], 12, 0.1, 3000, 0, 3)
+    with np.load(io.BytesIO(plain.to_bytes())) as z:
+        assert z["shapes"].shape == (1, 2)  # a dictionary without a scale saves as it always has
+
+
+def test_scaled_atoms_are_drawn_over_the_pixels_they_cover():
+    imgs, _ = _colour_images(60)
+    d = codes.fit([imgs], [(2, 2, 1), (2, 3, 2)], 8, 0.1, 3000, 0, 3)
+    one, two = d.shapes
+    assert one.pixels(3).shape == (16, 2, 2, 3) and two.pixels(3).shape == (16, 4, 6, 3)
+    drawn = two.pixels(3)
+    assert np.array_equal(drawn[:, ::2, ::2], drawn[:, 1::2, 1::2])  # each value over its 2 x 2 block
+    assert two.pixels_like([0, 3], 100.0, 20.0, 3).shape == (2, 4, 6, 3)
+
+
+def test_a_scaled_shape_pools_the_per_location_keys_summed():
+    """Pooling a 2x2/2 shape (4 x 4 pixels, every 2) gives the keys and summed weights of writing
+    its every location and atom with the pooled mode's position."""
+    d, imgs = small_dictionary(shapes=((2, 2, 2),), atoms=6)
+    imgs = imgs[:5]
+    pooled = KeyPlan(ExtractConfig(color="gray", code_shapes="2x2/2", atoms=6, code_pool="grid", grid=2), 8, 8, d)
+    flat = KeyPlan(ExtractConfig(color="gray", code_shapes="2x2/2", atoms=6, code_k=6, position="grid", grid=2), 8, 8, d)
+    assert pooled.n_pool_cells == 4 and pooled.code_slots == 6 * 4 and flat.code_slots == 6 * 9
+    pk, pw = pooled.encode(imgs)
+    fk, fw = flat.encode(imgs)
+    code_p, code_f = pooled.is_code(np.arange(pooled.keys_per_image)), flat.is_code(np.arange(flat.keys_per_image))
+    got, want = _per_key(pk[:, code_p], pw[:, code_p]), _per_key(fk[:, code_f], fw[:, code_f])
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose([g[key] for key in w], list(w.values()), rtol=1e-5, atol=1e-4)
+    t = pooled.slot_table
+    slots = np.flatnonzero(code_p)[:4]  # atom 0 in the four cells: of the 4 x 4 patches at y, x in {0, 2, 4}, those centred in each
+    assert [tuple(int(t[c][s]) for c in ("y", "x", "h", "w", "cell")) for s in slots] == [(0, 0, 4, 4, 0), (0, 2, 4, 6, 1), (2, 0, 6, 4, 2), (2, 2, 6, 6, 3)]

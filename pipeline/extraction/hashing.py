@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.extraction import kernels
 from pipeline.fmix import MASK, fmix64, fmix64_int
 from pipeline.extraction.codes import auto_atoms, auto_shapes
-from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig, auto_code_position, check_code_k
+from pipeline.config import CODE_K_UNPOOLED, POSITION_MODES, ExtractConfig, auto_code_position, check_code_k, code_shape_text
 from pipeline.errors import PipelineError
 
 A = 0x9E3779B97F4A7C15  # row multiplier (odd)
@@ -246,8 +246,7 @@ class KeyPlan:
 
     def __init__(self, config: ExtractConfig, height: int, width: int, dictionary=None):
         if config.code_shapes == "auto":  # resolved the way pipe extract resolves it
-            shapes = auto_shapes(height, width)
-            config = dataclasses.replace(config, code_shapes=",".join(f"{h}x{w}" for h, w in shapes) or "none")
+            config = dataclasses.replace(config, code_shapes=code_shape_text(auto_shapes(height, width)))
         if config.grid == 0:
             config = dataclasses.replace(config, grid=auto_grid(height, width))
         if config.atoms == 0:
@@ -295,20 +294,22 @@ class KeyPlan:
         self.n_pool_cells = cells_per_side(config.code_pool, config.grid) ** 2 if self.code_shapes and config.code_pooled else 0
         # the first rank of the negative's atoms (a pooled view's ranks are atom ids); 0 with one sign
         self.negative_from = 0 if config.signs == 1 else (config.atoms if self.n_pool_cells else self.code_k)
-        for h, w in self.code_shapes:
-            ny, nx = (height - h) // cst + 1, (width - w) // cst + 1
+        for h, w, scale in self.code_shapes:
+            # a scaled shape's blocks are in image pixels: the pixels a patch covers, every scale * cst
+            h, w, st = h * scale, w * scale, cst * scale
+            ny, nx = (height - h) // st + 1, (width - w) // st + 1
             if self.n_pool_cells:  # one slot per atom and cell: a block per atom whose "locations" are the cells
                 side = cells_per_side(config.code_pool, config.grid)
-                ys, xs = np.arange(ny)[:, None] * cst, np.arange(nx)[None, :] * cst
+                ys, xs = np.arange(ny)[:, None] * st, np.arange(nx)[None, :] * st
                 self._pool_cells.append(grid_cell(ys, xs, h, w, height, width, config.grid, config.code_pool).ravel().astype(np.int64))
                 for r in range(self.atom_ids):
-                    blocks.append(_Block(h, w, config.code_pool, self.code_view, offset, patch_offset + r * side * side, side, side, cst, r, True))
+                    blocks.append(_Block(h, w, config.code_pool, self.code_view, offset, patch_offset + r * side * side, side, side, st, r, True))
                     offset += side * side
                 slots_per_shape.append(self.atom_ids * side * side)
             else:
                 for mode in config.code_position_modes:
                     for r in range(self.code_ranks):
-                        blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, cst, r))
+                        blocks.append(_Block(h, w, mode, self.code_view, offset, patch_offset + r * ny * nx, ny, nx, st, r))
                         offset += ny * nx
                 slots_per_shape.append(self.code_ranks * ny * nx)
             patch_offset += slots_per_shape[-1]
@@ -317,7 +318,7 @@ class KeyPlan:
         self.keys_per_image = offset
         self.patches_per_image = patch_offset
         self.dictionary = dictionary
-        if dictionary is not None and self.code_shapes and [(s.h, s.w) for s in dictionary.shapes] != self.code_shapes:
+        if dictionary is not None and self.code_shapes and [(s.h, s.w, s.scale) for s in dictionary.shapes] != self.code_shapes:
             raise ValueError("the dictionary's shapes are not the config's code shapes")
         seed = config.seed
         base = (PIXEL_SALT * (seed + 1)) & MASK
@@ -330,7 +331,7 @@ class KeyPlan:
         self._block_index = {(b.view, b.h, b.w, b.mode, max(b.rank, 0)): b for b in blocks}
         # code_value of every atom id, and the position-free key of every (code shape, atom id) at index shape * atom_ids + id
         self._code_values = fmix64(np.arange(self.atom_ids, dtype=np.uint64) + _U((CODE_SALT * (seed + 1)) & MASK))
-        mix = np.array([self._mix(h, w, -1) for h, w in self.code_shapes], dtype=np.uint64)
+        mix = np.array([self._mix(h * sc, w * sc, -1) for h, w, sc in self.code_shapes], dtype=np.uint64)
         self._code_content = fmix64((self._code_values[None, :] ^ mix[:, None]).ravel())
         self._code_shape_of_slot = np.repeat(np.arange(len(self.code_shapes)), slots_per_shape)
         self._shape_h = np.array([h for h, _ in shapes], dtype=np.int64)
@@ -499,7 +500,7 @@ class KeyPlan:
         mode (an index into ``config.POSITION_MODES``) and rank (code view: 0 = the patch's nearest
         atom; -1 for exact views), as int32 arrays."""
         cols = {k: np.empty(self.keys_per_image, dtype=np.int32) for k in ("y", "x", "h", "w", "cell", "view", "mode", "rank")}
-        regions = {shape: self.pool_regions(i) for i, shape in enumerate(self.code_shapes)} if self.n_pool_cells else {}
+        regions = {(h * sc, w * sc): self.pool_regions(i) for i, (h, w, sc) in enumerate(self.code_shapes)} if self.n_pool_cells else {}
         for b in self.blocks:
             sl = slice(b.offset, b.offset + b.ny * b.nx)
             if b.pooled:  # a cell's slot covers the pixels of every patch pooled into it
@@ -536,12 +537,12 @@ class KeyPlan:
     def pool_regions(self, shape: int) -> tuple[np.ndarray, ...]:
         """For a pooled code view, per cell of code shape ``shape``: (y, x, h, w) of the smallest
         rectangle holding every patch pooled into it (0 x 0 for a cell no patch falls in)."""
-        h, w = self.code_shapes[shape]
-        cst = self.config.code_stride
-        nx = (self.width - w) // cst + 1
+        h, w, scale = self.code_shapes[shape]
+        h, w, st = h * scale, w * scale, self.config.code_stride * scale  # in image pixels
+        nx = (self.width - w) // st + 1
         cells = self._pool_cells[shape]
         loc = np.arange(len(cells))
-        ys, xs = loc // nx * cst, loc % nx * cst
+        ys, xs = loc // nx * st, loc % nx * st
         out = np.zeros((4, self.n_pool_cells), np.int64)
         for c in range(self.n_pool_cells):
             m = cells == c
@@ -556,11 +557,11 @@ class KeyPlan:
         cols: dict[str, list] = {"key": [], "shape": [], "atom": [], "cell": [], "mode": []}
         atoms = np.arange(self.atom_ids, dtype=np.int64)
         modes = (self.config.code_pool,) if self.n_pool_cells else self.config.code_position_modes
-        for i, (h, w) in enumerate(self.code_shapes):
+        for i, (h, w, scale) in enumerate(self.code_shapes):
             for mode in modes:
                 cells = [-1] if mode == "none" else range(cells_per_side(mode, self.config.grid) ** 2)
                 for c in cells:
-                    mix = _U(self._mix(h, w, int(c), mode))
+                    mix = _U(self._mix(h * scale, w * scale, int(c), mode))
                     cols["key"].append(fmix64(self._code_values ^ mix))
                     for name, value in (("shape", i), ("cell", c), ("mode", POSITION_MODES.index(mode))):
                         cols[name].append(np.full(len(atoms), value, np.int64))

@@ -31,7 +31,7 @@ from pipeline.data import augment as augment_mod
 from pipeline.extraction import codes
 from pipeline.extraction import like as like_mod
 from pipeline import layout, outputs
-from pipeline.config import HASH_VERSION, ExtractConfig
+from pipeline.config import HASH_VERSION, ExtractConfig, code_shape_text
 from pipeline.errors import ParameterError, PipelineError
 from pipeline.extraction.hashing import KeyPlan
 from pipeline.engines.ray_engine import check_engine, run_tasks
@@ -178,8 +178,8 @@ def _dictionary(source: Source, config: ExtractConfig, out: Path, given, on_fit,
         d = None if overwrite else _existing_dictionary(out, config, augment)
         if d is None:
             d = fit_dictionary(source, config, on_fit, augment_mod.flip_variant(augment) > 0)
-    if [(s.h, s.w) for s in d.shapes] != config.code_shape_list() or d.channels != config.channels:
-        have = ",".join(f"{s.h}x{s.w}" for s in d.shapes)
+    if [(s.h, s.w, s.scale) for s in d.shapes] != config.code_shape_list() or d.channels != config.channels:
+        have = code_shape_text([(s.h, s.w, s.scale) for s in d.shapes])
         raise ParameterError(
             "dictionary", f"{given} has {have} atoms on {d.channels} channel(s), but this extract codes "
             f"{config.code_shapes} on {config.channels}; pass the same `code_shapes` and `color` as the training extract"
@@ -482,7 +482,7 @@ def _extract(source, out, config, overwrite, images_per_shard, workers, compress
         "keys_per_image": plan.keys_per_image,
         "patches_per_image": p,
         "code_slots": plan.code_slots,
-        "code_shapes": [list(s) for s in config.code_shape_list()],
+        "code_shapes": [[h, w] + ([sc] if sc > 1 else []) for h, w, sc in config.code_shape_list()],  # [h, w] or, scaled, [h, w, scale]
         "keys": images * plan.keys_per_image,
         "patches": images * p,
         "compression": compression,

@@ -189,7 +189,7 @@ class PatternLookup:
         if like is None or self.dictionary is None or not len(ids):
             return out
         meta = self.table.metadata_of(ids)
-        shapes = {(s.h, s.w): s for s in self.dictionary.shapes}
+        shapes = {(s.h * s.scale, s.w * s.scale): s for s in self.dictionary.shapes}  # by the pixels a patch covers
         for i, (atom, h, w) in enumerate(zip(meta["atom"], meta["h"], meta["w"])):
             shape = shapes.get((int(h), int(w))) if atom >= 0 else None
             if shape is not None:
