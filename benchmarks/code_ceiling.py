@@ -101,7 +101,8 @@ def main() -> None:
         res: dict = {"source": "digits" if a.smoke else Path(a.source).name}
         shards = a.shards or Path(work) / "shards"
         if a.shards is None:
-            source, extra = ("digits", ["--limit", "300"]) if a.smoke else (a.source, [])
+            # on CIFAR, the one code shape the rows were measured with (auto adds 6x6/2 now)
+            source, extra = ("digits", ["--limit", "300"]) if a.smoke else (a.source, ["--code-shapes", "6x6"])
             res["extract"] = stage(["extract", source, "--out", str(shards), *EXTRACT, *extra])
         res["shards_mb"] = size_mb(shards)
         x, y, ids, original = pooled_weights(shards)

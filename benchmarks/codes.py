@@ -124,6 +124,8 @@ def main() -> None:
         ex = {**base, **ex}
         tr = dict(tr, **({"epochs": a.epochs} if a.epochs else {}), **({"epochs": 1} if a.smoke else {}))
         ex = dict(ex, **({"atoms": 16, "code_sample": 2000} if a.smoke else {}))
+        if not a.smoke and "code_shapes" not in ex:
+            ex["code_shapes"] = "6x6"  # the one code shape every CIFAR row was measured with (auto adds 6x6/2 now)
         res = dict(group=group, extract=ex, train=tr, augment=aug, **run_row(ex, tr, aug, source, per_class, limit))
         results.append(res)
         if a.json:
