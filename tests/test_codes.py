@@ -574,6 +574,19 @@ def _per_key(keys: np.ndarray, weights: np.ndarray) -> list[dict]:
     return out
 
 
+def _pooled_equals_flat(pooled: KeyPlan, flat: KeyPlan, imgs: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Assert that ``pooled`` makes, per image, the code keys of ``flat`` with their weights summed;
+    returns the pooled plan's slot table and which of its slots are the code view's."""
+    pk, pw = pooled.encode(imgs)
+    fk, fw = flat.encode(imgs)
+    code_p, code_f = pooled.is_code(np.arange(pooled.keys_per_image)), flat.is_code(np.arange(flat.keys_per_image))
+    got, want = _per_key(pk[:, code_p], pw[:, code_p]), _per_key(fk[:, code_f], fw[:, code_f])
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose([g[key] for key in w], list(w.values()), rtol=1e-5, atol=1e-4)
+    return pooled.slot_table, code_p
+
+
 def test_pooled_keys_are_the_per_location_keys_summed():
     """A pooled plan makes the same keys as one that writes every location and atom with the pooled
     mode's position, and each key's weight is what the per-location keys of an image sum to: pooling
@@ -585,14 +598,7 @@ def test_pooled_keys_are_the_per_location_keys_summed():
     flat = KeyPlan(ExtractConfig(color="gray", code_shapes="3x3", atoms=12, code_k=12, position="coarse", grid=3), 8, 8, d)
     assert pooled.config.code_k == 12 and pooled.n_pool_cells == 4 and pooled.code_slots == 48
     assert flat.config.code_pool == "none" and flat.code_slots == 12 * 36
-    pk, pw = pooled.encode(imgs)
-    fk, fw = flat.encode(imgs)
-    code_p, code_f = pooled.is_code(np.arange(pooled.keys_per_image)), flat.is_code(np.arange(flat.keys_per_image))
-    got, want = _per_key(pk[:, code_p], pw[:, code_p]), _per_key(fk[:, code_f], fw[:, code_f])
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        np.testing.assert_allclose([g[key] for key in w], list(w.values()), rtol=1e-5, atol=1e-4)
-    t = pooled.slot_table
+    t, code_p = _pooled_equals_flat(pooled, flat, imgs)
     slots = np.flatnonzero(code_p)[:4]  # atom 0 in the four coarse cells of the 6 x 6 locations
     assert [tuple(int(t[c][s]) for c in ("y", "x", "h", "w", "cell")) for s in slots] == [(0, 0, 5, 5, 0), (0, 3, 5, 5, 1), (3, 0, 5, 5, 2), (3, 3, 5, 5, 3)]
 
@@ -766,13 +772,6 @@ def test_a_scaled_shape_pools_the_per_location_keys_summed():
     pooled = KeyPlan(ExtractConfig(color="gray", code_shapes="2x2/2", atoms=6, code_pool="grid", grid=2), 8, 8, d)
     flat = KeyPlan(ExtractConfig(color="gray", code_shapes="2x2/2", atoms=6, code_k=6, position="grid", grid=2), 8, 8, d)
     assert pooled.n_pool_cells == 4 and pooled.code_slots == 6 * 4 and flat.code_slots == 6 * 9
-    pk, pw = pooled.encode(imgs)
-    fk, fw = flat.encode(imgs)
-    code_p, code_f = pooled.is_code(np.arange(pooled.keys_per_image)), flat.is_code(np.arange(flat.keys_per_image))
-    got, want = _per_key(pk[:, code_p], pw[:, code_p]), _per_key(fk[:, code_f], fw[:, code_f])
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        np.testing.assert_allclose([g[key] for key in w], list(w.values()), rtol=1e-5, atol=1e-4)
-    t = pooled.slot_table
+    t, code_p = _pooled_equals_flat(pooled, flat, imgs)
     slots = np.flatnonzero(code_p)[:4]  # atom 0 in the four cells: of the 4 x 4 patches at y, x in {0, 2, 4}, those centred in each
     assert [tuple(int(t[c][s]) for c in ("y", "x", "h", "w", "cell")) for s in slots] == [(0, 0, 4, 4, 0), (0, 2, 4, 6, 1), (2, 0, 6, 4, 2), (2, 2, 6, 6, 3)]
